@@ -115,10 +115,12 @@ def build_method(config, model, variables, example, num_steps: int) -> dict[str,
     if method.name == "fp32":
         return dict(forward=train_lib.flax_forward(model.apply), variables=variables, tx=tx,
                     metrics_fn=None, graph=None)
-    if method.name not in ("geta", "prune_then_quantize"):
+    if method.name not in ("geta", "prune_then_quantize", "djpq"):
         raise ValueError(
-            f"Unknown method '{method.name}'; use 'fp32', 'geta' or 'prune_then_quantize'."
+            f"Unknown method '{method.name}'; use 'fp32', 'geta', 'djpq' or "
+            "'prune_then_quantize'."
         )
+    from jaxjpq.methods import djpq as djpq_lib
     from jaxjpq.methods.baselines import prune_then_quantize
     from jaxjpq.methods.driver import CompressedForward, compression_metrics
     from jaxjpq.methods.geta import geta
@@ -126,7 +128,20 @@ def build_method(config, model, variables, example, num_steps: int) -> dict[str,
     from jaxjpq.trace import trace
 
     graph = trace(model.apply, variables, example)
-    if method.name == "geta":
+    key = jax.random.PRNGKey(config.seed)
+    cstate = None
+    if method.name == "djpq":
+        spec = CompressionSpec(
+            bits=tuple(method.bits), budget={"bops": method.target_bops},
+            power_of_two=method.power_of_two, init_bits=method.init_bits, learn_t=False,
+        )
+        tx = djpq_lib.djpq(
+            tx, graph, spec, steps=num_steps, gamma1=method.gamma1, gamma2=method.gamma2,
+            gamma2_rate=method.gamma2_rate, margin=method.margin, quant_lr=method.quant_lr,
+        )
+        cstate = djpq_lib.init_state(graph, spec, key, variables,
+                                     log_sigma2=method.init_log_sigma2)
+    elif method.name == "geta":
         spec = CompressionSpec(bits=tuple(method.bits), budget={"sparsity": method.sparsity})
         tx = geta(tx, graph, spec, steps=num_steps, quant_lr=method.quant_lr,
                   bit_reduction=method.bit_reduction)
@@ -138,13 +153,22 @@ def build_method(config, model, variables, example, num_steps: int) -> dict[str,
             prune_step=int(method.prune_at * num_steps),
             quantize_step=int(method.quantize_at * num_steps),
         )
-    cstate = init(graph, spec, jax.random.PRNGKey(config.seed), variables)
+    if cstate is None:
+        cstate = init(graph, spec, key, variables)
     rest = {k: v for k, v in variables.items() if k != "params"}
+
+    def metrics_fn(st):
+        out = compression_metrics(graph, st.params[1])
+        gamma2 = optax.tree_utils.tree_get(st.opt_state, "gamma2", None)
+        if gamma2 is not None:
+            out["gamma2"] = gamma2
+        return out
+
     return dict(
         forward=CompressedForward(model.apply, graph),
         variables={"params": (variables["params"], cstate), **rest},
         tx=tx,
-        metrics_fn=lambda st: compression_metrics(graph, st.params[1]),
+        metrics_fn=metrics_fn,
         graph=graph,
     )
 

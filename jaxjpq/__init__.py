@@ -2,14 +2,15 @@
 
 The core: ``trace`` a model into a :class:`Graph` (QADG), ``init`` a :class:`CompressionState`
 from a :class:`CompressionSpec`, run the compressed forward from ``compress_apply``, measure it
-with ``cost``, ``slim`` it and ``export`` it. Methods (``geta``, baselines) are optax transforms
-over ``(params, CompressionState)``.
+with ``cost``, ``slim`` it and ``export`` it. Methods (``geta``, ``djpq.transform``, baselines)
+are optax transforms over ``(params, CompressionState)``.
 """
 
-from jaxjpq import cost, data, export, macs, models, quant, train
+from jaxjpq import cost, data, export, gates, macs, models, quant, train
 from jaxjpq.compress import calibrate, compress_apply
 from jaxjpq.graph import Graph, Group, Site, Slice
 from jaxjpq.macs import MacCount, count_macs, count_macs_split, eqn_macs
+from jaxjpq.methods import djpq
 from jaxjpq.methods.baselines import prune_then_quantize
 from jaxjpq.methods.driver import CompressedForward, compression_metrics
 from jaxjpq.methods.geta import geta
@@ -34,8 +35,10 @@ __all__ = [
     "count_macs",
     "count_macs_split",
     "data",
+    "djpq",
     "eqn_macs",
     "export",
+    "gates",
     "geta",
     "init",
     "macs",

@@ -25,6 +25,7 @@ import jax
 import jax.extend.core as jcore
 import jax.numpy as jnp
 
+from jaxjpq import gates as gates_lib
 from jaxjpq.graph import Graph
 from jaxjpq.jaxprs import CALL_PRIMITIVES, aval, is_dynamic, key_of, sub_jaxpr
 from jaxjpq.quant import (
@@ -89,9 +90,16 @@ def quantize_weights(graph: Graph, variables: Mapping, state: CompressionState) 
     return out
 
 
-def transform_variables(graph: Graph, variables: Mapping, state: CompressionState) -> dict:
-    """``mask ⊙ Q(W)`` for the whole variable tree (what the compressed forward runs with)."""
+def transform_variables(
+    graph: Graph, variables: Mapping, state: CompressionState, gate_key: jax.Array | None = None
+) -> dict:
+    """``mask ⊙ Q(z ⊙ W)`` for the whole variable tree (what the compressed forward runs with).
+
+    ``z`` are the VIB gates of ``state.gates`` (none: 1): sampled with ``gate_key``, else ``μ``.
+    """
     check_state(graph, state)
+    if state.gates:
+        variables = apply_masks(graph, variables, gates_lib.values(state.gates, gate_key))
     return apply_masks(graph, quantize_weights(graph, variables, state), state.masks)
 
 
@@ -236,22 +244,23 @@ def act_quantized_apply(apply_fn: Callable, graph: Graph) -> Callable:
 def compress_apply(apply_fn: Callable, graph: Graph) -> Callable:
     """The compressed forward ``fn(variables, state, *args, **kwargs) -> apply_fn's output``.
 
-    Weights are ``mask ⊙ Q(W)`` (see :func:`transform_variables`), site inputs are fake-quantized
-    with ``state.act``. ``fn.site_inputs(variables, state, *args, **kwargs)`` returns
-    ``(output, {site: un-quantized input})`` for calibration. Close over ``graph``; jit ``fn``.
+    Weights are ``mask ⊙ Q(z ⊙ W)`` (see :func:`transform_variables`; pass ``gate_key=`` to
+    sample the gates ``z`` in training), site inputs are fake-quantized with ``state.act``.
+    ``fn.site_inputs(variables, state, *args, **kwargs)`` returns ``(output, {site: un-quantized
+    input})`` for calibration. Close over ``graph``; jit ``fn``.
     """
     inner = act_quantized_apply(apply_fn, graph)
     run = _site_input_runner(apply_fn, graph)
 
-    def fn(variables, state: CompressionState, *args, **kwargs):
-        v = transform_variables(graph, variables, state)
+    def fn(variables, state: CompressionState, *args, gate_key=None, **kwargs):
+        v = transform_variables(graph, variables, state, gate_key)
         act = {s: site_quantizer(state, "act", s) for s in state.act}
         return inner(
             v, act, *args, power_of_two=state.power_of_two, learn_t=state.learn_t, **kwargs
         )
 
-    def site_inputs(variables, state: CompressionState, *args, **kwargs):
-        v = transform_variables(graph, variables, state)
+    def site_inputs(variables, state: CompressionState, *args, gate_key=None, **kwargs):
+        v = transform_variables(graph, variables, state, gate_key)
         seen: dict = {}
         sm = graph.site_map
 

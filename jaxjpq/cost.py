@@ -11,7 +11,8 @@ site's weight, e.g. 7·7 rows per channel after a flatten; a depthwise site whos
 its output group counts the channel once). Unquantized operands count 32 bits.
 
 * **soft**: continuous bits ``b(d, q_m, t)`` (power-of-two states: rounded with a straight-through
-  gradient), masks clipped to [0, 1] and used as keep probabilities; per-channel weight bits are
+  gradient), masks clipped to [0, 1] and used as keep probabilities (times the VIB gates' keep
+  probabilities when ``state.gates`` is set); per-channel weight bits are
   averaged over channels weighted by the output mask. Differentiable in d, q_m, t and the masks.
 * **exact**: storage bits ``ceil(b)`` (what :mod:`jaxjpq.export` stores; power-of-two states: the
   rounded {2, 4, 8}), per-channel sites at the largest kept channel's bits, masks thresholded at
@@ -27,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxjpq import gates as gates_lib
 from jaxjpq.graph import Graph, Site
 from jaxjpq.quant import bits_from_step, pow2_bits_hard, round_bits_pow2
 from jaxjpq.state import CompressionState, check_state, site_quantizer
@@ -49,7 +51,9 @@ def _mask(state, gid, soft, xp):
     if xp is np:
         m = np.asarray(m, np.float64)
     if soft:  # clip, keeping gradient 1 at the bounds (jnp.clip halves it at a tie)
-        return xp.where((m >= 0.0) & (m <= 1.0), m, xp.clip(m, 0.0, 1.0))
+        m = xp.where((m >= 0.0) & (m <= 1.0), m, xp.clip(m, 0.0, 1.0))
+        gate = state.gates.get(gid)
+        return m if gate is None else m * gates_lib.keep_prob(gate, state.gate_threshold)
     return (m > 0.5).astype(xp.float32 if xp is jnp else float)
 
 

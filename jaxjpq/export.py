@@ -24,6 +24,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxjpq import cost
+from jaxjpq import gates as gates_lib
 from jaxjpq.compress import act_quantized_apply, apply_masks
 from jaxjpq.graph import Graph
 from jaxjpq.quant import QuantParams, broadcast_params, codes, effective_params
@@ -150,8 +151,13 @@ def _unhex(s: str, n: int) -> np.ndarray:
 
 
 def pack(graph: Graph, variables: Mapping, state: CompressionState) -> PackedModel:
-    """Pack ``mask ⊙ Q(W)`` of every quantized site as integer codes; see module docstring."""
+    """Pack ``mask ⊙ Q(W)`` of every quantized site as integer codes; see module docstring.
+
+    VIB gates (``state.gates``) are folded into the weights first (their test-time ``μ``), as the
+    deterministic compressed forward applies them."""
     check_state(graph, state)
+    if state.gates:
+        variables = gates_lib.fold(graph, variables, state.gates)
     masked = apply_masks(graph, variables, state.masks)
     site_of = {s.weight: s for s in graph.sites}
     all_codes = jax.jit(lambda v, st: {

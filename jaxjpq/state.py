@@ -126,19 +126,23 @@ class CompressionState:
         per channel, shaped like the weight's output axes (``[c_out]``).
       act: ``{site name: QuantParams}`` scalar input-activation quantizers.
       masks: ``{group id: float32[size]}`` for every prunable group; 1 = keep, 0 = pruned.
+      gates: ``{group id: jaxjpq.gates.Gate}`` VIB gates (DJPQ), or ``{}`` (no gates).
       fingerprint: static hash of the graph's groups and sites (see :func:`graph_fingerprint`).
       power_of_two: static; forward rounds bits to {2, 4, 8}.
       frozen: static; site names whose quantizers are fixed (no gradient).
       learn_t: static; False = exponent ``t`` fixed at 1 (use :func:`site_quantizer` to read).
+      gate_threshold: static; VIB pruning threshold θ on ``log σ² − log μ²`` (see ``gates``).
     """
 
     weight: dict[str, QuantParams]
     act: dict[str, QuantParams]
     masks: dict[str, jax.Array]
+    gates: dict[str, Any] = flax.struct.field(default_factory=dict)
     fingerprint: str = flax.struct.field(pytree_node=False, default="")
     power_of_two: bool = flax.struct.field(pytree_node=False, default=False)
     frozen: tuple[str, ...] = flax.struct.field(pytree_node=False, default=())
     learn_t: bool = flax.struct.field(pytree_node=False, default=True)
+    gate_threshold: float = flax.struct.field(pytree_node=False, default=0.0)
 
 
 def site_quantizer(state: CompressionState, kind: str, name: str) -> QuantParams:
@@ -172,6 +176,14 @@ def check_state(graph: Graph, state: CompressionState) -> None:
             f"this CompressionState belongs to another graph (fingerprint {state.fingerprint!r}, "
             f"graph has {fp!r}); call jaxjpq.init(graph, spec, key) for this graph."
         )
+    if state.gates:
+        for g in graph.prunable_groups:
+            gate = state.gates.get(g.id)
+            if gate is None or jnp.shape(gate.mu) != (g.size,):
+                raise ValueError(
+                    f"state.gates has no [{g.size}] gate for group {g.id}; build the gates with "
+                    "jaxjpq.gates.init(graph) (or leave state.gates empty)."
+                )
 
 
 def leaf(variables: Mapping, key: Sequence[str]) -> Any:

@@ -45,9 +45,11 @@ class CompressedForward:
 
     def __call__(self, params, model_state, inputs, rng, train):
         model_params, cstate = params
+        # VIB gates (DJPQ) are sampled in training only, from a key independent of dropout's.
+        gate_key = jax.random.fold_in(rng, 0x6A7E) if (train and cstate.gates) else None
 
         def apply(variables, x, **kwargs):
-            return self.fn(variables, cstate, x, **kwargs)
+            return self.fn(variables, cstate, x, gate_key=gate_key, **kwargs)
 
         return FlaxForward(apply)(model_params, model_state, inputs, rng, train)
 

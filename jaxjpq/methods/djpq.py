@@ -1,0 +1,395 @@
+"""DJPQ: VIB channel gates + DQ quantizers (``t = 1``) trained with a differentiable BOPs budget.
+
+The objective is ``CE + γ₁ · Σ_c KL_c + γ₂ · BOPs_soft / BOPs_fp32`` (:func:`loss`), with soft
+BOPs from the gates' keep probabilities and the quantizers' continuous bits
+(:func:`jaxjpq.cost.relative_bops` with ``soft=True``). :func:`djpq` is an optax transform over
+``(params, CompressionState)`` that adds the gradient of the penalty (:func:`penalty`) itself, so
+the training loss stays plain cross-entropy, and adapts ``γ₂`` to meet a relative-BOPs target:
+
+1. warm-up (``warmup`` steps): weights, quantizers and gates train on the task loss only;
+2. search (until ``search_end``): the penalty acts while the last exact relative BOPs exceed
+   ``τ'`` (below it only the task loss trains, so the permanent pruning does not overshoot);
+   after every step ``log γ₂`` moves by
+   ``gamma2_rate · clip((r − τ') / τ', −1, 1)`` where ``r`` is the exact relative BOPs of the
+   current state (ceil bits, thresholded gates) and ``τ' = (1 − margin) · target``; units whose
+   gate crosses the VIB rule ``log σ² − log μ² > θ`` get mask 0 (every group keeps one unit);
+3. at ``search_end``: bits rounded (to {2, 4, 8} for power-of-two states) and frozen, masks frozen,
+   the gates' ``μ`` folded into the weights (gates become exactly 1), pruned weights set to zero;
+   if the exact relative BOPs still exceed ``target``, the quantizer whose one-step reduction saves
+   the most BOPs is lowered (down to ``b_l``) until it fits, then, if needed, the live units with
+   the highest gate log-ratio are pruned (every group keeps one unit);
+4. cool-down: the weights and the clips ``q_m`` (at the frozen bits) train on the task loss.
+
+Quantizer (``log d``, ``log q_m``) and gate (``μ``, ``log σ²``) parameters take Adam steps in those
+coordinates (``quant_lr``), so a step changes bits by a bounded amount at any scale; ``d`` is then
+projected onto ``[d(b_u), d(b_l)]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxjpq import cost
+from jaxjpq import gates as gates_lib
+from jaxjpq.graph import Graph
+from jaxjpq.methods.driver import signedness
+from jaxjpq.quant import QuantParams, bits_from_step, pow2_bits_hard, step_from_bits
+from jaxjpq.slim import apply_masks
+from jaxjpq.state import CompressionSpec, CompressionState, check_state
+from jaxjpq.state import init as init_compression
+from jaxjpq.train import cross_entropy
+from jaxjpq.units import unit_broadcast, unit_index
+
+_LOG_SIGMA2_RANGE = (-20.0, 10.0)
+_LOG_GAMMA2_RANGE = (-12.0, 14.0)
+
+
+class DjpqState(NamedTuple):
+    """State of :func:`djpq`.
+
+    Attributes:
+      step: int32 scalar, updates applied so far.
+      inner_state: the inner optimizer's state over the model params.
+      comp_state: Adam state over the free coordinates of quantizers and gates.
+      gamma2: float32 scalar, the current BOPs weight ``γ₂``.
+      rel_bops: float32 scalar, exact relative BOPs after the last update.
+    """
+
+    step: jax.Array
+    inner_state: optax.OptState
+    comp_state: optax.OptState
+    gamma2: jax.Array
+    rel_bops: jax.Array
+
+
+def init_state(
+    graph: Graph,
+    spec: CompressionSpec,
+    key: jax.Array,
+    variables: Mapping | None = None,
+    *,
+    threshold: float = 0.0,
+    mu: float = 1.0,
+    log_sigma2: float = -6.0,
+) -> CompressionState:
+    """A :class:`CompressionState` for DJPQ: quantizers with ``t = 1`` (``learn_t`` is forced
+    off) at ``spec.init_bits`` and a VIB gate per prunable unit (see :func:`jaxjpq.gates.init`)."""
+    spec = dataclasses.replace(spec, learn_t=False)
+    c = init_compression(graph, spec, key, variables)
+    return c.replace(
+        gates=gates_lib.init(graph, key, mu=mu, log_sigma2=log_sigma2),
+        gate_threshold=float(threshold),
+    )
+
+
+def penalty(graph: Graph, cstate: CompressionState, gamma1: Any, gamma2: Any) -> jax.Array:
+    """``γ₁ · Σ_c KL_c + γ₂ · BOPs_soft / BOPs_fp32`` (scalar, differentiable in ``cstate``)."""
+    return gamma1 * gates_lib.total_kl(cstate.gates) + gamma2 * cost.relative_bops(
+        graph, cstate, soft=True
+    )
+
+
+def loss(
+    logits: jax.Array, labels: jax.Array, graph: Graph, cstate: CompressionState, gamma1: Any,
+    gamma2: Any,
+) -> jax.Array:
+    """The full DJPQ objective for a batch: mean cross-entropy + :func:`penalty`.
+
+    For a hand-written loop at fixed ``γ``; :func:`djpq` adds the penalty's gradient itself.
+    """
+    return cross_entropy(logits, labels) + penalty(graph, cstate, gamma1, gamma2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Free coordinates: (log d, log q_m) per quantizer, (μ, log σ²) per gate
+# ---------------------------------------------------------------------------------------------
+
+
+def _free(c: CompressionState) -> dict:
+    def q(table):
+        return {n: (jnp.log(p.d), jnp.log(p.q_m)) for n, p in table.items() if n not in c.frozen}
+
+    return {
+        "weight": q(c.weight),
+        "act": q(c.act),
+        "gates": {g: (p.mu, p.log_sigma2) for g, p in c.gates.items()},
+    }
+
+
+def _free_grads(c: CompressionState, g: CompressionState) -> dict:
+    def q(table, grads):
+        return {
+            n: (grads[n].d * p.d, grads[n].q_m * p.q_m)
+            for n, p in table.items()
+            if n not in c.frozen
+        }
+
+    return {
+        "weight": q(c.weight, g.weight),
+        "act": q(c.act, g.act),
+        "gates": {k: (g.gates[k].mu, g.gates[k].log_sigma2) for k in c.gates},
+    }
+
+
+def _round_bits(b, b_lo, b_hi, pow2):
+    return pow2_bits_hard(b) if pow2 else jnp.clip(jnp.round(b), b_lo, b_hi)
+
+
+def _quant_table(table, steps, signed, frozen, b_lo, b_hi, search, finalize, pow2):
+    """New quantizers: search = Adam step + projection of ``d``; finalize = bits rounded;
+    cool-down = ``q_m`` step with ``d = d(frozen bits)``."""
+    out = {}
+    for name, p in table.items():
+        if name in frozen:
+            out[name] = p
+            continue
+        s = signed[name]
+        dlog_d, dlog_q = steps[name]
+        q_m = p.q_m * jnp.exp(dlog_q)
+        d = jnp.clip(p.d * jnp.exp(dlog_d), step_from_bits(b_hi, q_m, 1.0, s),
+                     step_from_bits(b_lo, q_m, 1.0, s))
+        b_now = bits_from_step(p.d, p.q_m, 1.0, s)
+        d_final = step_from_bits(_round_bits(b_now, b_lo, b_hi, pow2), p.q_m, 1.0, s)
+        # Frozen bits are integers: re-round to absorb float drift, keep d = d(b) at the new q_m.
+        d_cool = step_from_bits(jnp.round(b_now), q_m, 1.0, s)
+        new_d = jnp.where(search, d, jnp.where(finalize, d_final, d_cool))
+        new_q = jnp.where(finalize, p.q_m, q_m)
+        out[name] = QuantParams(d=new_d, q_m=new_q, t=p.t)
+    return out
+
+
+def _prune_masks(c: CompressionState) -> dict[str, jax.Array]:
+    """Masks after the VIB rule (pruned units stay pruned; each group keeps its best unit)."""
+    out = {}
+    for gid, gate in c.gates.items():
+        alive = c.masks[gid] > 0.5
+        ratio = gates_lib.log_ratio(gate)
+        keep = alive & (ratio <= c.gate_threshold)
+        best = jnp.argmin(jnp.where(alive, ratio, jnp.inf))
+        keep = keep.at[best].set(True)
+        out[gid] = keep.astype(jnp.float32)
+    return out
+
+
+def _enforce_budget(graph: Graph, c: CompressionState, target: float, b_lo: float,
+                    b_hi: float, pow2: bool) -> CompressionState:
+    """Lower bits, largest BOPs saving first, until the exact relative BOPs are <= ``target``."""
+    w_signed, a_signed = signedness(graph, c)
+    cands = [("weight", n) for n in c.weight if n not in c.frozen]
+    cands += [("act", n) for n in c.act if n not in c.frozen]
+    if not cands:
+        return c
+    fp = cost.fp32_bops(graph)
+    # Each candidate can be lowered at most from b_u to b_l: a static bound on the iterations.
+    iters = len(cands) * (2 if pow2 else int(np.ceil(b_hi - b_lo)))
+
+    def body(_, c):
+        sb = cost.site_bops(graph, c)
+        over = sum(sb.values()) / fp > target
+        bits = cost.bits(graph, c)
+        cur, low, saving = [], [], []
+        for kind, n in cands:
+            b = bits[n][0 if kind == "weight" else 1]
+            lower = jnp.where(b > 4.0, 4.0, 2.0) if pow2 else b - 1.0
+            ok = lower >= b_lo - 1e-6
+            cur.append(b)
+            low.append(lower)
+            saving.append(jnp.where(ok, sb[n] * (1.0 - lower / b), -1.0))
+        saving = jnp.stack(saving)
+        pick = jnp.argmax(saving)
+        act = over & (saving[pick] > 0)
+        weight, act_t = dict(c.weight), dict(c.act)
+        for i, (kind, n) in enumerate(cands):
+            table = weight if kind == "weight" else act_t
+            p = table[n]
+            s = (w_signed if kind == "weight" else a_signed)[n]
+            d_low = jnp.maximum(p.d, step_from_bits(low[i], p.q_m, 1.0, s))
+            table[n] = p.replace(d=jnp.where(act & (pick == i), d_low, p.d))
+        return c.replace(weight=weight, act=act_t)
+
+    return jax.lax.fori_loop(0, iters, body, c)
+
+
+def _enforce_by_pruning(graph: Graph, c: CompressionState, target: float) -> CompressionState:
+    """Prune live units, highest gate log-ratio first (every group keeps one), until the exact
+    relative BOPs are <= ``target``."""
+    groups = graph.prunable_groups
+    if not groups:
+        return c
+    sizes = np.array([g.size for g in groups])
+    seg = jnp.asarray(np.repeat(np.arange(len(groups)), sizes))
+    fp = cost.fp32_bops(graph)
+
+    def body(_, c):
+        over = cost.bops(graph, c) / fp > target
+        ratio = jnp.concatenate([gates_lib.log_ratio(c.gates[g.id]) for g in groups])
+        masks = jnp.concatenate([c.masks[g.id] for g in groups])
+        live = masks > 0.5
+        n_live = jax.ops.segment_sum(live.astype(jnp.int32), seg, len(groups))
+        ok = live & (n_live[seg] > 1)
+        pick = jnp.argmax(jnp.where(ok, ratio, -jnp.inf))
+        masks = jnp.where(over & ok[pick] & (jnp.arange(masks.shape[0]) == pick), 0.0, masks)
+        split = np.cumsum(sizes)[:-1]
+        return c.replace(masks={g.id: m for g, m in zip(groups, jnp.split(masks, split),
+                                                          strict=True)})
+
+    return jax.lax.fori_loop(0, int(sizes.sum() - len(groups)), body, c)
+
+
+def djpq(
+    inner: optax.GradientTransformation,
+    graph: Graph,
+    spec: CompressionSpec,
+    *,
+    steps: int,
+    target_bops: float | None = None,
+    gamma1: float = 1e-5,
+    gamma2: float = 1.0,
+    gamma2_rate: float = 0.01,
+    margin: float = 0.1,
+    quant_lr: float = 1e-2,
+    warmup: int | None = None,
+    search_end: int | None = None,
+) -> optax.GradientTransformation:
+    """DJPQ over ``(params, compression_state)`` (state from :func:`init_state`).
+
+    Args:
+      inner: optimizer of the model params.
+      graph: the traced graph of the model.
+      spec: bit range ``(b_l, b_u)``, ``power_of_two``; the target from ``spec.budget["bops"]``
+        unless ``target_bops`` is given (relative to fp32, in (0, 1]).
+      steps: total updates. ``warmup`` (default 10 %) and ``search_end`` (default 70 %) split them.
+      gamma1: weight of ``Σ KL`` (nats per unit, summed).
+      gamma2: initial weight of the relative soft BOPs; adapted by ``gamma2_rate`` per step (in
+        log space) toward ``(1 − margin) · target``.
+      quant_lr: Adam learning rate of the quantizer and gate coordinates.
+
+    Returns:
+      ``GradientTransformation`` whose ``update(grads, state, params)`` takes and returns pairs.
+    """
+    target = spec.budget_for("bops") if target_bops is None else float(target_bops)
+    if target is None or not 0.0 < target <= 1.0:
+        raise ValueError(
+            "djpq needs a relative BOPs target in (0, 1]: pass target_bops=... or "
+            "CompressionSpec(budget={'bops': ...})."
+        )
+    warmup = int(round(0.1 * steps)) if warmup is None else int(warmup)
+    search_end = int(round(0.7 * steps)) if search_end is None else int(search_end)
+    if not 0 <= warmup <= search_end < steps:
+        raise ValueError(
+            f"need 0 <= warmup ({warmup}) <= search_end ({search_end}) < steps ({steps})."
+        )
+    if not 0.0 <= margin < 1.0:
+        raise ValueError(f"margin must lie in [0, 1), got {margin}.")
+    b_lo, b_hi = spec.bits
+    pow2 = bool(spec.power_of_two)
+    if pow2 and not (b_lo <= 2.0 and b_hi >= 8.0):
+        raise ValueError(f"power-of-two bits {{2, 4, 8}} need spec.bits to cover [2, 8], got "
+                         f"{spec.bits}.")
+    aim = (1.0 - margin) * target
+    adam = optax.adam(quant_lr)
+
+    def check(c: CompressionState) -> None:
+        check_state(graph, c)
+        if not c.gates:
+            raise ValueError("djpq needs VIB gates in the state: build it with "
+                             "jaxjpq.methods.djpq.init_state(graph, spec, key, variables).")
+        if c.learn_t:
+            raise ValueError("djpq uses the t = 1 quantizer: build the state with init_state "
+                             "(or CompressionSpec(learn_t=False)).")
+        if c.power_of_two != pow2:
+            raise ValueError(f"state.power_of_two={c.power_of_two} differs from "
+                             f"spec.power_of_two={pow2}.")
+
+    def init_fn(params):
+        model_params, c = params
+        check(c)
+        return DjpqState(
+            step=jnp.zeros((), jnp.int32),
+            inner_state=inner.init(model_params),
+            comp_state=adam.init(_free(c)),
+            gamma2=jnp.asarray(gamma2, jnp.float32),
+            rel_bops=jnp.asarray(cost.relative_bops(graph, c), jnp.float32),
+        )
+
+    def update_fn(updates, state, params=None):
+        if params is None:
+            raise ValueError("djpq needs params: call update(updates, state, params).")
+        g_p, g_c = updates
+        p, c = params
+        check(c)
+        s = state.step
+        penalised = (s >= warmup) & (s < search_end)
+        search = s < search_end
+        finalize = s == search_end
+
+        u_p, inner_state = inner.update(g_p, state.inner_state, p)
+        # The penalty acts only while the last exact cost exceeds the aim: pruning is permanent,
+        # so pressure that outlives the budget would overshoot it (Adam steps do not shrink with
+        # γ₂).
+        over = state.rel_bops > aim
+        penalised = penalised & over
+        g_pen = jax.grad(lambda cc: penalty(graph, cc, gamma1, state.gamma2))(c)
+        g_tot = jax.tree.map(lambda a, b: a + jnp.where(penalised, b, 0.0), g_c, g_pen)
+        free_u, comp_state = adam.update(_free_grads(c, g_tot), state.comp_state)
+        w_signed, a_signed = signedness(graph, c)
+        new_w = _quant_table(c.weight, free_u["weight"], w_signed, c.frozen, b_lo, b_hi, search,
+                             finalize, pow2)
+        new_a = _quant_table(c.act, free_u["act"], a_signed, c.frozen, b_lo, b_hi, search,
+                             finalize, pow2)
+        new_g = {
+            k: gates_lib.Gate(
+                mu=jnp.where(search, gt.mu + free_u["gates"][k][0], gt.mu),
+                log_sigma2=jnp.where(
+                    search,
+                    jnp.clip(gt.log_sigma2 + free_u["gates"][k][1], *_LOG_SIGMA2_RANGE),
+                    gt.log_sigma2,
+                ),
+            )
+            for k, gt in c.gates.items()
+        }
+        c_new = c.replace(weight=new_w, act=new_a, gates=new_g)
+        c_new = c_new.replace(masks=jax.tree.map(
+            lambda a, b: jnp.where(search, a, b), _prune_masks(c_new), c.masks))
+
+        def fold(args):
+            p, c_new = args
+            c_fin = _enforce_budget(graph, c_new, target, b_lo, b_hi, pow2)
+            c_fin = _enforce_by_pruning(graph, c_fin, target)
+            folded = gates_lib.fold(graph, {"params": p}, c_fin.gates)
+            p_new = apply_masks(graph, folded, c_fin.masks)["params"]
+            c_fin = c_fin.replace(gates=gates_lib.folded(c_fin.gates))
+            return jax.tree.map(lambda a, b: a - b, p_new, p), c_fin
+
+        u_p, c_new = jax.lax.cond(finalize, fold, lambda a: (u_p, a[1]), (p, c_new))
+        # Pruned units stay exactly zero (their momentum would otherwise move them).
+        index = unit_index(graph, {"params": p})
+        pruned = unit_broadcast(index, (index.flat_masks(c_new.masks) < 0.5).astype(jnp.float32),
+                                p)
+        u_p = jax.tree.map(lambda u, x, z: jnp.where(z > 0.5, -x, u), u_p, p, pruned)
+        rel = jnp.asarray(cost.relative_bops(graph, c_new), jnp.float32)
+        step_g = gamma2_rate * jnp.clip((rel - aim) / aim, -1.0, 1.0)
+        in_search = (s >= warmup) & (s < search_end)
+        log_g2 = jnp.clip(jnp.log(state.gamma2) + jnp.where(in_search, step_g, 0.0),
+                          *_LOG_GAMMA2_RANGE)
+        u_c = jax.tree.map(lambda a, b: a - b, c_new, c)
+        new_state = DjpqState(
+            step=s + 1,
+            inner_state=inner_state,
+            comp_state=comp_state,
+            gamma2=jnp.exp(log_g2),
+            rel_bops=rel,
+        )
+        return (u_p, u_c), new_state
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+transform = djpq  # ``jaxjpq.djpq.transform(...)``, the name the design uses
