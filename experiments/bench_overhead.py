@@ -3,6 +3,7 @@ activations fake-quantized, masks on) ÷ the plain jitted train step, same model
 
     python -m experiments.bench_overhead [--steps 20] [--rounds 7] [--learn-t both]
     python -m experiments.bench_overhead --method geta --learn-t yes   # GETA step vs plain SGD
+    python -m experiments.bench_overhead --method djpq --learn-t no    # DJPQ step vs plain SGD
 
 Plain and compressed steps are interleaved in rounds (to cancel machine noise); each round times
 ``--steps`` steps of each with ``block_until_ready``; the ratio of the medians of per-step times
@@ -12,6 +13,7 @@ is reported. The graph comes from ``jaxjpq.trace``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import time
 
@@ -55,10 +57,20 @@ def bench(
     # GETA wraps the same SGD; its stage is chosen by lax ops, so every step costs the same
     # (the saliency scores run only at a joint period's first step).
     comp_opt = opt
+    gate_key = None
     if method == "geta":
         from jaxjpq.methods.geta import geta
 
         comp_opt = geta(opt, graph, cspec, steps=100_000, sparsity=0.5)
+    if method == "djpq":
+        # Gates sampled every step (fixed key: same work), penalty gradient every step.
+        from jaxjpq.methods import djpq
+
+        dspec = dataclasses.replace(cspec, learn_t=False)
+        state = djpq.init_state(graph, dspec, key, variables).replace(masks=state.masks,
+                                                                      act=state.act)
+        comp_opt = djpq.djpq(opt, graph, dspec, steps=100_000, target_bops=0.01)
+        gate_key = jax.random.key(7)
 
     def ce(logits):
         return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
@@ -73,7 +85,7 @@ def bench(
     def comp_step(pq, opt_state):
         def loss_fn(pq):
             p, s = pq
-            return ce(cfn({"params": p}, s, x))
+            return ce(cfn({"params": p}, s, x, gate_key=gate_key))
 
         loss, g = jax.value_and_grad(loss_fn)(pq)
         upd, opt_state = comp_opt.update(g, opt_state, pq)
@@ -113,7 +125,7 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--learn-t", choices=("yes", "no", "both"), default="both")
     ap.add_argument("--parts", default="all", help="comma list of " + "/".join(PARTS))
-    ap.add_argument("--method", choices=("sgd", "geta"), default="sgd",
+    ap.add_argument("--method", choices=("sgd", "geta", "djpq"), default="sgd",
                     help="optimizer of the compressed step: the same SGD, or GETA around it")
     a = ap.parse_args(argv)
     out = []

@@ -14,7 +14,8 @@ from typing import Any
 
 
 def load(workdirs: list[str]) -> dict[str, list[dict[str, Any]]]:
-    """``{method label: [results, ...]}``; the label is the method name plus its sparsity/bits."""
+    """``{method label: [results, ...]}``; the label is the method name plus its sparsity or BOPs
+    target and bits."""
     runs: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for w in workdirs:
         path = Path(w) / "results.json"
@@ -23,7 +24,11 @@ def load(workdirs: list[str]) -> dict[str, list[dict[str, Any]]]:
         r = json.loads(path.read_text())
         m = r["config"].get("method", {"name": "fp32"})
         label = m["name"]
-        if "sparsity" in m:
+        if m.get("power_of_two"):
+            label += " pow2"
+        if "target_bops" in m:
+            label += f" (target {100 * m['target_bops']:g} % BOPs, bits {m['bits']})"
+        elif "sparsity" in m:
             label += f" (sparsity {m['sparsity']:g}, bits {m['bits']})"
         runs[label].append(r)
     return dict(runs)

@@ -137,11 +137,13 @@ def test_pareto_table_and_chart(tmp_path):
 
 # resnet56 passes too (47 s, left out for suite time); vgg7 and resnet50 stop with
 # NonFiniteLossError (NaN quantizer params at the last joint step on these 12-image datasets),
-# an open bug noted in the README.
-@pytest.mark.parametrize("config_name", ["geta_resnet20_cifar10", "geta_bert_tiny_sst2"])
+# an open bug noted in the README. djpq_resnet18_imagenet2012 passes too (45-85 s, left out).
+@pytest.mark.parametrize(
+    "config_name", ["geta_resnet20_cifar10", "geta_bert_tiny_sst2", "djpq_vgg7_cifar10"]
+)
 def test_paper_scale_configs_run_on_tiny_data(config_name, tfds_dir, tmp_path):
-    """A paper-scale config trains its full-size model for a few GETA steps on the tiny TFDS
-    datasets, then packs, restores and re-evaluates it."""
+    """A paper-scale config trains its full-size model for a few GETA / DJPQ steps on the tiny
+    TFDS datasets, then packs, restores and re-evaluates it."""
     import importlib
 
     c = importlib.import_module(f"experiments.configs.{config_name}").get_config()
@@ -154,5 +156,38 @@ def test_paper_scale_configs_run_on_tiny_data(config_name, tfds_dir, tmp_path):
     res = run.train_and_evaluate(c, tmp_path)
     comp = res["compression"]
     assert res["steps"] == 10 and 0.0 < comp["rel_bops"] < 1.0
-    assert comp["sparsity"] > 0.0
+    if c.method.name == "djpq":  # the budget is met exactly (bits lowered / units pruned)
+        assert comp["rel_bops"] <= c.method.target_bops
+    else:
+        assert comp["sparsity"] > 0.0
     assert comp["export"]["restored_test_accuracy"] == pytest.approx(res["test_accuracy"])
+
+
+def test_sweep_grid_runs_every_point_and_skips_finished(tmp_path, monkeypatch):
+    from experiments import sweep
+
+    axes = sweep.parse_grid(["method.sparsity=0.4,0.5", "method.bits=(2.,3.);(2.,4.)"])
+    assert axes == [("method.sparsity", ["0.4", "0.5"]), ("method.bits", ["(2.,3.)", "(2.,4.)"])]
+    pts = sweep.points(axes)
+    assert len(pts) == 4 and len({sweep.workdir_name(p) for p in pts}) == 4
+    with pytest.raises(ValueError, match="key=v1"):
+        sweep.parse_grid(["sparsity"])
+    calls = []
+
+    def fake_run(cmd, **kwargs):  # writes a result instead of training
+        calls.append(cmd)
+        wd = Path(next(c for c in cmd if c.startswith("--workdir="))[len("--workdir="):])
+        sp = float(next(c for c in cmd if c.startswith("--config.method.sparsity")).split("=")[1])
+        (wd / "results.json").write_text(json.dumps({
+            "test_accuracy": 0.99 - sp / 10, "config": {"method": {"name": "geta"}},
+            "compression": {"rel_bops": 0.01 * (1 - sp), "sparsity": sp, "mean_bits": 3.0}}))
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(sweep.subprocess, "run", fake_run)
+    argv = ["--config", "experiments/configs/geta_mnist_cnn.py", "--grid",
+            "method.sparsity=0.4,0.5", "--root", str(tmp_path), "--set", "num_steps=10"]
+    dirs = sweep.main(argv)
+    assert len(calls) == 2 and all("--config.num_steps=10" in c for c in calls)
+    assert (tmp_path / "pareto.png").exists() and all((d / "results.json").exists() for d in dirs)
+    sweep.main(argv)  # finished points are skipped
+    assert len(calls) == 2

@@ -1,6 +1,7 @@
-"""Paper-scale GETA configs (full runs on a GPU/TPU; a few steps on tiny inputs here).
+"""Paper-scale GETA and DJPQ configs (full runs on a GPU/TPU; a few steps on tiny inputs here).
 
-Each ``geta_<model>_<dataset>.py`` config calls :func:`geta_config`. The dataset must be prepared
+Each ``geta_<model>_<dataset>.py`` config calls :func:`geta_config`, each
+``djpq_<model>_<dataset>.py`` :func:`djpq_config`. The dataset must be prepared
 under ``--config.data.data_dir`` (TFDS array_record format; nothing is downloaded).
 """
 
@@ -41,4 +42,24 @@ def geta_config(model: str, dataset: str) -> ml_collections.ConfigDict:
     c.optim.warmup_steps = r["warmup_steps"]
     c.method.sparsity = r["sparsity"]
     c.method.bits = r["bits"]
+    return c
+
+
+# dataset -> DJPQ relative-BOPs target (the paper's ResNet-18 / ImageNet point is ~53x fewer BOPs
+# than fp32, i.e. ~1.9 %) and bit range.
+DJPQ_TARGETS = {
+    "cifar10": dict(target_bops=0.01, bits=(2.0, 8.0)),
+    "imagenet2012": dict(target_bops=0.02, bits=(2.0, 8.0)),
+}
+
+
+def djpq_config(model: str, dataset: str) -> ml_collections.ConfigDict:
+    """DJPQ on ``model`` with the ``dataset`` recipe of ``RECIPES`` and target of
+    ``DJPQ_TARGETS``; the method fields are those of ``djpq_mnist_cnn``."""
+    from experiments.configs import djpq_mnist_cnn
+
+    c = geta_config(model, dataset)
+    c.method = djpq_mnist_cnn.get_config().method
+    c.method.target_bops = DJPQ_TARGETS[dataset]["target_bops"]
+    c.method.bits = DJPQ_TARGETS[dataset]["bits"]
     return c
