@@ -265,10 +265,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         compression = {
             **{k: float(v) for k, v in compression_metrics(graph, cstate).items()},
             "kept_units": {g: int((m > 0.5).sum()) for g, m in cstate.masks.items()},
+            # Parameters left after slimming (pruned units removed everywhere) vs dense.
+            "slim_params": graph.param_count({g: m > 0.5 for g, m in cstate.masks.items()}),
+            "dense_params": graph.param_count(),
             "bits": {n: [float(np.max(b)) for b in wa] for n, wa in cost.bits(graph,
                                                                              cstate).items()},
             "report": cost.report(graph, cstate),
         }
+        target = config.method.get("target_bops")
+        if target is not None:  # the exact check after rounding bits and thresholding gates
+            compression["target_bops"] = float(target)
+            compression["budget_met"] = bool(compression["rel_bops"] <= target)
+            if not compression["budget_met"]:
+                print(f"WARNING: relative BOPs {compression['rel_bops']:.4%} exceed the target "
+                      f"{target:.4%} (see report.txt)")
         (workdir / "report.txt").write_text(compression["report"] + "\n")
         compression["export"] = export_and_check(
             graph, model, state, splits[roles["test"]], config.eval_batch_size, workdir / "export"
