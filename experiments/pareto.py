@@ -14,11 +14,11 @@ from typing import Any
 
 
 def load(workdirs: list[str]) -> dict[str, list[dict[str, Any]]]:
-    """``{method label: [results, ...]}``; the label is the method name plus its sparsity or BOPs
-    target and bits."""
+    """``{method label: [results, ...]}`` from workdirs (their ``results.json``) or ``.json``
+    files; the label is the method name plus its sparsity or BOPs target and bits."""
     runs: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for w in workdirs:
-        path = Path(w) / "results.json"
+        path = Path(w) if str(w).endswith(".json") else Path(w) / "results.json"
         if not path.exists():
             raise FileNotFoundError(f"{path} does not exist: run the experiment first.")
         r = json.loads(path.read_text())

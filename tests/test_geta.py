@@ -10,12 +10,13 @@ from test_state import small_cnn
 
 from jaxjpq.compress import compress_apply
 from jaxjpq.methods.geta import (
+    _quant_update,
     geta,
     make_schedule,
     prune_counts,
     select_units,
 )
-from jaxjpq.quant import params_bits
+from jaxjpq.quant import QuantParams, params_bits, step_from_bits
 from jaxjpq.state import CompressionSpec, init
 from jaxjpq.units import unit_broadcast, unit_index, unit_sum
 
@@ -167,6 +168,24 @@ def test_geta_composes_with_chain_and_inject_hyperparams():
     params, cs, opt_state, _ = _run(model, v, g, x, spec, cstate, steps, tx)
     assert np.isfinite(np.asarray(jax.tree.leaves(params)[0])).all()
     assert float(opt_state[1].hyperparams["quant_lr"]) == pytest.approx(1e-3)
+
+
+def test_overshooting_clip_step_keeps_q_m_on_its_scale():
+    # Regression: a q_m step with quant_lr * g >= q_m (the per-tensor gradient of a large layer
+    # sums over all its weights) used to hit an absolute 1e-8 floor; the collapsed clip then made
+    # the quantizer params diverge (NaN on the paper-scale VGG-7 / ResNet-50 configs).
+    p = QuantParams(d=step_from_bits(4.0, 0.05), q_m=jnp.float32(0.05), t=jnp.float32(1.0))
+    lr = 1e-3
+    grads = {"big": QuantParams(d=0.0, q_m=10.0 * 0.05 / lr, t=0.0),  # SGD would give -9 q_m
+             "small": QuantParams(d=0.0, q_m=0.1 * 0.05 / lr, t=0.0)}
+    upd = _quant_update({"big": p, "small": p}, grads, {"big": True, "small": True}, (),
+                        jnp.float32(lr), 2.0, jnp.float32(8.0), 8.0, jnp.asarray(False))
+    new = jax.tree.map(lambda a, b: a + b, upd["big"], p)
+    np.testing.assert_allclose(new.q_m, 0.025, rtol=1e-6)  # stops at half its value, stays > 0
+    b = float(params_bits(new))
+    assert 2.0 - 1e-4 <= b <= 8.0 + 1e-4 and float(new.d) > 0
+    # An ordinary step is plain SGD.
+    np.testing.assert_allclose(p.q_m + upd["small"].q_m, 0.045, rtol=1e-6)
 
 
 def test_geta_rejects_bad_input():

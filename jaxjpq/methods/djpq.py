@@ -77,7 +77,7 @@ def init_state(
     *,
     threshold: float = 0.0,
     mu: float = 1.0,
-    log_sigma2: float = -6.0,
+    log_sigma2: float = -4.0,
 ) -> CompressionState:
     """A :class:`CompressionState` for DJPQ: quantizers with ``t = 1`` (``learn_t`` is forced
     off) at ``spec.init_bits`` and a VIB gate per prunable unit (see :func:`jaxjpq.gates.init`)."""
@@ -250,7 +250,7 @@ def djpq(
     *,
     steps: int,
     target_bops: float | None = None,
-    gamma1: float = 1e-5,
+    gamma1: float = 1e-3,
     gamma2: float = 1.0,
     gamma2_rate: float = 0.01,
     margin: float = 0.1,

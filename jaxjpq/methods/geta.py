@@ -2,7 +2,8 @@
 
 Four stages over a fixed step budget, chosen inside one jitted ``update`` from the step count:
 
-1. warm-up: inner optimizer on the weights, SGD (``quant_lr``) on the quantizers' ``d, q_m, t``;
+1. warm-up: inner optimizer on the weights, SGD (``quant_lr``) on the quantizers' ``d, q_m, t``
+   (a step may at most halve ``q_m``, see :func:`_quant_update`);
 2. projection (``projection_periods`` × ``projection_steps``): the upper bit limit starts at
    ``spec.init_bits`` and drops by ``bit_reduction`` per period down to ``b_u``; after every
    quantizer step ``d`` alone is projected onto ``[d(b_upper), d(b_l)]`` (partial projection);
@@ -39,6 +40,8 @@ from jaxjpq.units import UnitIndex, unit_broadcast, unit_index, unit_sum
 
 SCORES = ("magnitude", "cosine", "taylor1", "taylor2", "quant_error")
 _EPS = 1e-12
+# Smallest factor one quantizer step may scale ``q_m`` by (keeps ``q_m > 0`` on its own scale).
+_QM_MIN_FACTOR = 0.5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,14 +212,20 @@ def _quant_update(
     cooldown: jax.Array,
 ) -> dict[str, QuantParams]:
     """Updates (new − old) of each quantizer: SGD step, then ``d`` projected onto
-    ``[d(b_upper), d(b_lo)]``; in cool-down, ``d = d(round(b))`` and ``q_m``, ``t`` fixed."""
+    ``[d(b_upper), d(b_lo)]``; in cool-down, ``d = d(round(b))`` and ``q_m``, ``t`` fixed.
+
+    ``q_m`` must stay positive: a step that would take it below ``_QM_MIN_FACTOR · q_m`` (e.g.
+    ``lr · g ≥ q_m``, as for the per-tensor ``q_m`` of a large layer, whose gradient sums over all
+    its weights) stops there. An absolute floor would collapse the clip far below every weight,
+    after which the quantizer params diverge and the forward pass overflows.
+    """
     out = {}
     for name, p in table.items():
         if name in frozen:
             out[name] = jax.tree.map(jnp.zeros_like, p)
             continue
         g, s = grads[name], signed[name]
-        q_m = jnp.maximum(p.q_m - lr * g.q_m, 1e-8)
+        q_m = jnp.maximum(p.q_m - lr * g.q_m, _QM_MIN_FACTOR * p.q_m)
         t = jnp.clip(p.t - lr * g.t, 0.25, 4.0)
         d = p.d - lr * g.d
         d_new = jnp.clip(d, step_from_bits(b_upper, q_m, t, s), step_from_bits(b_lo, q_m, t, s))
