@@ -234,3 +234,22 @@ def test_geta_resume_from_checkpoint_matches_uninterrupted_run(tmp_path):
     chex.assert_trees_all_equal(resumed.params[1].masks, full.params[1].masks)
     chex.assert_trees_all_close(resumed.params[1].weight, full.params[1].weight, rtol=1e-6)
     chex.assert_trees_all_close(resumed.params[0], full.params[0], atol=1e-6)
+
+
+def test_unit_costs_rank_groups_by_their_macs():
+    from jaxjpq.methods.geta import unit_costs
+
+    _, v, g, _ = small_cnn()
+    index = unit_index(g, v)
+    cost = unit_costs(g, index)
+    assert cost.shape == (index.num_units,) and cost.mean() == pytest.approx(1.0)
+    per_group = [cost[index.offsets[j]] for j in range(index.num_groups)]
+    macs = {s.name: s.macs_per_example for s in g.sites}
+    # Conv_0's unit owns 1/4 of Conv_0 and of Conv_1's MACs; Dense_0's 1/16 of Dense_0 and Dense_1.
+    want = [(macs["Conv_0"] + macs["Conv_1"]) / 4, (macs["Conv_1"] + macs["Dense_0"]) / 8,
+            (macs["Dense_0"] + macs["Dense_1"]) / 16]
+    np.testing.assert_allclose(np.array(per_group) / per_group[0], np.array(want) / want[0])
+    # Equal saliency: dividing by cost picks the costliest units first.
+    imp = jnp.ones(index.num_units) / jnp.asarray(cost)
+    sel = np.asarray(select_units(index, imp, jnp.zeros(index.num_units, bool), jnp.asarray(3)))
+    assert sel[: index.offsets[1]].sum() == 3  # all from Conv_0, the costliest group

@@ -20,4 +20,5 @@ def get_config() -> ml_collections.ConfigDict:
     c.method.bits = (2.0, 4.0)  # (b_l, b_u) of every learned quantizer
     c.method.quant_lr = 1e-3
     c.method.bit_reduction = 2.0
+    c.method.cost_power = 0.0  # > 0: saliency / relative unit MACs^p (prune costly units first)
     return c

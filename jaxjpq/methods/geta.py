@@ -200,6 +200,23 @@ def select_units(
     return (rank < count) & jnp.isfinite(imp)
 
 
+def unit_costs(graph: Graph, index: UnitIndex) -> np.ndarray:
+    """float ``[U]``: MACs per example one unit accounts for, relative to the mean over units.
+
+    A unit of group ``g`` owns ``1/size`` of the MACs of every site whose output (or, for a
+    different group, input) is ``g``.
+    """
+    per_group = np.zeros(index.num_groups)
+    pos = {gid: j for j, gid in enumerate(index.group_ids)}
+    sizes = np.diff(index.offsets).astype(np.float64)
+    for s in graph.sites:
+        for gid in {s.out_group, s.in_group} - {None}:
+            if gid in pos:
+                per_group[pos[gid]] += s.macs_per_example / sizes[pos[gid]]
+    cost = per_group[index.group_of_unit]
+    return cost / max(float(cost.mean()), 1e-30)
+
+
 def _quant_update(
     table: Mapping[str, QuantParams],
     grads: Mapping[str, QuantParams],
@@ -251,6 +268,7 @@ def geta(
     bit_reduction: float = 2.0,
     saliency_weights: Sequence[float] = (0.2,) * 5,
     schedule: GetaSchedule | None = None,
+    cost_power: float = 0.0,
 ) -> optax.GradientTransformation:
     """GETA (QASSO) over ``(params, compression_state)``.
 
@@ -264,6 +282,9 @@ def geta(
         ``optax.inject_hyperparams``).
       bit_reduction: bits the upper limit drops per projection period.
       saliency_weights: weights of :data:`SCORES`.
+      cost_power: ``p`` in ``saliency / relative_unit_MACs^p`` (:func:`unit_costs`); 0 (default,
+        the paper's rule) selects by saliency alone, > 0 prefers pruning units that cost more
+        MACs, so a sparsity target removes more BOPs.
 
     Returns:
       A transform whose ``update(updates, state, params)`` takes gradient and parameter pairs
@@ -327,6 +348,8 @@ def geta(
 
         def choose(_):
             imp = saliency(index, p, g_p, qp, ~pruned, saliency_weights)
+            if cost_power:
+                imp = imp / jnp.asarray(unit_costs(graph, index) ** cost_power, jnp.float32)
             return select_units(index, imp, pruned, counts[period]), imp
 
         redundant, imp = jax.lax.cond(
