@@ -66,17 +66,22 @@ def plot(runs: dict[str, list[dict[str, Any]]], out: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import ScalarFormatter
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    markers = {"fp32": "*", "geta": "o", "djpq": "s", "prune_then_quantize": "^"}
     for label, rs in runs.items():
         xs = [100 * (r.get("compression") or {}).get("rel_bops", 1.0) for r in rs]
         ys = [100 * r["test_accuracy"] for r in rs]
-        ax.scatter(xs, ys, label=label, alpha=0.8)
+        ax.scatter(xs, ys, label=label, alpha=0.8, marker=markers.get(label.split()[0], "o"))
     ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(ScalarFormatter())
+    ax.tick_params(axis="x", which="minor", labelsize=7)
     ax.set_xlabel("relative BOPs (% of fp32, log scale)")
     ax.set_ylabel("test accuracy (%)")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
