@@ -5,9 +5,10 @@
         --grid method.sparsity=0.4,0.5,0.6 --grid "method.bits=(2.,3.);(2.,4.)" \\
         --grid seed=0 --root runs/geta_sweep --jobs 2 [--with runs/ptq_s0 ...]
 
-``--grid key=v1,v2`` (or ``;``-separated when values contain commas) adds one axis; the workdir of a
-point is ``<root>/<key>=<value>_...``. A point whose ``results.json`` exists is skipped, and an
-interrupted point resumes from its checkpoint, so re-running the command finishes a sweep.
+``--grid key=v1,v2`` (commas inside brackets do not split; ``;`` may separate instead) adds one
+axis; the workdir of a point is ``<root>/<key>=<value>_...``. A point whose ``results.json``
+exists is skipped, and an interrupted point resumes from its checkpoint, so re-running the
+command finishes a sweep.
 """
 
 from __future__ import annotations
@@ -25,6 +26,22 @@ from tqdm import tqdm
 from experiments import pareto
 
 
+def _split(values: str) -> list[str]:
+    """Split on ``;`` if present, else on the commas outside brackets: ``(2.,3.),(2.,4.)``."""
+    if ";" in values:
+        return values.split(";")
+    out, depth, cur = [], 0, ""
+    for ch in values:
+        depth += ch in "([{"
+        depth -= ch in ")]}"
+        if ch == "," and depth == 0:
+            out.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    return out + [cur]
+
+
 def parse_grid(specs: list[str]) -> list[tuple[str, list[str]]]:
     """``["a.b=1,2", "c=(1.,2.);(2.,4.)"]`` → ``[("a.b", ["1", "2"]), ("c", [...])]``."""
     axes = []
@@ -32,7 +49,7 @@ def parse_grid(specs: list[str]) -> list[tuple[str, list[str]]]:
         key, sep, values = spec.partition("=")
         if not sep or not key or not values:
             raise ValueError(f"--grid {spec!r}: use key=v1,v2 (or key=v1;v2).")
-        vals = [v.strip() for v in re.split(";" if ";" in values else ",", values) if v.strip()]
+        vals = [v.strip() for v in _split(values) if v.strip()]
         axes.append((key.strip(), vals))
     return axes
 

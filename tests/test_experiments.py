@@ -170,6 +170,8 @@ def test_sweep_grid_runs_every_point_and_skips_finished(tmp_path, monkeypatch):
     assert axes == [("method.sparsity", ["0.4", "0.5"]), ("method.bits", ["(2.,3.)", "(2.,4.)"])]
     pts = sweep.points(axes)
     assert len(pts) == 4 and len({sweep.workdir_name(p) for p in pts}) == 4
+    assert sweep.parse_grid(["b=(2.,3.),(2.,4.)", "c=(2.,3.)"]) == [
+        ("b", ["(2.,3.)", "(2.,4.)"]), ("c", ["(2.,3.)"])]
     with pytest.raises(ValueError, match="key=v1"):
         sweep.parse_grid(["sparsity"])
     calls = []
