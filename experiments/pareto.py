@@ -26,10 +26,11 @@ def load(workdirs: list[str]) -> dict[str, list[dict[str, Any]]]:
         label = m["name"]
         if m.get("power_of_two"):
             label += " pow2"
+        cost = f", cost power {m['cost_power']:g}" if m.get("cost_power") else ""
         if "target_bops" in m:
             label += f" (target {100 * m['target_bops']:g} % BOPs, bits {m['bits']})"
         elif "sparsity" in m:
-            label += f" (sparsity {m['sparsity']:g}, bits {m['bits']})"
+            label += f" (sparsity {m['sparsity']:g}, bits {m['bits']}{cost})"
         runs[label].append(r)
     return dict(runs)
 
