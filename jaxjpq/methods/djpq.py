@@ -326,16 +326,15 @@ def djpq(
         p, c = params
         check(c)
         s = state.step
-        penalised = (s >= warmup) & (s < search_end)
         search = s < search_end
+        in_search = (s >= warmup) & search
         finalize = s == search_end
 
         u_p, inner_state = inner.update(g_p, state.inner_state, p)
         # The penalty acts only while the last exact cost exceeds the aim: pruning is permanent,
         # so pressure that outlives the budget would overshoot it (Adam steps do not shrink with
         # γ₂).
-        over = state.rel_bops > aim
-        penalised = penalised & over
+        penalised = in_search & (state.rel_bops > aim)
         g_pen = jax.grad(lambda cc: penalty(graph, cc, gamma1, state.gamma2))(c)
         g_tot = jax.tree.map(lambda a, b: a + jnp.where(penalised, b, 0.0), g_c, g_pen)
         free_u, comp_state = adam.update(_free_grads(c, g_tot), state.comp_state)
@@ -376,7 +375,6 @@ def djpq(
         u_p = jax.tree.map(lambda u, x, z: jnp.where(z > 0.5, -x, u), u_p, p, pruned)
         rel = jnp.asarray(cost.relative_bops(graph, c_new), jnp.float32)
         step_g = gamma2_rate * jnp.clip((rel - aim) / aim, -1.0, 1.0)
-        in_search = (s >= warmup) & (s < search_end)
         log_g2 = jnp.clip(jnp.log(state.gamma2) + jnp.where(in_search, step_g, 0.0),
                           *_LOG_GAMMA2_RANGE)
         u_c = jax.tree.map(lambda a, b: a - b, c_new, c)
