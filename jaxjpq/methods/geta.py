@@ -214,7 +214,8 @@ def unit_costs(graph: Graph, index: UnitIndex) -> np.ndarray:
             if gid in pos:
                 per_group[pos[gid]] += s.macs_per_example / sizes[pos[gid]]
     cost = per_group[index.group_of_unit]
-    return cost / max(float(cost.mean()), 1e-30)
+    # Floor: a unit of no MACs (e.g. a group with no site) must keep a finite saliency.
+    return np.maximum(cost / max(float(cost.mean()), 1e-30), 1e-6)
 
 
 def _quant_update(
@@ -348,8 +349,9 @@ def geta(
 
         def choose(_):
             imp = saliency(index, p, g_p, qp, ~pruned, saliency_weights)
-            if cost_power:
-                imp = imp / jnp.asarray(unit_costs(graph, index) ** cost_power, jnp.float32)
+            # x**0 == 1 exactly, so the default keeps the paper's rule; traced under
+            # inject_hyperparams, hence no Python branch.
+            imp = imp / jnp.asarray(unit_costs(graph, index), jnp.float32) ** cost_power
             return select_units(index, imp, pruned, counts[period]), imp
 
         redundant, imp = jax.lax.cond(
