@@ -27,6 +27,8 @@ def load(workdirs: list[str]) -> dict[str, list[dict[str, Any]]]:
         if m.get("power_of_two"):
             label += " pow2"
         cost = f", cost power {m['cost_power']:g}" if m.get("cost_power") else ""
+        if m.get("allocation", "global") != "global":
+            cost += f", {m['allocation']}"
         if "target_bops" in m:
             label += f" (target {100 * m['target_bops']:g} % BOPs, bits {m['bits']})"
         elif "sparsity" in m:

@@ -144,7 +144,8 @@ def build_method(config, model, variables, example, num_steps: int) -> dict[str,
     elif method.name == "geta":
         spec = CompressionSpec(bits=tuple(method.bits), budget={"sparsity": method.sparsity})
         tx = geta(tx, graph, spec, steps=num_steps, quant_lr=method.quant_lr,
-                  bit_reduction=method.bit_reduction, cost_power=method.get("cost_power", 0.0))
+                  bit_reduction=method.bit_reduction, cost_power=method.get("cost_power", 0.0),
+                  allocation=method.get("allocation", "global"))
     else:
         quantize = method.quantize_at < 1.0
         spec = CompressionSpec(quantize_weights=quantize, quantize_activations=quantize)

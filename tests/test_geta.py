@@ -253,3 +253,28 @@ def test_unit_costs_rank_groups_by_their_macs():
     imp = jnp.ones(index.num_units) / jnp.asarray(cost)
     sel = np.asarray(select_units(index, imp, jnp.zeros(index.num_units, bool), jnp.asarray(3)))
     assert sel[: index.offsets[1]].sum() == 3  # all from Conv_0, the costliest group
+
+
+def test_per_group_allocation_prunes_every_group_by_the_same_fraction():
+    from jaxjpq.methods.baselines import per_group_counts
+    from jaxjpq.methods.geta import group_period_counts, select_per_group
+
+    model, v, g, x, spec, cstate = _setup()
+    index = unit_index(g, v)
+    gc = group_period_counts(index, 0.5, 5)
+    np.testing.assert_array_equal(gc.sum(axis=0), per_group_counts(index, 0.5))
+    imp = jax.random.uniform(jax.random.key(1), (index.num_units,))
+    pruned = jnp.zeros(index.num_units, bool).at[0].set(True)
+    sel = np.asarray(select_per_group(index, imp, pruned, jnp.asarray([1, 2, 3])))
+    assert not sel[0]
+    for j, n in enumerate([1, 2, 3]):
+        lo, hi = index.offsets[j], index.offsets[j + 1]
+        assert sel[lo:hi].sum() == n
+        live = ~np.asarray(pruned[lo:hi])
+        chosen = np.asarray(imp[lo:hi])[sel[lo:hi]]
+        assert chosen.max() <= np.sort(np.asarray(imp[lo:hi])[live])[n - 1]
+    steps = 40
+    tx = geta(optax.sgd(0.05, momentum=0.9), g, spec, steps=steps, allocation="per_group")
+    _, cs, _, _ = _run(model, v, g, x, spec, cstate, steps, tx)
+    kept = {k: int((m > 0.5).sum()) for k, m in cs.masks.items()}
+    assert list(kept.values()) == [2, 4, 8]  # half of 4, 8, 16

@@ -21,4 +21,5 @@ def get_config() -> ml_collections.ConfigDict:
     c.method.quant_lr = 1e-3
     c.method.bit_reduction = 2.0
     c.method.cost_power = 0.0  # > 0: saliency / relative unit MACs^p (prune costly units first)
+    c.method.allocation = "global"  # or "per_group": the same fraction of every group
     return c

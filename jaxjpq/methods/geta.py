@@ -218,6 +218,28 @@ def unit_costs(graph: Graph, index: UnitIndex) -> np.ndarray:
     return np.maximum(cost / max(float(cost.mean()), 1e-30), 1e-6)
 
 
+def group_period_counts(index: UnitIndex, sparsity: float, periods: int) -> np.ndarray:
+    """int ``[periods, G]``: units each group loses at each joint period when every group is
+    pruned by the same fraction (the baseline's per-group counts, spread evenly over periods)."""
+    from jaxjpq.methods.baselines import per_group_counts
+
+    total = per_group_counts(index, sparsity)
+    cum = np.round(np.outer(np.arange(1, periods + 1), total) / max(periods, 1)).astype(np.int64)
+    return np.diff(np.vstack([np.zeros_like(total)[None], cum]), axis=0)
+
+
+def select_per_group(
+    index: UnitIndex, importance: jax.Array, pruned: jax.Array, counts: jax.Array
+) -> jax.Array:
+    """bool ``[U]``: in each group ``g`` its ``counts[g]`` least important live units."""
+    seg = jnp.asarray(index.group_of_unit)
+    imp = jnp.where(pruned, jnp.inf, importance)
+    order = jnp.lexsort((imp, seg))
+    rank = jnp.empty_like(seg).at[order].set(jnp.arange(index.num_units))
+    local = rank - jnp.asarray(index.offsets[:-1])[seg]
+    return (local < counts[seg]) & ~pruned
+
+
 def _quant_update(
     table: Mapping[str, QuantParams],
     grads: Mapping[str, QuantParams],
@@ -270,6 +292,7 @@ def geta(
     saliency_weights: Sequence[float] = (0.2,) * 5,
     schedule: GetaSchedule | None = None,
     cost_power: float = 0.0,
+    allocation: str = "global",
 ) -> optax.GradientTransformation:
     """GETA (QASSO) over ``(params, compression_state)``.
 
@@ -286,6 +309,9 @@ def geta(
       cost_power: ``p`` in ``saliency / relative_unit_MACs^p`` (:func:`unit_costs`); 0 (default,
         the paper's rule) selects by saliency alone, > 0 prefers pruning units that cost more
         MACs, so a sparsity target removes more BOPs.
+      allocation: ``"global"`` (the paper's rule: the lowest-saliency units anywhere) or
+        ``"per_group"`` (every group loses the same fraction, chosen by saliency within it, so the
+        kept widths, and the BOPs at equal bits, match the staged baseline's).
 
     Returns:
       A transform whose ``update(updates, state, params)`` takes gradient and parameter pairs
@@ -297,6 +323,8 @@ def geta(
             "geta needs a target sparsity in [0, 1): pass sparsity=... or "
             "CompressionSpec(budget={'sparsity': ...})."
         )
+    if allocation not in ("global", "per_group"):
+        raise ValueError(f"allocation must be 'global' or 'per_group', got {allocation!r}.")
     if len(tuple(saliency_weights)) != len(SCORES):
         raise ValueError(f"saliency_weights needs {len(SCORES)} entries, one per {SCORES}.")
     sched = schedule or make_schedule(steps)
@@ -333,6 +361,8 @@ def geta(
         p, c = params
         index = units(p)
         counts = jnp.asarray(prune_counts(index, sparsity, sched.joint_periods), jnp.int32)
+        g_counts = jnp.asarray(group_period_counts(index, sparsity, sched.joint_periods),
+                               jnp.int32)
         s = state.step
         in_proj = (s >= sched.warmup) & (s < sched.projection_end)
         in_joint = (s >= sched.projection_end) & (s < sched.joint_end)
@@ -352,6 +382,8 @@ def geta(
             # x**0 == 1 exactly, so the default keeps the paper's rule; traced under
             # inject_hyperparams, hence no Python branch.
             imp = imp / jnp.asarray(unit_costs(graph, index), jnp.float32) ** cost_power
+            if allocation == "per_group":
+                return select_per_group(index, imp, pruned, g_counts[period]), imp
             return select_units(index, imp, pruned, counts[period]), imp
 
         redundant, imp = jax.lax.cond(
