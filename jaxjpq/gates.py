@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxjpq.graph import Graph
+from jaxjpq.slim import apply_masks
 
 _TINY = 1e-20
 # log σ² of a folded gate: σ = exp(-5000) underflows to exactly 0, so z = μ = 1 exactly.
@@ -106,6 +107,4 @@ def fold(graph: Graph, variables: Mapping, gates: Mapping[str, Gate]) -> dict:
 
     The deterministic gated forward of ``variables`` equals the ungated forward of the result.
     """
-    from jaxjpq.slim import apply_masks
-
     return apply_masks(graph, variables, values(gates))

@@ -134,3 +134,18 @@ def unit_broadcast(
         k: spread.get(k, jnp.full((1,) * leaf.ndim, fill, values.dtype)) for k, leaf in flat.items()
     }
     return traverse_util.unflatten_dict(out)
+
+
+def rank_in_group(index: UnitIndex, values: jax.Array) -> jax.Array:
+    """int ``[U]``: each unit's rank by ``values`` (ascending, stable) within its group."""
+    seg = jnp.asarray(index.group_of_unit)
+    order = jnp.lexsort((values, seg))
+    rank = jnp.empty_like(seg).at[order].set(jnp.arange(index.num_units))
+    return rank - jnp.asarray(index.offsets[:-1])[seg]
+
+
+def hold_zero(index: UnitIndex, updates: Mapping, params: Mapping, pruned: jax.Array) -> dict:
+    """``updates`` with every entry of a ``pruned`` unit (bool ``[U]``) replaced by ``-params``,
+    so that after ``optax.apply_updates`` the pruned units are exactly zero."""
+    zero = unit_broadcast(index, pruned.astype(jnp.float32), params)
+    return jax.tree.map(lambda u, x, z: jnp.where(z > 0.5, -x, u), updates, params, zero)

@@ -29,7 +29,7 @@ from jaxjpq.graph import Graph
 from jaxjpq.methods.driver import signedness
 from jaxjpq.quant import QuantParams, init_from_tensor, step_from_bits
 from jaxjpq.state import check_state
-from jaxjpq.units import UnitIndex, unit_broadcast, unit_index, unit_sum
+from jaxjpq.units import UnitIndex, hold_zero, rank_in_group, unit_index, unit_sum
 
 
 class StagedState(NamedTuple):
@@ -72,11 +72,7 @@ def magnitude_masks(index: UnitIndex, params, counts: np.ndarray) -> jax.Array:
     """float ``[U]``: 0 for the ``counts[g]`` smallest-norm units of each group, else 1."""
     norms = jnp.sqrt(unit_sum(index, lambda x: x * x, params))
     seg = jnp.asarray(index.group_of_unit)
-    # Rank within the group: sort by (group, norm); position minus the group's offset.
-    order = jnp.lexsort((norms, seg))
-    rank = jnp.empty_like(seg).at[order].set(jnp.arange(index.num_units))
-    local = rank - jnp.asarray(index.offsets[:-1])[seg]
-    return jnp.where(local < jnp.asarray(counts)[seg], 0.0, 1.0)
+    return jnp.where(rank_in_group(index, norms) < jnp.asarray(counts)[seg], 0.0, 1.0)
 
 
 def prune_then_quantize(
@@ -139,8 +135,7 @@ def prune_then_quantize(
         u_p, inner_state = inner.update(g_p, state.inner_state, p)
         masks = index.flat_masks(c.masks)
         new_masks = jnp.where(s == prune_step, magnitude_masks(index, p, counts), masks)
-        zero = unit_broadcast(index, (new_masks < 0.5).astype(jnp.float32), p)
-        u_p = jax.tree.map(lambda u, x, z: jnp.where(z > 0.5, -x, u), u_p, p, zero)
+        u_p = hold_zero(index, u_p, p, new_masks < 0.5)
         quantize, start = s >= quantize_step, s == quantize_step
         w_signed, a_signed = signedness(graph, c)
         flat = traverse_util.flatten_dict({"params": p})

@@ -45,7 +45,7 @@ from jaxjpq.slim import apply_masks
 from jaxjpq.state import CompressionSpec, CompressionState, check_state
 from jaxjpq.state import init as init_compression
 from jaxjpq.train import cross_entropy
-from jaxjpq.units import unit_broadcast, unit_index
+from jaxjpq.units import UnitIndex, hold_zero, unit_index
 
 _LOG_SIGMA2_RANGE = (-20.0, 10.0)
 _LOG_GAMMA2_RANGE = (-12.0, 14.0)
@@ -194,12 +194,11 @@ def _enforce_budget(graph: Graph, c: CompressionState, target: float, b_lo: floa
         sb = cost.site_bops(graph, c)
         over = sum(sb.values()) / fp > target
         bits = cost.bits(graph, c)
-        cur, low, saving = [], [], []
+        low, saving = [], []
         for kind, n in cands:
             b = bits[n][0 if kind == "weight" else 1]
             lower = jnp.where(b > 4.0, 4.0, 2.0) if pow2 else b - 1.0
             ok = lower >= b_lo - 1e-6
-            cur.append(b)
             low.append(lower)
             saving.append(jnp.where(ok, sb[n] * (1.0 - lower / b), -1.0))
         saving = jnp.stack(saving)
@@ -217,30 +216,27 @@ def _enforce_budget(graph: Graph, c: CompressionState, target: float, b_lo: floa
     return jax.lax.fori_loop(0, iters, body, c)
 
 
-def _enforce_by_pruning(graph: Graph, c: CompressionState, target: float) -> CompressionState:
+def _enforce_by_pruning(graph: Graph, index: UnitIndex, c: CompressionState,
+                        target: float) -> CompressionState:
     """Prune live units, highest gate log-ratio first (every group keeps one), until the exact
     relative BOPs are <= ``target``."""
-    groups = graph.prunable_groups
-    if not groups:
+    if index.num_units == 0:
         return c
-    sizes = np.array([g.size for g in groups])
-    seg = jnp.asarray(np.repeat(np.arange(len(groups)), sizes))
+    seg = jnp.asarray(index.group_of_unit)
     fp = cost.fp32_bops(graph)
+    ratio = index.flat_masks({g: gates_lib.log_ratio(gt) for g, gt in c.gates.items()})
 
     def body(_, c):
         over = cost.bops(graph, c) / fp > target
-        ratio = jnp.concatenate([gates_lib.log_ratio(c.gates[g.id]) for g in groups])
-        masks = jnp.concatenate([c.masks[g.id] for g in groups])
+        masks = index.flat_masks(c.masks)
         live = masks > 0.5
-        n_live = jax.ops.segment_sum(live.astype(jnp.int32), seg, len(groups))
+        n_live = jax.ops.segment_sum(live.astype(jnp.int32), seg, index.num_groups)
         ok = live & (n_live[seg] > 1)
         pick = jnp.argmax(jnp.where(ok, ratio, -jnp.inf))
-        masks = jnp.where(over & ok[pick] & (jnp.arange(masks.shape[0]) == pick), 0.0, masks)
-        split = np.cumsum(sizes)[:-1]
-        return c.replace(masks={g.id: m for g, m in zip(groups, jnp.split(masks, split),
-                                                          strict=True)})
+        masks = jnp.where(over & ok[pick] & (jnp.arange(index.num_units) == pick), 0.0, masks)
+        return c.replace(masks=index.split(masks))
 
-    return jax.lax.fori_loop(0, int(sizes.sum() - len(groups)), body, c)
+    return jax.lax.fori_loop(0, index.num_units - index.num_groups, body, c)
 
 
 def djpq(
@@ -335,8 +331,13 @@ def djpq(
         # so pressure that outlives the budget would overshoot it (Adam steps do not shrink with
         # γ₂).
         penalised = in_search & (state.rel_bops > aim)
-        g_pen = jax.grad(lambda cc: penalty(graph, cc, gamma1, state.gamma2))(c)
-        g_tot = jax.tree.map(lambda a, b: a + jnp.where(penalised, b, 0.0), g_c, g_pen)
+        g_tot = jax.lax.cond(
+            penalised,
+            lambda: jax.tree.map(
+                jnp.add, g_c, jax.grad(lambda cc: penalty(graph, cc, gamma1, state.gamma2))(c)
+            ),
+            lambda: g_c,
+        )
         free_u, comp_state = adam.update(_free_grads(c, g_tot), state.comp_state)
         w_signed, a_signed = signedness(graph, c)
         new_w = _quant_table(c.weight, free_u["weight"], w_signed, c.frozen, b_lo, b_hi, search,
@@ -358,10 +359,12 @@ def djpq(
         c_new = c_new.replace(masks=jax.tree.map(
             lambda a, b: jnp.where(search, a, b), _prune_masks(c_new), c.masks))
 
+        index = unit_index(graph, {"params": p})
+
         def fold(args):
             p, c_new = args
             c_fin = _enforce_budget(graph, c_new, target, b_lo, b_hi, pow2)
-            c_fin = _enforce_by_pruning(graph, c_fin, target)
+            c_fin = _enforce_by_pruning(graph, index, c_fin, target)
             folded = gates_lib.fold(graph, {"params": p}, c_fin.gates)
             p_new = apply_masks(graph, folded, c_fin.masks)["params"]
             c_fin = c_fin.replace(gates=gates_lib.folded(c_fin.gates))
@@ -369,10 +372,7 @@ def djpq(
 
         u_p, c_new = jax.lax.cond(finalize, fold, lambda a: (u_p, a[1]), (p, c_new))
         # Pruned units stay exactly zero (their momentum would otherwise move them).
-        index = unit_index(graph, {"params": p})
-        pruned = unit_broadcast(index, (index.flat_masks(c_new.masks) < 0.5).astype(jnp.float32),
-                                p)
-        u_p = jax.tree.map(lambda u, x, z: jnp.where(z > 0.5, -x, u), u_p, p, pruned)
+        u_p = hold_zero(index, u_p, p, index.flat_masks(c_new.masks) < 0.5)
         rel = jnp.asarray(cost.relative_bops(graph, c_new), jnp.float32)
         step_g = gamma2_rate * jnp.clip((rel - aim) / aim, -1.0, 1.0)
         log_g2 = jnp.clip(jnp.log(state.gamma2) + jnp.where(in_search, step_g, 0.0),

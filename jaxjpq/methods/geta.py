@@ -33,10 +33,18 @@ import optax
 
 from jaxjpq.compress import quantize_weights
 from jaxjpq.graph import Graph
+from jaxjpq.methods.baselines import per_group_counts
 from jaxjpq.methods.driver import signedness
 from jaxjpq.quant import QuantParams, bits_from_step, step_from_bits
 from jaxjpq.state import CompressionSpec, check_state
-from jaxjpq.units import UnitIndex, unit_broadcast, unit_index, unit_sum
+from jaxjpq.units import (
+    UnitIndex,
+    hold_zero,
+    rank_in_group,
+    unit_broadcast,
+    unit_index,
+    unit_sum,
+)
 
 SCORES = ("magnitude", "cosine", "taylor1", "taylor2", "quant_error")
 _EPS = 1e-12
@@ -221,8 +229,6 @@ def unit_costs(graph: Graph, index: UnitIndex) -> np.ndarray:
 def group_period_counts(index: UnitIndex, sparsity: float, periods: int) -> np.ndarray:
     """int ``[periods, G]``: units each group loses at each joint period when every group is
     pruned by the same fraction (the baseline's per-group counts, spread evenly over periods)."""
-    from jaxjpq.methods.baselines import per_group_counts
-
     total = per_group_counts(index, sparsity)
     cum = np.round(np.outer(np.arange(1, periods + 1), total) / max(periods, 1)).astype(np.int64)
     return np.diff(np.vstack([np.zeros_like(total)[None], cum]), axis=0)
@@ -233,10 +239,7 @@ def select_per_group(
 ) -> jax.Array:
     """bool ``[U]``: in each group ``g`` its ``counts[g]`` least important live units."""
     seg = jnp.asarray(index.group_of_unit)
-    imp = jnp.where(pruned, jnp.inf, importance)
-    order = jnp.lexsort((imp, seg))
-    rank = jnp.empty_like(seg).at[order].set(jnp.arange(index.num_units))
-    local = rank - jnp.asarray(index.offsets[:-1])[seg]
+    local = rank_in_group(index, jnp.where(pruned, jnp.inf, importance))
     return (local < counts[seg]) & ~pruned
 
 
@@ -394,8 +397,7 @@ def geta(
         u_p = jax.tree.map(lambda u, q, r: u - gamma * r * q, u_p, qp, shrink)
         period_end = in_joint & (k == sched.period_steps - 1)
         pruned_new = pruned | (redundant & period_end)
-        zero = unit_broadcast(index, pruned_new.astype(jnp.float32), p)
-        u_p = jax.tree.map(lambda u, x, z: jnp.where(z > 0.5, -x, u), u_p, p, zero)
+        u_p = hold_zero(index, u_p, p, pruned_new)
         new_masks = jnp.where(pruned_new, 0.0, mask_units)
         mask_upd = index.split(new_masks - mask_units)
 
