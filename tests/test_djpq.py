@@ -153,14 +153,11 @@ def test_djpq_rejects_bad_input():
 def test_djpq_resume_from_checkpoint_matches_uninterrupted_run(tmp_path):
     """Gates, Adam state and γ₂ go through orbax: a run interrupted before the fold step and
     resumed ends with the same masks, bits and weights as an uninterrupted one."""
-    from jaxjpq import data, train
+    from test_geta import interrupted_and_full, random_source
+
+    from jaxjpq import train
     from jaxjpq.methods.driver import CompressedForward
 
-    rng = np.random.default_rng(0)
-    src = data.ArraySource(
-        {"inputs": rng.uniform(size=(32, 28, 28, 1)).astype(np.float32),
-         "labels": rng.integers(0, 10, 32).astype(np.int32)}
-    )
     steps = 12
 
     def fresh():
@@ -169,15 +166,6 @@ def test_djpq_resume_from_checkpoint_matches_uninterrupted_run(tmp_path):
         return train.create_train_state(CompressedForward(model.apply, g),
                                         {"params": (v["params"], c)}, tx)
 
-    full, _ = train.train(fresh(), data.batch_stream(src, 8, seed=0), steps, progress=False)
-    mgr = train.checkpoint_manager(tmp_path / "ckpt")
-    train.train(fresh(), data.batch_stream(src, 8, seed=0), 5, manager=mgr, checkpoint_every=5,
-                progress=False)
-    restored, _ = train.restore_checkpoint(mgr, fresh())
-    assert int(restored.step) == 5
-    resumed, _ = train.train(restored, data.batch_stream(src, 8, seed=0, start_step=5), steps,
-                             progress=False)
-    chex.assert_trees_all_equal(resumed.params[1].masks, full.params[1].masks)
-    chex.assert_trees_all_close(resumed.params[1].weight, full.params[1].weight, rtol=1e-6)
-    chex.assert_trees_all_close(resumed.params[0], full.params[0], atol=1e-6)
+    full, _, resumed = interrupted_and_full(fresh, random_source(32), 8, steps, 5,
+                                            tmp_path / "ckpt")
     assert float(resumed.opt_state.gamma2) == pytest.approx(float(full.opt_state.gamma2))

@@ -198,42 +198,58 @@ def test_geta_rejects_bad_input():
         tx.update((v["params"], cstate), state)
 
 
-def _driver_setup(tmp_path, name):
-    from jaxjpq import data, train
-    from jaxjpq.methods.driver import CompressedForward, compression_metrics
+def random_source(n: int, seed: int = 0):
+    """``n`` random 28x28x1 images with random labels, as a ``data.ArraySource``."""
+    from jaxjpq import data
 
-    model, v, g, _, spec, cstate = _setup()
-    rng = np.random.default_rng(0)
-    src = data.ArraySource(
-        {"inputs": rng.uniform(size=(64, 28, 28, 1)).astype(np.float32),
-         "labels": rng.integers(0, 10, 64).astype(np.int32)}
+    rng = np.random.default_rng(seed)
+    return data.ArraySource(
+        {"inputs": rng.uniform(size=(n, 28, 28, 1)).astype(np.float32),
+         "labels": rng.integers(0, 10, n).astype(np.int32)}
     )
-    steps = 24
-    tx = geta(optax.adam(1e-3), g, spec, steps=steps)
-    st = train.create_train_state(CompressedForward(model.apply, g), {"params": (v["params"],
-                                  cstate)}, tx)
-    mgr = train.checkpoint_manager(tmp_path / name)
-    return train, data, src, st, mgr, steps, lambda s: compression_metrics(g, s.params[1])
 
 
-def test_geta_resume_from_checkpoint_matches_uninterrupted_run(tmp_path):
-    train, data, src, st0, mgr, steps, metrics = _driver_setup(tmp_path, "a")
-    full, summary = train.train(st0, data.batch_stream(src, 16, seed=0), steps, progress=False,
-                                metrics_fn=metrics, log_every=8)
-    assert summary["sparsity"] == pytest.approx(0.5, abs=0.02)
-    assert 0.0 < summary["rel_bops"] < 1.0
-    # Interrupted at step 10 (checkpoint at 10), then resumed from the checkpoint in a new state.
-    _, _, _, st1, mgr1, _, _ = _driver_setup(tmp_path, "b")
-    train.train(st1, data.batch_stream(src, 16, seed=0), 10, manager=mgr1, checkpoint_every=5,
-                progress=False)
-    fresh = _driver_setup(tmp_path, "b")[3]
-    restored, _ = train.restore_checkpoint(mgr1, fresh)
-    assert int(restored.step) == 10
-    resumed, _ = train.train(restored, data.batch_stream(src, 16, seed=0, start_step=10), steps,
-                             progress=False)
+def interrupted_and_full(make_state, src, batch, steps, stop, ckpt_dir, **full_kwargs):
+    """Train ``steps`` uninterrupted, and ``stop`` steps into an orbax checkpoint that a fresh
+    state restores and trains on to ``steps``; checks that both end with the same masks, weight
+    quantizers and model params. Returns ``(full, full_summary, resumed)``."""
+    from jaxjpq import data, train
+
+    full, summary = train.train(make_state(), data.batch_stream(src, batch, seed=0), steps,
+                                progress=False, **full_kwargs)
+    mgr = train.checkpoint_manager(ckpt_dir)
+    train.train(make_state(), data.batch_stream(src, batch, seed=0), stop, manager=mgr,
+                checkpoint_every=stop, progress=False)
+    restored, _ = train.restore_checkpoint(mgr, make_state())
+    assert int(restored.step) == stop
+    resumed, _ = train.train(restored, data.batch_stream(src, batch, seed=0, start_step=stop),
+                             steps, progress=False)
     chex.assert_trees_all_equal(resumed.params[1].masks, full.params[1].masks)
     chex.assert_trees_all_close(resumed.params[1].weight, full.params[1].weight, rtol=1e-6)
     chex.assert_trees_all_close(resumed.params[0], full.params[0], atol=1e-6)
+    return full, summary, resumed
+
+
+def test_geta_resume_from_checkpoint_matches_uninterrupted_run(tmp_path):
+    from jaxjpq import train
+    from jaxjpq.methods.driver import CompressedForward, compression_metrics
+
+    steps = 24
+
+    def make_state():
+        model, v, g, _, spec, cstate = _setup()
+        tx = geta(optax.adam(1e-3), g, spec, steps=steps)
+        return train.create_train_state(CompressedForward(model.apply, g),
+                                        {"params": (v["params"], cstate)}, tx)
+
+    g = _setup()[2]
+    # Interrupted at step 10 (checkpoint at 10), then resumed from the checkpoint in a new state.
+    _, summary, _ = interrupted_and_full(
+        make_state, random_source(64), 16, steps, 10, tmp_path / "ckpt",
+        metrics_fn=lambda s: compression_metrics(g, s.params[1]), log_every=8,
+    )
+    assert summary["sparsity"] == pytest.approx(0.5, abs=0.02)
+    assert 0.0 < summary["rel_bops"] < 1.0
 
 
 def test_unit_costs_rank_groups_by_their_macs():
