@@ -261,13 +261,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     if method["graph"] is not None:
         from jaxjpq import cost
         from jaxjpq.methods.driver import compression_metrics
+        from jaxjpq.state import boolean_masks
 
         graph, cstate = method["graph"], state.params[1]
         compression = {
             **{k: float(v) for k, v in compression_metrics(graph, cstate).items()},
             "kept_units": {g: int((m > 0.5).sum()) for g, m in cstate.masks.items()},
             # Parameters left after slimming (pruned units removed everywhere) vs dense.
-            "slim_params": graph.param_count({g: m > 0.5 for g, m in cstate.masks.items()}),
+            "slim_params": graph.param_count(boolean_masks(cstate)),
             "dense_params": graph.param_count(),
             "bits": {n: [float(np.max(b)) for b in wa] for n, wa in cost.bits(graph,
                                                                              cstate).items()},
