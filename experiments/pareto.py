@@ -12,6 +12,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from jaxjpq.methods.geta import DEFAULT_FRACTIONS
+
 
 def load(workdirs: list[str]) -> dict[str, list[dict[str, Any]]]:
     """``{method label: [results, ...]}`` from workdirs (their ``results.json``) or ``.json``
@@ -29,6 +31,10 @@ def load(workdirs: list[str]) -> dict[str, list[dict[str, Any]]]:
         cost = f", cost power {m['cost_power']:g}" if m.get("cost_power") else ""
         if m.get("allocation", "global") != "global":
             cost += f", {m['allocation']}"
+        if tuple(m.get("schedule", DEFAULT_FRACTIONS)) != DEFAULT_FRACTIONS:
+            cost += f", schedule {tuple(m['schedule'])}"
+        if "quantize_at" in m:  # the staged baseline's schedule, as fractions of the steps
+            cost += f", prune at {m['prune_at']:g}, quantize at {m['quantize_at']:g}"
         if "target_bops" in m:
             label += f" (target {100 * m['target_bops']:g} % BOPs, bits {m['bits']})"
         elif "sparsity" in m:

@@ -123,7 +123,7 @@ def build_method(config, model, variables, example, num_steps: int) -> dict[str,
     from jaxjpq.methods import djpq as djpq_lib
     from jaxjpq.methods.baselines import prune_then_quantize
     from jaxjpq.methods.driver import CompressedForward, compression_metrics
-    from jaxjpq.methods.geta import geta
+    from jaxjpq.methods.geta import DEFAULT_FRACTIONS, geta, make_schedule
     from jaxjpq.state import CompressionSpec, init
     from jaxjpq.trace import trace
 
@@ -143,9 +143,10 @@ def build_method(config, model, variables, example, num_steps: int) -> dict[str,
                                      log_sigma2=method.init_log_sigma2)
     elif method.name == "geta":
         spec = CompressionSpec(bits=tuple(method.bits), budget={"sparsity": method.sparsity})
+        schedule = make_schedule(num_steps, fractions=method.get("schedule", DEFAULT_FRACTIONS))
         tx = geta(tx, graph, spec, steps=num_steps, quant_lr=method.quant_lr,
                   bit_reduction=method.bit_reduction, cost_power=method.get("cost_power", 0.0),
-                  allocation=method.get("allocation", "global"))
+                  allocation=method.get("allocation", "global"), schedule=schedule)
     else:
         quantize = method.quantize_at < 1.0
         spec = CompressionSpec(quantize_weights=quantize, quantize_activations=quantize)

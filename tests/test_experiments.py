@@ -126,8 +126,18 @@ def test_pareto_table_and_chart(tmp_path):
         (d / "results.json").write_text(json.dumps(
             {"test_accuracy": acc, "compression": comp, "config": {"method": method}}))
         dirs.append(str(d))
+    for i, quantize_at in enumerate([0.7, 0.3]):  # baselines differing only in their schedule
+        d = tmp_path / f"b{i}"
+        d.mkdir()
+        method = {"name": "prune_then_quantize", "sparsity": 0.5, "bits": 2.0, "prune_at": 0.2,
+                  "quantize_at": quantize_at}
+        (d / "results.json").write_text(json.dumps(
+            {"test_accuracy": 0.98, "compression": {"rel_bops": 0.003},
+             "config": {"method": method}}))
+        dirs.append(str(d))
     runs = pareto.load(dirs)
-    assert [len(v) for v in runs.values()] == [2, 1]
+    assert [len(v) for v in runs.values()] == [2, 1, 1, 1]
+    assert any("quantize at 0.3" in label for label in runs)
     text = pareto.table(runs)
     assert "98.50 (98.00-99.00)" in text and "0.50 (0.40-0.60)" in text and "| fp32 | 1 |" in text
     assert pareto.plot(runs, tmp_path / "p.png").stat().st_size > 0

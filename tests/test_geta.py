@@ -53,6 +53,10 @@ def test_schedule_stages_and_errors():
     assert stages.index("cooldown") == sched.joint_end
     with pytest.raises(ValueError, match="steps"):
         make_schedule(10, warmup=8, joint_periods=5, period_steps=2)
+    short = make_schedule(2000, fractions=(0.1, 0.1, 0.2))
+    assert (short.warmup, short.projection_end, short.joint_end) == (200, 400, 800)
+    with pytest.raises(ValueError, match="fractions"):
+        make_schedule(100, fractions=(0.5, 0.3, 0.3))
 
 
 def test_prune_counts_spread_evenly_and_capped():

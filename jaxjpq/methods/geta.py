@@ -50,6 +50,8 @@ SCORES = ("magnitude", "cosine", "taylor1", "taylor2", "quant_error")
 _EPS = 1e-12
 # Smallest factor one quantizer step may scale ``q_m`` by (keeps ``q_m > 0`` on its own scale).
 _QM_MIN_FACTOR = 0.5
+# Default fractions of the steps for warm-up, projection and joint stage (cool-down: the rest).
+DEFAULT_FRACTIONS = (0.1, 0.1, 0.5)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,15 +90,21 @@ def make_schedule(
     projection_steps: int | None = None,
     joint_periods: int = 5,
     period_steps: int | None = None,
+    fractions: Sequence[float] = DEFAULT_FRACTIONS,
 ) -> GetaSchedule:
-    """Default split of ``steps``: 10 % warm-up, 10 % projection, 50 % joint, the rest cool-down."""
+    """Split of ``steps`` into warm-up, projection and joint stage by ``fractions`` of the steps
+    (default 10 %, 10 %, 50 %), the rest cool-down; ``warmup``, ``projection_steps`` (per
+    period) and ``period_steps`` given in steps override them."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}.")
-    warmup = int(round(0.1 * steps)) if warmup is None else int(warmup)
+    f_warm, f_proj, f_joint = (float(f) for f in fractions)
+    if min(f_warm, f_proj, f_joint) < 0 or f_warm + f_proj + f_joint > 1:
+        raise ValueError(f"fractions must be >= 0 and sum to at most 1, got {tuple(fractions)}.")
+    warmup = int(round(f_warm * steps)) if warmup is None else int(warmup)
     if projection_steps is None:
-        projection_steps = max(1, int(0.1 * steps) // max(projection_periods, 1))
+        projection_steps = max(1, int(f_proj * steps) // max(projection_periods, 1))
     if period_steps is None:
-        period_steps = max(1, int(0.5 * steps) // max(joint_periods, 1))
+        period_steps = max(1, int(f_joint * steps) // max(joint_periods, 1))
     sched = GetaSchedule(
         int(steps), warmup, int(projection_periods), int(projection_steps), int(joint_periods),
         int(period_steps),
@@ -307,7 +315,11 @@ def geta(
       steps: total number of updates; stages from ``schedule`` or :func:`make_schedule`.
       quant_lr: SGD learning rate of the quantizer params (injectable with
         ``optax.inject_hyperparams``).
-      bit_reduction: bits the upper limit drops per projection period.
+      bit_reduction: bits the upper limit drops per projection period. Where
+        ``init_bits - bit_reduction · projection_periods > b_u`` (the defaults, 16 - 2·4 = 8, with
+        ``b_u < 8``) the limit is still above ``b_u`` when the projection ends and drops to ``b_u``
+        at once when the joint stage starts; ``bit_reduction = (init_bits - b_u) /
+        projection_periods`` lowers it gradually all the way.
       saliency_weights: weights of :data:`SCORES`.
       cost_power: ``p`` in ``saliency / relative_unit_MACs^p`` (:func:`unit_costs`); 0 (default,
         the paper's rule) selects by saliency alone, > 0 prefers pruning units that cost more
