@@ -33,6 +33,8 @@ def load(workdirs: list[str]) -> dict[str, list[dict[str, Any]]]:
             cost += f", {m['allocation']}"
         if tuple(m.get("schedule", DEFAULT_FRACTIONS)) != DEFAULT_FRACTIONS:
             cost += f", schedule {tuple(m['schedule'])}"
+        if m.get("cooldown_clips"):
+            cost += ", clips trained in cool-down"
         if "quantize_at" in m:  # the staged baseline's schedule, as fractions of the steps
             cost += f", prune at {m['prune_at']:g}, quantize at {m['quantize_at']:g}"
         if "target_bops" in m:

@@ -146,7 +146,8 @@ def build_method(config, model, variables, example, num_steps: int) -> dict[str,
         schedule = make_schedule(num_steps, fractions=method.get("schedule", DEFAULT_FRACTIONS))
         tx = geta(tx, graph, spec, steps=num_steps, quant_lr=method.quant_lr,
                   bit_reduction=method.bit_reduction, cost_power=method.get("cost_power", 0.0),
-                  allocation=method.get("allocation", "global"), schedule=schedule)
+                  allocation=method.get("allocation", "global"), schedule=schedule,
+                  cooldown_clips=method.get("cooldown_clips", False))
     else:
         quantize = method.quantize_at < 1.0
         spec = CompressionSpec(quantize_weights=quantize, quantize_activations=quantize)

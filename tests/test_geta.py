@@ -192,6 +192,17 @@ def test_overshooting_clip_step_keeps_q_m_on_its_scale():
     np.testing.assert_allclose(p.q_m + upd["small"].q_m, 0.045, rtol=1e-6)
 
 
+@pytest.mark.parametrize("cooldown_clips", [False, True])
+def test_cooldown_keeps_rounded_bits_and_trains_clips_only_when_asked(cooldown_clips):
+    p = QuantParams(d=step_from_bits(3.2, 0.5), q_m=jnp.float32(0.5), t=jnp.float32(1.0))
+    grads = {"w": QuantParams(d=jnp.float32(1.0), q_m=jnp.float32(20.0), t=jnp.float32(0.0))}
+    upd = _quant_update({"w": p}, grads, {"w": True}, (), jnp.float32(1e-3), 2.0,
+                        jnp.float32(4.0), 4.0, jnp.asarray(True), cooldown_clips)
+    new = jax.tree.map(lambda a, b: a + b, upd["w"], p)
+    np.testing.assert_allclose(params_bits(new), 3.0, atol=1e-5)  # round(3.2), then fixed
+    np.testing.assert_allclose(new.q_m, 0.48 if cooldown_clips else 0.5, rtol=1e-6)
+
+
 def test_geta_rejects_bad_input():
     _, v, g, _, spec, cstate = _setup()
     with pytest.raises(ValueError, match="sparsity"):

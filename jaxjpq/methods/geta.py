@@ -261,9 +261,12 @@ def _quant_update(
     b_upper: jax.Array,
     b_hi_final: float,
     cooldown: jax.Array,
+    cooldown_clips: bool = False,
 ) -> dict[str, QuantParams]:
     """Updates (new − old) of each quantizer: SGD step, then ``d`` projected onto
-    ``[d(b_upper), d(b_lo)]``; in cool-down, ``d = d(round(b))`` and ``q_m``, ``t`` fixed.
+    ``[d(b_upper), d(b_lo)]``; in cool-down the bits are ``round(b)`` and fixed: ``q_m``, ``t``
+    fixed and ``d = d(round(b))``, or with ``cooldown_clips`` ``q_m``, ``t`` keep their SGD step
+    and ``d = d(round(b), q_m, t)`` follows them.
 
     ``q_m`` must stay positive: a step that would take it below ``_QM_MIN_FACTOR · q_m`` (e.g.
     ``lr · g ≥ q_m``, as for the per-tensor ``q_m`` of a large layer, whose gradient sums over all
@@ -281,11 +284,11 @@ def _quant_update(
         d = p.d - lr * g.d
         d_new = jnp.clip(d, step_from_bits(b_upper, q_m, t, s), step_from_bits(b_lo, q_m, t, s))
         b_round = jnp.clip(jnp.round(bits_from_step(p.d, p.q_m, p.t, s)), b_lo, b_hi_final)
-        d_cool = step_from_bits(b_round, p.q_m, p.t, s)
+        q_m_cool, t_cool = (q_m, t) if cooldown_clips else (p.q_m, p.t)
         new = QuantParams(
-            d=jnp.where(cooldown, d_cool, d_new),
-            q_m=jnp.where(cooldown, p.q_m, q_m),
-            t=jnp.where(cooldown, p.t, t),
+            d=jnp.where(cooldown, step_from_bits(b_round, q_m_cool, t_cool, s), d_new),
+            q_m=jnp.where(cooldown, q_m_cool, q_m),
+            t=jnp.where(cooldown, t_cool, t),
         )
         out[name] = jax.tree.map(lambda a, b: a - b, new, p)
     return out
@@ -304,6 +307,7 @@ def geta(
     schedule: GetaSchedule | None = None,
     cost_power: float = 0.0,
     allocation: str = "global",
+    cooldown_clips: bool = False,
 ) -> optax.GradientTransformation:
     """GETA (QASSO) over ``(params, compression_state)``.
 
@@ -327,6 +331,9 @@ def geta(
       allocation: ``"global"`` (the paper's rule: the lowest-saliency units anywhere) or
         ``"per_group"`` (every group loses the same fraction, chosen by saliency within it, so the
         kept widths, and the BOPs at equal bits, match the staged baseline's).
+      cooldown_clips: keep training the clips ``q_m`` (and ``t``) in cool-down, with ``d``
+        following so that the rounded bits stay fixed (as the staged baseline's QAT does);
+        default False: the whole quantizer is frozen.
 
     Returns:
       A transform whose ``update(updates, state, params)`` takes gradient and parameter pairs
@@ -423,9 +430,9 @@ def geta(
         w_signed, a_signed = signedness(graph, c)
         u_c = c.replace(
             weight=_quant_update(c.weight, g_c.weight, w_signed, c.frozen, lr, b_lo, b_upper,
-                                 b_hi, cooldown),
+                                 b_hi, cooldown, cooldown_clips),
             act=_quant_update(c.act, g_c.act, a_signed, c.frozen, lr, b_lo, b_upper, b_hi,
-                              cooldown),
+                              cooldown, cooldown_clips),
             masks=mask_upd,
         )
         new_state = GetaState(
