@@ -100,6 +100,17 @@ def round_bits(bits: jax.Array) -> jax.Array:
     return bits + jax.lax.stop_gradient(jnp.round(bits) - bits)
 
 
+def clip_sgd_step(q_m: jax.Array, grad: jax.Array, lr: jax.Array | float,
+                  min_factor: float = 0.5) -> jax.Array:
+    """SGD step on a clip ``q_m`` that at most scales it by ``min_factor`` (shape of ``q_m``).
+
+    A per-tensor clip's gradient sums over every weight of its layer, so ``lr · g`` can exceed
+    ``q_m``; an absolute floor would then collapse the clip far below every weight, after which
+    the quantizer params diverge and the forward pass overflows.
+    """
+    return jnp.maximum(q_m - lr * grad, min_factor * q_m)
+
+
 def effective_params(
     p: QuantParams, signed: bool = True, power_of_two: bool = False
 ) -> QuantParams:

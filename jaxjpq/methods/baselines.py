@@ -27,7 +27,7 @@ from flax import traverse_util
 
 from jaxjpq.graph import Graph
 from jaxjpq.methods.driver import signedness
-from jaxjpq.quant import QuantParams, init_from_tensor, step_from_bits
+from jaxjpq.quant import QuantParams, clip_sgd_step, init_from_tensor, step_from_bits
 from jaxjpq.state import check_state
 from jaxjpq.units import UnitIndex, hold_zero, rank_in_group, unit_index, unit_sum
 
@@ -117,7 +117,7 @@ def prune_then_quantize(
             if name in frozen:
                 out[name] = jax.tree.map(jnp.zeros_like, p)
                 continue
-            q_m = jnp.maximum(p.q_m - quant_lr * grads[name].q_m, 1e-8)
+            q_m = clip_sgd_step(p.q_m, grads[name].q_m, quant_lr)
             if name in restart:
                 q_m = jnp.where(start, restart[name].q_m, q_m)
             new = QuantParams(d=step_from_bits(bits, q_m, p.t, signed[name]), q_m=q_m, t=p.t)

@@ -35,7 +35,7 @@ from jaxjpq.compress import quantize_weights
 from jaxjpq.graph import Graph
 from jaxjpq.methods.baselines import per_group_counts
 from jaxjpq.methods.driver import signedness
-from jaxjpq.quant import QuantParams, bits_from_step, step_from_bits
+from jaxjpq.quant import QuantParams, bits_from_step, clip_sgd_step, step_from_bits
 from jaxjpq.state import CompressionSpec, check_state
 from jaxjpq.units import (
     UnitIndex,
@@ -48,8 +48,6 @@ from jaxjpq.units import (
 
 SCORES = ("magnitude", "cosine", "taylor1", "taylor2", "quant_error")
 _EPS = 1e-12
-# Smallest factor one quantizer step may scale ``q_m`` by (keeps ``q_m > 0`` on its own scale).
-_QM_MIN_FACTOR = 0.5
 # Default fractions of the steps for warm-up, projection and joint stage (cool-down: the rest).
 DEFAULT_FRACTIONS = (0.1, 0.1, 0.5)
 
@@ -268,10 +266,7 @@ def _quant_update(
     fixed and ``d = d(round(b))``, or with ``cooldown_clips`` ``q_m``, ``t`` keep their SGD step
     and ``d = d(round(b), q_m, t)`` follows them.
 
-    ``q_m`` must stay positive: a step that would take it below ``_QM_MIN_FACTOR · q_m`` (e.g.
-    ``lr · g ≥ q_m``, as for the per-tensor ``q_m`` of a large layer, whose gradient sums over all
-    its weights) stops there. An absolute floor would collapse the clip far below every weight,
-    after which the quantizer params diverge and the forward pass overflows.
+    ``q_m`` takes :func:`jaxjpq.quant.clip_sgd_step` (a step may at most halve it).
     """
     out = {}
     for name, p in table.items():
@@ -279,7 +274,7 @@ def _quant_update(
             out[name] = jax.tree.map(jnp.zeros_like, p)
             continue
         g, s = grads[name], signed[name]
-        q_m = jnp.maximum(p.q_m - lr * g.q_m, _QM_MIN_FACTOR * p.q_m)
+        q_m = clip_sgd_step(p.q_m, g.q_m, lr)
         t = jnp.clip(p.t - lr * g.t, 0.25, 4.0)
         d = p.d - lr * g.d
         d_new = jnp.clip(d, step_from_bits(b_upper, q_m, t, s), step_from_bits(b_lo, q_m, t, s))
