@@ -26,6 +26,9 @@ def load(workdirs: list[str]) -> dict[str, list[dict[str, Any]]]:
         r = json.loads(path.read_text())
         m = r["config"].get("method", {"name": "fp32"})
         label = m["name"]
+        if label == "fp32":  # a compression config run with method.name=fp32: no budget applies
+            runs[label].append(r)
+            continue
         if m.get("power_of_two"):
             label += " pow2"
         cost = f", cost power {m['cost_power']:g}" if m.get("cost_power") else ""
