@@ -83,11 +83,12 @@ def test_prune_then_quantize_clip_step_stays_on_its_scale():
                              quantize_step=0)
     params = (v["params"], cstate)
     state = tx.init(params)
+    update = jax.jit(tx.update)
     zero = jax.tree.map(jnp.zeros_like, params)
-    upd, state = tx.update(zero, state, params)  # step 0: clips restart at max|W|
+    upd, state = update(zero, state, params)  # step 0: clips restart at max|W|
     params = optax.apply_updates(params, upd)
     big = (zero[0], zero[1].replace(weight=jax.tree.map(lambda q: q + 1e6, zero[1].weight)))
-    upd, state = tx.update(big, state, params)
+    upd, state = update(big, state, params)
     new = optax.apply_updates(params, upd)
     for name, p in params[1].weight.items():
         if name in cstate.frozen:
