@@ -1,5 +1,6 @@
 """Tests for the staged prune-then-quantize / prune-only / quantize-only baselines."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -76,8 +77,6 @@ def test_prune_then_quantize_rejects_bad_stages():
 def test_prune_then_quantize_clip_step_stays_on_its_scale():
     # Regression: the ViT-tiny baseline (seed 1, QAT from 30 %) stopped with a NaN loss when an
     # SGD step took a per-tensor clip q_m to the old absolute 1e-8 floor.
-    import jax
-
     _, v, g, _, _, cstate = _setup()
     tx = prune_then_quantize(optax.sgd(0.0), g, steps=4, sparsity=0.0, bits=3.0, prune_step=0,
                              quantize_step=0)
