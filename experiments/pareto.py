@@ -12,7 +12,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from jaxjpq.methods.geta import DEFAULT_FRACTIONS
+from jaxjpq.methods.geta import DEFAULT_FRACTIONS, LEGACY_FRACTIONS
 
 
 def load(workdirs: list[str]) -> dict[str, list[dict[str, Any]]]:
@@ -34,8 +34,10 @@ def load(workdirs: list[str]) -> dict[str, list[dict[str, Any]]]:
         cost = f", cost power {m['cost_power']:g}" if m.get("cost_power") else ""
         if m.get("allocation", "global") != "global":
             cost += f", {m['allocation']}"
-        if tuple(m.get("schedule", DEFAULT_FRACTIONS)) != DEFAULT_FRACTIONS:
-            cost += f", schedule {tuple(m['schedule'])}"
+        # GETA runs recorded before the schedule field existed used LEGACY_FRACTIONS.
+        schedule = tuple(m.get("schedule", LEGACY_FRACTIONS))
+        if m["name"] == "geta" and schedule != DEFAULT_FRACTIONS:
+            cost += f", schedule {schedule}"
         if m.get("cooldown_clips"):
             cost += ", clips trained in cool-down"
         if "quantize_at" in m:  # the staged baseline's schedule, as fractions of the steps

@@ -115,6 +115,7 @@ def test_geta_config_meets_sparsity_and_reports_compression(tmp_path):
 
 def test_pareto_table_and_chart(tmp_path):
     from experiments import pareto
+    from jaxjpq.methods.geta import DEFAULT_FRACTIONS, LEGACY_FRACTIONS
 
     dirs = []
     for i, (name, acc, bops) in enumerate([("geta", 0.99, 0.006), ("geta", 0.98, 0.004),
@@ -135,9 +136,19 @@ def test_pareto_table_and_chart(tmp_path):
             {"test_accuracy": 0.98, "compression": {"rel_bops": 0.003},
              "config": {"method": method}}))
         dirs.append(str(d))
+    d = tmp_path / "g_new"  # a GETA run that records the (current default) schedule
+    d.mkdir()
+    (d / "results.json").write_text(json.dumps(
+        {"test_accuracy": 0.97, "compression": {"rel_bops": 0.002},
+         "config": {"method": {"name": "geta", "sparsity": 0.7, "bits": [2, 2],
+                               "schedule": list(DEFAULT_FRACTIONS)}}}))
+    dirs.append(str(d))
     runs = pareto.load(dirs)
-    assert [len(v) for v in runs.values()] == [2, 1, 1, 1]
+    assert [len(v) for v in runs.values()] == [2, 1, 1, 1, 1]
     assert any("quantize at 0.3" in label for label in runs)
+    # runs without a schedule field used the old default; only GETA labels carry a schedule
+    schedules = [label for label in runs if "schedule" in label]
+    assert schedules == [f"geta (sparsity 0.5, bits [2, 4], schedule {LEGACY_FRACTIONS})"]
     text = pareto.table(runs)
     assert "98.50 (98.00-99.00)" in text and "0.50 (0.40-0.60)" in text and "| fp32 | 1 |" in text
     assert pareto.plot(runs, tmp_path / "p.png").stat().st_size > 0

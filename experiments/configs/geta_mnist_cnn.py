@@ -22,6 +22,6 @@ def get_config() -> ml_collections.ConfigDict:
     c.method.bit_reduction = 2.0
     c.method.cost_power = 0.0  # > 0: saliency / relative unit MACs^p (prune costly units first)
     c.method.allocation = "global"  # or "per_group": the same fraction of every group
-    c.method.schedule = (0.1, 0.1, 0.5)  # warm-up, projection, joint (fractions of the steps)
+    c.method.schedule = (0.1, 0.1, 0.2)  # warm-up, projection, joint (fractions of the steps)
     c.method.cooldown_clips = False  # True: clips q_m keep training in cool-down (bits fixed)
     return c

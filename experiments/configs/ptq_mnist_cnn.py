@@ -1,6 +1,9 @@
 """Prune-then-quantize baseline on ``MnistCNN``, same budget and step count as
-``geta_mnist_cnn``: fp32 training, magnitude channel pruning (50 %) at 40 % of the steps,
-fine-tuning, uniform 4-bit weights and activations (first/last layer 8 bits) with QAT from 70 %.
+``geta_mnist_cnn``: fp32 training, magnitude channel pruning (50 %) at 20 % of the steps,
+fine-tuning, uniform 4-bit weights and activations (first/last layer 8 bits) with QAT from 30 %.
+
+The early QAT start is the stronger baseline: at 2 bits it beat pruning at 40 % / QAT from 70 %
+by 0.37 points (sparsity 0.5) and 0.93 points (0.75), 3 seeds each (README).
 
     python -m experiments.run --config experiments/configs/ptq_mnist_cnn.py --workdir runs/ptq
 
@@ -19,6 +22,6 @@ def get_config() -> ml_collections.ConfigDict:
     c.method.name = "prune_then_quantize"
     c.method.sparsity = 0.5
     c.method.bits = 4.0  # uniform bits from quantize_at on (GETA's mean learned bits)
-    c.method.prune_at = 0.4  # fraction of the steps
-    c.method.quantize_at = 0.7
+    c.method.prune_at = 0.2  # fraction of the steps
+    c.method.quantize_at = 0.3
     return c

@@ -1,6 +1,6 @@
 """Prune-then-quantize baseline on ViT-tiny (MNIST), the recipe of ``geta_vit_tiny_mnist``:
-magnitude pruning of 30 % of the prunable units at 40 % of the steps, uniform 4-bit weights and
-activations (first and last layer 8 bits) with QAT from 70 %.
+magnitude pruning of 30 % of the prunable units at 20 % of the steps, uniform 4-bit weights and
+activations (first and last layer 8 bits) with QAT from 30 %.
 
     python -m experiments.run --config experiments/configs/ptq_vit_tiny_mnist.py \\
         --workdir runs/ptq_vit
