@@ -327,7 +327,7 @@ def geta(
       schedule: stage lengths; default ``make_schedule(steps)`` (10 % warm-up, 10 % projection,
         20 % joint, 60 % cool-down). A joint stage of 50 % (the default before) ended while a
         cosine learning rate was down to a fifth and lost 0.37 points at 75 % sparsity and 2 bits
-        on the MNIST CNN, 0.88 on ViT-tiny at 4 bits (3 seeds each; README).
+        on the MNIST CNN, 0.83 on ViT-tiny at 4 bits (3-5 seeds each; README).
       cost_power: ``p`` in ``saliency / relative_unit_MACs^p`` (:func:`unit_costs`); 0 (default,
         the paper's rule) selects by saliency alone, > 0 prefers pruning units that cost more
         MACs, so a sparsity target removes more BOPs.
