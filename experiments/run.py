@@ -303,10 +303,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         "wall_seconds": time.perf_counter() - t0,
         "device": jax.devices()[0].platform,
         "num_devices": jax.device_count(),
-        "config": config.to_dict(),
+        "config": recorded_config(config),
     }
     train_lib.write_results(workdir / "results.json", results)
     return results
+
+
+def recorded_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """``config`` as a dict for ``results.json``, with the GETA stage fractions that ran filled in
+    where the config leaves them to the default (readers take a missing field as the legacy
+    split, :data:`jaxjpq.methods.geta.LEGACY_FRACTIONS`)."""
+    record = config.to_dict()
+    method = record.get("method", {})
+    if method.get("name") == "geta" and "schedule" not in method:
+        from jaxjpq.methods.geta import DEFAULT_FRACTIONS
+
+        method["schedule"] = DEFAULT_FRACTIONS
+    return record
 
 
 def _app_main(argv: Sequence[str]) -> None:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import ml_collections
 import pytest
 
 from experiments import run
@@ -111,6 +112,17 @@ def test_geta_config_meets_sparsity_and_reports_compression(tmp_path):
     # The packed, saved and restored integer model reproduces the test accuracy.
     assert comp["export"]["restored_test_accuracy"] == pytest.approx(res["test_accuracy"])
     assert comp["export"]["disk_bytes"] > 0  # size vs theory: tests/test_export.py (full CNN)
+
+
+def test_results_record_the_geta_stages_that_ran():
+    from jaxjpq.methods.geta import DEFAULT_FRACTIONS
+
+    bare = ml_collections.ConfigDict({"method": {"name": "geta", "sparsity": 0.5}})
+    assert run.recorded_config(bare)["method"]["schedule"] == DEFAULT_FRACTIONS
+    given = ml_collections.ConfigDict({"method": {"name": "geta", "schedule": (0.1, 0.1, 0.5)}})
+    assert run.recorded_config(given)["method"]["schedule"] == (0.1, 0.1, 0.5)
+    assert "schedule" not in run.recorded_config(
+        ml_collections.ConfigDict({"method": {"name": "prune_then_quantize"}}))["method"]
 
 
 def test_pareto_table_and_chart(tmp_path):
