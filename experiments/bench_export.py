@@ -15,7 +15,7 @@ from jaxjpq import cost, export
 from jaxjpq.compress import calibrate, compress_apply
 from jaxjpq.models import MnistCNN
 from jaxjpq.quant import step_from_bits
-from jaxjpq.state import CompressionSpec, init
+from jaxjpq.state import CompressionSpec, init_state
 from jaxjpq.trace import trace
 
 
@@ -25,7 +25,7 @@ def main() -> None:
     v = model.init(jax.random.key(0), x)
     graph = trace(model.apply, v, x)
     fn = compress_apply(model.apply, graph)
-    st = calibrate(fn, v, init(graph, CompressionSpec(), None, v), [x])
+    st = calibrate(fn, v, init_state(graph, CompressionSpec(), v), [x])
     bits = {"Conv_0": 8, "Conv_1": 3, "Dense_0": 2, "Dense_1": 5}  # mixed 2-8 bits
     rng = np.random.default_rng(0)
     st = st.replace(

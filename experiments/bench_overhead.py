@@ -24,7 +24,7 @@ import optax
 
 from jaxjpq.compress import calibrate, compress_apply
 from jaxjpq.models.registry import get_model, input_spec
-from jaxjpq.state import CompressionSpec, init
+from jaxjpq.state import CompressionSpec, init_state
 from jaxjpq.trace import trace
 
 PARTS = {  # what the compressed step quantizes (masks are always on)
@@ -48,7 +48,7 @@ def bench(
     graph = trace(model.apply, variables, x)
     cfn = compress_apply(model.apply, graph)
     cspec = CompressionSpec(bits=(2, 8), init_bits=4, learn_t=learn_t, **PARTS[part])
-    state = init(graph, cspec, None, variables)
+    state = init_state(graph, cspec, variables)
     state = calibrate(cfn, variables, state, [x])
     rng = np.random.default_rng(0)  # prune ~25 % of every group
     state = state.replace(masks={k: jnp.asarray(rng.random(m.shape) > 0.25, jnp.float32)
@@ -61,16 +61,16 @@ def bench(
     if method == "geta":
         from jaxjpq.methods.geta import geta
 
-        comp_opt = geta(opt, graph, cspec, steps=100_000, sparsity=0.5)
+        comp_opt = geta(opt, graph, steps=100_000, sparsity=0.5)
     if method == "djpq":
         # The search stage, the costliest: gates sampled (fixed key: same work), penalty gradient
         # every step (warm-up 0; the state stays above the target).
         from jaxjpq.methods import djpq
 
         dspec = dataclasses.replace(cspec, learn_t=False)
-        state = djpq.init_state(graph, dspec, key, variables).replace(masks=state.masks,
-                                                                      act=state.act)
-        comp_opt = djpq.djpq(opt, graph, dspec, steps=100_000, target_bops=0.01, warmup=0)
+        state = djpq.init_state(graph, dspec, variables, key=key).replace(masks=state.masks,
+                                                                          act=state.act)
+        comp_opt = djpq.djpq(opt, graph, steps=100_000, target_bops=0.01, warmup=0)
         gate_key = jax.random.key(7)
 
     def ce(logits):

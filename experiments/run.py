@@ -120,56 +120,54 @@ def build_method(config, model, variables, example, num_steps: int) -> dict[str,
             f"Unknown method '{method.name}'; use 'fp32', 'geta', 'djpq' or "
             "'prune_then_quantize'."
         )
-    from jaxjpq.methods import djpq as djpq_lib
-    from jaxjpq.methods.baselines import prune_then_quantize
-    from jaxjpq.methods.driver import CompressedForward, compression_metrics
-    from jaxjpq.methods.geta import DEFAULT_FRACTIONS, geta, make_schedule
-    from jaxjpq.state import CompressionSpec, init
-    from jaxjpq.trace import trace
+    import jaxjpq
+    from jaxjpq.methods.geta import DEFAULT_FRACTIONS, make_schedule
 
-    graph = trace(model.apply, variables, example)
+    graph = jaxjpq.trace(model.apply, variables, example)
     key = jax.random.PRNGKey(config.seed)
-    cstate = None
     if method.name == "djpq":
-        spec = CompressionSpec(
+        spec = jaxjpq.CompressionSpec(
             bits=tuple(method.bits), budget={"bops": method.target_bops},
             power_of_two=method.power_of_two, init_bits=method.init_bits, learn_t=False,
         )
-        tx = djpq_lib.djpq(
-            tx, graph, spec, steps=num_steps, gamma1=method.gamma1, gamma2=method.gamma2,
+        tx = jaxjpq.djpq(
+            tx, graph, steps=num_steps, gamma1=method.gamma1, gamma2=method.gamma2,
             gamma2_rate=method.gamma2_rate, margin=method.margin, quant_lr=method.quant_lr,
         )
-        cstate = djpq_lib.init_state(graph, spec, key, variables,
-                                     log_sigma2=method.init_log_sigma2)
+        pair = jaxjpq.djpq.init(graph, spec, variables, key=key,
+                                log_sigma2=method.init_log_sigma2)
     elif method.name == "geta":
-        spec = CompressionSpec(bits=tuple(method.bits), budget={"sparsity": method.sparsity})
+        spec = jaxjpq.CompressionSpec(bits=tuple(method.bits),
+                                      budget={"sparsity": method.sparsity})
         schedule = make_schedule(num_steps, fractions=method.get("schedule", DEFAULT_FRACTIONS))
-        tx = geta(tx, graph, spec, steps=num_steps, quant_lr=method.quant_lr,
-                  bit_reduction=method.bit_reduction, cost_power=method.get("cost_power", 0.0),
-                  allocation=method.get("allocation", "global"), schedule=schedule,
-                  cooldown_clips=method.get("cooldown_clips", False))
+        tx = jaxjpq.geta(tx, graph, steps=num_steps, quant_lr=method.quant_lr,
+                         bit_reduction=method.bit_reduction,
+                         cost_power=method.get("cost_power", 0.0),
+                         allocation=method.get("allocation", "global"), schedule=schedule,
+                         cooldown_clips=method.get("cooldown_clips", False),
+                         unit_multiple=method.get("unit_multiple", 1))
+        pair = jaxjpq.init(graph, spec, variables)
     else:
         quantize = method.quantize_at < 1.0
-        spec = CompressionSpec(quantize_weights=quantize, quantize_activations=quantize)
-        tx = prune_then_quantize(
+        spec = jaxjpq.CompressionSpec(quantize_weights=quantize, quantize_activations=quantize)
+        tx = jaxjpq.prune_then_quantize(
             tx, graph, steps=num_steps, sparsity=method.sparsity, bits=method.bits,
             prune_step=int(method.prune_at * num_steps),
             quantize_step=int(method.quantize_at * num_steps),
         )
-    if cstate is None:
-        cstate = init(graph, spec, key, variables)
+        pair = jaxjpq.init(graph, spec, variables)
     rest = {k: v for k, v in variables.items() if k != "params"}
 
     def metrics_fn(st):
-        out = compression_metrics(graph, st.params[1])
+        out = jaxjpq.cost.metrics(graph, st.params[1])
         gamma2 = optax.tree_utils.tree_get(st.opt_state, "gamma2", None)
         if gamma2 is not None:
             out["gamma2"] = gamma2
         return out
 
     return dict(
-        forward=CompressedForward(model.apply, graph),
-        variables={"params": (variables["params"], cstate), **rest},
+        forward=jaxjpq.CompressedForward(model.apply, graph),
+        variables={"params": pair, **rest},
         tx=tx,
         metrics_fn=metrics_fn,
         graph=graph,
@@ -262,12 +260,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     compression = {}
     if method["graph"] is not None:
         from jaxjpq import cost
-        from jaxjpq.methods.driver import compression_metrics
         from jaxjpq.state import boolean_masks
 
         graph, cstate = method["graph"], state.params[1]
         compression = {
-            **{k: float(v) for k, v in compression_metrics(graph, cstate).items()},
+            **{k: float(v) for k, v in cost.metrics(graph, cstate).items()},
             "kept_units": {g: int((m > 0.5).sum()) for g, m in cstate.masks.items()},
             # Parameters left after slimming (pruned units removed everywhere) vs dense.
             "slim_params": graph.param_count(boolean_masks(cstate)),

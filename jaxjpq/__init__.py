@@ -1,52 +1,60 @@
 """jaxjpq: joint structured pruning and mixed-precision quantization for JAX/Flax.
 
-The core: ``trace`` a model into a :class:`Graph` (QADG), ``init`` a :class:`CompressionState`
-from a :class:`CompressionSpec`, run the compressed forward from ``compress_apply``, measure it
-with ``cost``, ``slim`` it and ``export`` it. Methods (``geta``, ``djpq.transform``, baselines)
-are optax transforms over ``(params, CompressionState)``.
+The core: ``trace`` a model into a :class:`Graph` (QADG), ``init`` the pair
+:class:`CompressedParams` ``(model params, CompressionState)`` from a :class:`CompressionSpec`,
+run the compressed forward from ``compress_apply``, measure it with ``cost``, ``slim`` it and
+``export`` it. Methods (``geta``, ``djpq``, ``prune_then_quantize``, ``qat``) are optax
+transforms over the pair, built on :mod:`jaxjpq.methods.core`.
 """
 
-from jaxjpq import cost, data, export, gates, macs, models, quant, train
+from jaxjpq import cost, data, djpq, export, gates, macs, models, quant, train
 from jaxjpq.compress import calibrate, compress_apply
-from jaxjpq.graph import Graph, Group, Site, Slice
+from jaxjpq.graph import AxisUnits, Graph, Group, MacTerm, Site, Slice
 from jaxjpq.macs import MacCount, count_macs, count_macs_split, eqn_macs
-from jaxjpq.methods import djpq
 from jaxjpq.methods.baselines import prune_then_quantize
-from jaxjpq.methods.driver import CompressedForward, compression_metrics
+from jaxjpq.methods.core import enforce_budget, qat, set_bits, within_budget
 from jaxjpq.methods.geta import geta
 from jaxjpq.slim import apply_masks, slim
-from jaxjpq.state import CompressionSpec, CompressionState, init
+from jaxjpq.state import CompressedParams, CompressionSpec, CompressionState, init, init_state
 from jaxjpq.trace import trace
+from jaxjpq.train import CompressedForward
 
 __all__ = [
+    "AxisUnits",
     "CompressedForward",
+    "CompressedParams",
     "CompressionSpec",
     "CompressionState",
     "Graph",
     "Group",
     "MacCount",
+    "MacTerm",
     "Site",
     "Slice",
     "apply_masks",
     "calibrate",
     "compress_apply",
-    "compression_metrics",
     "cost",
     "count_macs",
     "count_macs_split",
     "data",
     "djpq",
     "eqn_macs",
+    "enforce_budget",
     "export",
     "gates",
     "geta",
     "init",
+    "init_state",
     "macs",
     "models",
     "prune_then_quantize",
+    "qat",
     "quant",
+    "set_bits",
     "slim",
     "trace",
     "train",
+    "within_budget",
 ]
 __version__ = "0.1.0"

@@ -1,27 +1,30 @@
 """Cost model: MACs, BOPs and model size of a compressed graph, soft (differentiable) and exact.
 
-Per site ``l`` (per example, so costs do not depend on the batch size):
+Every site knows, for each axis of its weight and of each of its contractions, which units of
+which groups own its positions (:class:`jaxjpq.graph.AxisUnits`: concat offsets, flatten rows,
+head dims). Slimming removes positions of each axis independently, so per site ``l``:
 
-    BOPs_l = MACs_l · f_in,l · f_out,l · b_w,l · b_a,l
-    size_l = numel_l · f_in,l · f_out,l · b_w,l
+    kept MACs_l = Σ_terms MACs_t · Π_axes kept(axis) / size(axis)
+    nnz_l,c     = kept weight entries of output channel c (elementwise mask applied)
+    BOPs_l      = kept MACs_l / kept numel_l · Σ_c nnz_l,c · b_w,l,c · b_a,l
+    size_l      = Σ_c nnz_l,c · b_w,l,c  (+ 1 bit per kept position when the site is sparse)
 
-``f_out`` = kept fraction of the output units (``out_group``'s mask), ``f_in`` = kept fraction of
-the weight's input rows (``in_group``'s mask, each unit weighted by how many rows it owns on this
-site's weight, e.g. 7·7 rows per channel after a flatten; a depthwise site whose input group is
-its output group counts the channel once). Unquantized operands count 32 bits.
+so a channel with no kept weight holds 0 bits and costs nothing. Unquantized operands count 32
+bits. All figures are per example (the traced batch divided out).
 
 * **soft**: continuous bits ``b(d, q_m, t)`` (power-of-two states: rounded with a straight-through
   gradient), masks clipped to [0, 1] and used as keep probabilities (times the VIB gates' keep
-  probabilities when ``state.gates`` is set); per-channel weight bits are
-  averaged over channels weighted by the output mask. Differentiable in d, q_m, t and the masks.
+  probabilities when ``state.gates`` is set), elementwise masks likewise. float32, differentiable.
 * **exact**: storage bits ``ceil(b)`` (what :mod:`jaxjpq.export` stores; power-of-two states: the
-  rounded {2, 4, 8}), per-channel sites at the largest kept channel's bits, masks thresholded at
-  0.5. With a concrete state the exact numbers are computed in float64 on the host, so they equal
-  hand-computed integers; under ``jit`` they are float32.
+  rounded {2, 4, 8}), masks thresholded at 0.5. Computed in float64, on the host with numpy for a
+  concrete state and under ``jit`` with ``jax.enable_x64``, so both give the same integers
+  (exact below 2^53) and a budget check cannot flip between them.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -29,123 +32,198 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxjpq import gates as gates_lib
-from jaxjpq.graph import Graph, Site
-from jaxjpq.quant import bits_from_step, pow2_bits_hard, round_bits_pow2
+from jaxjpq.graph import AxisUnits, Graph, MacTerm, Site
+from jaxjpq.quant import pow2_bits_hard, round_bits_pow2
 from jaxjpq.state import CompressionState, check_state, site_quantizer
 
 FP_BITS = 32.0
+# Bits per kept weight position of the export's sparse codec (a bitmap of nonzeros).
+SPARSE_INDEX_BITS = 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Axes of a site
+# ---------------------------------------------------------------------------------------------
+
+
+def weight_axes(graph: Graph, site: Site) -> tuple[AxisUnits, ...]:
+    """One :class:`AxisUnits` per axis of ``site``'s weight (from the groups' slices when the
+    site is hand-built)."""
+    if site.weight_axes:
+        return site.weight_axes
+    owners: list[dict[str, np.ndarray]] = [{} for _ in site.weight_shape]
+    for g in graph.groups:
+        for sl in (*g.params, *g.dependents):
+            if sl.key != site.weight:
+                continue
+            a = sl.axis % len(site.weight_shape)
+            own = sl.owner(site.weight_shape[a])
+            cur = owners[a].get(g.id)
+            owners[a][g.id] = own if cur is None else np.where(own >= 0, own, cur)
+    return tuple(
+        AxisUnits(int(n), tuple(o.items())) for n, o in zip(site.weight_shape, owners, strict=True)
+    )
+
+
+def mac_terms(graph: Graph, site: Site) -> tuple[MacTerm, ...]:
+    """The site's contractions; a hand-built site is one term scaled by its weight's axes."""
+    return site.mac_terms or (MacTerm(int(site.macs), weight_axes(graph, site)),)
+
+
+# ---------------------------------------------------------------------------------------------
+# Numerics: one code path, numpy float64 (host), jnp float64 (jit) or jnp float32 (soft)
+# ---------------------------------------------------------------------------------------------
 
 
 def _is_concrete(state: CompressionState) -> bool:
     return not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(state))
 
 
-def _xp(state: CompressionState, soft: bool):
-    return np if (not soft and _is_concrete(state)) else jnp
+class _Num:
+    """Array namespace and dtype of one evaluation."""
+
+    def __init__(self, state: CompressionState, soft: bool):
+        self.soft = soft
+        self.xp = np if (not soft and _is_concrete(state)) else jnp
+        self.dtype = jnp.float32 if soft else (np.float64 if self.xp is np else jnp.float64)
+
+    def arr(self, x: Any) -> Any:
+        return self.xp.asarray(x).astype(self.dtype)
 
 
-def _mask(state, gid, soft, xp):
-    m = state.masks.get(gid) if gid is not None else None
-    if m is None:
-        return None
-    if xp is np:
-        m = np.asarray(m, np.float64)
-    if soft:  # clip, keeping gradient 1 at the bounds (jnp.clip halves it at a tie)
-        m = xp.where((m >= 0.0) & (m <= 1.0), m, xp.clip(m, 0.0, 1.0))
-        gate = state.gates.get(gid)
-        return m if gate is None else m * gates_lib.keep_prob(gate, state.gate_threshold)
-    return (m > 0.5).astype(xp.float32 if xp is jnp else float)
+def _unit_masks(state: CompressionState, num: _Num) -> dict[str, Any]:
+    """Keep values per group: soft = probabilities, exact = 0/1."""
+    out = {}
+    for gid, m in state.masks.items():
+        m = num.arr(m)
+        if num.soft:  # clip, keeping gradient 1 at the bounds (jnp.clip halves it at a tie)
+            m = jnp.where((m >= 0.0) & (m <= 1.0), m, jnp.clip(m, 0.0, 1.0))
+            gate = state.gates.get(gid)
+            if gate is not None:
+                m = m * gates_lib.keep_prob(gate, state.gate_threshold)
+        else:
+            m = (m > 0.5).astype(num.dtype)
+        out[gid] = m
+    return out
 
 
-def _unit_rows(graph: Graph, gid: str, site: Site, dependents: bool):
-    """(k per unit, total rows along the slice axis) of ``gid``'s slice on ``site``'s weight."""
-    g = graph.group_map[gid]
-    slices = g.dependents if dependents else g.params
-    for sl in slices:
-        if sl.key == site.weight:
-            idx = np.asarray(sl.index).reshape(sl.index.shape[0], -1)
-            return float(idx.shape[1]), float(site.weight_shape[sl.axis])
-    return None
+def _keep_vector(axis: AxisUnits, masks: Mapping[str, Any], num: _Num) -> Any:
+    """``[size]`` keep value of each position of ``axis``, or None when nothing can be removed."""
+    xp, v = num.xp, None
+    for gid, owner in axis.owners:
+        m = masks.get(gid)
+        if m is None:
+            continue
+        vals = xp.where(owner >= 0, m[np.maximum(owner, 0)], 1.0)
+        v = vals if v is None else v * vals
+    return v
 
 
-def _fraction(graph, state, site, soft, xp, side: str):
-    gid = site.in_group if side == "in" else site.out_group
-    m = _mask(state, gid, soft, xp)
-    if m is None:
-        return 1.0
-    rows = _unit_rows(graph, gid, site, dependents=(side == "in"))
-    if rows is None:
-        if side == "in" and site.in_group == site.out_group:
-            return 1.0  # depthwise: the channel is counted once, on the output side
-        return xp.mean(m)
-    k, total = rows
-    return (xp.sum(m) * k + (total - k * m.shape[0])) / total
+def _kept(axis: AxisUnits, masks: Mapping[str, Any], num: _Num) -> Any:
+    v = _keep_vector(axis, masks, num)
+    return float(axis.size) if v is None else num.xp.sum(v)
 
 
-def _weight_bits(state, site, soft, xp):
-    if site.name not in state.weight:
-        return FP_BITS
-    p = site_quantizer(state, "weight", site.name)
-    if xp is np:
-        b = np.log2(np.asarray(p.q_m, np.float64) ** np.asarray(p.t, np.float64)
-                    / np.asarray(p.d, np.float64) + 1.0) + 1.0
-    else:
-        b = bits_from_step(p.d, p.q_m, p.t, True)
-    b = _round(b, state, soft, xp)
-    if np.ndim(b) == 0:
-        return b
-    m = _mask(state, site.out_group, soft, xp) if len(site.out_axes) == 1 else None
-    if m is None or m.shape != b.shape:
-        m = xp.ones(b.shape)
-    if soft:
-        return xp.sum(b * m) / xp.maximum(xp.sum(m), 1e-12)
-    return xp.max(xp.where(m > 0, b, 0.0))
-
-
-def _round(b, state, soft, xp):
+def _round(b: Any, state: CompressionState, num: _Num) -> Any:
     if state.power_of_two:
-        if soft:
-            return round_bits_pow2(b)
-        return pow2_bits_hard(b, xp)
-    return b if soft else xp.ceil(b - 1e-4)
+        return round_bits_pow2(b) if num.soft else pow2_bits_hard(b, num.xp)
+    return b if num.soft else num.xp.ceil(b - 1e-4)
 
 
-def _act_bits(graph, state, site, soft, xp):
-    if site.name not in state.act:
-        return FP_BITS
-    p = site_quantizer(state, "act", site.name)
-    signed = site.signed_input
-    if xp is np:
-        q = np.asarray(p.q_m, np.float64) ** np.asarray(p.t, np.float64)
-        b = np.log2(q / np.asarray(p.d, np.float64) + 1.0) + (1.0 if signed else 0.0)
+def _bits(p: Any, signed: bool, state: CompressionState, num: _Num) -> Any:
+    xp = num.xp
+    q = xp.power(num.arr(p.q_m), num.arr(p.t))
+    b = xp.log2(q / num.arr(p.d) + 1.0) + (1.0 if signed else 0.0)
+    return _round(b, state, num)
+
+
+def _site_row(graph: Graph, state: CompressionState, site: Site, masks, num: _Num) -> dict:
+    """Exact or soft cost figures of one site (per example)."""
+    xp = num.xp
+    axes = weight_axes(graph, site)
+    vecs = [_keep_vector(a, masks, num) for a in axes]
+    kept_axes = [float(a.size) if v is None else xp.sum(v) for a, v in zip(axes, vecs,
+                                                                            strict=True)]
+    numel = float(math.prod(site.weight_shape))
+    kept_numel = math.prod(kept_axes) if kept_axes else 1.0
+    batch = float(max(graph.batch_size, 1))
+    kept_macs = 0.0
+    for t in mac_terms(graph, site):
+        f = 1.0
+        for a in t.axes:
+            if any(g in masks for g in a.group_ids):
+                f = f * _kept(a, masks, num) / float(a.size)
+        kept_macs = kept_macs + float(t.macs) / batch * f
+
+    p = state.weight.get(site.name)
+    b_w = FP_BITS if p is None else _bits(site_quantizer(state, "weight", site.name), True,
+                                          state, num)
+    wm = state.weight_masks.get(site.name)
+    per_channel = np.ndim(b_w) > 0
+    if wm is None and not per_channel:
+        nnz, wbits = kept_numel, kept_numel * b_w
+        exact_ratio = True
     else:
-        b = bits_from_step(p.d, p.q_m, p.t, signed)
-    return _round(b, state, soft, xp)
+        keep = xp.ones(site.weight_shape, num.dtype)
+        for a, v in enumerate(vecs):
+            if v is not None:
+                shape = [1] * len(site.weight_shape)
+                shape[a] = -1
+                keep = keep * v.reshape(shape)
+        if wm is not None:
+            w = num.arr(wm)
+            keep = keep * (xp.clip(w, 0.0, 1.0) if num.soft else (w > 0.5).astype(num.dtype))
+        out_axes = sorted(a % len(site.weight_shape) for a in site.out_axes)
+        red = tuple(a for a in range(len(site.weight_shape)) if a not in out_axes)
+        per_c = xp.sum(keep, axis=red) if per_channel else xp.sum(keep)
+        nnz = xp.sum(per_c)
+        wbits = xp.sum(per_c * b_w)
+        exact_ratio = False
+
+    a = state.act.get(site.name)
+    b_a = FP_BITS if a is None else _bits(site_quantizer(state, "act", site.name),
+                                          site.signed_input, state, num)
+    if exact_ratio:
+        bops = kept_macs * b_w * b_a
+    else:
+        safe = xp.maximum(kept_numel, 1.0)
+        bops = xp.where(kept_numel > 0, kept_macs / safe * wbits * b_a, 0.0)
+    index_bits = kept_numel * SPARSE_INDEX_BITS if wm is not None else 0.0
+    mean_bits = wbits / xp.maximum(nnz, 1e-12) if not exact_ratio else b_w
+    return dict(site=site, kept_macs=kept_macs, kept_numel=kept_numel, numel=numel, nnz=nnz,
+                weight_bits=wbits, index_bits=index_bits, b_w=mean_bits, b_a=b_a, bops=bops,
+                macs=float(site.macs_per_example))
 
 
-def _terms(graph: Graph, state: CompressionState, soft: bool) -> list[dict[str, Any]]:
+def _rows(graph: Graph, state: CompressionState, soft: bool) -> tuple[list[dict], _Num]:
     check_state(graph, state)
-    xp = _xp(state, soft)
-    rows = []
-    for s in graph.sites:
-        f_in = _fraction(graph, state, s, soft, xp, "in")
-        f_out = _fraction(graph, state, s, soft, xp, "out")
-        rows.append(
-            dict(
-                site=s,
-                f_in=f_in,
-                f_out=f_out,
-                b_w=_weight_bits(state, s, soft, xp),
-                b_a=_act_bits(graph, state, s, soft, xp),
-                macs=float(s.macs_per_example),
-                numel=float(np.prod(s.weight_shape)),
-            )
-        )
-    return rows
+    num = _Num(state, soft)
+    masks = _unit_masks(state, num)
+    return [_site_row(graph, state, s, masks, num) for s in graph.sites], num
 
 
-def _out(x, soft):
-    return x if soft or isinstance(x, jax.Array) else float(x)
+def _exact(fn):
+    """Run an exact-cost computation with float64 enabled (a no-op for numpy and soft)."""
+
+    def wrapped(graph, state, *args, soft=False, **kwargs):
+        if soft:
+            return fn(graph, state, *args, soft=soft, **kwargs)
+        with jax.enable_x64(True):
+            return fn(graph, state, *args, soft=soft, **kwargs)
+
+    wrapped.__name__ = fn.__name__
+    wrapped.__doc__ = fn.__doc__
+    wrapped.__wrapped__ = fn
+    return wrapped
+
+
+def _out(x: Any, num: _Num) -> Any:
+    return float(x) if num.xp is np else x
+
+
+# ---------------------------------------------------------------------------------------------
+# Public figures
+# ---------------------------------------------------------------------------------------------
 
 
 def macs(graph: Graph) -> dict[str, float]:
@@ -153,22 +231,79 @@ def macs(graph: Graph) -> dict[str, float]:
     return {s.name: float(s.macs_per_example) for s in graph.sites}
 
 
-def bits(graph: Graph, state: CompressionState, soft: bool = False) -> dict[str, tuple[Any, Any]]:
-    """``{site: (b_w, b_a)}``: each site's weight and input-activation bits (32 = float)."""
-    return {r["site"].name: (_out(r["b_w"], soft), _out(r["b_a"], soft))
-            for r in _terms(graph, state, soft)}
+@_exact
+def kept_macs(graph: Graph, state: CompressionState, *, soft: bool = False) -> dict[str, Any]:
+    """``{site: MACs per example of the slim model}`` (structured pruning; dense kernels)."""
+    rows, num = _rows(graph, state, soft)
+    return {r["site"].name: _out(r["kept_macs"], num) for r in rows}
 
 
-def site_bops(graph: Graph, state: CompressionState, soft: bool = False) -> dict[str, Any]:
-    """``{site: MACs · f_in · f_out · b_w · b_a}`` per example."""
-    return {r["site"].name: _out(r["macs"] * r["f_in"] * r["f_out"] * r["b_w"] * r["b_a"], soft)
-            for r in _terms(graph, state, soft)}
+@_exact
+def bits(graph: Graph, state: CompressionState, *, soft: bool = False) -> dict[str, tuple]:
+    """``{site: (b_w, b_a)}``: weight bits (mean over kept nonzero weights for per-channel or
+    sparse sites) and input-activation bits; 32 = float."""
+    rows, num = _rows(graph, state, soft)
+    return {r["site"].name: (_out(r["b_w"], num), _out(r["b_a"], num)) for r in rows}
 
 
-def bops(graph: Graph, state: CompressionState, soft: bool = False) -> Any:
-    """Total BOPs per example: soft = differentiable jnp scalar, exact = float (see module doc)."""
-    t = _terms(graph, state, soft)
-    return _out(sum(r["macs"] * r["f_in"] * r["f_out"] * r["b_w"] * r["b_a"] for r in t), soft)
+@_exact
+def channel_bits(graph: Graph, state: CompressionState, site: str, *, soft: bool = False) -> Any:
+    """Bits of each output channel of ``site``'s weight (``channel_shape`` of its out axes, or a
+    scalar per tensor); exact: storage bits, 0 for a channel with no kept weight."""
+    check_state(graph, state)
+    num = _Num(state, soft)
+    if site not in state.weight:
+        return FP_BITS
+    b = _bits(site_quantizer(state, "weight", site), True, state, num)
+    if np.ndim(b) == 0 or soft:
+        return _out(b, num) if np.ndim(b) == 0 else b
+    return b * (live_channels(graph, state, site) > 0)
+
+
+def live_channels(graph: Graph, state: CompressionState, site: str) -> Any:
+    """Kept nonzero weights per output channel of ``site`` (exact; channel shape)."""
+    num = _Num(state, False)
+    s = graph.site_map[site]
+    masks = _unit_masks(state, num)
+    xp = num.xp
+    keep = xp.ones(s.weight_shape, num.dtype)
+    for a, ax in enumerate(weight_axes(graph, s)):
+        v = _keep_vector(ax, masks, num)
+        if v is not None:
+            shape = [1] * len(s.weight_shape)
+            shape[a] = -1
+            keep = keep * v.reshape(shape)
+    wm = state.weight_masks.get(site)
+    if wm is not None:
+        keep = keep * (num.arr(wm) > 0.5)
+    out_axes = sorted(a % len(s.weight_shape) for a in s.out_axes)
+    red = tuple(a for a in range(len(s.weight_shape)) if a not in out_axes)
+    return xp.sum(keep, axis=red)
+
+
+@_exact
+def site_table(graph: Graph, state: CompressionState, *, soft: bool = False) -> dict[str, dict]:
+    """``{site: {"kept_macs", "bops", "size", "b_w", "b_a"}}`` per example; ``size`` = weight
+    bits plus sparse index bits (no scales)."""
+    rows, num = _rows(graph, state, soft)
+    return {r["site"].name: dict(
+        kept_macs=_out(r["kept_macs"], num), bops=_out(r["bops"], num),
+        size=_out(r["weight_bits"] + r["index_bits"], num), b_w=_out(r["b_w"], num),
+        b_a=_out(r["b_a"], num)) for r in rows}
+
+
+@_exact
+def site_bops(graph: Graph, state: CompressionState, *, soft: bool = False) -> dict[str, Any]:
+    """``{site: BOPs per example}`` (see module doc)."""
+    rows, num = _rows(graph, state, soft)
+    return {r["site"].name: _out(r["bops"], num) for r in rows}
+
+
+@_exact
+def bops(graph: Graph, state: CompressionState, *, soft: bool = False) -> Any:
+    """Total BOPs per example: soft = differentiable float32, exact = float64 (see module doc)."""
+    rows, num = _rows(graph, state, soft)
+    return _out(sum(r["bops"] for r in rows), num)
 
 
 def fp32_bops(graph: Graph) -> float:
@@ -176,47 +311,79 @@ def fp32_bops(graph: Graph) -> float:
     return float(sum(s.macs_per_example for s in graph.sites) * FP_BITS * FP_BITS)
 
 
-def relative_bops(graph: Graph, state: CompressionState, soft: bool = False) -> Any:
+@_exact
+def relative_bops(graph: Graph, state: CompressionState, *, soft: bool = False) -> Any:
     """``bops / fp32_bops`` in (0, 1]."""
-    return bops(graph, state, soft) / fp32_bops(graph)
+    return bops.__wrapped__(graph, state, soft=soft) / fp32_bops(graph)
 
 
+@_exact
 def size_bits(
-    graph: Graph, state: CompressionState, soft: bool = False, include_scales: bool = False
+    graph: Graph, state: CompressionState, *, soft: bool = False, include_scales: bool = False
 ) -> Any:
-    """Bits of the site weights: ``Σ numel · f_in · f_out · b_w``.
+    """Bits of the site weights: ``Σ nnz · b_w`` plus the sparse sites' index bitmaps.
 
-    ``include_scales`` adds 3 float32 numbers (d, q_m, t) per kept output channel of per-channel
-    quantizers (per tensor: 3 per site) for weight and activation quantizers.
+    ``include_scales`` adds the float32 quantizer numbers the export stores: one step ``d``
+    per weight quantizer (per kept channel when per channel) and ``(d, q_m, t)`` per activation
+    quantizer.
     """
+    rows, num = _rows(graph, state, soft)
     total = 0.0
-    for r in _terms(graph, state, soft):
-        total = total + r["numel"] * r["f_in"] * r["f_out"] * r["b_w"]
+    for r in rows:
+        total = total + r["weight_bits"] + r["index_bits"]
         if include_scales:
-            p = state.weight.get(r["site"].name)
+            name = r["site"].name
+            p = state.weight.get(name)
             if p is not None:
-                n = float(np.prod(np.shape(p.d))) if np.ndim(p.d) else 1.0
-                total = total + 3 * FP_BITS * (n * r["f_out"] if np.ndim(p.d) else 1.0)
-            if r["site"].name in state.act:
+                total = total + FP_BITS * (
+                    num.xp.sum(live_channels(graph, state, name) > 0) if np.ndim(p.d) else 1.0
+                )
+            if name in state.act:
                 total = total + 3 * FP_BITS
-    return _out(total, soft)
+    return _out(total, num)
 
 
 def fp32_size_bits(graph: Graph) -> float:
     """Bits of the site weights in float32: ``Σ numel · 32``."""
-    return float(sum(np.prod(s.weight_shape) for s in graph.sites) * FP_BITS)
+    return float(sum(math.prod(s.weight_shape) for s in graph.sites) * FP_BITS)
 
 
-def relative_size(graph: Graph, state: CompressionState, soft: bool = False) -> Any:
-    """``size_bits / fp32_size_bits`` (site weights only, no scales)."""
-    return size_bits(graph, state, soft) / fp32_size_bits(graph)
+@_exact
+def relative_size(graph: Graph, state: CompressionState, *, soft: bool = False) -> Any:
+    """``size_bits / fp32_size_bits`` (site weights and sparse indices, no scales)."""
+    return size_bits.__wrapped__(graph, state, soft=soft) / fp32_size_bits(graph)
+
+
+def sparsity(graph: Graph, state: CompressionState) -> Any:
+    """Fraction of the prunable units whose mask is 0 (exact)."""
+    sizes = sum(g.size for g in graph.prunable_groups)
+    pruned = sum(jnp.sum(jnp.asarray(state.masks[g.id]) < 0.5) for g in graph.prunable_groups)
+    return pruned / max(sizes, 1)
+
+
+def metrics(graph: Graph, state: CompressionState) -> dict[str, jax.Array]:
+    """Exact figures of ``state`` as float32 arrays (jit-compatible): ``sparsity`` (fraction of
+    prunable units pruned), ``mean_bits`` (mean weight bits over the learned, non-frozen sites),
+    ``rel_bops`` and ``rel_size`` (fractions of the fp32 model)."""
+    learned = [n for n in state.weight if n not in state.frozen]
+    b = bits(graph, state)
+    f32 = lambda x: jnp.asarray(x).astype(jnp.float32)  # noqa: E731
+    mean_bits = (jnp.mean(jnp.stack([f32(b[n][0]) for n in learned])) if learned
+                 else jnp.asarray(32.0))
+    return {
+        "sparsity": f32(sparsity(graph, state)),
+        "mean_bits": mean_bits,
+        "rel_bops": f32(relative_bops(graph, state)),
+        "rel_size": f32(relative_size(graph, state)),
+    }
 
 
 def report(graph: Graph, state: CompressionState) -> str:
-    """Per-layer table of the exact costs: kept channels, bits w/a, MACs, BOPs share."""
-    t = _terms(graph, state, soft=False)
-    site_b = [r["macs"] * r["f_in"] * r["f_out"] * r["b_w"] * r["b_a"] for r in t]
-    total = float(sum(site_b)) or 1.0
+    """Per-layer table of the exact costs: kept channels, bits w/a, kept MACs, BOPs share."""
+    rows, _ = _rows(graph, state, soft=False)
+    if not _is_concrete(state):
+        raise ValueError("report needs a concrete state (call it outside jit).")
+    total = float(sum(r["bops"] for r in rows)) or 1.0
 
     def kept(gid):
         if gid is None:
@@ -227,19 +394,19 @@ def report(graph: Graph, state: CompressionState) -> str:
         return f"{k}/{g.size}"
 
     head = f"{'layer':<28} {'in kept':>9} {'out kept':>9} {'w bits':>6} {'a bits':>6} " \
-           f"{'MACs':>12} {'BOPs %':>7}"
+           f"{'MACs':>12} {'nnz %':>6} {'BOPs %':>7}"
     lines = [head, "-" * len(head)]
-    for r, b in zip(t, site_b, strict=True):
+    for r in rows:
         s = r["site"]
-        kmacs = float(r["macs"] * r["f_in"] * r["f_out"])
+        dens = 100.0 * float(r["nnz"]) / max(float(r["kept_numel"]), 1.0)
         lines.append(
             f"{s.name:<28} {kept(s.in_group):>9} {kept(s.out_group):>9} "
-            f"{float(r['b_w']):>6.0f} {float(r['b_a']):>6.0f} {kmacs:>12.0f} "
-            f"{100 * float(b) / total:>7.2f}"
+            f"{float(r['b_w']):>6.2f} {float(r['b_a']):>6.0f} {float(r['kept_macs']):>12.0f} "
+            f"{dens:>6.1f} {100 * float(r['bops']) / total:>7.2f}"
         )
     lines.append("-" * len(head))
     lines.append(
-        f"relative BOPs {float(total) / fp32_bops(graph):.4%}   "
+        f"relative BOPs {total / fp32_bops(graph):.4%}   "
         f"relative size {float(relative_size(graph, state)):.4%}"
     )
     return "\n".join(lines)

@@ -70,6 +70,42 @@ class Group:
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
+class AxisUnits:
+    """Which units of which groups own the positions of one axis.
+
+    Attributes:
+      size: positions along the axis (dense model).
+      owners: ``(group id, owner)`` pairs; ``owner`` is int ``[size]``, the unit of that group
+        owning each position (-1 = none). A concat axis has one pair per input group (at its
+        offsets), a flattened axis owns ``k`` positions per unit, a head-dim axis likewise.
+        Positions of no group are never removed.
+    """
+
+    size: int
+    owners: tuple[tuple[str, np.ndarray], ...] = ()
+
+    @property
+    def group_ids(self) -> tuple[str, ...]:
+        return tuple(g for g, _ in self.owners)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class MacTerm:
+    """MACs of one contraction of a site, and the axes whose kept sizes scale them.
+
+    Attributes:
+      macs: dense MACs of the contraction at the traced input shape (whole batch, loop trip
+        counts included).
+      axes: the contraction's output axes and its contracted (kernel input) axes; the slim
+        model's MACs are ``macs · Π kept(axis) / axis.size`` because slimming removes positions
+        of each axis independently.
+    """
+
+    macs: int
+    axes: tuple[AxisUnits, ...]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
 class Site:
     """A conv / dot_general with a parameter operand: one weight and one activation quantizer.
 
@@ -85,6 +121,11 @@ class Site:
       out_group: id of the group of the output channels (None if not grouped).
       in_group: id of the group of the input channels (None if not grouped, e.g. network input).
       signed_input: False when the activation operand is provably non-negative (after ReLU).
+      weight_axes: one :class:`AxisUnits` per weight axis: every group that removes positions
+        of that axis (producer out-axis, consumer rows at concat offsets, flatten rows). Empty
+        for hand-built sites: the cost model then derives them from the groups' slices.
+      mac_terms: the site's contractions (one per use of the weight) with the axes that scale
+        them. Empty for hand-built sites: ``macs`` scaled by the kept weight fraction.
     """
 
     name: str
@@ -98,6 +139,16 @@ class Site:
     out_group: str | None = None
     in_group: str | None = None
     signed_input: bool = True
+    weight_axes: tuple[AxisUnits, ...] = ()
+    mac_terms: tuple[MacTerm, ...] = ()
+
+    @property
+    def group_ids(self) -> tuple[str, ...]:
+        """Every group that reaches this site's weight or contraction axes, in order."""
+        ids = [g for a in self.weight_axes for g in a.group_ids]
+        ids += [g for t in self.mac_terms for a in t.axes for g in a.group_ids]
+        ids += [g for g in (self.in_group, self.out_group) if g]
+        return tuple(dict.fromkeys(ids))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.struct
 import jax
@@ -127,6 +127,10 @@ class CompressionState:
       act: ``{site name: QuantParams}`` scalar input-activation quantizers.
       masks: ``{group id: float32[size]}`` for every prunable group; 1 = keep, 0 = pruned.
       gates: ``{group id: jaxjpq.gates.Gate}`` VIB gates (DJPQ), or ``{}`` (no gates).
+      weight_masks: ``{site name: float32[weight_shape]}`` elementwise (unstructured) keep-masks
+        of site weights, 1 = keep; sites without an entry are dense. A channel whose weights are
+        all masked holds 0 bits.
+      spec: static; the :class:`CompressionSpec` the state was made from (None if hand-built).
       fingerprint: static hash of the graph's groups and sites (see :func:`graph_fingerprint`).
       power_of_two: static; forward rounds bits to {2, 4, 8}.
       frozen: static; site names whose quantizers are fixed (no gradient).
@@ -138,6 +142,8 @@ class CompressionState:
     act: dict[str, QuantParams]
     masks: dict[str, jax.Array]
     gates: dict[str, Any] = flax.struct.field(default_factory=dict)
+    weight_masks: dict[str, jax.Array] = flax.struct.field(default_factory=dict)
+    spec: CompressionSpec | None = flax.struct.field(pytree_node=False, default=None)
     fingerprint: str = flax.struct.field(pytree_node=False, default="")
     power_of_two: bool = flax.struct.field(pytree_node=False, default=False)
     frozen: tuple[str, ...] = flax.struct.field(pytree_node=False, default=())
@@ -174,8 +180,17 @@ def check_state(graph: Graph, state: CompressionState) -> None:
     if state.fingerprint != fp:
         raise ValueError(
             f"this CompressionState belongs to another graph (fingerprint {state.fingerprint!r}, "
-            f"graph has {fp!r}); call jaxjpq.init(graph, spec, key) for this graph."
+            f"graph has {fp!r}); call jaxjpq.init(graph, spec, variables) for this graph."
         )
+    sm = graph.site_map
+    for name, m in state.weight_masks.items():
+        if name not in sm:
+            raise ValueError(f"state.weight_masks names site {name!r}, not in the graph.")
+        if tuple(jnp.shape(m)) != tuple(sm[name].weight_shape):
+            raise ValueError(
+                f"state.weight_masks[{name!r}] has shape {tuple(jnp.shape(m))}, expected the "
+                f"weight's {tuple(sm[name].weight_shape)}."
+            )
     if state.gates:
         for g in graph.prunable_groups:
             gate = state.gates.get(g.id)
@@ -215,20 +230,42 @@ def _weight_params(site: Site, spec: CompressionSpec, bits: float, variables) ->
     return QuantParams(d=step_from_bits(bits, q_m, t, True), q_m=q_m, t=t)
 
 
-def init(
-    graph: Graph,
-    spec: CompressionSpec,
-    key: jax.Array | None = None,
-    variables: Mapping | None = None,
+class CompressedParams(NamedTuple):
+    """The pair every forward, method, checkpoint and export takes.
+
+    Attributes:
+      model: the model's trainable ``params`` collection (a pytree).
+      compression: the :class:`CompressionState` of the traced graph.
+    """
+
+    model: Any
+    compression: CompressionState
+
+
+def init(graph: Graph, spec: CompressionSpec, variables: Mapping) -> CompressedParams:
+    """``CompressedParams(variables["params"], init_state(graph, spec, variables))``.
+
+    ``variables`` are the model's variables as traced (``{"params": ..., "batch_stats": ...}``);
+    the non-param collections stay with the caller (e.g. the train loop's model state).
+    """
+    if not isinstance(variables, Mapping) or "params" not in variables:
+        raise ValueError(
+            "init needs the model's variables with a 'params' collection, e.g. "
+            "model.init(key, x); got " + type(variables).__name__ + "."
+        )
+    return CompressedParams(variables["params"], init_state(graph, spec, variables))
+
+
+def init_state(
+    graph: Graph, spec: CompressionSpec, variables: Mapping | None = None
 ) -> CompressionState:
     """Initial compression state: all masks 1, quantizers at ``spec.init_bits`` (``t = 1``).
 
     Weight ``q_m = max|W|`` (per channel with ``spec.per_channel``) when ``variables`` are given,
     else 1. Activation ``q_m = spec.act_clip`` (refine with :func:`jaxjpq.compress.calibrate`).
-    Skipped sites get ``spec.skip_bits`` and are listed in ``state.frozen``. ``key`` is accepted
-    for methods with random init and unused here.
+    Skipped sites get ``spec.skip_bits`` and are listed in ``state.frozen``. No elementwise
+    masks (add them with :func:`jaxjpq.methods.core.set_weight_masks`).
     """
-    del key
     if not isinstance(graph, Graph):
         raise ValueError(f"init expects a jaxjpq.Graph, got {type(graph).__name__}.")
     if not isinstance(spec, CompressionSpec):
@@ -255,6 +292,7 @@ def init(
         weight=weight,
         act=act,
         masks=masks,
+        spec=spec,
         fingerprint=graph_fingerprint(graph),
         power_of_two=bool(spec.power_of_two),
         frozen=frozen,

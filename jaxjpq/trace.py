@@ -36,7 +36,7 @@ import jax
 import jax.extend.core as jcore
 import numpy as np
 
-from jaxjpq.graph import Graph, Group, Site, Slice
+from jaxjpq.graph import AxisUnits, Graph, Group, MacTerm, Site, Slice
 from jaxjpq.jaxprs import CALL_PRIMITIVES, aval, is_dynamic, key_of, sub_jaxpr
 from jaxjpq.macs import eqn_macs
 
@@ -497,6 +497,7 @@ def _record_site(
     w_out: list[int],
     w_in: list[int],
     act_in: list[int],
+    out_units: Sequence[np.ndarray],
 ) -> None:
     if w.leaf is None:
         return
@@ -513,11 +514,15 @@ def _record_site(
         leaf_axes_in.append(la[1])
     name = _site_name(ctx, w.leaf)
     macs = int(eqn_macs(eqn)) * ctx.mult
+    # kept MACs scale with the kept sizes of the output axes and of the kernel's input axes
+    term = (macs, [*out_units, *(w.units[a] for a in w_in)])
     info = ctx.sites.get(name)
     if info is not None:
         info["macs"] += macs
+        info["terms"].append(term)
         return
     ctx.sites[name] = dict(
+        terms=[term],
         weight=w.leaf,
         kind=kind,
         out_axes=tuple(leaf_axes_out),
@@ -567,9 +572,9 @@ def _dot_general(ctx: _Ctx, eqn: Any, ins: list[_Val], path: tuple) -> list[_Val
     units += [lhs.units[a] for a in lfree] + [rhs.units[b] for b in rfree]
     zero += [lhs.zero[a] for a in lfree] + [rhs.zero[b] for b in rfree]
     if weight_side == 1:
-        _record_site(ctx, eqn, "dot", lhs, rhs, rfree, list(rc), list(lc))
+        _record_site(ctx, eqn, "dot", lhs, rhs, rfree, list(rc), list(lc), units)
     elif weight_side == 0:
-        _record_site(ctx, eqn, "dot", rhs, lhs, lfree, list(lc), list(rc))
+        _record_site(ctx, eqn, "dot", rhs, lhs, lfree, list(lc), list(rc), units)
     nonneg = lhs.nonneg and rhs.nonneg
     return [_Val(tuple(units), tuple(zero), lhs.param and rhs.param, None, nonneg)]
 
@@ -613,7 +618,7 @@ def _conv(ctx: _Ctx, eqn: Any, ins: list[_Val], path: tuple) -> list[_Val]:
             ctx.uf.poison(c_in, f"consumed by {_where(eqn)} while pruned channels are not zero")
         zero[os_[1]] = rhs.zero[rs[0]]
     units[os_[1]] = w_out
-    _record_site(ctx, eqn, "conv", lhs, rhs, [rs[0]], [rs[1]], [ls[1]])
+    _record_site(ctx, eqn, "conv", lhs, rhs, [rs[0]], [rs[1]], [ls[1]], units)
     return [_Val(tuple(units), tuple(zero), False, None, lhs.nonneg and rhs.nonneg)]
 
 
@@ -1054,6 +1059,35 @@ def _slices_for(
     return np.stack(idx).astype(np.int64)
 
 
+def _unit_owner_map(
+    groups: list[dict], root_group: Mapping[int, int], link: Mapping[int, int]
+) -> dict[int, tuple[int, int]]:
+    """``{class root: (group index, unit index)}`` for group classes and for consumer-row classes
+    linked to one (slimming removes a linked row with its channel)."""
+    out: dict[int, tuple[int, int]] = {}
+    for gi, g in enumerate(groups):
+        for j, r in enumerate(g["units"]):
+            out[int(r)] = (gi, j)
+    for w, a in link.items():
+        if a in root_group and w not in out:
+            out[int(w)] = out[int(a)]
+    return out
+
+
+def _axis_units(
+    units: np.ndarray, roots: np.ndarray, unit_of: Mapping[int, tuple[int, int]], gid_of: list
+) -> AxisUnits:
+    """The :class:`AxisUnits` of one axis whose raw unit ids are ``units``."""
+    owners: dict[int, np.ndarray] = {}
+    for p, r in enumerate(roots[units].tolist()):
+        hit = unit_of.get(r)
+        if hit is None:
+            continue
+        gi, j = hit
+        owners.setdefault(gi, np.full((units.size,), -1, np.int64))[p] = j
+    return AxisUnits(int(units.size), tuple((gid_of[gi], o) for gi, o in sorted(owners.items())))
+
+
 def build_graph(traced: Traced, batch_size: int, apply_fn: Callable, var_avals: Any) -> Graph:
     """Turn a walked jaxpr into a :class:`Graph` (groups in first-producer order, sites in
     execution order)."""
@@ -1131,6 +1165,8 @@ def build_graph(traced: Traced, batch_size: int, apply_fn: Callable, var_avals: 
                 reason="; ".join(why[:3]) + (f" (+{len(why) - 3} more)" if len(why) > 3 else ""),
             )
         )
+    unit_of = _unit_owner_map(groups, root_group, link)
+    gid_of = [g.id for g in out_groups]
     sites = []
     for name, s in ctx.sites.items():
         out_gid = in_gid = None
@@ -1153,6 +1189,13 @@ def build_graph(traced: Traced, batch_size: int, apply_fn: Callable, var_avals: 
                 out_group=out_gid,
                 in_group=in_gid,
                 signed_input=s["signed"],
+                weight_axes=tuple(
+                    _axis_units(u, roots, unit_of, gid_of) for u in ctx.leaf_units[s["weight"]]
+                ),
+                mac_terms=tuple(
+                    MacTerm(int(m), tuple(_axis_units(u, roots, unit_of, gid_of) for u in axes))
+                    for m, axes in s["terms"]
+                ),
             )
         )
     info = dict(

@@ -82,6 +82,43 @@ class FlaxForward:
         return self.apply_fn(variables, inputs, train=train, rngs=rngs), model_state
 
 
+class CompressedForward:
+    """``Forward`` whose params are the pair ``(model_params, CompressionState)``.
+
+    Runs the masked, fake-quantized forward of ``apply_fn`` (a Flax-style apply) for ``graph``;
+    non-param collections and the dropout rng are handled as in :class:`FlaxForward`; VIB gates
+    (DJPQ) are sampled in training only, from a key independent of dropout's. Equal when built
+    from equal ``apply_fn`` and the same graph, so jitted steps are reused. ``TrainState.params``
+    is then the pair, so orbax checkpoints carry the model params, the optimizer state and the
+    compression state together, and a resumed run continues exactly.
+    """
+
+    def __init__(self, apply_fn: Callable[..., Any], graph: Any):
+        from jaxjpq.compress import compress_apply
+
+        self.apply_fn = apply_fn
+        self.graph = graph
+        self.fn = compress_apply(apply_fn, graph)
+
+    def _key(self) -> Any:
+        return (FlaxForward(self.apply_fn), id(self.graph))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, CompressedForward) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __call__(self, params, model_state, inputs, rng, train):
+        model_params, cstate = params
+        gate_key = jax.random.fold_in(rng, 0x6A7E) if (train and cstate.gates) else None
+
+        def apply(variables, x, **kwargs):
+            return self.fn(variables, cstate, x, gate_key=gate_key, **kwargs)
+
+        return FlaxForward(apply)(model_params, model_state, inputs, rng, train)
+
+
 def flax_forward(apply_fn: Callable[..., Any]) -> Forward:
     """Wraps a Flax ``module.apply`` as a ``Forward`` (see ``FlaxForward``)."""
     return FlaxForward(apply_fn)

@@ -135,6 +135,59 @@ class ScanStack(nn.Module):
         return nn.Dense(2)(h)
 
 
+class ConcatDecoder(nn.Module):
+    """U-Net step: encoder conv, strided conv down, ConvTranspose up, a conv reading
+    ``concatenate([skip, up])``, GroupNorm, then a head."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        skip = nn.relu(nn.Conv(6, (3, 3))(x))
+        down = nn.relu(nn.Conv(8, (3, 3), strides=2)(skip))
+        up = nn.relu(nn.ConvTranspose(5, (2, 2), strides=(2, 2))(down))
+        y = nn.Conv(7, (3, 3))(jnp.concatenate([skip, up], axis=-1))
+        y = nn.relu(nn.GroupNorm(num_groups=1)(y))
+        return nn.Dense(3)(jnp.mean(y, axis=(1, 2)))
+
+
+class GroupNormNet(nn.Module):
+    """Conv -> GroupNorm (4 groups of 2 channels) -> conv -> dense."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = nn.relu(nn.GroupNorm(num_groups=4)(nn.Conv(8, (3, 3))(x)))
+        x = nn.relu(nn.Conv(6, (3, 3))(x))
+        return nn.Dense(3)(jnp.mean(x, axis=(1, 2)))
+
+
+class Mixer(nn.Module):
+    """MLP-Mixer block: token mixing by an einsum with a parameter over the token axis (the
+    channel axis is free there), then channel mixing."""
+
+    tokens: int = 5
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = nn.Dense(6)(x)
+        w = self.param("token_mix", nn.initializers.lecun_normal(), (self.tokens, 7))
+        y = jnp.einsum("btc,ts->bsc", nn.LayerNorm()(x), w)
+        y = nn.gelu(y)
+        w2 = self.param("token_out", nn.initializers.lecun_normal(), (7, self.tokens))
+        x = x + jnp.einsum("bsc,st->btc", y, w2)
+        x = x + nn.Dense(6)(nn.gelu(nn.Dense(10)(nn.LayerNorm()(x))))
+        return nn.Dense(3)(x.mean(axis=1))
+
+
+class MHAHeads(nn.Module):
+    """Flax MultiHeadDotProductAttention (4 heads of 3) on a dense embedding, no residual, so
+    its heads and head dims are prunable."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = nn.relu(nn.Dense(8)(x))
+        y = nn.MultiHeadDotProductAttention(num_heads=4, qkv_features=12, out_features=6)(x)
+        return nn.Dense(3)(nn.relu(y).mean(axis=1))
+
+
 ARCHS = {
     "resbn": (ResBN, (2, 8, 8, 3)),
     "flatten": (FlattenDense, (2, 8, 8, 2)),
@@ -144,6 +197,10 @@ ARCHS = {
     "attn": (AttnLN, (2, 5, 4)),
     "fused_heads": (FusedHeads, (2, 5, 4)),
     "scan": (ScanStack, (2, 4)),
+    "concat_decoder": (ConcatDecoder, (2, 8, 8, 3)),
+    "groupnorm": (GroupNormNet, (2, 6, 6, 3)),
+    "mixer": (Mixer, (2, 5, 4)),
+    "mha_heads": (MHAHeads, (2, 5, 4)),
 }
 
 

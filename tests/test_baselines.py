@@ -10,24 +10,53 @@ from hypothesis import strategies as st
 from test_geta import _run, _setup
 from test_state import small_cnn
 
-from jaxjpq.methods.baselines import magnitude_masks, per_group_counts, prune_then_quantize
+from jaxjpq.methods.baselines import magnitude_masks, prune_then_quantize
+from jaxjpq.methods.core import per_group_counts
 from jaxjpq.quant import params_bits
 from jaxjpq.units import unit_index, unit_sum
 
 
-@settings(max_examples=30, deadline=None)
+class _Index:
+    """The fields per_group_counts reads, for given group sizes."""
+
+    def __init__(self, sizes):
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)])
+        self.num_units = int(sum(sizes))
+        self.num_groups = len(sizes)
+
+
+@settings(max_examples=60, deadline=None)
 @given(st.lists(st.integers(2, 40), min_size=1, max_size=6), st.floats(0.0, 0.5))
 def test_per_group_counts_exact_total_and_even_fractions(sizes, sparsity):
-    class Index:  # the fields per_group_counts reads
-        offsets = np.concatenate([[0], np.cumsum(sizes)])
-        num_units = int(sum(sizes))
-        num_groups = len(sizes)
+    counts = per_group_counts(_Index(sizes), sparsity)
+    total = round(sparsity * sum(sizes))
+    assert counts.sum() == total
+    sizes = np.asarray(sizes)
+    assert np.all(counts <= sizes - 1)
+    # largest remainders: each group gets the floor or the ceiling of its share of the total
+    ideal = sizes * total / sizes.sum()
+    assert np.all((counts >= np.floor(ideal) - 1e-9) | (counts == sizes - 1))
+    assert np.all(counts <= np.ceil(ideal) + 1e-9)
 
-    counts = per_group_counts(Index, sparsity)
-    assert counts.sum() == round(sparsity * sum(sizes))
-    assert np.all(counts <= np.asarray(sizes) - 1)
-    frac = counts / np.asarray(sizes)
-    assert np.all(np.abs(frac - sparsity) <= 1.0 / np.asarray(sizes) + 1e-9)
+
+def test_per_group_counts_ties_go_to_the_larger_group():
+    # shares 1/3 and 7/3 of 3 units: the extra unit goes to the group of 28, not by float noise
+    counts = per_group_counts(_Index([2, 2, 4, 28]), 0.0703)
+    np.testing.assert_array_equal(counts, [0, 0, 0, 3])
+    counts = per_group_counts(_Index([28, 4, 2, 2]), 0.0703)
+    np.testing.assert_array_equal(counts, [3, 0, 0, 0])
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(1, 70), min_size=1, max_size=6), st.floats(0.0, 0.9),
+       st.sampled_from([2, 4, 8, 16]))
+def test_per_group_counts_unit_multiple(sizes, sparsity, n):
+    if round(sparsity * sum(sizes)) > sum(sizes) - len(sizes):
+        return
+    counts = per_group_counts(_Index(sizes), sparsity, unit_multiple=n)
+    kept = np.asarray(sizes) - counts
+    assert np.all((kept % n == 0) | (kept == np.asarray(sizes)))
+    assert np.all(kept >= np.minimum(n, sizes))
 
 
 def test_magnitude_masks_remove_the_smallest_units_of_each_group():

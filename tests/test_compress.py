@@ -16,7 +16,7 @@ from jaxjpq.compress import (
 )
 from jaxjpq.graph import Graph, Group, Site, Slice
 from jaxjpq.quant import QuantParams, quantize_with, step_from_bits
-from jaxjpq.state import CompressionSpec, init
+from jaxjpq.state import CompressionSpec, init_state
 
 
 def _manual_forward(variables, x, act_q):
@@ -36,7 +36,7 @@ def _manual_forward(variables, x, act_q):
 def _random_state(g, v, seed, **spec_kw):
     """A state at random low bits with some units pruned."""
     rng = np.random.default_rng(seed)
-    st = init(g, CompressionSpec(**spec_kw), None, v)
+    st = init_state(g, CompressionSpec(**spec_kw), v)
     weight = {k: p.replace(d=step_from_bits(float(rng.integers(2, 9)), p.q_m, p.t))
               for k, p in st.weight.items()}
     sm = g.site_map
@@ -71,7 +71,7 @@ def test_forward_matches_hand_written_quantized_model(per_channel):
 
 def test_high_bits_and_full_masks_match_plain_model():
     model, v, g, x = small_cnn()
-    st = init(g, CompressionSpec(skip=(), init_bits=24), None, v)
+    st = init_state(g, CompressionSpec(skip=(), init_bits=24), v)
     fn = compress_apply(model.apply, g)
     st = calibrate(fn, v, st, [x])
     np.testing.assert_allclose(jax.jit(fn)(v, st, x), model.apply(v, x), rtol=1e-4, atol=1e-5)
@@ -91,7 +91,7 @@ def test_pruned_units_do_not_affect_output():
 
 def test_gradients_reach_params_and_unfrozen_quantizers():
     model, v, g, x = small_cnn()
-    st = init(g, CompressionSpec(init_bits=4), None, v)
+    st = init_state(g, CompressionSpec(init_bits=4), v)
     fn = compress_apply(model.apply, g)
     st = calibrate(fn, v, st, [x])
     loss = lambda v, s: jnp.sum(fn(v, s, x) ** 2)
@@ -117,7 +117,7 @@ def test_state_from_other_graph_is_refused():
     model, v, g, x = small_cnn()
     _, v2, g2, _ = small_cnn(hidden=8)
     with pytest.raises(ValueError, match="another graph"):
-        compress_apply(model.apply, g)(v, init(g2, CompressionSpec(), None, v2), x)
+        compress_apply(model.apply, g)(v, init_state(g2, CompressionSpec(), v2), x)
 
 
 def _one_site_graph(shape=(3, 3)):
@@ -140,7 +140,7 @@ def test_site_found_through_jit_custom_vjp_and_transpose():
         return mm(jax.nn.relu(x), w)
 
     v = {"params": {"w": jnp.eye(3)}}
-    st = init(g, CompressionSpec(skip=(), init_bits=3), None, v)
+    st = init_state(g, CompressionSpec(skip=(), init_bits=3), v)
     a = QuantParams(d=jnp.float32(1.0), q_m=jnp.float32(10.0), t=jnp.float32(1.0))
     st = st.replace(act={"w": a})
     x = jnp.array([[0.2, 1.4, -2.6]])
@@ -155,7 +155,7 @@ def test_site_inside_scan_raises_clear_error():
         return jax.lax.scan(lambda c, _: (c @ v["params"]["w"], None), x, None, length=2)[0]
 
     v = {"params": {"w": jnp.eye(3)}}
-    st = init(g, CompressionSpec(skip=()), None, v)
+    st = init_state(g, CompressionSpec(skip=()), v)
     with pytest.raises(NotImplementedError, match=r"\['w'\].*scan"):
         compress_apply(apply_fn, g)(v, st, jnp.ones((1, 3)))
 
@@ -163,14 +163,14 @@ def test_site_inside_scan_raises_clear_error():
 def test_site_without_matmul_raises():
     g = _one_site_graph()
     v = {"params": {"w": jnp.eye(3)}}
-    st = init(g, CompressionSpec(skip=()), None, v)
+    st = init_state(g, CompressionSpec(skip=()), v)
     with pytest.raises(ValueError, match="could not find"):
         compress_apply(lambda v, x: x * v["params"]["w"].sum(), g)(v, st, jnp.ones((1, 3)))
 
 
 def test_calibrate_sets_activation_ranges():
     model, v, g, x = small_cnn()
-    st = init(g, CompressionSpec(skip=()), None, v)
+    st = init_state(g, CompressionSpec(skip=()), v)
     fn = compress_apply(model.apply, g)
     st2 = calibrate(fn, v, st, [x, x * 0.5])
     np.testing.assert_allclose(st2.act["Conv_0"].q_m, 0.75 * jnp.max(jnp.abs(x)), rtol=1e-6)

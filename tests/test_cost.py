@@ -10,7 +10,7 @@ from test_state import mnist_cnn_graph
 
 from jaxjpq import cost
 from jaxjpq.quant import QuantParams, step_from_bits
-from jaxjpq.state import CompressionSpec, init
+from jaxjpq.state import CompressionSpec, init_state
 
 F1, F2, H, C = 4, 8, 16, 10
 G = mnist_cnn_graph(F1, F2, H, C)
@@ -18,7 +18,7 @@ G = mnist_cnn_graph(F1, F2, H, C)
 
 def _state(bits_w, bits_a, masks, per_channel=False, power_of_two=False):
     """State with integer bits per site and the given {group: bool array} masks."""
-    s = init(G, CompressionSpec(skip=(), per_channel=per_channel, power_of_two=power_of_two), None)
+    s = init_state(G, CompressionSpec(skip=(), per_channel=per_channel, power_of_two=power_of_two), None)
     sm = G.site_map
     w = {k: p.replace(d=step_from_bits(float(bits_w[k]), p.q_m, p.t)) for k, p in s.weight.items()}
     a = {k: p.replace(d=step_from_bits(float(bits_a[k]), p.q_m, p.t, sm[k].signed_input))
@@ -28,7 +28,7 @@ def _state(bits_w, bits_a, masks, per_channel=False, power_of_two=False):
 
 
 def test_dense_fp32_bops_are_1024_macs():
-    s = init(G, CompressionSpec(quantize_weights=False, quantize_activations=False), None)
+    s = init_state(G, CompressionSpec(quantize_weights=False, quantize_activations=False), None)
     total_macs = sum(cost.macs(G).values())
     assert cost.bops(G, s) == 32 * 32 * total_macs == cost.fp32_bops(G)
     assert cost.relative_bops(G, s) == 1.0
@@ -85,8 +85,8 @@ def test_soft_bops_gradient_in_masks_and_bits():
     assert all(float(g.act[k].d) < 0 for k in sites)
 
 
-def test_per_channel_exact_bits_take_the_widest_kept_channel():
-    s = init(G, CompressionSpec(skip=(), per_channel=True), None)
+def test_per_channel_bits_count_per_channel():
+    s = init_state(G, CompressionSpec(skip=(), per_channel=True), None)
     p = s.weight["Dense_0"]
     bits = np.full(H, 3.0)
     bits[0], bits[1] = 8.0, 6.0
@@ -94,9 +94,16 @@ def test_per_channel_exact_bits_take_the_widest_kept_channel():
     mask = np.ones(H)
     mask[0] = 0.0
     s = s.replace(masks={**s.masks, "Dense_0/kernel:out": jnp.asarray(mask)})
-    assert cost.bits(G, s)["Dense_0"][0] == 6.0
+    # the pruned channel holds 0 bits; the mean is over the kept weights
+    want = np.concatenate([[0.0, 6.0], np.full(H - 2, 3.0)])
+    np.testing.assert_array_equal(cost.channel_bits(G, s, "Dense_0"), want)
+    np.testing.assert_allclose(cost.bits(G, s)["Dense_0"][0], (6.0 + 3.0 * (H - 2)) / (H - 1))
     soft = cost.bits(G, s, soft=True)["Dense_0"][0]
     np.testing.assert_allclose(soft, (6.0 + 3.0 * (H - 2)) / (H - 1), rtol=1e-5)
+    rows = 49 * F2
+    d0 = cost.size_bits(G, s) - cost.size_bits(G, s.replace(weight={**s.weight, "Dense_0": p}))
+    # Dense_0 at 16 bits in the reference state: the difference is per channel
+    assert d0 == rows * (6.0 + 3.0 * (H - 2)) - rows * (H - 1) * 16.0
 
 
 def test_power_of_two_bits_are_rounded():
@@ -108,7 +115,7 @@ def test_power_of_two_bits_are_rounded():
 
 
 def test_non_integer_bits_round_up_in_exact_mode():
-    s = init(G, CompressionSpec(skip=()), None)
+    s = init_state(G, CompressionSpec(skip=()), None)
     p = s.weight["Conv_1"]
     s.weight["Conv_1"] = QuantParams(d=step_from_bits(4.3, p.q_m), q_m=p.q_m, t=p.t)
     assert cost.bits(G, s)["Conv_1"][0] == 5.0
@@ -128,7 +135,7 @@ def test_report_lists_layers_and_kept_channels():
 
 
 def test_state_from_other_graph_is_refused():
-    s = init(mnist_cnn_graph(4, 8, 32), CompressionSpec(), None)
+    s = init_state(mnist_cnn_graph(4, 8, 32), CompressionSpec())
     with pytest.raises(ValueError, match="another graph"):
         cost.bops(G, s)
 
@@ -142,6 +149,6 @@ def test_dense_fp32_bops_of_traced_zoo_models(name):
     x = jnp.zeros(input_spec(name, 2).shape, input_spec(name, 2).dtype)
     v = model.init(jax.random.key(0), x)
     g = trace(model.apply, v, x)
-    s = init(g, CompressionSpec(quantize_weights=False, quantize_activations=False), None)
+    s = init_state(g, CompressionSpec(quantize_weights=False, quantize_activations=False))
     assert cost.bops(g, s) == 32 * 32 * sum(site.macs_per_example for site in g.sites) > 0
     assert cost.relative_bops(g, s) == 1.0

@@ -14,7 +14,7 @@ from jaxjpq import cost, export
 from jaxjpq.compress import calibrate, compress_apply
 from jaxjpq.models import MnistCNN
 from jaxjpq.quant import step_from_bits
-from jaxjpq.state import CompressionSpec, init
+from jaxjpq.state import CompressionSpec, init_state
 
 
 @settings(max_examples=40, deadline=None)
@@ -50,7 +50,7 @@ def test_pack_rejects_codes_that_do_not_fit():
 
 
 def _mixed_state(g, v, x, fn, bits, per_channel=False, power_of_two=False, seed=0):
-    st = init(g, CompressionSpec(per_channel=per_channel, power_of_two=power_of_two), None, v)
+    st = init_state(g, CompressionSpec(per_channel=per_channel, power_of_two=power_of_two), v)
     st = calibrate(fn, v, st, [x])
     rng = np.random.default_rng(seed)
     weight = {k: p.replace(d=step_from_bits(float(bits[k]), p.q_m, p.t))
@@ -117,8 +117,8 @@ def test_jax_export_matches_fake_quant_forward():
 
 def test_packed_model_from_other_graph_is_refused():
     model, v, g, x = small_cnn()
-    packed = export.pack(g, v, init(g, CompressionSpec(), None, v))
+    packed = export.pack(g, v, init_state(g, CompressionSpec(), v))
     with pytest.raises(ValueError, match="another graph"):
         export.inference_fn(packed, model.apply, mnist_cnn_graph(4, 8, 32))
     with pytest.raises(ValueError, match="another graph"):
-        export.pack(mnist_cnn_graph(4, 8, 32), v, init(g, CompressionSpec(), None, v))
+        export.pack(mnist_cnn_graph(4, 8, 32), v, init_state(g, CompressionSpec(), v))

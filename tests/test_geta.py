@@ -9,22 +9,19 @@ import pytest
 from test_state import small_cnn
 
 from jaxjpq.compress import compress_apply
-from jaxjpq.methods.geta import (
-    _quant_update,
-    geta,
-    make_schedule,
-    prune_counts,
-    select_units,
-)
+from jaxjpq.methods.core import fixed_bits_step
+from jaxjpq.methods.core import period_counts as prune_counts
+from jaxjpq.methods.core import select_units
+from jaxjpq.methods.geta import _sgd_projected, geta, make_schedule
 from jaxjpq.quant import QuantParams, params_bits, step_from_bits
-from jaxjpq.state import CompressionSpec, init
+from jaxjpq.state import CompressionSpec, init_state
 from jaxjpq.units import unit_broadcast, unit_index, unit_sum
 
 
 def _setup(bits=(2.0, 4.0), sparsity=0.5):
     model, v, g, x = small_cnn()
     spec = CompressionSpec(bits=bits, budget={"sparsity": sparsity})
-    cstate = init(g, spec, jax.random.key(0), v)
+    cstate = init_state(g, spec, v)
     return model, v, g, x, spec, cstate
 
 
@@ -115,7 +112,7 @@ def _run(model, v, g, x, spec, cstate, steps, tx):
 def test_geta_meets_sparsity_exactly_and_bits_in_range():
     model, v, g, x, spec, cstate = _setup()
     steps = 40
-    tx = geta(optax.sgd(0.05, momentum=0.9), g, spec, steps=steps)
+    tx = geta(optax.sgd(0.05, momentum=0.9), g, steps=steps)
     params, cs, opt_state, _ = _run(model, v, g, x, spec, cstate, steps, tx)
     index = unit_index(g, v)
     masks = index.flat_masks(cs.masks)
@@ -137,7 +134,7 @@ def test_geta_meets_sparsity_exactly_and_bits_in_range():
         if name not in cs.frozen:
             b = np.asarray(params_bits(p, sm[name].signed_input))
             assert np.all(b >= 2.0 - 1e-4) and np.all(b <= 4.0 + 1e-4), (name, b)
-    assert int(opt_state.step) == steps
+    assert int(opt_state.method.step) == steps
 
 
 def test_forget_rate_drives_redundant_units_to_zero_within_a_period():
@@ -145,7 +142,7 @@ def test_forget_rate_drives_redundant_units_to_zero_within_a_period():
     sched = make_schedule(12, warmup=0, projection_periods=1, projection_steps=1,
                           joint_periods=1, period_steps=8)
     # No gradient step: only the forget-rate shrink moves the redundant units.
-    tx = geta(optax.sgd(0.0), g, spec, steps=12, schedule=sched, quant_lr=0.0)
+    tx = geta(optax.sgd(0.0), g, steps=12, schedule=sched, quant_lr=0.0)
     _, _, _, hist = _run(model, v, g, x, spec, cstate, 12, tx)
     index = unit_index(g, v)
     # Redundant set chosen at the joint start; its unit norms shrink every step to exactly 0.
@@ -165,8 +162,8 @@ def test_geta_composes_with_chain_and_inject_hyperparams():
     steps = 20
     tx = optax.chain(
         optax.clip_by_global_norm(1.0),
-        optax.inject_hyperparams(geta, static_args=("steps",))(
-            optax.sgd(0.05), g, spec, steps=steps, quant_lr=1e-3
+        optax.inject_hyperparams(geta, static_args=("steps", "unit_multiple"))(
+            optax.sgd(0.05), g, steps=steps, quant_lr=1e-3
         ),
     )
     params, cs, opt_state, _ = _run(model, v, g, x, spec, cstate, steps, tx)
@@ -182,9 +179,10 @@ def test_overshooting_clip_step_keeps_q_m_on_its_scale():
     lr = 1e-3
     grads = {"big": QuantParams(d=0.0, q_m=10.0 * 0.05 / lr, t=0.0),  # SGD would give -9 q_m
              "small": QuantParams(d=0.0, q_m=0.1 * 0.05 / lr, t=0.0)}
-    upd = _quant_update({"big": p, "small": p}, grads, {"big": True, "small": True}, (),
-                        jnp.float32(lr), 2.0, jnp.float32(8.0), 8.0, jnp.asarray(False))
-    new = jax.tree.map(lambda a, b: a + b, upd["big"], p)
+    out = _sgd_projected({"big": p, "small": p}, grads, {"big": True, "small": True}, (),
+                         jnp.float32(lr), 2.0, jnp.float32(8.0))
+    new = out["big"]
+    upd = {"small": jax.tree.map(lambda a, b: a - b, out["small"], p)}
     np.testing.assert_allclose(new.q_m, 0.025, rtol=1e-6)  # stops at half its value, stays > 0
     b = float(params_bits(new))
     assert 2.0 - 1e-4 <= b <= 8.0 + 1e-4 and float(new.d) > 0
@@ -196,9 +194,8 @@ def test_overshooting_clip_step_keeps_q_m_on_its_scale():
 def test_cooldown_keeps_rounded_bits_and_trains_clips_only_when_asked(cooldown_clips):
     p = QuantParams(d=step_from_bits(3.2, 0.5), q_m=jnp.float32(0.5), t=jnp.float32(1.0))
     grads = {"w": QuantParams(d=jnp.float32(1.0), q_m=jnp.float32(20.0), t=jnp.float32(0.0))}
-    upd = _quant_update({"w": p}, grads, {"w": True}, (), jnp.float32(1e-3), 2.0,
-                        jnp.float32(4.0), 4.0, jnp.asarray(True), cooldown_clips)
-    new = jax.tree.map(lambda a, b: a + b, upd["w"], p)
+    new = fixed_bits_step({"w": p}, grads, {"w": True}, (), lr=jnp.float32(1e-3), b_lo=2.0,
+                          b_hi=4.0, train_clips=cooldown_clips, train_t=True)["w"]
     np.testing.assert_allclose(params_bits(new), 3.0, atol=1e-5)  # round(3.2), then fixed
     np.testing.assert_allclose(new.q_m, 0.48 if cooldown_clips else 0.5, rtol=1e-6)
 
@@ -206,8 +203,8 @@ def test_cooldown_keeps_rounded_bits_and_trains_clips_only_when_asked(cooldown_c
 def test_geta_rejects_bad_input():
     _, v, g, _, spec, cstate = _setup()
     with pytest.raises(ValueError, match="sparsity"):
-        geta(optax.sgd(0.1), g, CompressionSpec(), steps=10)
-    tx = geta(optax.sgd(0.1), g, spec, steps=40)
+        geta(optax.sgd(0.1), g, steps=10).init((v["params"], init_state(g, CompressionSpec(), v)))
+    tx = geta(optax.sgd(0.1), g, steps=40)
     state = tx.init((v["params"], cstate))
     with pytest.raises(ValueError, match="params"):
         tx.update((v["params"], cstate), state)
@@ -247,13 +244,14 @@ def interrupted_and_full(make_state, src, batch, steps, stop, ckpt_dir, **full_k
 
 def test_geta_resume_from_checkpoint_matches_uninterrupted_run(tmp_path):
     from jaxjpq import train
-    from jaxjpq.methods.driver import CompressedForward, compression_metrics
+    from jaxjpq.cost import metrics as compression_metrics
+    from jaxjpq.train import CompressedForward
 
     steps = 24
 
     def make_state():
         model, v, g, _, spec, cstate = _setup()
-        tx = geta(optax.adam(1e-3), g, spec, steps=steps)
+        tx = geta(optax.adam(1e-3), g, steps=steps)
         return train.create_train_state(CompressedForward(model.apply, g),
                                         {"params": (v["params"], cstate)}, tx)
 
@@ -287,8 +285,7 @@ def test_unit_costs_rank_groups_by_their_macs():
 
 
 def test_per_group_allocation_prunes_every_group_by_the_same_fraction():
-    from jaxjpq.methods.baselines import per_group_counts
-    from jaxjpq.methods.geta import group_period_counts, select_per_group
+    from jaxjpq.methods.core import group_period_counts, per_group_counts, select_per_group
 
     model, v, g, x, spec, cstate = _setup()
     index = unit_index(g, v)
@@ -305,7 +302,7 @@ def test_per_group_allocation_prunes_every_group_by_the_same_fraction():
         chosen = np.asarray(imp[lo:hi])[sel[lo:hi]]
         assert chosen.max() <= np.sort(np.asarray(imp[lo:hi])[live])[n - 1]
     steps = 40
-    tx = geta(optax.sgd(0.05, momentum=0.9), g, spec, steps=steps, allocation="per_group")
+    tx = geta(optax.sgd(0.05, momentum=0.9), g, steps=steps, allocation="per_group")
     _, cs, _, _ = _run(model, v, g, x, spec, cstate, steps, tx)
     kept = {k: int((m > 0.5).sum()) for k, m in cs.masks.items()}
     assert list(kept.values()) == [2, 4, 8]  # half of 4, 8, 16

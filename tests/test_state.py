@@ -14,7 +14,7 @@ import pytest
 from jaxjpq.graph import Graph, Group, Site, Slice
 from jaxjpq.models import MnistCNN
 from jaxjpq.quant import params_bits
-from jaxjpq.state import CompressionSpec, CompressionState, check_state, graph_fingerprint, init
+from jaxjpq.state import CompressionSpec, CompressionState, check_state, graph_fingerprint, init_state
 
 P = "params"
 
@@ -70,7 +70,7 @@ def small_cnn(f1=4, f2=8, hidden=16, seed=0):
 
 def test_init_shapes_and_values():
     _, v, g, _ = small_cnn()
-    st = init(g, CompressionSpec(per_channel=True), jax.random.key(0), v)
+    st = init_state(g, CompressionSpec(per_channel=True), v)
     assert set(st.masks) == {"Conv_0/kernel:out", "Conv_1/kernel:out", "Dense_0/kernel:out"}
     for grp in g.prunable_groups:
         chex.assert_trees_all_equal(st.masks[grp.id], jnp.ones(grp.size))
@@ -88,12 +88,12 @@ def test_init_shapes_and_values():
 
 def test_spec_options_change_state():
     _, v, g, _ = small_cnn()
-    st = init(g, CompressionSpec(skip=(), quantize_activations=False), None, v)
+    st = init_state(g, CompressionSpec(skip=(), quantize_activations=False), v)
     assert st.act == {} and st.frozen == () and set(st.weight) == {s.name for s in g.sites}
     assert st.weight["Conv_1"].d.shape == ()
-    st = init(g, CompressionSpec(skip_bits=None), None, v)
+    st = init_state(g, CompressionSpec(skip_bits=None), v)
     assert set(st.weight) == {"Conv_1", "Dense_0"} and st.frozen == ()
-    st = init(g, CompressionSpec(skip=("Dense_0",)), None)  # no variables: q_m = 1
+    st = init_state(g, CompressionSpec(skip=("Dense_0",)))  # no variables: q_m = 1
     assert st.frozen == ("Dense_0",) and float(st.weight["Conv_1"].q_m) == 1.0
 
 
@@ -119,7 +119,7 @@ def test_bad_spec_is_rejected(kwargs, match):
 def test_spec_naming_missing_layer_is_rejected():
     g = mnist_cnn_graph(4, 8, 16)
     with pytest.raises(ValueError, match="Conv_9"):
-        init(g, CompressionSpec(skip=("Conv_9",)), None)
+        init_state(g, CompressionSpec(skip=("Conv_9",)))
 
 
 def test_budget_is_normalised():
@@ -131,7 +131,7 @@ def test_budget_is_normalised():
 def test_state_from_other_graph_is_refused():
     g1, g2 = mnist_cnn_graph(4, 8, 16), mnist_cnn_graph(4, 8, 32)
     assert graph_fingerprint(g1) != graph_fingerprint(g2)
-    st = init(g1, CompressionSpec(), None)
+    st = init_state(g1, CompressionSpec())
     check_state(g1, st)
     with pytest.raises(ValueError, match="another graph"):
         check_state(g2, st)
@@ -140,19 +140,19 @@ def test_state_from_other_graph_is_refused():
 def test_wrong_variables_are_rejected():
     _, v, _, _ = small_cnn()
     with pytest.raises(ValueError, match="re-trace"):
-        init(mnist_cnn_graph(4, 8, 32), CompressionSpec(), None, v)
+        init_state(mnist_cnn_graph(4, 8, 32), CompressionSpec(), v)
 
 
 def test_state_is_a_jittable_pytree():
     _, v, g, _ = small_cnn()
-    st = init(g, CompressionSpec(), None, v)
+    st = init_state(g, CompressionSpec(), v)
     out = jax.jit(lambda s: jax.tree.map(lambda a: a * 2, s))(st)
     assert isinstance(out, CompressionState) and out.fingerprint == st.fingerprint
 
 
 def test_orbax_round_trip(tmp_path):
     _, v, g, _ = small_cnn()
-    st = init(g, CompressionSpec(per_channel=True), None, v)
+    st = init_state(g, CompressionSpec(per_channel=True), v)
     st = st.replace(masks={k: m.at[0].set(0.0) for k, m in st.masks.items()})
     ckpt = ocp.StandardCheckpointer()
     ckpt.save(tmp_path / "state", st)

@@ -26,10 +26,9 @@ import optax
 from flax import traverse_util
 
 from jaxjpq.graph import Graph
-from jaxjpq.methods.driver import signedness
-from jaxjpq.quant import QuantParams, clip_sgd_step, init_from_tensor, step_from_bits
-from jaxjpq.state import check_state
-from jaxjpq.units import UnitIndex, hold_zero, rank_in_group, unit_index, unit_sum
+from jaxjpq.methods import core
+from jaxjpq.quant import init_from_tensor
+from jaxjpq.units import UnitIndex, rank_in_group, unit_index
 
 
 class StagedState(NamedTuple):
@@ -44,35 +43,11 @@ class StagedState(NamedTuple):
     inner_state: optax.OptState
 
 
-def per_group_counts(index: UnitIndex, sparsity: float) -> np.ndarray:
-    """int ``[G]``: units to remove per group, the same fraction everywhere, summing exactly to
-    ``round(sparsity · U)``; every group keeps at least one unit."""
-    sizes = np.diff(index.offsets)
-    total = int(round(sparsity * index.num_units))
-    if total > index.num_units - index.num_groups:
-        raise ValueError(
-            f"sparsity {sparsity} removes {total} of {index.num_units} units, but each of the "
-            f"{index.num_groups} groups must keep one; lower it."
-        )
-    ideal = sizes * total / max(index.num_units, 1)
-    counts = np.minimum(np.floor(ideal).astype(np.int64), sizes - 1)
-    order = np.argsort(-(ideal - counts), kind="stable")
-    for j in order:
-        if counts.sum() >= total:
-            break
-        if counts[j] < sizes[j] - 1:
-            counts[j] += 1
-    while counts.sum() < total:  # remainders exhausted: fill groups with room left
-        j = int(np.argmax(sizes - 1 - counts))
-        counts[j] += 1
-    return counts
-
-
 def magnitude_masks(index: UnitIndex, params, counts: np.ndarray) -> jax.Array:
     """float ``[U]``: 0 for the ``counts[g]`` smallest-norm units of each group, else 1."""
-    norms = jnp.sqrt(unit_sum(index, lambda x: x * x, params))
     seg = jnp.asarray(index.group_of_unit)
-    return jnp.where(rank_in_group(index, norms) < jnp.asarray(counts)[seg], 0.0, 1.0)
+    rank = rank_in_group(index, core.magnitude(index, params))
+    return jnp.where(rank < jnp.asarray(counts)[seg], 0.0, 1.0)
 
 
 def prune_then_quantize(
@@ -85,6 +60,7 @@ def prune_then_quantize(
     prune_step: int,
     quantize_step: int,
     quant_lr: float = 1e-3,
+    unit_multiple: int = 1,
 ) -> optax.GradientTransformation:
     """Magnitude channel pruning, fine-tuning, then uniform ``bits`` quantization with QAT.
 
@@ -96,6 +72,8 @@ def prune_then_quantize(
       bits: uniform bit width of every learned (non-frozen) quantizer from ``quantize_step`` on;
         weight clips restart there at ``max|W|`` of the trained weights.
       quant_lr: SGD learning rate of the clips ``q_m`` during QAT.
+      unit_multiple: kept widths rounded to a multiple of this (see
+        :func:`jaxjpq.methods.core.per_group_counts`).
     """
     if not 0 <= prune_step <= quantize_step <= steps:
         raise ValueError(
@@ -105,52 +83,48 @@ def prune_then_quantize(
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must lie in [0, 1), got {sparsity}.")
 
-    def init_fn(params):
-        model_params, cstate = params
-        check_state(graph, cstate)
-        per_group_counts(unit_index(graph, {"params": model_params}), sparsity)
+    def init(model_params, cstate):
+        core.per_group_counts(unit_index(graph, {"params": model_params}), sparsity,
+                              unit_multiple)
         return StagedState(jnp.zeros((), jnp.int32), inner.init(model_params))
 
-    def quant_updates(table, grads, signed, frozen, start, quantize, restart):
-        out = {}
-        for name, p in table.items():
-            if name in frozen:
-                out[name] = jax.tree.map(jnp.zeros_like, p)
-                continue
-            q_m = clip_sgd_step(p.q_m, grads[name].q_m, quant_lr)
-            if name in restart:
-                q_m = jnp.where(start, restart[name].q_m, q_m)
-            new = QuantParams(d=step_from_bits(bits, q_m, p.t, signed[name]), q_m=q_m, t=p.t)
-            out[name] = jax.tree.map(lambda a, b: jnp.where(quantize, a - b, 0.0), new, p)
-        return out
-
-    def update_fn(updates, state, params=None):
-        if params is None:
-            raise ValueError("prune_then_quantize needs params: update(updates, state, params).")
-        g_p, g_c = updates
-        p, c = params
+    def update(g_p, g_c, p, c, state):
         index = unit_index(graph, {"params": p})
-        counts = per_group_counts(index, sparsity)
+        counts = core.per_group_counts(index, sparsity, unit_multiple)
         s = state.step
         u_p, inner_state = inner.update(g_p, state.inner_state, p)
         masks = index.flat_masks(c.masks)
         new_masks = jnp.where(s == prune_step, magnitude_masks(index, p, counts), masks)
-        u_p = hold_zero(index, u_p, p, new_masks < 0.5)
+        u_p = core.hold(graph, index, u_p, p, new_masks < 0.5, c)
         quantize, start = s >= quantize_step, s == quantize_step
-        w_signed, a_signed = signedness(graph, c)
+        w_signed, a_signed = core.signedness(graph, c)
         flat = traverse_util.flatten_dict({"params": p})
         sm = graph.site_map
+        lr = jnp.asarray(quant_lr, jnp.float32)
+
+        def quant(table, grads, signed, restart):
+            qat = core.fixed_bits_step(table, grads, signed, c.frozen, lr=lr, b_lo=bits,
+                                       b_hi=bits)
+            out = {}
+            for n, p_old in table.items():
+                if n in c.frozen:
+                    out[n] = p_old
+                    continue
+                first = core.with_bits(restart[n], bits, signed[n]) if n in restart else qat[n]
+                new = jax.tree.map(lambda a, b: jnp.where(start, a, b), first, qat[n])
+                out[n] = jax.tree.map(lambda a, b: jnp.where(quantize, a, b), new, p_old)
+            return out
+
         restart = {
             n: init_from_tensor(flat[sm[n].weight], bits, sm[n].out_axes if q.d.ndim else None)
             for n, q in c.weight.items()
             if n not in c.frozen
         }
-        u_c = c.replace(
-            weight=quant_updates(c.weight, g_c.weight, w_signed, c.frozen, start, quantize,
-                                 restart),
-            act=quant_updates(c.act, g_c.act, a_signed, c.frozen, start, quantize, {}),
-            masks=index.split(new_masks - masks),
+        c_new = c.replace(
+            weight=quant(c.weight, g_c.weight, w_signed, restart),
+            act=quant(c.act, g_c.act, a_signed, {}),
+            masks=index.split(new_masks),
         )
-        return (u_p, u_c), StagedState(s + 1, inner_state)
+        return u_p, c_new, StagedState(s + 1, inner_state)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return core.pair_transform(graph, "prune_then_quantize", init, update)

@@ -33,19 +33,19 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from jaxjpq import cost
 from jaxjpq import gates as gates_lib
 from jaxjpq.graph import Graph
-from jaxjpq.methods.driver import signedness
-from jaxjpq.quant import QuantParams, bits_from_step, pow2_bits_hard, step_from_bits
+from jaxjpq.methods import core
+from jaxjpq.quant import QuantParams, bits_from_step
 from jaxjpq.slim import apply_masks
-from jaxjpq.state import CompressionSpec, CompressionState, check_state
-from jaxjpq.state import init as init_compression
+from jaxjpq.state import CompressedParams, CompressionSpec, CompressionState
+from jaxjpq.state import init as init_pair
+from jaxjpq.state import init_state as init_compression
 from jaxjpq.train import cross_entropy
-from jaxjpq.units import UnitIndex, hold_zero, unit_index
+from jaxjpq.units import unit_index
 
 _LOG_SIGMA2_RANGE = (-20.0, 10.0)
 _LOG_GAMMA2_RANGE = (-12.0, 14.0)
@@ -72,21 +72,29 @@ class DjpqState(NamedTuple):
 def init_state(
     graph: Graph,
     spec: CompressionSpec,
-    key: jax.Array,
     variables: Mapping | None = None,
     *,
+    key: jax.Array | None = None,
     threshold: float = 0.0,
     mu: float = 1.0,
     log_sigma2: float = -4.0,
 ) -> CompressionState:
     """A :class:`CompressionState` for DJPQ: quantizers with ``t = 1`` (``learn_t`` is forced
-    off) at ``spec.init_bits`` and a VIB gate per prunable unit (see :func:`jaxjpq.gates.init`)."""
+    off) at ``spec.init_bits`` and a VIB gate per prunable unit (see :func:`jaxjpq.gates.init`;
+    ``key`` jitters the gates, default ``PRNGKey(0)``)."""
     spec = dataclasses.replace(spec, learn_t=False)
-    c = init_compression(graph, spec, key, variables)
+    c = init_compression(graph, spec, variables)
     return c.replace(
         gates=gates_lib.init(graph, key, mu=mu, log_sigma2=log_sigma2),
         gate_threshold=float(threshold),
     )
+
+
+def init(graph: Graph, spec: CompressionSpec, variables: Mapping, **kwargs: Any
+         ) -> CompressedParams:
+    """``CompressedParams(variables["params"], init_state(graph, spec, variables, **kwargs))``."""
+    base = init_pair(graph, dataclasses.replace(spec, learn_t=False), variables)
+    return base._replace(compression=init_state(graph, spec, variables, **kwargs))
 
 
 def penalty(graph: Graph, cstate: CompressionState, gamma1: Any, gamma2: Any) -> jax.Array:
@@ -138,10 +146,6 @@ def _free_grads(c: CompressionState, g: CompressionState) -> dict:
     }
 
 
-def _round_bits(b, b_lo, b_hi, pow2):
-    return pow2_bits_hard(b) if pow2 else jnp.clip(jnp.round(b), b_lo, b_hi)
-
-
 def _quant_table(table, steps, signed, frozen, b_lo, b_hi, search, finalize, pow2):
     """New quantizers: search = Adam step + projection of ``d``; finalize = bits rounded;
     cool-down = ``q_m`` step with ``d = d(frozen bits)``."""
@@ -153,12 +157,11 @@ def _quant_table(table, steps, signed, frozen, b_lo, b_hi, search, finalize, pow
         s = signed[name]
         dlog_d, dlog_q = steps[name]
         q_m = p.q_m * jnp.exp(dlog_q)
-        d = jnp.clip(p.d * jnp.exp(dlog_d), step_from_bits(b_hi, q_m, 1.0, s),
-                     step_from_bits(b_lo, q_m, 1.0, s))
-        b_now = bits_from_step(p.d, p.q_m, 1.0, s)
-        d_final = step_from_bits(_round_bits(b_now, b_lo, b_hi, pow2), p.q_m, 1.0, s)
+        d = core.projected(QuantParams(p.d * jnp.exp(dlog_d), q_m, p.t), s, b_lo, b_hi).d
+        d_final = core.with_bits(p, core.rounded_bits(p, s, b_lo, b_hi, pow2), s).d
         # Frozen bits are integers: re-round to absorb float drift, keep d = d(b) at the new q_m.
-        d_cool = step_from_bits(jnp.round(b_now), q_m, 1.0, s)
+        b_now = bits_from_step(p.d, p.q_m, p.t, s)
+        d_cool = core.with_bits(p.replace(q_m=q_m), jnp.round(b_now), s).d
         new_d = jnp.where(search, d, jnp.where(finalize, d_final, d_cool))
         new_q = jnp.where(finalize, p.q_m, q_m)
         out[name] = QuantParams(d=new_d, q_m=new_q, t=p.t)
@@ -178,71 +181,9 @@ def _prune_masks(c: CompressionState) -> dict[str, jax.Array]:
     return out
 
 
-def _enforce_budget(graph: Graph, c: CompressionState, target: float, b_lo: float,
-                    b_hi: float, pow2: bool) -> CompressionState:
-    """Lower bits, largest BOPs saving first, until the exact relative BOPs are <= ``target``."""
-    w_signed, a_signed = signedness(graph, c)
-    cands = [("weight", n) for n in c.weight if n not in c.frozen]
-    cands += [("act", n) for n in c.act if n not in c.frozen]
-    if not cands:
-        return c
-    fp = cost.fp32_bops(graph)
-    # Each candidate can be lowered at most from b_u to b_l: a static bound on the iterations.
-    iters = len(cands) * (2 if pow2 else int(np.ceil(b_hi - b_lo)))
-
-    def body(_, c):
-        sb = cost.site_bops(graph, c)
-        over = sum(sb.values()) / fp > target
-        bits = cost.bits(graph, c)
-        low, saving = [], []
-        for kind, n in cands:
-            b = bits[n][0 if kind == "weight" else 1]
-            lower = jnp.where(b > 4.0, 4.0, 2.0) if pow2 else b - 1.0
-            ok = lower >= b_lo - 1e-6
-            low.append(lower)
-            saving.append(jnp.where(ok, sb[n] * (1.0 - lower / b), -1.0))
-        saving = jnp.stack(saving)
-        pick = jnp.argmax(saving)
-        act = over & (saving[pick] > 0)
-        weight, act_t = dict(c.weight), dict(c.act)
-        for i, (kind, n) in enumerate(cands):
-            table = weight if kind == "weight" else act_t
-            p = table[n]
-            s = (w_signed if kind == "weight" else a_signed)[n]
-            d_low = jnp.maximum(p.d, step_from_bits(low[i], p.q_m, 1.0, s))
-            table[n] = p.replace(d=jnp.where(act & (pick == i), d_low, p.d))
-        return c.replace(weight=weight, act=act_t)
-
-    return jax.lax.fori_loop(0, iters, body, c)
-
-
-def _enforce_by_pruning(graph: Graph, index: UnitIndex, c: CompressionState,
-                        target: float) -> CompressionState:
-    """Prune live units, highest gate log-ratio first (every group keeps one), until the exact
-    relative BOPs are <= ``target``."""
-    if index.num_units == 0:
-        return c
-    seg = jnp.asarray(index.group_of_unit)
-    fp = cost.fp32_bops(graph)
-    ratio = index.flat_masks({g: gates_lib.log_ratio(gt) for g, gt in c.gates.items()})
-
-    def body(_, c):
-        over = cost.bops(graph, c) / fp > target
-        masks = index.flat_masks(c.masks)
-        live = masks > 0.5
-        n_live = jax.ops.segment_sum(live.astype(jnp.int32), seg, index.num_groups)
-        ok = live & (n_live[seg] > 1)
-        pick = jnp.argmax(jnp.where(ok, ratio, -jnp.inf))
-        masks = jnp.where(over & ok[pick] & (jnp.arange(index.num_units) == pick), 0.0, masks)
-        return c.replace(masks=index.split(masks))
-
-    return jax.lax.fori_loop(0, index.num_units - index.num_groups, body, c)
-
-
 def djpq(
     inner: optax.GradientTransformation,
     graph: Graph,
-    spec: CompressionSpec,
     *,
     steps: int,
     target_bops: float | None = None,
@@ -254,14 +195,16 @@ def djpq(
     warmup: int | None = None,
     search_end: int | None = None,
 ) -> optax.GradientTransformation:
-    """DJPQ over ``(params, compression_state)`` (state from :func:`init_state`).
+    """DJPQ over ``(params, compression_state)`` (state from :func:`init` / :func:`init_state`).
+
+    The bit range ``(b_l, b_u)`` and ``power_of_two`` come from the state's spec, the target from
+    its ``budget["bops"]`` unless ``target_bops`` is given (relative to fp32, in (0, 1]).
 
     Args:
       inner: optimizer of the model params.
       graph: the traced graph of the model.
-      spec: bit range ``(b_l, b_u)``, ``power_of_two``; the target from ``spec.budget["bops"]``
-        unless ``target_bops`` is given (relative to fp32, in (0, 1]).
       steps: total updates. ``warmup`` (default 10 %) and ``search_end`` (default 70 %) split them.
+      target_bops: relative BOPs target.
       gamma1: weight of ``Σ KL`` (nats per unit, summed).
       gamma2: initial weight of the relative soft BOPs; adapted by ``gamma2_rate`` per step (in
         log space) toward ``(1 − margin) · target``.
@@ -270,12 +213,8 @@ def djpq(
     Returns:
       ``GradientTransformation`` whose ``update(grads, state, params)`` takes and returns pairs.
     """
-    target = spec.budget_for("bops") if target_bops is None else float(target_bops)
-    if target is None or not 0.0 < target <= 1.0:
-        raise ValueError(
-            "djpq needs a relative BOPs target in (0, 1]: pass target_bops=... or "
-            "CompressionSpec(budget={'bops': ...})."
-        )
+    if target_bops is not None and not 0.0 < float(target_bops) <= 1.0:
+        raise ValueError(f"djpq needs a relative BOPs target in (0, 1], got {target_bops}.")
     warmup = int(round(0.1 * steps)) if warmup is None else int(warmup)
     search_end = int(round(0.7 * steps)) if search_end is None else int(search_end)
     if not 0 <= warmup <= search_end < steps:
@@ -284,29 +223,34 @@ def djpq(
         )
     if not 0.0 <= margin < 1.0:
         raise ValueError(f"margin must lie in [0, 1), got {margin}.")
-    b_lo, b_hi = spec.bits
-    pow2 = bool(spec.power_of_two)
-    if pow2 and not (b_lo <= 2.0 and b_hi >= 8.0):
-        raise ValueError(f"power-of-two bits {{2, 4, 8}} need spec.bits to cover [2, 8], got "
-                         f"{spec.bits}.")
-    aim = (1.0 - margin) * target
     adam = optax.adam(quant_lr)
 
-    def check(c: CompressionState) -> None:
-        check_state(graph, c)
+    def config(c: CompressionState) -> tuple[float, float, float, bool]:
+        """(target, b_l, b_u, power_of_two) from the state's spec; validates the state."""
+        spec = c.spec
+        if spec is None:
+            raise ValueError("djpq needs a state made by jaxjpq.djpq.init (it carries the spec).")
         if not c.gates:
             raise ValueError("djpq needs VIB gates in the state: build it with "
-                             "jaxjpq.methods.djpq.init_state(graph, spec, key, variables).")
+                             "jaxjpq.djpq.init(graph, spec, variables).")
         if c.learn_t:
-            raise ValueError("djpq uses the t = 1 quantizer: build the state with init_state "
-                             "(or CompressionSpec(learn_t=False)).")
-        if c.power_of_two != pow2:
-            raise ValueError(f"state.power_of_two={c.power_of_two} differs from "
-                             f"spec.power_of_two={pow2}.")
+            raise ValueError("djpq uses the t = 1 quantizer: build the state with "
+                             "jaxjpq.djpq.init (or CompressionSpec(learn_t=False)).")
+        target = spec.budget_for("bops") if target_bops is None else float(target_bops)
+        if target is None or not 0.0 < target <= 1.0:
+            raise ValueError(
+                "djpq needs a relative BOPs target in (0, 1]: pass target_bops=... or "
+                "CompressionSpec(budget={'bops': ...})."
+            )
+        b_lo, b_hi = spec.bits
+        pow2 = bool(c.power_of_two)
+        if pow2 and not (b_lo <= 2.0 and b_hi >= 8.0):
+            raise ValueError(f"power-of-two bits {{2, 4, 8}} need spec.bits to cover [2, 8], "
+                             f"got {spec.bits}.")
+        return target, b_lo, b_hi, pow2
 
-    def init_fn(params):
-        model_params, c = params
-        check(c)
+    def init(model_params, c):
+        config(c)
         return DjpqState(
             step=jnp.zeros((), jnp.int32),
             inner_state=inner.init(model_params),
@@ -315,12 +259,9 @@ def djpq(
             rel_bops=jnp.asarray(cost.relative_bops(graph, c), jnp.float32),
         )
 
-    def update_fn(updates, state, params=None):
-        if params is None:
-            raise ValueError("djpq needs params: call update(updates, state, params).")
-        g_p, g_c = updates
-        p, c = params
-        check(c)
+    def update(g_p, g_c, p, c, state):
+        target, b_lo, b_hi, pow2 = config(c)
+        aim = (1.0 - margin) * target
         s = state.step
         search = s < search_end
         in_search = (s >= warmup) & search
@@ -339,7 +280,7 @@ def djpq(
             lambda: g_c,
         )
         free_u, comp_state = adam.update(_free_grads(c, g_tot), state.comp_state)
-        w_signed, a_signed = signedness(graph, c)
+        w_signed, a_signed = core.signedness(graph, c)
         new_w = _quant_table(c.weight, free_u["weight"], w_signed, c.frozen, b_lo, b_hi, search,
                              finalize, pow2)
         new_a = _quant_table(c.act, free_u["act"], a_signed, c.frozen, b_lo, b_hi, search,
@@ -363,8 +304,8 @@ def djpq(
 
         def fold(args):
             p, c_new = args
-            c_fin = _enforce_budget(graph, c_new, target, b_lo, b_hi, pow2)
-            c_fin = _enforce_by_pruning(graph, index, c_fin, target)
+            ratio = index.flat_masks({g: gates_lib.log_ratio(gt) for g, gt in c_new.gates.items()})
+            c_fin = core.enforce_budget(graph, c_new, bops=target, saliency=-ratio, params=p)
             folded = gates_lib.fold(graph, {"params": p}, c_fin.gates)
             p_new = apply_masks(graph, folded, c_fin.masks)["params"]
             c_fin = c_fin.replace(gates=gates_lib.folded(c_fin.gates))
@@ -372,12 +313,11 @@ def djpq(
 
         u_p, c_new = jax.lax.cond(finalize, fold, lambda a: (u_p, a[1]), (p, c_new))
         # Pruned units stay exactly zero (their momentum would otherwise move them).
-        u_p = hold_zero(index, u_p, p, index.flat_masks(c_new.masks) < 0.5)
-        rel = jnp.asarray(cost.relative_bops(graph, c_new), jnp.float32)
+        u_p = core.hold(graph, index, u_p, p, index.flat_masks(c_new.masks) < 0.5, c_new)
+        rel = jnp.asarray(cost.relative_bops(graph, c_new)).astype(jnp.float32)
         step_g = gamma2_rate * jnp.clip((rel - aim) / aim, -1.0, 1.0)
         log_g2 = jnp.clip(jnp.log(state.gamma2) + jnp.where(in_search, step_g, 0.0),
                           *_LOG_GAMMA2_RANGE)
-        u_c = jax.tree.map(lambda a, b: a - b, c_new, c)
         new_state = DjpqState(
             step=s + 1,
             inner_state=inner_state,
@@ -385,9 +325,9 @@ def djpq(
             gamma2=jnp.exp(log_g2),
             rel_bops=rel,
         )
-        return (u_p, u_c), new_state
+        return u_p, c_new, new_state
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return core.pair_transform(graph, "djpq", init, update)
 
 
 transform = djpq  # ``jaxjpq.djpq.transform(...)``, the name the design uses

@@ -15,7 +15,7 @@ Four stages over a fixed step budget, chosen inside one jitted ``update`` from t
    stay frozen, the remaining weights keep training.
 
 Use it as the last transform of a chain over the pair, e.g.
-``optax.chain(optax.clip_by_global_norm(1.0), geta(optax.sgd(0.1), graph, spec, ...))``;
+``optax.chain(optax.clip_by_global_norm(1.0), jaxjpq.geta(optax.sgd(0.1), graph, steps=...))``;
 ``params`` must be given to ``update``. The model params are the ``params`` collection of the
 variables the graph was traced with.
 """
@@ -33,26 +33,18 @@ import optax
 
 from jaxjpq.compress import quantize_weights
 from jaxjpq.graph import Graph
-from jaxjpq.methods.baselines import per_group_counts
-from jaxjpq.methods.driver import signedness
-from jaxjpq.quant import QuantParams, bits_from_step, clip_sgd_step, step_from_bits
-from jaxjpq.state import CompressionSpec, check_state
-from jaxjpq.units import (
-    UnitIndex,
-    hold_zero,
-    rank_in_group,
-    unit_broadcast,
-    unit_index,
-    unit_sum,
-)
+from jaxjpq.methods import core
+from jaxjpq.quant import QuantParams, clip_sgd_step
+from jaxjpq.state import CompressionState
+from jaxjpq.units import UnitIndex, unit_broadcast, unit_index, unit_sum
 
 SCORES = ("magnitude", "cosine", "taylor1", "taylor2", "quant_error")
 _EPS = 1e-12
-# Default fractions of the steps for warm-up, projection and joint stage (cool-down: the rest).
-# The joint stage ends at 40 % so that the pruned model recovers while a decaying learning rate is
-# still large; (0.1, 0.1, 0.5) was the default up to the fourth session (README, "Results").
+# Fractions of the steps for warm-up, projection and joint stage (cool-down: the rest). The joint
+# stage ends at 40 % so that the pruned model recovers while a decaying learning rate is still
+# large (experiments/RESULTS.md).
 DEFAULT_FRACTIONS = (0.1, 0.1, 0.2)
-# What runs recorded without a ``schedule`` field used.
+# The split recorded runs without a ``schedule`` field used.
 LEGACY_FRACTIONS = (0.1, 0.1, 0.5)
 
 
@@ -141,22 +133,6 @@ class GetaState(NamedTuple):
     saliency: jax.Array
 
 
-def prune_counts(index: UnitIndex, sparsity: float, periods: int) -> np.ndarray:
-    """int ``[periods]``: units to select at the start of each joint period.
-
-    The total is ``round(sparsity · U)``, capped so that every group keeps at least one unit.
-    """
-    total = int(round(sparsity * index.num_units))
-    cap = index.num_units - index.num_groups
-    if total > cap:
-        raise ValueError(
-            f"sparsity {sparsity} asks for {total} of {index.num_units} units, but every one of "
-            f"the {index.num_groups} prunable groups keeps one unit (at most {cap}); lower it."
-        )
-    cum = np.round(np.arange(1, periods + 1) * total / max(periods, 1)).astype(np.int64)
-    return np.diff(np.concatenate([[0], cum]))
-
-
 def _group_mean(index: UnitIndex, v: jax.Array, live: jax.Array) -> jax.Array:
     seg = jnp.asarray(index.group_of_unit)
     tot = jax.ops.segment_sum(jnp.where(live, v, 0.0), seg, index.num_groups)
@@ -200,24 +176,6 @@ def saliency(
     return total
 
 
-def select_units(
-    index: UnitIndex, importance: jax.Array, pruned: jax.Array, count: jax.Array
-) -> jax.Array:
-    """bool ``[U]``: the ``count`` least important units, never a pruned one and never the most
-    important live unit of a group (every group keeps at least one unit)."""
-    seg = jnp.asarray(index.group_of_unit)
-    imp = jnp.where(pruned, jnp.inf, importance)
-    best = jax.ops.segment_max(jnp.where(pruned, -jnp.inf, importance), seg, index.num_groups)
-    # Protect one unit per group: the first live unit reaching the group's maximum.
-    is_best = (~pruned) & (importance >= best[seg])
-    first = jax.ops.segment_min(
-        jnp.where(is_best, jnp.arange(index.num_units), index.num_units), seg, index.num_groups
-    )
-    imp = jnp.where(jnp.arange(index.num_units) == first[seg], jnp.inf, imp)
-    rank = jnp.empty_like(seg).at[jnp.argsort(imp, stable=True)].set(jnp.arange(index.num_units))
-    return (rank < count) & jnp.isfinite(imp)
-
-
 def unit_costs(graph: Graph, index: UnitIndex) -> np.ndarray:
     """float ``[U]``: MACs per example one unit accounts for, relative to the mean over units.
 
@@ -236,67 +194,25 @@ def unit_costs(graph: Graph, index: UnitIndex) -> np.ndarray:
     return np.maximum(cost / max(float(cost.mean()), 1e-30), 1e-6)
 
 
-def group_period_counts(index: UnitIndex, sparsity: float, periods: int) -> np.ndarray:
-    """int ``[periods, G]``: units each group loses at each joint period when every group is
-    pruned by the same fraction (the baseline's per-group counts, spread evenly over periods)."""
-    total = per_group_counts(index, sparsity)
-    cum = np.round(np.outer(np.arange(1, periods + 1), total) / max(periods, 1)).astype(np.int64)
-    return np.diff(np.vstack([np.zeros_like(total)[None], cum]), axis=0)
-
-
-def select_per_group(
-    index: UnitIndex, importance: jax.Array, pruned: jax.Array, counts: jax.Array
-) -> jax.Array:
-    """bool ``[U]``: in each group ``g`` its ``counts[g]`` least important live units."""
-    seg = jnp.asarray(index.group_of_unit)
-    local = rank_in_group(index, jnp.where(pruned, jnp.inf, importance))
-    return (local < counts[seg]) & ~pruned
-
-
-def _quant_update(
-    table: Mapping[str, QuantParams],
-    grads: Mapping[str, QuantParams],
-    signed: Mapping[str, bool],
-    frozen: Sequence[str],
-    lr: jax.Array,
-    b_lo: float,
-    b_upper: jax.Array,
-    b_hi_final: float,
-    cooldown: jax.Array,
-    cooldown_clips: bool = False,
-) -> dict[str, QuantParams]:
-    """Updates (new − old) of each quantizer: SGD step, then ``d`` projected onto
-    ``[d(b_upper), d(b_lo)]``; in cool-down the bits are ``round(b)`` and fixed: ``q_m``, ``t``
-    fixed and ``d = d(round(b))``, or with ``cooldown_clips`` ``q_m``, ``t`` keep their SGD step
-    and ``d = d(round(b), q_m, t)`` follows them.
-
-    ``q_m`` takes :func:`jaxjpq.quant.clip_sgd_step` (a step may at most halve it).
-    """
+def _sgd_projected(table, grads, signed, frozen, lr, b_lo, b_upper):
+    """GETA's quantizer step: SGD on ``d``, ``q_m`` (at most halved, see
+    :func:`jaxjpq.quant.clip_sgd_step`) and ``t``, then ``d`` projected onto the bit range."""
     out = {}
     for name, p in table.items():
         if name in frozen:
-            out[name] = jax.tree.map(jnp.zeros_like, p)
+            out[name] = p
             continue
-        g, s = grads[name], signed[name]
+        g = grads[name]
         q_m = clip_sgd_step(p.q_m, g.q_m, lr)
         t = jnp.clip(p.t - lr * g.t, 0.25, 4.0)
-        d = p.d - lr * g.d
-        d_new = jnp.clip(d, step_from_bits(b_upper, q_m, t, s), step_from_bits(b_lo, q_m, t, s))
-        b_round = jnp.clip(jnp.round(bits_from_step(p.d, p.q_m, p.t, s)), b_lo, b_hi_final)
-        q_m_cool, t_cool = (q_m, t) if cooldown_clips else (p.q_m, p.t)
-        new = QuantParams(
-            d=jnp.where(cooldown, step_from_bits(b_round, q_m_cool, t_cool, s), d_new),
-            q_m=jnp.where(cooldown, q_m_cool, q_m),
-            t=jnp.where(cooldown, t_cool, t),
-        )
-        out[name] = jax.tree.map(lambda a, b: a - b, new, p)
+        new = QuantParams(d=p.d - lr * g.d, q_m=q_m, t=t)
+        out[name] = core.projected(new, signed[name], b_lo, b_upper)
     return out
 
 
 def geta(
     inner: optax.GradientTransformation,
     graph: Graph,
-    spec: CompressionSpec,
     *,
     steps: int,
     sparsity: float | None = None,
@@ -307,15 +223,18 @@ def geta(
     cost_power: float = 0.0,
     allocation: str = "global",
     cooldown_clips: bool = False,
+    unit_multiple: int = 1,
 ) -> optax.GradientTransformation:
     """GETA (QASSO) over ``(params, compression_state)``.
+
+    The bit range ``(b_l, b_u)`` and ``init_bits`` (start of the projection) come from the
+    state's spec, the target sparsity from its ``budget["sparsity"]`` unless ``sparsity`` is given.
 
     Args:
       inner: optimizer of the model params (e.g. ``optax.sgd(0.1, momentum=0.9)``).
       graph: the traced graph of the model whose ``params`` collection is trained.
-      spec: bit range ``(b_l, b_u)``, ``init_bits`` (start of the projection); target sparsity
-        from ``spec.budget`` (``"sparsity"``) unless ``sparsity`` is given.
       steps: total number of updates; stages from ``schedule`` or :func:`make_schedule`.
+      sparsity: fraction of the prunable units to remove, in [0, 1).
       quant_lr: SGD learning rate of the quantizer params (injectable with
         ``optax.inject_hyperparams``).
       bit_reduction: bits the upper limit drops per projection period. Where
@@ -325,9 +244,7 @@ def geta(
         projection_periods`` lowers it gradually all the way.
       saliency_weights: weights of :data:`SCORES`.
       schedule: stage lengths; default ``make_schedule(steps)`` (10 % warm-up, 10 % projection,
-        20 % joint, 60 % cool-down). A joint stage of 50 % (the default before) ended while a
-        cosine learning rate was down to a fifth and lost 0.37 points at 75 % sparsity and 2 bits
-        on the MNIST CNN, 0.83 on ViT-tiny at 4 bits (3-5 seeds each; README).
+        20 % joint, 60 % cool-down).
       cost_power: ``p`` in ``saliency / relative_unit_MACs^p`` (:func:`unit_costs`); 0 (default,
         the paper's rule) selects by saliency alone, > 0 prefers pruning units that cost more
         MACs, so a sparsity target removes more BOPs.
@@ -335,42 +252,49 @@ def geta(
         ``"per_group"`` (every group loses the same fraction, chosen by saliency within it, so the
         kept widths, and the BOPs at equal bits, match the staged baseline's).
       cooldown_clips: keep training the clips ``q_m`` (and ``t``) in cool-down, with ``d``
-        following so that the rounded bits stay fixed (as the staged baseline's QAT does);
-        default False: the whole quantizer is frozen.
+        following so that the rounded bits stay fixed (the shared QAT step); default False: the
+        whole quantizer is frozen.
+      unit_multiple: keep every group's kept width a multiple of this (e.g. 8 or 16 for
+        accelerator kernels); the sparsity is then met to within the rounding.
 
     Returns:
       A transform whose ``update(updates, state, params)`` takes gradient and parameter pairs
       ``(params_tree, CompressionState)`` and returns update pairs for ``optax.apply_updates``.
     """
-    sparsity = spec.budget_for("sparsity") if sparsity is None else float(sparsity)
-    if sparsity is None or not 0.0 <= sparsity < 1.0:
-        raise ValueError(
-            "geta needs a target sparsity in [0, 1): pass sparsity=... or "
-            "CompressionSpec(budget={'sparsity': ...})."
-        )
+    if sparsity is not None and not 0.0 <= float(sparsity) < 1.0:
+        raise ValueError(f"geta needs a target sparsity in [0, 1), got {sparsity}.")
     if allocation not in ("global", "per_group"):
         raise ValueError(f"allocation must be 'global' or 'per_group', got {allocation!r}.")
     if len(tuple(saliency_weights)) != len(SCORES):
         raise ValueError(f"saliency_weights needs {len(SCORES)} entries, one per {SCORES}.")
+    if int(unit_multiple) < 1:
+        raise ValueError(f"unit_multiple must be >= 1, got {unit_multiple}.")
     sched = schedule or make_schedule(steps)
     if sched.steps != steps:
         raise ValueError(f"schedule.steps={sched.steps} differs from steps={steps}.")
-    b_lo, b_hi = spec.bits
-    # Upper bit limit per projection period: init_bits - bit_reduction·(p + 1), floored at b_u.
-    start_bits = max(float(spec.init_bits), b_hi)
-    proj_upper = jnp.maximum(
-        b_hi, start_bits - bit_reduction * jnp.arange(1, max(sched.projection_periods, 1) + 1)
-    )
+
+    def config(c: CompressionState) -> tuple[float, float, float, float]:
+        """(sparsity, b_l, b_u, start bits) from the state's spec (static)."""
+        spec = c.spec
+        if spec is None:
+            raise ValueError("geta needs a state made by jaxjpq.init (it carries the spec).")
+        target = spec.budget_for("sparsity") if sparsity is None else float(sparsity)
+        if target is None or not 0.0 <= target < 1.0:
+            raise ValueError(
+                "geta needs a target sparsity in [0, 1): pass sparsity=... or "
+                "CompressionSpec(budget={'sparsity': ...})."
+            )
+        b_lo, b_hi = spec.bits
+        return target, b_lo, b_hi, max(float(spec.init_bits), b_hi)
 
     def units(model_params) -> UnitIndex:
         # Static metadata from leaf shapes: rebuilt at trace time, never at run time.
         return unit_index(graph, {"params": model_params})
 
-    def init_fn(params):
-        model_params, cstate = params
-        check_state(graph, cstate)
+    def init(model_params, cstate):
+        target, *_ = config(cstate)
         index = units(model_params)
-        prune_counts(index, sparsity, sched.joint_periods)  # validates the target early
+        core.period_counts(index, target, sched.joint_periods)  # validates the target early
         u = index.num_units
         return GetaState(
             step=jnp.zeros((), jnp.int32),
@@ -379,15 +303,16 @@ def geta(
             saliency=jnp.zeros((u,), jnp.float32),
         )
 
-    def update_fn(updates, state, params=None):
-        if params is None:
-            raise ValueError("geta needs params: call update(updates, state, params).")
-        g_p, g_c = updates
-        p, c = params
+    def update(g_p, g_c, p, c, state):
+        target, b_lo, b_hi, start_bits = config(c)
+        # Upper bit limit per projection period: init_bits - bit_reduction·(p + 1), floored.
+        proj_upper = jnp.maximum(
+            b_hi, start_bits - bit_reduction * jnp.arange(1, max(sched.projection_periods, 1) + 1)
+        )
         index = units(p)
-        counts = jnp.asarray(prune_counts(index, sparsity, sched.joint_periods), jnp.int32)
-        g_counts = jnp.asarray(group_period_counts(index, sparsity, sched.joint_periods),
-                               jnp.int32)
+        counts = jnp.asarray(core.period_counts(index, target, sched.joint_periods), jnp.int32)
+        g_counts = jnp.asarray(core.group_period_counts(index, target, sched.joint_periods,
+                                                        unit_multiple), jnp.int32)
         s = state.step
         in_proj = (s >= sched.warmup) & (s < sched.projection_end)
         in_joint = (s >= sched.projection_end) & (s < sched.joint_end)
@@ -408,8 +333,8 @@ def geta(
             # inject_hyperparams, hence no Python branch.
             imp = imp / jnp.asarray(unit_costs(graph, index), jnp.float32) ** cost_power
             if allocation == "per_group":
-                return select_per_group(index, imp, pruned, g_counts[period]), imp
-            return select_units(index, imp, pruned, counts[period]), imp
+                return core.select_per_group(index, imp, pruned, g_counts[period]), imp
+            return core.select_units(index, imp, pruned, counts[period], unit_multiple), imp
 
         redundant, imp = jax.lax.cond(
             in_joint & (k == 0), choose, lambda _: (state.redundant, state.saliency), None
@@ -419,9 +344,8 @@ def geta(
         u_p = jax.tree.map(lambda u, q, r: u - gamma * r * q, u_p, qp, shrink)
         period_end = in_joint & (k == sched.period_steps - 1)
         pruned_new = pruned | (redundant & period_end)
-        u_p = hold_zero(index, u_p, p, pruned_new)
-        new_masks = jnp.where(pruned_new, 0.0, mask_units)
-        mask_upd = index.split(new_masks - mask_units)
+        u_p = core.hold(graph, index, u_p, p, pruned_new, c)
+        new_masks = index.split(jnp.where(pruned_new, 0.0, mask_units))
 
         b_upper = jnp.where(
             s < sched.warmup,
@@ -430,13 +354,18 @@ def geta(
                                                    0, proj_upper.shape[0] - 1)], b_hi),
         )
         lr = jnp.asarray(quant_lr, jnp.float32)
-        w_signed, a_signed = signedness(graph, c)
-        u_c = c.replace(
-            weight=_quant_update(c.weight, g_c.weight, w_signed, c.frozen, lr, b_lo, b_upper,
-                                 b_hi, cooldown, cooldown_clips),
-            act=_quant_update(c.act, g_c.act, a_signed, c.frozen, lr, b_lo, b_upper, b_hi,
-                              cooldown, cooldown_clips),
-            masks=mask_upd,
+        w_signed, a_signed = core.signedness(graph, c)
+
+        def quant(table, grads, signed):
+            train = _sgd_projected(table, grads, signed, c.frozen, lr, b_lo, b_upper)
+            cool = core.fixed_bits_step(table, grads, signed, c.frozen, lr=lr, b_lo=b_lo,
+                                        b_hi=b_hi, train_clips=cooldown_clips, train_t=True)
+            return jax.tree.map(lambda a, b: jnp.where(cooldown, a, b), cool, train)
+
+        c_new = c.replace(
+            weight=quant(c.weight, g_c.weight, w_signed),
+            act=quant(c.act, g_c.act, a_signed),
+            masks=new_masks,
         )
         new_state = GetaState(
             step=s + 1,
@@ -444,8 +373,6 @@ def geta(
             redundant=redundant & ~period_end,
             saliency=imp,
         )
-        return (u_p, u_c), new_state
+        return u_p, c_new, new_state
 
-    return optax.GradientTransformation(init_fn, update_fn)
-
-
+    return core.pair_transform(graph, "geta", init, update)

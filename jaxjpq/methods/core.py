@@ -1,0 +1,570 @@
+"""The method core: what every compression method shares, held once.
+
+* bits: :func:`with_bits` (``d = d(b)``, the one place a step is set from a width),
+  :func:`rounded_bits`, :func:`projected` (``d`` onto ``[d(b_upper), d(b_lo)]``),
+  :func:`set_bits` (a site's or each channel's width on a state; 0 bits = pruned channel);
+* the fixed-bits quantizer step of every fine-tune / cool-down (:func:`fixed_bits_step`) and the
+  QAT transform built from it (:func:`qat`);
+* unit allocation (:func:`per_group_counts`, :func:`period_counts`, :func:`select_units`,
+  :func:`select_per_group`), optionally keeping every group's width a multiple of
+  ``unit_multiple``, and holding pruned units and masked weights at zero (:func:`hold`);
+* :func:`enforce_budget`: lower bits, then prune the least salient units, until the exact BOPs or
+  size budget holds;
+* :func:`pair_transform`: the skeleton of an optax transform over the pair
+  ``(model params, CompressionState)``; a transform chained after it that alters the compression
+  state's updates is detected at the next update and raises.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import traverse_util
+
+from jaxjpq import cost
+from jaxjpq.graph import Graph
+from jaxjpq.quant import QuantParams, bits_from_step, clip_sgd_step, pow2_bits_hard, step_from_bits
+from jaxjpq.state import CompressionState, check_state
+from jaxjpq.units import UnitIndex, hold_zero, rank_in_group, unit_index, unit_sum
+
+# ---------------------------------------------------------------------------------------------
+# Bits
+# ---------------------------------------------------------------------------------------------
+
+
+def with_bits(p: QuantParams, bits: Any, signed: bool) -> QuantParams:
+    """``p`` with ``d = d(bits)`` at its own ``q_m`` and ``t`` (``bits`` broadcasts to ``p.d``)."""
+    return p.replace(d=step_from_bits(bits, p.q_m, p.t, signed).astype(jnp.float32))
+
+
+def rounded_bits(p: QuantParams, signed: bool, b_lo: float, b_hi: float,
+                 power_of_two: bool = False) -> jax.Array:
+    """Integer bits of ``p`` (nearest, clipped to ``[b_lo, b_hi]``; {2, 4, 8} for power of two)."""
+    b = bits_from_step(p.d, p.q_m, p.t, signed)
+    return pow2_bits_hard(b) if power_of_two else jnp.clip(jnp.round(b), b_lo, b_hi)
+
+
+def projected(p: QuantParams, signed: bool, b_lo: Any, b_upper: Any) -> QuantParams:
+    """``p`` with ``d`` clipped onto ``[d(b_upper), d(b_lo)]`` (partial projection: ``q_m``, ``t``
+    unchanged), so its bits lie in ``[b_lo, b_upper]``."""
+    lo = step_from_bits(b_upper, p.q_m, p.t, signed)
+    hi = step_from_bits(b_lo, p.q_m, p.t, signed)
+    return p.replace(d=jnp.clip(p.d, lo, hi))
+
+
+def signedness(graph: Graph, state: CompressionState) -> tuple[dict[str, bool], dict[str, bool]]:
+    """``({site: True}, {site: signed_input})`` for the weight and activation quantizers."""
+    sm = graph.site_map
+    return {n: True for n in state.weight}, {n: bool(sm[n].signed_input) for n in state.act}
+
+
+def set_bits(graph: Graph, state: CompressionState, site: str, bits: Any,
+             kind: str = "weight") -> CompressionState:
+    """``state`` with ``site``'s ``kind`` quantizer at exactly ``bits``.
+
+    ``bits`` is a scalar, or for a per-channel weight quantizer one width per output channel
+    (``channel_shape``); a channel at 0 bits is pruned: its weights get elementwise mask 0 (and
+    its step the smallest valid width, so ``d`` stays finite). jit-compatible.
+    """
+    check_state(graph, state)
+    if kind not in ("weight", "act"):
+        raise ValueError(f"kind must be 'weight' or 'act', got {kind!r}.")
+    table = state.weight if kind == "weight" else state.act
+    if site not in table:
+        raise ValueError(f"site {site!r} has no {kind} quantizer in this state "
+                         f"(quantized sites: {sorted(table)}).")
+    p = table[site]
+    s = graph.site_map[site]
+    signed = True if kind == "weight" else s.signed_input
+    bits = jnp.asarray(bits, jnp.float32)
+    if bits.ndim and bits.shape != jnp.shape(p.d):
+        raise ValueError(f"{site}: {bits.shape} bits for a quantizer of shape {jnp.shape(p.d)} "
+                         "(per-channel widths need CompressionSpec(per_channel=True)).")
+    dead = bits <= 0
+    floor = 2.0 if signed else 1.0
+    new = with_bits(p, jnp.where(dead, floor, bits), signed)
+    out = state.replace(**{kind: {**table, site: new}})
+    if kind == "weight" and (bits.ndim or isinstance(bits, jax.core.Tracer) or bool(dead)):
+        out = _mask_dead_channels(out, s, dead)
+    return out
+
+
+def _mask_dead_channels(state: CompressionState, site: Any, dead: jax.Array) -> CompressionState:
+    nd = len(site.weight_shape)
+    shape = [1] * nd
+    if dead.ndim:
+        for a, n in zip(sorted(a % nd for a in site.out_axes), dead.shape, strict=True):
+            shape[a] = n
+    keep = jnp.broadcast_to((~dead).reshape(shape), site.weight_shape).astype(jnp.float32)
+    old = state.weight_masks.get(site.name)
+    if old is None:
+        if not isinstance(dead, jax.core.Tracer) and not bool(jnp.any(dead)):
+            return state
+        old = jnp.ones(site.weight_shape, jnp.float32)
+    return state.replace(weight_masks={**state.weight_masks, site.name: old * keep})
+
+
+def fixed_bits_step(
+    table: Mapping[str, QuantParams],
+    grads: Mapping[str, QuantParams],
+    signed: Mapping[str, bool],
+    frozen: Sequence[str],
+    *,
+    lr: Any,
+    b_lo: float,
+    b_hi: float,
+    train_clips: bool = True,
+    train_t: bool = False,
+) -> dict[str, QuantParams]:
+    """Quantizers after one fixed-bits step: bits = their current integer bits (clipped to
+    ``[b_lo, b_hi]``); with ``train_clips`` the clip ``q_m`` (and with ``train_t`` the exponent
+    ``t``) takes an SGD step (:func:`jaxjpq.quant.clip_sgd_step`) and ``d`` follows so the bits
+    stay fixed; without, the quantizer is frozen at those bits. Frozen sites are unchanged."""
+    out = {}
+    for name, p in table.items():
+        if name in frozen:
+            out[name] = p
+            continue
+        g, s = grads[name], signed[name]
+        b = jnp.clip(jnp.round(bits_from_step(p.d, p.q_m, p.t, s)), b_lo, b_hi)
+        q_m, t = p.q_m, p.t
+        if train_clips:
+            q_m = clip_sgd_step(p.q_m, g.q_m, lr)
+            if train_t:
+                t = jnp.clip(p.t - lr * g.t, 0.25, 4.0)
+        out[name] = QuantParams(d=step_from_bits(b, q_m, t, s), q_m=q_m, t=t)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Unit allocation and holding at zero
+# ---------------------------------------------------------------------------------------------
+
+
+def _round_keep(keep: np.ndarray, sizes: np.ndarray, multiple: int) -> np.ndarray:
+    """Kept widths rounded to the nearest multiple (at least one multiple, at most the size)."""
+    if multiple <= 1:
+        return keep
+    r = np.maximum(np.round(keep / multiple).astype(np.int64) * multiple, multiple)
+    return np.minimum(r, sizes)
+
+
+def per_group_counts(index: UnitIndex, sparsity: float, unit_multiple: int = 1) -> np.ndarray:
+    """int ``[G]``: units to remove per group, the same fraction everywhere, summing exactly to
+    ``round(sparsity · U)`` (largest remainders get the extra units); every group keeps at least
+    one unit. With ``unit_multiple = N`` every kept width is rounded to a multiple of N (a group
+    smaller than N stays whole), so the total is the nearest such allocation instead."""
+    sizes = np.diff(index.offsets)
+    total = int(round(sparsity * index.num_units))
+    if total > index.num_units - index.num_groups:
+        raise ValueError(
+            f"sparsity {sparsity} removes {total} of {index.num_units} units, but each of the "
+            f"{index.num_groups} groups must keep one; lower it."
+        )
+    ideal = sizes * total / max(index.num_units, 1)
+    counts = np.minimum(np.floor(ideal).astype(np.int64), sizes - 1)
+    # Ties in the remainders go to the larger group, then the earlier one: a remainder is a
+    # float, so equal fractions of different sizes must not be ordered by rounding noise.
+    rem = np.round(ideal - counts, 9)
+    order = np.lexsort((np.arange(len(sizes)), -sizes, -rem))
+    for j in order:
+        if counts.sum() >= total:
+            break
+        if counts[j] < sizes[j] - 1:
+            counts[j] += 1
+    while counts.sum() < total:  # remainders exhausted: fill groups with room left
+        j = int(np.argmax(sizes - 1 - counts))
+        counts[j] += 1
+    if unit_multiple > 1:
+        counts = sizes - _round_keep(sizes - counts, sizes, int(unit_multiple))
+    return counts
+
+
+def period_counts(index: UnitIndex, sparsity: float, periods: int) -> np.ndarray:
+    """int ``[periods]``: units to select at the start of each of ``periods`` pruning periods.
+
+    The total is ``round(sparsity · U)``, capped so that every group keeps at least one unit."""
+    total = int(round(sparsity * index.num_units))
+    cap = index.num_units - index.num_groups
+    if total > cap:
+        raise ValueError(
+            f"sparsity {sparsity} asks for {total} of {index.num_units} units, but every one of "
+            f"the {index.num_groups} prunable groups keeps one unit (at most {cap}); lower it."
+        )
+    cum = np.round(np.arange(1, periods + 1) * total / max(periods, 1)).astype(np.int64)
+    return np.diff(np.concatenate([[0], cum]))
+
+
+def group_period_counts(index: UnitIndex, sparsity: float, periods: int,
+                        unit_multiple: int = 1) -> np.ndarray:
+    """int ``[periods, G]``: units each group loses at each period when every group is pruned
+    by the same fraction (:func:`per_group_counts`, spread evenly over the periods)."""
+    total = per_group_counts(index, sparsity, unit_multiple)
+    cum = np.round(np.outer(np.arange(1, periods + 1), total) / max(periods, 1)).astype(np.int64)
+    return np.diff(np.vstack([np.zeros_like(total)[None], cum]), axis=0)
+
+
+def select_units(
+    index: UnitIndex, importance: jax.Array, pruned: jax.Array, count: jax.Array,
+    unit_multiple: int = 1,
+) -> jax.Array:
+    """bool ``[U]``: the ``count`` least important live units, never the most important live
+    unit of a group (every group keeps at least one). With ``unit_multiple = N`` each group's
+    selection shrinks so that its kept width stays a multiple of N (fewer units than ``count``
+    may be chosen)."""
+    seg = jnp.asarray(index.group_of_unit)
+    imp = jnp.where(pruned, jnp.inf, importance)
+    best = jax.ops.segment_max(jnp.where(pruned, -jnp.inf, importance), seg, index.num_groups)
+    is_best = (~pruned) & (importance >= best[seg])
+    first = jax.ops.segment_min(
+        jnp.where(is_best, jnp.arange(index.num_units), index.num_units), seg, index.num_groups
+    )
+    imp = jnp.where(jnp.arange(index.num_units) == first[seg], jnp.inf, imp)
+    rank = jnp.empty_like(seg).at[jnp.argsort(imp, stable=True)].set(jnp.arange(index.num_units))
+    chosen = (rank < count) & jnp.isfinite(imp)
+    if unit_multiple <= 1:
+        return chosen
+    return _to_multiple(index, importance, pruned, chosen, int(unit_multiple))
+
+
+def _to_multiple(index: UnitIndex, importance, pruned, chosen, n: int) -> jax.Array:
+    """Drop the most important chosen units of each group until its kept width is a multiple
+    of ``n`` (a group whose live width is below ``n`` loses nothing)."""
+    seg = jnp.asarray(index.group_of_unit)
+    live = jax.ops.segment_sum((~pruned).astype(jnp.int32), seg, index.num_groups)
+    k = jax.ops.segment_sum(chosen.astype(jnp.int32), seg, index.num_groups)
+    keep = live - k
+    keep_up = jnp.minimum(((keep + n - 1) // n) * n, live)
+    allowed = jnp.where(live < n, 0, live - keep_up)
+    local = rank_in_group(index, jnp.where(chosen, importance, jnp.inf))
+    return chosen & (local < allowed[seg])
+
+
+def select_per_group(
+    index: UnitIndex, importance: jax.Array, pruned: jax.Array, counts: jax.Array
+) -> jax.Array:
+    """bool ``[U]``: in each group ``g`` its ``counts[g]`` least important live units."""
+    seg = jnp.asarray(index.group_of_unit)
+    local = rank_in_group(index, jnp.where(pruned, jnp.inf, importance))
+    return (local < counts[seg]) & ~pruned
+
+
+def magnitude(index: UnitIndex, params: Mapping) -> jax.Array:
+    """``[U]``: L2 norm of each unit's ``params`` slices."""
+    return jnp.sqrt(unit_sum(index, lambda x: x * x, params))
+
+
+def hold(graph: Graph, index: UnitIndex, updates: Mapping, params: Mapping, pruned: jax.Array,
+         state: CompressionState) -> dict:
+    """``updates`` with pruned units (bool ``[U]``) and elementwise-masked weights replaced by
+    ``-params``, so that after ``optax.apply_updates`` they are exactly zero."""
+    u = hold_zero(index, updates, params, pruned)
+    if not state.weight_masks:
+        return u
+    flat_u = traverse_util.flatten_dict(dict(u))
+    flat_p = traverse_util.flatten_dict(dict(params))
+    sm = graph.site_map
+    for name, m in state.weight_masks.items():
+        path = sm[name].weight[1:]
+        flat_u[path] = jnp.where(m > 0.5, flat_u[path], -flat_p[path])
+    return traverse_util.unflatten_dict(flat_u)
+
+
+# ---------------------------------------------------------------------------------------------
+# Budget enforcement
+# ---------------------------------------------------------------------------------------------
+
+
+def _lower(b: Any, b_lo: float, pow2: bool) -> Any:
+    low = jnp.where(b > 4.0, 4.0, 2.0) if pow2 else b - 1.0
+    return jnp.maximum(low, b_lo)
+
+
+def enforce_budget(
+    graph: Graph,
+    state: CompressionState,
+    *,
+    bops: float | None = None,
+    size: float | None = None,
+    saliency: jax.Array | None = None,
+    params: Mapping | None = None,
+    unit_multiple: int = 1,
+) -> CompressionState:
+    """Lower bits, then prune the least salient units, until the exact relative ``bops`` and/or
+    ``size`` (fractions of the fp32 model) hold.
+
+    Bits: the learned quantizer whose one-step reduction saves the most of the exceeded figure is
+    lowered by one bit (one power of two for power-of-two states), never below the spec's
+    ``b_l``. Units: then the least salient live unit's group loses its least salient units (one,
+    or down to the next multiple of ``unit_multiple``); every group keeps one unit (or one
+    multiple). ``saliency`` is ``[U]`` in :class:`jaxjpq.units.UnitIndex` order (higher = keep);
+    default: the L2 norm of the units' ``params`` slices (``params`` needed then). jit-compatible
+    (static loop bounds); exact costs in float64. Returns the state with the new steps and masks;
+    check :func:`within_budget` for the result (the minimum reachable state may still exceed it).
+    """
+    check_state(graph, state)
+    if bops is None and size is None:
+        raise ValueError("enforce_budget needs a target: bops=... and/or size=... (fractions).")
+    spec = state.spec
+    b_lo = spec.bits[0] if spec is not None else 2.0
+    pow2 = bool(state.power_of_two)
+    w_signed, a_signed = signedness(graph, state)
+    cands = [("weight", n) for n in state.weight if n not in state.frozen]
+    cands += [("act", n) for n in state.act if n not in state.frozen and bops is not None]
+    fp_b, fp_s = cost.fp32_bops(graph), cost.fp32_size_bits(graph)
+
+    def over(c):
+        o = jnp.asarray(False)
+        if bops is not None:
+            o = o | (cost.bops(graph, c) / fp_b > bops)
+        if size is not None:
+            o = o | (cost.size_bits(graph, c) / fp_s > size)
+        return o
+
+    def lower_body(_, c):
+        with jax.enable_x64(True):
+            table = cost.site_table(graph, c)
+            o = jnp.asarray(False)
+            if bops is not None:
+                o = o | (sum(r["bops"] for r in table.values()) / fp_b > bops)
+            if size is not None:
+                o = o | (sum(r["size"] for r in table.values()) / fp_s > size)
+            savings = []
+            for kind, n in cands:
+                r = table[n]
+                bits = r["b_w"] if kind == "weight" else r["b_a"]
+                low = _lower(bits, b_lo, pow2)
+                frac = jnp.where(bits > 0, 1.0 - low / jnp.maximum(bits, 1e-9), 0.0)
+                gain = r["bops"] / fp_b if bops is not None else 0.0
+                if size is not None and kind == "weight":
+                    gain = gain + r["size"] / fp_s
+                savings.append(jnp.where(low < bits, gain * frac, -1.0))
+            # float32 for the choice: an arg-reduction traced with float64 on does not lower
+            savings = jnp.stack(savings).astype(jnp.float32)
+        pick = jnp.argmax(savings).astype(jnp.int32)
+        go = o & (savings[pick] > 0)
+        weight, act = dict(c.weight), dict(c.act)
+        for i, (kind, n) in enumerate(cands):
+            table = weight if kind == "weight" else act
+            p = table[n]
+            signed = (w_signed if kind == "weight" else a_signed)[n]
+            cur = bits_from_step(p.d, p.q_m, p.t, signed)
+            new = with_bits(p, _lower(jnp.ceil(cur - 1e-4), b_lo, pow2), signed)
+            table[n] = p.replace(d=jnp.where(go & (pick == i), new.d, p.d))
+        return c.replace(weight=weight, act=act)
+
+    if cands:
+        top = max(spec.bits[1], spec.init_bits) if spec is not None else 32.0
+        span = 2 if pow2 else int(np.ceil(top - b_lo))
+        state = jax.lax.fori_loop(0, len(cands) * span, lower_body, state)
+
+    index = unit_index(graph, {"params": params} if params is not None else _shapes(graph))
+    if index.num_units == 0:
+        return state
+    if saliency is None:
+        if params is None:
+            raise ValueError("enforce_budget prunes by saliency: pass saliency=[U] or params=.")
+        saliency = magnitude(index, params)
+    saliency = jnp.asarray(saliency, jnp.float32)
+    seg = jnp.asarray(index.group_of_unit)
+    n = max(int(unit_multiple), 1)
+
+    def prune_body(_, c):
+        with jax.enable_x64(True):
+            o = over(c)
+        m = index.flat_masks(c.masks)
+        live = m > 0.5
+        n_live = jax.ops.segment_sum(live.astype(jnp.int32), seg, index.num_groups)
+        step = jnp.where(n_live % n == 0, n, n_live % n) if n > 1 else jnp.ones_like(n_live)
+        room = n_live - step >= (n if n > 1 else 1)
+        ok = live & room[seg]
+        pick = jnp.argmin(jnp.where(ok, saliency, jnp.inf))
+        g = seg[pick]
+        local = rank_in_group(index, jnp.where(live, saliency, jnp.inf))
+        drop = (seg == g) & live & (local < step[g]) & o & ok[pick]
+        return c.replace(masks=index.split(jnp.where(drop, 0.0, m)))
+
+    return jax.lax.fori_loop(0, index.num_units - index.num_groups, prune_body, state)
+
+
+def _shapes(graph: Graph) -> dict:
+    info = graph.trace_info
+    if info is None:
+        raise ValueError("enforce_budget needs params= for a hand-built graph.")
+    return traverse_util.unflatten_dict(
+        {k: jax.ShapeDtypeStruct(s, jnp.float32) for k, s in info["leaf_shapes"].items()}
+    )
+
+
+def within_budget(graph: Graph, state: CompressionState, *, bops: float | None = None,
+                  size: float | None = None) -> Any:
+    """True where the exact relative BOPs / size are at most the given fractions."""
+    ok = True
+    if bops is not None:
+        ok = ok & (cost.relative_bops(graph, state) <= bops)
+    if size is not None:
+        ok = ok & (cost.relative_size(graph, state) <= size)
+    return ok
+
+
+# ---------------------------------------------------------------------------------------------
+# The transform skeleton over the pair
+# ---------------------------------------------------------------------------------------------
+
+
+def _pair_like(params: Any, model: Any, compression: Any) -> Any:
+    """``(model, compression)`` in the container type of ``params`` (tuple or NamedTuple)."""
+    if type(params) is tuple:
+        return (model, compression)
+    return type(params)(model, compression)
+
+
+def _digest_leaves(c: CompressionState) -> tuple[jax.Array, jax.Array]:
+    """Per-leaf weighted sums of ``c``'s leaves and their magnitudes (float32 ``[L]``)."""
+    vals, mags = [], []
+    for i, x in enumerate(jax.tree.leaves(c)):
+        x = jnp.asarray(x, jnp.float32).reshape(-1)
+        w = 1.0 + 0.5 * jnp.cos(jnp.arange(x.size, dtype=jnp.float32) * 0.7548 + i)
+        vals.append(jnp.sum(w * x))
+        mags.append(jnp.sum(w * jnp.abs(x)))
+    if not vals:
+        return jnp.zeros((0,), jnp.float32), jnp.zeros((0,), jnp.float32)
+    return jnp.stack(vals), jnp.stack(mags)
+
+
+class Digest(NamedTuple):
+    """What a pair method expects the next compression state to be (per-leaf sums)."""
+
+    values: jax.Array
+    scale: jax.Array
+
+
+def digest(c: CompressionState) -> Digest:
+    v, m = _digest_leaves(c)
+    return Digest(v, m)
+
+
+def _raise_tampered(flag, name):
+    if bool(flag):
+        raise ValueError(
+            f"the compression state given to {name} is not the one its last update produced: a "
+            "transform chained after it changed the compression updates (e.g. a learning rate "
+            "or clip applied to the whole pair). Put it last in optax.chain, or apply such "
+            "transforms to the model params only (e.g. inside `inner`)."
+        )
+    return np.zeros((), np.float32)
+
+
+def check_untampered(c: CompressionState, expected: Digest, name: str) -> jax.Array:
+    """0.0; raises (at run time, also under jit) when ``c`` differs from ``expected``."""
+    v, _ = _digest_leaves(c)
+    bad = jnp.any(jnp.abs(v - expected.values) > 1e-4 * expected.scale + 1e-30)
+    return jax.lax.cond(
+        bad,
+        lambda: jax.pure_callback(lambda f: _raise_tampered(f, name),
+                                  jax.ShapeDtypeStruct((), jnp.float32), bad),
+        lambda: jnp.zeros((), jnp.float32),
+    )
+
+
+class PairState(NamedTuple):
+    """State of a :func:`pair_transform`.
+
+    Attributes:
+      method: the method's own state (e.g. ``GetaState``).
+      expect: digest of the compression state its last update produced.
+    """
+
+    method: Any
+    expect: Digest
+
+
+def pair_transform(
+    graph: Graph,
+    name: str,
+    init: Callable[[Any, CompressionState], Any],
+    update: Callable[..., tuple[Any, CompressionState, Any]],
+) -> optax.GradientTransformation:
+    """An optax transform over ``(model params, CompressionState)`` from a method's two steps.
+
+    ``init(model_params, cstate) -> method_state``; ``update(model_grads, comp_grads,
+    model_params, cstate, method_state) -> (model_updates, new_cstate, new_method_state)``. The
+    skeleton checks the state against ``graph``, turns ``new_cstate`` into the ``new - old``
+    update that ``optax.apply_updates`` adds, returns updates in the container type of the params
+    (tuple or :class:`jaxjpq.state.CompressedParams`), and raises if the compression state it is
+    given is not the one it produced (a transform chained after it changed the updates).
+    """
+
+    def init_fn(params):
+        p, c = params
+        check_state(graph, c)
+        return PairState(init(p, c), digest(c))
+
+    def update_fn(updates, state, params=None):
+        if params is None:
+            raise ValueError(f"{name} needs params: call update(updates, state, params).")
+        g_p, g_c = updates
+        p, c = params
+        check_state(graph, c)
+        guard = check_untampered(c, state.expect, name)
+        u_p, c_new, m_state = update(g_p, g_c, p, c, state.method)
+        u_c = jax.tree.map(lambda a, b: a - b + guard.astype(a.dtype), c_new, c)
+        return _pair_like(params, u_p, u_c), PairState(m_state, digest(c_new))
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+# ---------------------------------------------------------------------------------------------
+# QAT: the fixed-bits fine-tune
+# ---------------------------------------------------------------------------------------------
+
+
+class QatState(NamedTuple):
+    """State of :func:`qat`.
+
+    Attributes:
+      inner_state: the inner optimizer's state over the model params.
+    """
+
+    inner_state: optax.OptState
+
+
+def qat(
+    inner: optax.GradientTransformation,
+    graph: Graph,
+    *,
+    quant_lr: float = 1e-3,
+    train_clips: bool = True,
+) -> optax.GradientTransformation:
+    """Quantization-aware fine-tuning at the state's bits, over ``(params, CompressionState)``.
+
+    The weights take ``inner``'s steps; pruned units and elementwise-masked weights are held at
+    exactly zero; every learned quantizer keeps its integer bits (the state's, rounded, within
+    the spec's range) while its clip ``q_m`` takes SGD steps (``quant_lr``; off with
+    ``train_clips=False``). Masks never change. The fine-tune stage of every method (a search
+    returns a state, ``qat`` trains it); put it last in a chain over the pair.
+    """
+
+    def init(p, c):
+        return QatState(inner.init(p))
+
+    def update(g_p, g_c, p, c, s):
+        index = unit_index(graph, {"params": p})
+        u_p, inner_state = inner.update(g_p, s.inner_state, p)
+        u_p = hold(graph, index, u_p, p, index.flat_masks(c.masks) < 0.5, c)
+        w_signed, a_signed = signedness(graph, c)
+        b_lo, b_hi = c.spec.bits if c.spec is not None else (1.0, 32.0)
+        kw = dict(lr=jnp.asarray(quant_lr, jnp.float32), b_lo=b_lo, b_hi=b_hi,
+                  train_clips=train_clips)
+        new = c.replace(
+            weight=fixed_bits_step(c.weight, g_c.weight, w_signed, c.frozen, **kw),
+            act=fixed_bits_step(c.act, g_c.act, a_signed, c.frozen, **kw),
+        )
+        return u_p, new, QatState(inner_state)
+
+    return pair_transform(graph, "qat", init, update)
