@@ -2,9 +2,10 @@
 
 ``compress_apply(apply_fn, graph)`` returns ``fn(variables, state, *args, **kwargs)``:
 
-1. weights become ``mask ⊙ Q(W)`` as a parameter tree (site weight leaves quantized with the
-   state's weight quantizers, then every prunable group's ``params`` slices multiplied by its mask
-   with :func:`jaxjpq.slim.apply_masks`, re-exported here);
+1. weights become ``mask ⊙ M ⊙ Q(W)`` as a parameter tree (site weight leaves quantized with the
+   state's weight quantizers and multiplied by their elementwise masks ``M``, then every prunable
+   group's ``params`` slices multiplied by its mask with :func:`jaxjpq.slim.apply_masks`,
+   re-exported here);
 2. ``apply_fn`` is traced to a jaxpr (once per input signature, cached) and re-evaluated by a small
    interpreter that quantizes the *non-weight* operand of every ``conv_general_dilated`` /
    ``dot_general`` whose other operand derives from a site's weight leaf (followed through
@@ -78,22 +79,29 @@ def _set(tree: dict, key: tuple[str, ...], value: Any) -> None:
 
 
 def quantize_weights(graph: Graph, variables: Mapping, state: CompressionState) -> dict:
-    """Replace each quantized site's weight leaf by ``Q(W)`` (per-channel params broadcast along
-    the site's ``out_axes``). Returns a new nested dict."""
+    """Replace each site's weight leaf by ``M ⊙ Q(W)``: ``Q`` its weight quantizer (per-channel
+    params broadcast along the site's ``out_axes``; none: identity), ``M`` its elementwise mask
+    (``state.weight_masks``; none: ones). Returns a new nested dict."""
     out = _copy_tree(variables)
     for site in graph.sites:
-        if site.name not in state.weight:
+        quantized, masked = site.name in state.weight, site.name in state.weight_masks
+        if not (quantized or masked):
             continue
         w = leaf(out, site.weight)
-        p = broadcast_params(site_quantizer(state, "weight", site.name), w.ndim, site.out_axes)
-        _set(out, site.weight, quantize_with(w, p, True, state.power_of_two, state.learn_t))
+        if quantized:
+            p = broadcast_params(site_quantizer(state, "weight", site.name), w.ndim, site.out_axes)
+            w = quantize_with(w, p, True, state.power_of_two, state.learn_t)
+        if masked:
+            w = w * jnp.asarray(state.weight_masks[site.name] > 0.5, w.dtype)
+        _set(out, site.weight, w)
     return out
 
 
 def transform_variables(
     graph: Graph, variables: Mapping, state: CompressionState, gate_key: jax.Array | None = None
 ) -> dict:
-    """``mask ⊙ Q(z ⊙ W)`` for the whole variable tree (what the compressed forward runs with).
+    """``mask ⊙ M ⊙ Q(z ⊙ W)`` for the whole variable tree (what the compressed forward runs
+    with; ``M`` the elementwise masks).
 
     ``z`` are the VIB gates of ``state.gates`` (none: 1): sampled with ``gate_key``, else ``μ``.
     """

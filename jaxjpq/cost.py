@@ -170,15 +170,18 @@ def _site_row(graph: Graph, state: CompressionState, site: Site, masks, num: _Nu
                 shape = [1] * len(site.weight_shape)
                 shape[a] = -1
                 keep = keep * v.reshape(shape)
+        out_axes = sorted(a % len(site.weight_shape) for a in site.out_axes)
+        red = tuple(a for a in range(len(site.weight_shape)) if a not in out_axes)
+        struct_c = xp.sum(keep, axis=red)
         if wm is not None:
             w = num.arr(wm)
             keep = keep * (xp.clip(w, 0.0, 1.0) if num.soft else (w > 0.5).astype(num.dtype))
-        out_axes = sorted(a % len(site.weight_shape) for a in site.out_axes)
-        red = tuple(a for a in range(len(site.weight_shape)) if a not in out_axes)
-        per_c = xp.sum(keep, axis=red) if per_channel else xp.sum(keep)
+        per_c = xp.sum(keep, axis=red)
         nnz = xp.sum(per_c)
         wbits = xp.sum(per_c * b_w)
         exact_ratio = False
+        # A mask that keeps or drops whole channels needs no index: 0-bit channels store nothing.
+        channelwise = xp.all((per_c == 0) | (per_c == struct_c))
 
     a = state.act.get(site.name)
     b_a = FP_BITS if a is None else _bits(site_quantizer(state, "act", site.name),
@@ -188,7 +191,9 @@ def _site_row(graph: Graph, state: CompressionState, site: Site, masks, num: _Nu
     else:
         safe = xp.maximum(kept_numel, 1.0)
         bops = xp.where(kept_numel > 0, kept_macs / safe * wbits * b_a, 0.0)
-    index_bits = kept_numel * SPARSE_INDEX_BITS if wm is not None else 0.0
+    index_bits = 0.0
+    if wm is not None:
+        index_bits = xp.where(channelwise, 0.0, kept_numel * SPARSE_INDEX_BITS)
     mean_bits = wbits / xp.maximum(nnz, 1e-12) if not exact_ratio else b_w
     return dict(site=site, kept_macs=kept_macs, kept_numel=kept_numel, numel=numel, nnz=nnz,
                 weight_bits=wbits, index_bits=index_bits, b_w=mean_bits, b_a=b_a, bops=bops,
@@ -317,18 +322,46 @@ def relative_bops(graph: Graph, state: CompressionState, *, soft: bool = False) 
     return bops.__wrapped__(graph, state, soft=soft) / fp32_bops(graph)
 
 
+def other_bits(graph: Graph, state: CompressionState) -> float:
+    """Bits of every variable leaf that is not a site weight (biases, norms, statistics) as
+    float32, pruned entries removed (exact; needs a traced graph)."""
+    if graph.trace_info is None:
+        raise ValueError("other_bits needs a graph made by jaxjpq.trace (it has leaf shapes).")
+    removed = graph.removed_positions({k: np.asarray(m) for k, m in state.masks.items()})
+    weights = {s.weight for s in graph.sites}
+    total = 0
+    for key, shape in graph.trace_info["leaf_shapes"].items():
+        if key in weights:
+            continue
+        dims = [n - len(removed.get(key, {}).get(a, ())) for a, n in enumerate(shape)]
+        total += math.prod(dims)
+    return float(total) * FP_BITS
+
+
 @_exact
 def size_bits(
-    graph: Graph, state: CompressionState, *, soft: bool = False, include_scales: bool = False
+    graph: Graph, state: CompressionState, *, soft: bool = False, include_scales: bool = False,
+    include_other: bool = False,
 ) -> Any:
     """Bits of the site weights: ``Σ nnz · b_w`` plus the sparse sites' index bitmaps.
 
     ``include_scales`` adds the float32 quantizer numbers the export stores: one step ``d``
     per weight quantizer (per kept channel when per channel) and ``(d, q_m, t)`` per activation
-    quantizer.
+    quantizer. ``include_other`` adds :func:`other_bits` (concrete state only): with both, the
+    figure is the export's payload.
     """
     rows, num = _rows(graph, state, soft)
-    total = 0.0
+    masks = _unit_masks(state, num)
+
+    def _kept_channels(graph, site, num):
+        """Output channels left after slimming (each stores its step)."""
+        axes = weight_axes(graph, site)
+        n = 1.0
+        for a in sorted(a % len(site.weight_shape) for a in site.out_axes):
+            n = n * _kept(axes[a], masks, num)
+        return n
+
+    total = other_bits(graph, state) if include_other else 0.0
     for r in rows:
         total = total + r["weight_bits"] + r["index_bits"]
         if include_scales:
@@ -336,7 +369,7 @@ def size_bits(
             p = state.weight.get(name)
             if p is not None:
                 total = total + FP_BITS * (
-                    num.xp.sum(live_channels(graph, state, name) > 0) if np.ndim(p.d) else 1.0
+                    _kept_channels(graph, r["site"], num) if np.ndim(p.d) else 1.0
                 )
             if name in state.act:
                 total = total + 3 * FP_BITS

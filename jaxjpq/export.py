@@ -3,10 +3,12 @@ an integer-weight inference function and ``jax.export`` serialization.
 
 ``pack(graph, variables, state)`` drops every pruned unit (from all ``params`` and ``dependents``
 slices of groups whose mask is 0), stores each quantized site weight as integer codes
-``sign(W)·round(min(|W|, q_m)^t / d)`` in two's complement at ``b = ceil(bits)`` bits (int8 for 8,
-two codes per byte for 4, general little-endian bit packing otherwise) plus its step ``d`` (per kept
-channel when per-channel), and keeps the other leaves (biases, norms, float sites) as float32 with
-the pruned entries removed. Restoring scatters the kept entries back into zeros of the original
+``sign(W)·round(min(|W|, q_m)^t / d)`` in two's complement, each output channel at its own width
+``ceil(bits)`` (int8 for 8, two codes per byte for 4, general little-endian bit packing otherwise;
+a channel with no kept weight stores nothing), a site with elementwise masks as a bitmap of its
+kept positions plus the codes of the kept nonzeros, with its step ``d`` (per kept channel when
+per-channel), and keeps the other leaves (biases, norms, float sites) as float32 with the pruned
+entries removed. Restoring scatters the kept entries back into zeros of the original
 shapes, so the original ``apply_fn`` runs unchanged ("dequantize on load"); the result equals
 :func:`jaxjpq.compress.compress_apply`'s output, since a pruned unit's output is exactly zero there.
 """
@@ -30,7 +32,7 @@ from jaxjpq.graph import Graph
 from jaxjpq.quant import QuantParams, broadcast_params, codes, effective_params
 from jaxjpq.state import CompressionState, check_state, graph_fingerprint, leaf, site_quantizer
 
-FORMAT = "jaxjpq-packed-v1"
+FORMAT = "jaxjpq-packed-v2"
 _WORDS = {8: np.int8, 16: np.int16, 32: np.int32}
 
 
@@ -39,11 +41,14 @@ class PackedModel:
     """A packed compressed model.
 
     Attributes:
-      arrays: ``{name: np.ndarray}``: ``L<i>`` = leaf ``i``'s packed codes (uint8 / int8) or kept
-        float32 values, ``S<i>`` = its steps ``d``, ``A`` = ``float32[n_act_sites, 3]`` activation
-        ``(d, q_m, t)`` rows.
-      meta: JSON-able: format, per leaf (path, shape, dtype, kind, bits, count, kept positions per
-        axis as hex bitmasks), activation site names, ``power_of_two``, graph fingerprint.
+      arrays: ``{name: np.ndarray}``: ``L<i>_b<w>`` = leaf ``i``'s codes of its ``w``-bit
+        channels (channel-major, bit-packed), ``M<i>`` = its bitmap of kept nonzero positions
+        (sparse sites), ``L<i>`` = kept float32 values of a float leaf, ``S<i>`` = the steps
+        ``d`` (per kept channel when per channel), ``A`` = ``float32[n_act_sites, 3]``
+        activation ``(d, q_m, t)`` rows.
+      meta: JSON-able: format, per leaf (path, shape, dtype, kind, per-channel widths, code
+        counts per width, kept positions per axis as hex bitmasks), activation site names,
+        ``power_of_two``, graph fingerprint.
     """
 
     arrays: dict[str, np.ndarray]
@@ -150,10 +155,101 @@ def _unhex(s: str, n: int) -> np.ndarray:
     return np.unpackbits(np.frombuffer(bytes.fromhex(s), np.uint8))[:n].astype(bool)
 
 
-def pack(graph: Graph, variables: Mapping, state: CompressionState) -> PackedModel:
-    """Pack ``mask ⊙ Q(W)`` of every quantized site as integer codes; see module docstring.
+def _channel_major(x: np.ndarray, out_axes: list[int]) -> np.ndarray:
+    """``x`` with its output axes moved to the front and flattened: ``[C, R]``."""
+    moved = np.moveaxis(x, out_axes, list(range(len(out_axes))))
+    c = int(np.prod(moved.shape[: len(out_axes)], dtype=np.int64))
+    return moved.reshape(c, -1)
 
-    VIB gates (``state.gates``) are folded into the weights first (their test-time ``μ``), as the
+
+def _from_channel_major(x2: Any, shape: tuple[int, ...], out_axes: list[int], xp) -> Any:
+    moved_shape = [shape[a] for a in out_axes] + [n for a, n in enumerate(shape)
+                                                  if a not in out_axes]
+    moved = xp.reshape(x2, moved_shape)
+    return xp.moveaxis(moved, list(range(len(out_axes))), out_axes)
+
+
+def _encode_codes(i: int, c: np.ndarray, out_axes: list[int], widths: np.ndarray,
+                  mask: np.ndarray | None) -> tuple[dict, dict]:
+    """Channel-major integer codes, one bit-packed stream per width (0 bits: nothing stored);
+    with ``mask``, a bitmap of the kept nonzero positions and only their codes."""
+    c2 = _channel_major(c, out_axes)
+    m2 = None if mask is None else _channel_major(mask, out_axes)
+    arrays, counts = {}, {}
+    for w in sorted({int(w) for w in widths.tolist()} - {0}):
+        rows = widths == w
+        vals = c2[rows] if m2 is None else c2[rows][m2[rows]]
+        arrays[f"L{i}_b{w}"] = pack_codes(vals, w)
+        counts[str(w)] = int(vals.size)
+    if m2 is not None:
+        arrays[f"M{i}"] = np.packbits(m2.reshape(-1))
+    meta = dict(widths=_runs(widths), counts=counts, sparse=m2 is not None)
+    return arrays, meta
+
+
+def _runs(x: np.ndarray) -> list[list[int]]:
+    """Run-length code ``[[value, count], ...]`` of an int vector."""
+    out: list[list[int]] = []
+    for v in np.asarray(x, np.int64).tolist():
+        if out and out[-1][0] == v:
+            out[-1][1] += 1
+        else:
+            out.append([v, 1])
+    return out
+
+
+def _unruns(runs: list) -> np.ndarray:
+    return np.asarray([v for v, n in runs for _ in range(n)], np.int64)
+
+
+def _decode_codes(i: int, arrays: Mapping, e: Mapping, shape: tuple[int, ...], xp) -> Any:
+    """Inverse of :func:`_encode_codes`: int32 codes of the kept (slim) tensor."""
+    out_axes = [a % len(shape) for a in e["out_axes"]]
+    widths = _unruns(e["widths"])
+    n_c = widths.size
+    r = int(np.prod(shape, dtype=np.int64)) // max(n_c, 1)
+    if e["sparse"]:
+        m2 = np.unpackbits(np.asarray(arrays[f"M{i}"]))[: n_c * r].astype(bool).reshape(n_c, r)
+    else:
+        m2 = np.ones((n_c, r), bool)
+    c2 = xp.zeros((n_c, r), xp.int32)
+    for w_str, n in e["counts"].items():
+        w = int(w_str)
+        rows = np.nonzero(widths == w)[0]
+        vals = unpack_codes(arrays[f"L{i}_b{w}"], w, n, xp)
+        pos = np.nonzero(m2[rows])
+        idx = (rows[pos[0]], pos[1])
+        c2 = c2.at[idx].set(vals) if xp is jnp else _np_set(c2, idx, vals)
+    return _from_channel_major(c2, shape, out_axes, xp)
+
+
+def _decode_float(i: int, arrays: Mapping, e: Mapping, shape: tuple[int, ...], xp) -> Any:
+    return xp.asarray(arrays[f"L{i}"])
+
+
+def _dequantize(i: int, arrays: Mapping, e: Mapping, shape: tuple[int, ...], xp) -> Any:
+    """Kept values ``codes · d`` of a ``codes`` leaf."""
+    c = _decode_codes(i, arrays, e, shape, xp)
+    d = xp.asarray(arrays[f"S{i}"])
+    if d.ndim:
+        bshape = [1] * len(shape)
+        for a, n in zip(e["out_axes"], d.shape, strict=True):
+            bshape[a] = n
+        d = d.reshape(bshape)
+    return c * d
+
+
+# Codec registry: leaf kind -> decode(i, arrays, entry, kept_shape, xp) -> kept values.
+CODECS: dict[str, Callable[..., Any]] = {"codes": _dequantize, "float": _decode_float}
+
+
+def pack(graph: Graph, variables: Mapping, state: CompressionState) -> PackedModel:
+    """Pack ``mask ⊙ M ⊙ Q(W)`` of every quantized site as integer codes; see module docstring.
+
+    Every output channel is stored at its own exact width (:func:`jaxjpq.cost.channel_bits`; a
+    channel with no kept weight takes no bits). A site with elementwise masks stores a bitmap of
+    its kept positions and the codes of the kept nonzero weights only. VIB gates
+    (``state.gates``) are folded into the weights first (their test-time ``μ``), as the
     deterministic compressed forward applies them."""
     check_state(graph, state)
     if state.gates:
@@ -167,7 +263,6 @@ def pack(graph: Graph, variables: Mapping, state: CompressionState) -> PackedMod
                                        len(s.weight_shape), s.out_axes))
         for s in graph.sites if s.name in st.weight
     })(masked, state)
-    site_bits = cost.bits(graph, state)
     arrays: dict[str, np.ndarray] = {}
     leaves_meta = []
     for i, (key, value) in enumerate(_flat_leaves(masked)):
@@ -178,20 +273,34 @@ def pack(graph: Graph, variables: Mapping, state: CompressionState) -> PackedMod
             keep={str(a): _hex(k) for a, k in keep.items()},
         )
         site = site_of.get(key)
+        wm = None if site is None else state.weight_masks.get(site.name)
         if site is not None and site.name in state.weight:
             p = effective_params(site_quantizer(state, "weight", site.name), True,
                                  state.power_of_two)
             c = _select(np.asarray(all_codes[site.name]), keep)
-            nb = int(site_bits[site.name][0])
-            arrays[f"L{i}"] = pack_codes(c, nb)
+            out_axes = sorted(a % x.ndim for a in site.out_axes)
+            bits = np.asarray(cost.channel_bits(graph, state, site.name))
+            ch_keep = [keep.get(a, np.ones(x.shape[a], bool)) for a in out_axes]
+            if bits.ndim:
+                bits = bits[np.ix_(*ch_keep)]
+            n_ch = int(np.prod([k.sum() for k in ch_keep], dtype=np.int64))
+            widths = np.broadcast_to(bits, (n_ch,) if not bits.ndim else bits.shape)
+            mask = None if wm is None else _select(np.asarray(wm) > 0.5, keep)
+            if mask is not None:  # a channel with no kept weight: 0 bits
+                m2 = _channel_major(mask, out_axes)
+                widths = np.where(m2.any(axis=1), widths.reshape(-1), 0)
+                if np.all(m2.all(axis=1) | ~m2.any(axis=1)):
+                    mask = None  # whole channels kept or dropped: the widths say it all
+            enc, meta = _encode_codes(i, c, out_axes, np.asarray(widths).reshape(-1), mask)
+            arrays.update(enc)
             d = np.asarray(p.d, np.float32)
             if d.ndim:
-                (out_axis,) = site.out_axes  # per-channel scales need one output axis
-                d = d[keep[out_axis % x.ndim]] if out_axis % x.ndim in keep else d
+                d = d[np.ix_(*ch_keep)]
             arrays[f"S{i}"] = d
-            entry.update(kind="codes", bits=nb, count=int(c.size), kept_shape=list(c.shape),
-                         out_axes=list(site.out_axes))
+            entry.update(kind="codes", kept_shape=list(c.shape), out_axes=out_axes, **meta)
         else:
+            if wm is not None:  # float site with an elementwise mask: the masked values
+                x = x * (np.asarray(wm) > 0.5)
             arrays[f"L{i}"] = _select(x, keep)
             entry.update(kind="float")
         leaves_meta.append(entry)
@@ -208,7 +317,7 @@ def pack(graph: Graph, variables: Mapping, state: CompressionState) -> PackedMod
 
 
 def unpack_variables(packed: PackedModel, xp=jnp) -> dict:
-    """Dense variables ``mask ⊙ Q(W)`` (codes · d, pruned entries 0) from a packed model.
+    """Dense variables ``mask ⊙ M ⊙ Q(W)`` (codes · d, pruned entries 0) from a packed model.
 
     With ``xp=jnp`` this is traceable (static shapes from the metadata) so it can live inside a
     jitted or exported function.
@@ -218,18 +327,10 @@ def unpack_variables(packed: PackedModel, xp=jnp) -> dict:
     for i, e in enumerate(packed.meta["leaves"]):
         shape = tuple(e["shape"])
         keep = {int(a): _unhex(h, shape[int(a)]) for a, h in e["keep"].items()}
-        if e["kind"] == "codes":
-            c = unpack_codes(packed.arrays[f"L{i}"], e["bits"], e["count"], xp)
-            c = c.reshape(e["kept_shape"])
-            d = xp.asarray(packed.arrays[f"S{i}"])
-            if d.ndim:
-                (ax,) = e["out_axes"]
-                bshape = [1] * len(shape)
-                bshape[ax % len(shape)] = d.shape[0]
-                d = d.reshape(bshape)
-            kept = (c * d).astype(e["dtype"])
-        else:
-            kept = xp.asarray(packed.arrays[f"L{i}"]).astype(e["dtype"])
+        if e["kind"] not in CODECS:
+            raise ValueError(f"leaf {'/'.join(e['path'])} has unknown kind {e['kind']!r}.")
+        kshape = tuple(e.get("kept_shape", ()))
+        kept = CODECS[e["kind"]](i, packed.arrays, e, kshape, xp).astype(e["dtype"])
         if keep:
             idx = np.ix_(*[np.nonzero(keep[a])[0] if a in keep else np.arange(n)
                            for a, n in enumerate(shape)])
@@ -284,28 +385,47 @@ def inference_fn(packed: PackedModel, apply_fn: Callable, graph: Graph) -> Calla
 # ---------------------------------------------------------------------------------------------
 
 
+def _checkpointer() -> ocp.Checkpointer:
+    # Uncompressed: the bytes on disk are the format's (codes, bitmaps, scales), as
+    # :func:`jaxjpq.cost.size_bits` counts them, plus orbax's metadata.
+    return ocp.Checkpointer(ocp.CompositeCheckpointHandler(
+        arrays=ocp.PyTreeCheckpointHandler(use_compression=False),
+        meta=ocp.JsonCheckpointHandler(),
+    ))
+
+
 def save(directory: str | os.PathLike, packed: PackedModel) -> None:
-    """Save with orbax (``arrays`` via the standard handler, ``meta`` as JSON). ``directory``
-    must not exist."""
-    ckpt = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
-    ckpt.save(
+    """Save with orbax: the arrays as one uncompressed byte blob (their layout in the JSON
+    metadata), ``meta`` as JSON. ``directory`` must not exist."""
+    layout, parts, offset = {}, [], 0
+    for name in sorted(packed.arrays):
+        a = np.ascontiguousarray(packed.arrays[name])
+        layout[name] = [offset, int(a.nbytes), a.dtype.str, list(a.shape)]
+        parts.append(a.reshape(-1).view(np.uint8))
+        offset += a.nbytes
+    blob = np.concatenate(parts) if parts else np.zeros((0,), np.uint8)
+    _checkpointer().save(
         os.path.abspath(directory),
         args=ocp.args.Composite(
-            arrays=ocp.args.StandardSave(packed.arrays), meta=ocp.args.JsonSave(packed.meta)
+            arrays=ocp.args.PyTreeSave({"blob": blob}),
+            meta=ocp.args.JsonSave({**packed.meta, "layout": layout}),
         ),
     )
 
 
 def restore(directory: str | os.PathLike) -> PackedModel:
     """Load a model written by :func:`save` (arrays as numpy)."""
-    ckpt = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
-    r = ckpt.restore(
+    r = _checkpointer().restore(
         os.path.abspath(directory),
-        args=ocp.args.Composite(arrays=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()),
+        args=ocp.args.Composite(arrays=ocp.args.PyTreeRestore(), meta=ocp.args.JsonRestore()),
     )
     meta = dict(r["meta"])
     _check_meta(meta)
-    return PackedModel(arrays={k: np.asarray(v) for k, v in r["arrays"].items()}, meta=meta)
+    blob = np.asarray(r["arrays"]["blob"], np.uint8)
+    arrays = {}
+    for name, (offset, nbytes, dtype, shape) in meta.pop("layout").items():
+        arrays[name] = blob[offset:offset + nbytes].view(np.dtype(dtype)).reshape(shape).copy()
+    return PackedModel(arrays=arrays, meta=meta)
 
 
 def disk_bytes(directory: str | os.PathLike) -> int:
@@ -316,18 +436,21 @@ def disk_bytes(directory: str | os.PathLike) -> int:
 
 
 def theoretical_bytes(packed: PackedModel) -> dict[str, float]:
-    """``codes`` = Σ kept_params · bits / 8, ``scales`` = weight steps + activation (d, q_m, t),
-    ``float`` = kept float leaves (biases, float sites), ``total`` = their sum."""
-    out = dict(codes=0.0, scales=0.0, float=0.0)
+    """``codes`` = Σ kept codes · their widths / 8, ``index`` = sparse bitmaps (1 bit per kept
+    position), ``scales`` = weight steps + activation (d, q_m, t), ``float`` = kept float leaves
+    (biases, float sites), ``total`` = their sum."""
+    out = dict(codes=0.0, index=0.0, scales=0.0, float=0.0)
     for i, e in enumerate(packed.meta["leaves"]):
         if e["kind"] == "codes":
-            out["codes"] += e["count"] * e["bits"] / 8
+            out["codes"] += sum(int(w) * n for w, n in e["counts"].items()) / 8
+            if e["sparse"]:
+                out["index"] += int(np.prod(e["kept_shape"], dtype=np.int64)) / 8
             out["scales"] += packed.arrays[f"S{i}"].nbytes
         else:
             out["float"] += packed.arrays[f"L{i}"].nbytes
     if "A" in packed.arrays:
         out["scales"] += packed.arrays["A"].nbytes
-    out["total"] = out["codes"] + out["scales"] + out["float"]
+    out["total"] = out["codes"] + out["index"] + out["scales"] + out["float"]
     return out
 
 
@@ -364,15 +487,17 @@ def deserialize(blob: bytes | bytearray) -> jax.export.Exported:
 
 
 def pack_summary(packed: PackedModel) -> str:
-    """One line per packed leaf: path, kind, bits, kept/total entries."""
+    """One line per packed leaf: path, kind, widths, kept/total entries."""
     lines = []
     for e in packed.meta["leaves"]:
         n = int(np.prod(e["shape"]))
-        k = e.get("count")
-        if k is None:
-            k = n
+        if e["kind"] == "codes":
+            k = sum(e["counts"].values())
+            widths = sorted({int(w) for w, _ in e["widths"]})
+            bits = "/".join(str(w) for w in widths) if widths else "0"
+        else:
+            k, bits = n, "32"
             for a, h in e["keep"].items():
                 k = k // e["shape"][int(a)] * int(_unhex(h, e["shape"][int(a)]).sum())
-        lines.append(f"{'/'.join(e['path']):<32} {e['kind']:<6} {e.get('bits', 32):>3} bits "
-                     f"{k:>8}/{n}")
+        lines.append(f"{'/'.join(e['path']):<32} {e['kind']:<6} {bits:>8} bits {k:>8}/{n}")
     return "\n".join(lines)

@@ -18,7 +18,8 @@ G = mnist_cnn_graph(F1, F2, H, C)
 
 def _state(bits_w, bits_a, masks, per_channel=False, power_of_two=False):
     """State with integer bits per site and the given {group: bool array} masks."""
-    s = init_state(G, CompressionSpec(skip=(), per_channel=per_channel, power_of_two=power_of_two), None)
+    spec = CompressionSpec(skip=(), per_channel=per_channel, power_of_two=power_of_two)
+    s = init_state(G, spec)
     sm = G.site_map
     w = {k: p.replace(d=step_from_bits(float(bits_w[k]), p.q_m, p.t)) for k, p in s.weight.items()}
     a = {k: p.replace(d=step_from_bits(float(bits_a[k]), p.q_m, p.t, sm[k].signed_input))

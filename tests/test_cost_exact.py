@@ -24,7 +24,7 @@ ZOO = ["resnet20", "mobilenet_v2_small", "vit_tiny_mnist", "lenet5", "mnist_cnn"
        "bert_tiny", "resnet56", "resnet18", "resnet50", "mobilenet_v2", "vit_tiny"]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _model(name: str):
     if name in ARCHS:
         m, v, x = build(name)

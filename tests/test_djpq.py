@@ -171,4 +171,5 @@ def test_djpq_resume_from_checkpoint_matches_uninterrupted_run(tmp_path):
 
     full, _, resumed = interrupted_and_full(fresh, random_source(32), 8, steps, 5,
                                             tmp_path / "ckpt")
-    assert float(resumed.opt_state.method.gamma2) == pytest.approx(float(full.opt_state.method.gamma2))
+    want = float(full.opt_state.method.gamma2)
+    assert float(resumed.opt_state.method.gamma2) == pytest.approx(want)

@@ -73,7 +73,8 @@ def test_mnist_cnn_mixed_bits_half_pruned_disk_size_and_outputs(tmp_path):
     assert theory["codes"] == cost.size_bits(g, st) / 8
     export.save(tmp_path / "m", packed)
     on_disk = export.disk_bytes(tmp_path / "m")
-    assert on_disk <= 1.05 * theory["total"], (on_disk, theory)
+    # uncompressed payload plus orbax's files and the JSON metadata (a few KB, fixed)
+    assert theory["total"] <= on_disk <= theory["total"] + 6000, (on_disk, theory)
     restored = export.restore(tmp_path / "m")
     assert restored.meta == packed.meta
     y_fake = jax.jit(fn)(v, st, x)
@@ -91,9 +92,15 @@ def test_restored_model_matches_fake_quant_forward(tmp_path, per_channel, power_
     export.save(tmp_path / "m", packed)
     restored = export.restore(tmp_path / "m")
     for e in restored.meta["leaves"]:
-        if e["kind"] == "codes":
+        if e["kind"] == "codes":  # each kept channel at its exact width
             site = e["path"][1]
-            assert e["bits"] == cost.bits(g, st)[site][0]
+            widths = [w for w, n in e["widths"] for _ in range(n)]
+            want = np.asarray(cost.channel_bits(g, st, site))
+            if want.ndim:
+                want = want[np.asarray(st.masks.get(f"{site}/kernel:out", 1.0 + want)) > 0.5]
+            else:
+                want = np.full(len(widths), want)
+            np.testing.assert_array_equal(widths, want)
     y_fake = jax.jit(fn)(v, st, x)
     y_int = jax.jit(export.inference_fn(restored, model.apply, g))(x)
     np.testing.assert_allclose(y_int, y_fake, rtol=1e-6, atol=1e-6)

@@ -9,9 +9,8 @@ import pytest
 from test_state import small_cnn
 
 from jaxjpq.compress import compress_apply
-from jaxjpq.methods.core import fixed_bits_step
+from jaxjpq.methods.core import fixed_bits_step, select_units
 from jaxjpq.methods.core import period_counts as prune_counts
-from jaxjpq.methods.core import select_units
 from jaxjpq.methods.geta import _sgd_projected, geta, make_schedule
 from jaxjpq.quant import QuantParams, params_bits, step_from_bits
 from jaxjpq.state import CompressionSpec, init_state

@@ -14,7 +14,13 @@ import pytest
 from jaxjpq.graph import Graph, Group, Site, Slice
 from jaxjpq.models import MnistCNN
 from jaxjpq.quant import params_bits
-from jaxjpq.state import CompressionSpec, CompressionState, check_state, graph_fingerprint, init_state
+from jaxjpq.state import (
+    CompressionSpec,
+    CompressionState,
+    check_state,
+    graph_fingerprint,
+    init_state,
+)
 
 P = "params"
 

@@ -275,6 +275,30 @@ def hold(graph: Graph, index: UnitIndex, updates: Mapping, params: Mapping, prun
     return traverse_util.unflatten_dict(flat_u)
 
 
+def prune_dead_units(graph: Graph, state: CompressionState, variables: Mapping
+                     ) -> CompressionState:
+    """``state`` with mask 0 for every unit whose ``params`` slices are all exactly zero in the
+    compressed forward's weights (elementwise masks and 0-bit channels applied, biases and
+    norms included): their outputs are zero, so slim and export remove them exactly. Every
+    group keeps at least one unit. jit-compatible."""
+    from jaxjpq.compress import quantize_weights
+
+    index = unit_index(graph, variables)
+    if index.num_units == 0:
+        return state
+    w = quantize_weights(graph, variables, state)["params"]
+    dead = unit_sum(index, jnp.abs, w) == 0
+    m = index.flat_masks(state.masks)
+    live = (m > 0.5) & ~dead
+    seg = jnp.asarray(index.group_of_unit)
+    n_live = jax.ops.segment_sum(live.astype(jnp.int32), seg, index.num_groups)
+    # a group whose units all died keeps its first unit (a group is never emptied)
+    first = jax.ops.segment_min(jnp.where(m > 0.5, jnp.arange(index.num_units),
+                                          index.num_units), seg, index.num_groups)
+    rescue = (n_live[seg] == 0) & (jnp.arange(index.num_units) == first[seg])
+    return state.replace(masks=index.split(jnp.where(live | rescue, m, 0.0)))
+
+
 # ---------------------------------------------------------------------------------------------
 # Budget enforcement
 # ---------------------------------------------------------------------------------------------
