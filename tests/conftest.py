@@ -4,9 +4,18 @@ names (cifar10, imagenet2012, glue/sst2), read back through the public loaders."
 from __future__ import annotations
 
 import io
+import os
 
 import numpy as np
 import pytest
+from hypothesis import settings
+
+# CI runs every property test on the same derandomized examples (a failure reproduces exactly);
+# locally hypothesis explores new ones each run.
+settings.register_profile("ci", derandomize=True, print_blob=True, deadline=None)
+settings.register_profile("dev", deadline=None)
+settings.load_profile("ci" if os.environ.get("CI") else os.environ.get("HYPOTHESIS_PROFILE",
+                                                                          "dev"))
 
 
 def _encode(img: np.ndarray, fmt: str) -> bytes:

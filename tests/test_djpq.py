@@ -81,6 +81,7 @@ def _train(model, v, g, x, cstate, tx, steps):
     fwd = compress_apply(model.apply, g)
 
     @jax.jit
+    @chex.assert_max_traces(n=1)
     def step(params, opt, key):
         def loss(pr):
             logits = fwd({"params": pr[0]}, pr[1], x, gate_key=key)
