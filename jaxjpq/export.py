@@ -399,7 +399,7 @@ def save(directory: str | os.PathLike, packed: PackedModel) -> None:
     metadata), ``meta`` as JSON. ``directory`` must not exist."""
     layout, parts, offset = {}, [], 0
     for name in sorted(packed.arrays):
-        a = np.ascontiguousarray(packed.arrays[name])
+        a = np.array(packed.arrays[name], order="C")  # (ascontiguousarray makes 0-d arrays 1-d)
         layout[name] = [offset, int(a.nbytes), a.dtype.str, list(a.shape)]
         parts.append(a.reshape(-1).view(np.uint8))
         offset += a.nbytes

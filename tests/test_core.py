@@ -64,7 +64,7 @@ def test_enforce_budget_meets_exact_budget_lowering_bits_first(kind):
 def test_enforce_budget_prunes_in_unit_multiples():
     model, v, g, x, spec, c = _setup(bits=(2.0, 2.0))
     out = core.enforce_budget(g, c, bops=1e-9, params=v["params"], unit_multiple=2)
-    for gid, m in out.masks.items():
+    for m in out.masks.values():
         assert int(np.sum(np.asarray(m) > 0.5)) % 2 == 0
 
 

@@ -75,6 +75,7 @@ def test_soft_bops_use_gate_keep_probabilities():
 
 
 def _train(model, v, g, x, cstate, tx, steps):
+    chex.clear_trace_counter()  # one step function per call; parametrized callers share a stack
     params = (v["params"], cstate)
     opt = tx.init(params)
     labels = jnp.arange(x.shape[0]) % 10

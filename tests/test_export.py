@@ -129,3 +129,17 @@ def test_packed_model_from_other_graph_is_refused():
         export.inference_fn(packed, model.apply, mnist_cnn_graph(4, 8, 32))
     with pytest.raises(ValueError, match="another graph"):
         export.pack(mnist_cnn_graph(4, 8, 32), v, init_state(g, CompressionSpec(), v))
+
+
+def test_save_restore_keeps_every_array_exactly(tmp_path):
+    rng = np.random.default_rng(0)
+    arrays = {"s": np.float32(0.25) * np.ones((), np.float32), "i8": rng.integers(-5, 5, 7,
+              dtype=np.int8), "u": rng.integers(0, 255, (3, 4), dtype=np.uint8),
+              "f": rng.random((2, 3)).astype(np.float32), "e": np.zeros((0,), np.float32)}
+    packed = export.PackedModel(arrays=arrays, meta={"format": export.FORMAT, "leaves": []})
+    export.save(tmp_path / "m", packed)
+    back = export.restore(tmp_path / "m")
+    assert set(back.arrays) == set(arrays)
+    for k, a in arrays.items():
+        assert back.arrays[k].shape == a.shape and back.arrays[k].dtype == a.dtype
+        np.testing.assert_array_equal(back.arrays[k], a)

@@ -19,7 +19,7 @@ from jaxjpq.state import CompressionSpec, init_state
 from jaxjpq.trace import trace
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _mnist():
     model = MnistCNN()
     x = jax.random.uniform(jax.random.PRNGKey(1), (8, 28, 28, 1))
