@@ -28,7 +28,7 @@ import jax.numpy as jnp
 
 from jaxjpq import gates as gates_lib
 from jaxjpq.graph import Graph
-from jaxjpq.jaxprs import CALL_PRIMITIVES, aval, is_dynamic, key_of, sub_jaxpr
+from jaxjpq.jaxprs import CALL_PRIMITIVES, aval, cached, is_dynamic, key_of, sub_jaxpr
 from jaxjpq.quant import (
     QuantParams,
     bits_from_step,
@@ -201,18 +201,12 @@ def _site_input_runner(apply_fn: Callable, graph: Graph) -> Callable:
             return apply_fn(v, *a, **kw)
 
         avals = tuple(aval(x) for x in dyn)
-        try:
-            ck = (treedef, avals, static)
-            hash(ck)
-        except TypeError:
-            ck = None
-        if ck is not None and ck in cache:
-            closed, out_tree = cache[ck]
-        else:
+
+        def make():
             closed, out_shape = jax.make_jaxpr(rebuilt, return_shape=True)(*avals)
-            out_tree = jax.tree.structure(out_shape)
-            if ck is not None:
-                cache[ck] = (closed, out_tree)
+            return closed, jax.tree.structure(out_shape)
+
+        closed, out_tree = cached(cache, (treedef, avals, static), make)
         tags = []
         for i in dyn_pos:
             path, _ = flat[i]

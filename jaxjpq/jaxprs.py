@@ -4,7 +4,7 @@ keys, and which leaves are traced values."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -69,3 +69,15 @@ def aval(x: Any) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(
         np.shape(x), jnp.result_type(x.dtype), weak_type=getattr(x, "weak_type", False)
     )
+
+
+def cached(cache: dict, key: Any, make: Callable[[], Any]) -> Any:
+    """``cache[key]``, computed by ``make()`` on a miss; an unhashable key (a static argument
+    that cannot be hashed) is computed every time and never stored."""
+    try:
+        hash(key)
+    except TypeError:
+        return make()
+    if key not in cache:
+        cache[key] = make()
+    return cache[key]

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxjpq.graph import Graph, Slice
-from jaxjpq.jaxprs import CALL_PRIMITIVES, aval, is_dynamic, key_of, sub_jaxpr
+from jaxjpq.jaxprs import CALL_PRIMITIVES, aval, cached, is_dynamic, key_of, sub_jaxpr
 from jaxjpq.trace import Traced, trace_jaxpr
 
 
@@ -347,18 +347,13 @@ def slim(graph: Graph, variables: Any, state_or_masks: Any) -> tuple[Callable, A
             (tuple(np.shape(x)), str(jnp.result_type(x.dtype))) if is_dynamic(x) else ("s", x)
             for x in flat
         )
-        try:
-            hash(sig)
-        except TypeError:
-            sig = None
-        if sig is not None and sig in cache:
-            traced, plan = cache[sig]
-        else:
+
+        def make():
             abstract = jax.tree.map(lambda x: aval(x) if is_dynamic(x) else x, (args, kwargs))
             traced = trace_jaxpr(apply_fn, var_avals, abstract[0], abstract[1])
-            plan = _Plan(graph, traced, keep)
-            if sig is not None:
-                cache[sig] = (traced, plan)
+            return traced, _Plan(graph, traced, keep)
+
+        traced, plan = cached(cache, sig, make)
         leaves = jax.tree_util.tree_leaves((slim_vars, args, kwargs))
         if len(leaves) < len(traced.dyn_pos) or max(traced.dyn_pos, default=-1) >= len(leaves):
             raise ValueError("slim_fn: variables/arguments do not match the traced structure.")

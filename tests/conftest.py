@@ -26,6 +26,28 @@ def _encode(img: np.ndarray, fmt: str) -> bytes:
     return buf.getvalue()
 
 
+def _builder(name, version, rows, features, example, config=None, **info):
+    """A TFDS ``GeneratorBasedBuilder`` class named ``name`` (TFDS derives the dataset name from
+    it) writing ``rows[split]`` through ``example(i, split, row)``."""
+    import types
+
+    import tensorflow_datasets as tfds
+
+    def body(ns):
+        ns["VERSION"] = tfds.core.Version(version)
+        if config:
+            ns["BUILDER_CONFIGS"] = [tfds.core.BuilderConfig(name=config)]
+        ns["_info"] = lambda self: tfds.core.DatasetInfo(
+            builder=self, features=tfds.features.FeaturesDict(features()), **info)
+        ns["_split_generators"] = lambda self, dl_manager: {
+            s: self._generate_examples(s) for s in rows}
+        ns["_generate_examples"] = lambda self, split: (
+            (i, example(i, split, row)) for i, row in enumerate(rows[split]))
+
+    return types.new_class(name, (tfds.core.GeneratorBasedBuilder,),
+                           {"skip_registration": True}, body)
+
+
 def _fake_builders():
     import tensorflow_datasets as tfds
 
@@ -38,69 +60,19 @@ def _fake_builders():
     sst2 = {s: [(f"Sentence {i} is {'good' if i % 2 else 'bad'}!", i % 2) for i in range(n)]
             for s, n in (("train", 9), ("validation", 3))}
 
-    class Cifar10(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-        VERSION = tfds.core.Version("3.0.2")
-
-        def _info(self):
-            return tfds.core.DatasetInfo(
-                builder=self,
-                features=tfds.features.FeaturesDict({
-                    "id": tfds.features.Text(),
-                    "image": tfds.features.Image(shape=(32, 32, 3)),
-                    "label": tfds.features.ClassLabel(num_classes=10),
-                }),
-                supervised_keys=("image", "label"),
-            )
-
-        def _split_generators(self, dl_manager):
-            return {s: self._generate_examples(s) for s in cifar}
-
-        def _generate_examples(self, split):
-            for i, (img, label) in enumerate(cifar[split]):
-                yield i, {"id": f"{split}_{i}", "image": _encode(img, "PNG"), "label": label}
-
-    class Imagenet2012(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-        VERSION = tfds.core.Version("5.1.0")
-
-        def _info(self):
-            return tfds.core.DatasetInfo(
-                builder=self,
-                features=tfds.features.FeaturesDict({
-                    "image": tfds.features.Image(encoding_format="jpeg"),
-                    "label": tfds.features.ClassLabel(num_classes=1000),
-                    "file_name": tfds.features.Text(),
-                }),
-            )
-
-        def _split_generators(self, dl_manager):
-            return {s: self._generate_examples(s) for s in imnet}
-
-        def _generate_examples(self, split):
-            for i, (img, label) in enumerate(imnet[split]):
-                yield i, {"image": _encode(img, "JPEG"), "label": label,
-                          "file_name": f"{i}.JPEG"}
-
-    class Glue(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-        VERSION = tfds.core.Version("2.0.0")
-        BUILDER_CONFIGS = [tfds.core.BuilderConfig(name="sst2")]
-
-        def _info(self):
-            return tfds.core.DatasetInfo(
-                builder=self,
-                features=tfds.features.FeaturesDict({
-                    "idx": tfds.features.Scalar(np.int32),
-                    "label": tfds.features.ClassLabel(num_classes=2),
-                    "sentence": tfds.features.Text(),
-                }),
-            )
-
-        def _split_generators(self, dl_manager):
-            return {s: self._generate_examples(s) for s in sst2}
-
-        def _generate_examples(self, split):
-            for i, (text, label) in enumerate(sst2[split]):
-                yield i, {"idx": i, "label": label, "sentence": text}
-
+    f = tfds.features
+    Cifar10 = _builder("Cifar10", "3.0.2", cifar, lambda: {
+        "id": f.Text(), "image": f.Image(shape=(32, 32, 3)), "label": f.ClassLabel(num_classes=10),
+    }, lambda i, split, row: {"id": f"{split}_{i}", "image": _encode(row[0], "PNG"),
+                              "label": row[1]}, supervised_keys=("image", "label"))
+    Imagenet2012 = _builder("Imagenet2012", "5.1.0", imnet, lambda: {
+        "image": f.Image(encoding_format="jpeg"), "label": f.ClassLabel(num_classes=1000),
+        "file_name": f.Text(),
+    }, lambda i, split, row: {"image": _encode(row[0], "JPEG"), "label": row[1],
+                              "file_name": f"{i}.JPEG"})
+    Glue = _builder("Glue", "2.0.0", sst2, lambda: {
+        "idx": f.Scalar(np.int32), "label": f.ClassLabel(num_classes=2), "sentence": f.Text(),
+    }, lambda i, split, row: {"idx": i, "label": row[1], "sentence": row[0]}, config="sst2")
     return (Cifar10, Imagenet2012, Glue), (cifar, imnet, sst2)
 
 

@@ -15,14 +15,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jaxjpq.macs import count_macs
-from jaxjpq.models.registry import (
-    get_model,
-    input_dtype,
-    input_shape,
-    input_spec,
-    model_macs,
-    model_names,
-)
+from jaxjpq.models import registry
+
+get_model, input_dtype, input_shape = registry.get_model, registry.input_dtype, registry.input_shape
+input_spec, model_macs, model_names = registry.input_spec, registry.model_macs, registry.model_names
 
 # Small inputs for the train-step test (ImageNet-sized nets run at 32x32 to stay fast).
 _SMALL_SHAPE = {

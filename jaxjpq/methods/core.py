@@ -120,20 +120,25 @@ def fixed_bits_step(
     b_hi: float,
     train_clips: bool = True,
     train_t: bool = False,
+    clips: Mapping[str, jax.Array] | None = None,
 ) -> dict[str, QuantParams]:
     """Quantizers after one fixed-bits step: bits = their current integer bits (clipped to
     ``[b_lo, b_hi]``); with ``train_clips`` the clip ``q_m`` (and with ``train_t`` the exponent
-    ``t``) takes an SGD step (:func:`jaxjpq.quant.clip_sgd_step`) and ``d`` follows so the bits
-    stay fixed; without, the quantizer is frozen at those bits. Frozen sites are unchanged."""
+    ``t``) takes an SGD step (:func:`jaxjpq.quant.clip_sgd_step`; a method with its own clip
+    optimizer passes the new clips as ``clips={site: q_m}``) and ``d`` follows so the bits stay
+    fixed; without, the quantizer is frozen at those bits. Frozen sites are unchanged."""
     out = {}
     for name, p in table.items():
         if name in frozen:
             out[name] = p
             continue
-        g, s = grads[name], signed[name]
+        s = signed[name]
         b = jnp.clip(jnp.round(bits_from_step(p.d, p.q_m, p.t, s)), b_lo, b_hi)
         q_m, t = p.q_m, p.t
-        if train_clips:
+        if clips is not None:
+            q_m = clips[name]
+        elif train_clips:
+            g = grads[name]
             q_m = clip_sgd_step(p.q_m, g.q_m, lr)
             if train_t:
                 t = jnp.clip(p.t - lr * g.t, 0.25, 4.0)

@@ -39,7 +39,7 @@ from jaxjpq import cost
 from jaxjpq import gates as gates_lib
 from jaxjpq.graph import Graph
 from jaxjpq.methods import core
-from jaxjpq.quant import QuantParams, bits_from_step
+from jaxjpq.quant import QuantParams
 from jaxjpq.slim import apply_masks
 from jaxjpq.state import CompressedParams, CompressionSpec, CompressionState
 from jaxjpq.state import init as init_pair
@@ -148,21 +148,21 @@ def _free_grads(c: CompressionState, g: CompressionState) -> dict:
 
 def _quant_table(table, steps, signed, frozen, b_lo, b_hi, search, finalize, pow2):
     """New quantizers: search = Adam step + projection of ``d``; finalize = bits rounded;
-    cool-down = ``q_m`` step with ``d = d(frozen bits)``."""
+    cool-down = the shared fixed-bits step with the Adam-stepped clips."""
+    clips = {n: p.q_m * jnp.exp(steps[n][1]) for n, p in table.items() if n not in frozen}
+    cool = core.fixed_bits_step(table, {}, signed, frozen, lr=0.0, b_lo=b_lo, b_hi=b_hi,
+                                clips=clips)
     out = {}
     for name, p in table.items():
         if name in frozen:
             out[name] = p
             continue
         s = signed[name]
-        dlog_d, dlog_q = steps[name]
-        q_m = p.q_m * jnp.exp(dlog_q)
-        d = core.projected(QuantParams(p.d * jnp.exp(dlog_d), q_m, p.t), s, b_lo, b_hi).d
+        q_m = clips[name]
+        d = core.projected(QuantParams(p.d * jnp.exp(steps[name][0]), q_m, p.t), s, b_lo,
+                           b_hi).d
         d_final = core.with_bits(p, core.rounded_bits(p, s, b_lo, b_hi, pow2), s).d
-        # Frozen bits are integers: re-round to absorb float drift, keep d = d(b) at the new q_m.
-        b_now = bits_from_step(p.d, p.q_m, p.t, s)
-        d_cool = core.with_bits(p.replace(q_m=q_m), jnp.round(b_now), s).d
-        new_d = jnp.where(search, d, jnp.where(finalize, d_final, d_cool))
+        new_d = jnp.where(search, d, jnp.where(finalize, d_final, cool[name].d))
         new_q = jnp.where(finalize, p.q_m, q_m)
         out[name] = QuantParams(d=new_d, q_m=new_q, t=p.t)
     return out

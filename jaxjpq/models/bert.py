@@ -6,7 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxjpq.models.transformer import EncoderBlock
+from jaxjpq.models.transformer import encoder_stack
 
 
 class BertClassifier(nn.Module):
@@ -58,16 +58,7 @@ class BertClassifier(nn.Module):
         mask = None
         if attention_mask is not None:
             mask = attention_mask.astype(bool)[:, None, None, :]  # [B, 1, 1, L_k]
-        for i in range(self.depth):
-            x = EncoderBlock(
-                self.num_heads,
-                self.mlp_dim,
-                self.dropout_rate,
-                self.attention_dropout_rate,
-                pre_ln=False,
-                ln_epsilon=1e-12,
-                name=f"layer_{i}",
-            )(x, mask, train)
+        x = encoder_stack(self, x, mask, train, prefix="layer", pre_ln=False, ln_epsilon=1e-12)
         pooled = jnp.tanh(nn.Dense(self.dim, name="pooler")(x[:, 0]))
         pooled = nn.Dropout(self.dropout_rate)(pooled, deterministic=not train)
         return nn.Dense(self.num_classes, name="classifier")(pooled)

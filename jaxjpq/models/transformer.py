@@ -93,3 +93,17 @@ class EncoderBlock(nn.Module):
             return x + mlp(ln2(x), train)
         x = ln1(x + drop(attn(x, mask, train), deterministic=not train))
         return ln2(x + mlp(x, train))
+
+
+def encoder_stack(
+    model: nn.Module, x: jax.Array, mask: jax.Array | None, train: bool, *, prefix: str,
+    pre_ln: bool, ln_epsilon: float = 1e-6,
+) -> jax.Array:
+    """``model.depth`` :class:`EncoderBlock` layers named ``{prefix}_{i}``, built inside
+    ``model``'s compact ``__call__`` from its ``num_heads``, ``mlp_dim``, ``dropout_rate`` and
+    ``attention_dropout_rate``. ``[batch, length, dim] -> [batch, length, dim]``."""
+    for i in range(model.depth):
+        x = EncoderBlock(model.num_heads, model.mlp_dim, model.dropout_rate,
+                         model.attention_dropout_rate, pre_ln=pre_ln, ln_epsilon=ln_epsilon,
+                         name=f"{prefix}_{i}")(x, mask, train)
+    return x

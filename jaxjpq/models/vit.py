@@ -7,7 +7,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxjpq.models.transformer import EncoderBlock
+from jaxjpq.models.transformer import encoder_stack
 
 
 class ViT(nn.Module):
@@ -43,14 +43,6 @@ class ViT(nn.Module):
         x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, self.dim)), x], axis=1)
         pos = self.param("pos_embedding", nn.initializers.normal(0.02), (1,) + x.shape[1:], x.dtype)
         x = nn.Dropout(self.dropout_rate)(x + pos, deterministic=not train)
-        for i in range(self.depth):
-            x = EncoderBlock(
-                self.num_heads,
-                self.mlp_dim,
-                self.dropout_rate,
-                self.attention_dropout_rate,
-                pre_ln=True,
-                name=f"block_{i}",
-            )(x, None, train)
+        x = encoder_stack(self, x, None, train, prefix="block", pre_ln=True)
         x = nn.LayerNorm(epsilon=1e-6, name="ln_final")(x)
         return nn.Dense(self.num_classes, name="head")(x[:, 0])
