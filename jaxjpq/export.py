@@ -455,11 +455,12 @@ def theoretical_bytes(packed: PackedModel) -> dict[str, float]:
 
 
 def export_model(
-    packed: PackedModel, apply_fn: Callable, graph: Graph, *example_args: Any
+    packed: PackedModel, apply_fn: Callable, graph: Graph, *example_args: Any, **kwargs: Any
 ) -> jax.export.Exported:
     """``jax.export`` the integer-weight model for ``example_args``' shapes: the packed codes are
-    embedded as constants and unpacked / dequantized inside the exported computation. Call the
-    result with ``.call(*args)``."""
+    embedded as constants and unpacked / dequantized inside the exported computation; ``kwargs``
+    are static keyword arguments of the model (e.g. ``train=False``). Call the result with
+    ``.call(*args)``."""
     variables_np = {k: np.asarray(v) for k, v in packed.arrays.items()}
     pk = PackedModel(arrays=variables_np, meta=packed.meta)
     act = act_params(pk)
@@ -467,18 +468,18 @@ def export_model(
     p2, lt = packed.meta["power_of_two"], packed.meta["learn_t"]
 
     def fn(*args):
-        return run(unpack_variables(pk), act, *args, power_of_two=p2, learn_t=lt)
+        return run(unpack_variables(pk), act, *args, power_of_two=p2, learn_t=lt, **kwargs)
 
     avals = [jax.ShapeDtypeStruct(np.shape(a), jnp.result_type(a)) for a in example_args]
     return jax.export.export(jax.jit(fn))(*avals)
 
 
 def export_serialized(
-    packed: PackedModel, apply_fn: Callable, graph: Graph, *example_args: Any
+    packed: PackedModel, apply_fn: Callable, graph: Graph, *example_args: Any, **kwargs: Any
 ) -> bytearray:
     """Serialized :func:`export_model` (needs the ``flatbuffers`` package); load with
     :func:`deserialize`."""
-    return export_model(packed, apply_fn, graph, *example_args).serialize()
+    return export_model(packed, apply_fn, graph, *example_args, **kwargs).serialize()
 
 
 def deserialize(blob: bytes | bytearray) -> jax.export.Exported:

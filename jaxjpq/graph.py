@@ -222,10 +222,29 @@ class Graph:
             total += int(np.prod(dims, dtype=np.int64))
         return total
 
+    @property
+    def coverage(self) -> float | None:
+        """Share of the model's weight MACs (contractions with a parameter operand) that the
+        sites cover, in [0, 1]; None for a hand-built graph."""
+        if self.trace_info is None or "weight_macs" not in self.trace_info:
+            return None
+        total = self.trace_info["weight_macs"]
+        return 1.0 if total == 0 else sum(s.macs for s in self.sites) / total
+
     def summary(self) -> str:
-        """A readable table of groups (id, size, prunable / reason, slices) and sites."""
+        """A readable table of groups (id, size, prunable / reason, slices) and sites, with the
+        share of the weight MACs the sites cover (a warning below 95 %, naming what was missed).
+        """
         lines = [f"Graph: {len(self.groups)} groups ({len(self.prunable_groups)} prunable), "
                  f"{len(self.sites)} sites, traced at batch {self.batch_size}"]
+        cov = self.coverage
+        if cov is not None:
+            lines.append(f"sites cover {cov:.1%} of the weight MACs")
+            if cov < 0.95:
+                lines.append("WARNING: below 95 %; contractions with a parameter that are not "
+                             "sites (not quantized, not in the cost model):")
+                for where, macs, why in self.trace_info.get("missed", ())[:8]:
+                    lines.append(f"  {where}: {macs} MACs, {why}")
         w = max([len(g.id) for g in self.groups] + [5])
         lines.append(f"{'group':<{w}}  {'size':>5}  {'params':>6}  {'deps':>4}  prunable")
         for g in self.groups:

@@ -38,6 +38,7 @@ import numpy as np
 
 from jaxjpq.graph import AxisUnits, Graph, Group, MacTerm, Site, Slice
 from jaxjpq.jaxprs import CALL_PRIMITIVES, aval, is_dynamic, key_of, sub_jaxpr
+from jaxjpq.macs import _walk as _walk_macs
 from jaxjpq.macs import eqn_macs
 
 Key = tuple[str, ...]
@@ -163,6 +164,8 @@ class _Ctx:
     weight_site: dict[Key, str] = dataclasses.field(default_factory=dict)
     producers: list[tuple[str, Key, int, np.ndarray]] = dataclasses.field(default_factory=list)
     records: dict[tuple, tuple] = dataclasses.field(default_factory=dict)
+    # parameter contractions that are not sites: (where, MACs, why)
+    missed: list[tuple[str, int, str]] = dataclasses.field(default_factory=list)
     mult: int = 1
     n_leaf_units: int = 0
 
@@ -500,18 +503,17 @@ def _record_site(
     out_units: Sequence[np.ndarray],
 ) -> None:
     if w.leaf is None:
+        ctx.missed.append((_where(eqn), int(eqn_macs(eqn)) * ctx.mult,
+                           "the weight operand is computed, not a variable leaf"))
         return
     leaf_axes_out, leaf_axes_in = [], []
-    for a in w_out:
+    for a in (*w_out, *w_in):
         la = ctx.leaf_axis(w.units[a])
         if la is None:
+            ctx.missed.append((_where(eqn), int(eqn_macs(eqn)) * ctx.mult,
+                               f"axes of {'/'.join(w.leaf)} are reshaped before the contraction"))
             return
-        leaf_axes_out.append(la[1])
-    for a in w_in:
-        la = ctx.leaf_axis(w.units[a])
-        if la is None:
-            return
-        leaf_axes_in.append(la[1])
+        (leaf_axes_out if a in w_out else leaf_axes_in).append(la[1])
     name = _site_name(ctx, w.leaf)
     macs = int(eqn_macs(eqn)) * ctx.mult
     # kept MACs scale with the kept sizes of the output axes and of the kernel's input axes
@@ -567,6 +569,9 @@ def _dot_general(ctx: _Ctx, eqn: Any, ins: list[_Val], path: tuple) -> list[_Val
             ctx.uf.union_arrays(lhs.units[a], rhs.units[b])
             if not (lhs.zero[a] or rhs.zero[b]):
                 ctx.uf.poison(lhs.units[a], f"contracted while not zero by {_where(eqn)}")
+    if lhs.param and rhs.param:
+        ctx.missed.append((_where(eqn), int(eqn_macs(eqn)) * ctx.mult,
+                           "both operands are parameters"))
     lfree = [a for a in range(len(lhs.units)) if a not in lc and a not in lb]
     rfree = [b for b in range(len(rhs.units)) if b not in rc and b not in rb]
     units += [lhs.units[a] for a in lfree] + [rhs.units[b] for b in rfree]
@@ -769,10 +774,19 @@ def _carry_fix(ctx: _Ctx, eqn: Any, init: list[_Val], out: list[_Val]) -> list[_
     return res
 
 
+def _loop_carry(init: list[_Val], ins: list[_Val]) -> list[_Val]:
+    """A loop's carries enter the body as data when any loop input is data: a carry that starts
+    from constants (an RNN's zero state) becomes data-dependent after one iteration."""
+    if all(v.param for v in ins):
+        return init
+    return [dataclasses.replace(v, param=False, leaf=None) for v in init]
+
+
 def _scan(ctx: _Ctx, eqn: Any, ins: list[_Val], path: tuple) -> list[_Val]:
     p = eqn.params
     nc, nk, length = p["num_consts"], p["num_carry"], p["length"]
     consts, init, xs = ins[:nc], ins[nc : nc + nk], ins[nc + nk :]
+    init = _loop_carry(init, ins)
     xs_body = [_Val(x.units[1:], x.zero[1:], x.param, x.leaf, x.nonneg, x.allzero) for x in xs]
     body = p["jaxpr"]
     saved = ctx.mult
@@ -790,6 +804,7 @@ def _while(ctx: _Ctx, eqn: Any, ins: list[_Val], path: tuple) -> list[_Val]:
     p = eqn.params
     cn, bn = p["cond_nconsts"], p["body_nconsts"]
     cconsts, bconsts, init = ins[:cn], ins[cn : cn + bn], ins[cn + bn :]
+    init = _loop_carry(init, ins)
     body, cond = p["body_jaxpr"], p["cond_jaxpr"]
     outs = _walk(ctx, body.jaxpr, list(body.consts), bconsts + init, path + ("body",))
     carry = _carry_fix(ctx, eqn, init, outs)
@@ -1198,7 +1213,11 @@ def build_graph(traced: Traced, batch_size: int, apply_fn: Callable, var_avals: 
                 ),
             )
         )
+    in_data = [i >= traced.n_var for i in traced.dyn_pos]
+    weight_macs, _ = _walk_macs(traced.closed.jaxpr, in_data, "once")
     info = dict(
+        weight_macs=int(weight_macs.param),
+        missed=tuple(sorted(ctx.missed, key=lambda m: -m[1])),
         apply_fn=apply_fn,
         var_avals=var_avals,
         leaf_shapes=dict(ctx.leaf_shapes),

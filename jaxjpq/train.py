@@ -13,6 +13,7 @@ compressed forward that takes ``(params, compression_state)`` as its params) tra
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -42,28 +43,53 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
+def call_options(apply_fn: Callable[..., Any]) -> tuple[bool, bool]:
+    """``(takes_train, takes_rngs)``: whether ``apply_fn`` (a linen ``module.apply`` or any
+    function) accepts a ``train=`` keyword and an ``rngs=`` keyword."""
+    owner = getattr(apply_fn, "__self__", None)
+    try:
+        import flax.linen as nn
+
+        if isinstance(owner, nn.Module):  # linen apply: rngs/mutable are apply's own
+            sig = inspect.signature(type(owner).__call__)
+            params = sig.parameters.values()
+            var_kw = any(p.kind is p.VAR_KEYWORD for p in params)
+            return ("train" in sig.parameters or var_kw), True
+        sig = inspect.signature(apply_fn)
+    except (TypeError, ValueError):
+        return True, True
+    var_kw = any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
+    return ("train" in sig.parameters or var_kw), ("rngs" in sig.parameters or var_kw)
+
+
 class FlaxForward:
     """``Forward`` for a Flax-style ``apply(variables, x, train=..., mutable=..., rngs=...)``.
 
     ``model_state`` holds the non-param collections (e.g. ``{"batch_stats": ...}``); in training
-    they are passed as mutable and their updated values returned; ``rng`` feeds ``dropout``.
-    Two wrappers of equal modules' ``apply`` compare equal, so ``train_step`` compiles once per
-    model configuration rather than once per ``TrainState``.
+    they are passed as mutable and their updated values returned; ``rng`` feeds ``dropout``. A
+    model whose ``__call__`` takes no ``train`` (or an apply without ``rngs``) is called without
+    it; ``call_kwargs`` are passed on every call (static keyword arguments of the model). Two
+    wrappers of equal modules' ``apply`` compare equal, so ``train_step`` compiles once per model
+    configuration rather than once per ``TrainState``.
     """
 
-    def __init__(self, apply_fn: Callable[..., Any]):
+    def __init__(self, apply_fn: Callable[..., Any], *, options: tuple[bool, bool] | None = None,
+                 **call_kwargs: Any):
         self.apply_fn = apply_fn
+        self.options = call_options(apply_fn) if options is None else options
+        self.call_kwargs = call_kwargs
 
     def _key(self) -> Any:
         owner = getattr(self.apply_fn, "__self__", None)
         func = getattr(self.apply_fn, "__func__", None)
+        fn_key: Any = self.apply_fn
         if owner is not None and func is not None:
             try:
                 hash(owner)
-                return (owner, func)
+                fn_key = (owner, func)
             except TypeError:
                 pass
-        return self.apply_fn
+        return (fn_key, self.options, tuple(sorted(self.call_kwargs.items())))
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, FlaxForward) and self._key() == other._key()
@@ -73,13 +99,17 @@ class FlaxForward:
 
     def __call__(self, params, model_state, inputs, rng, train):
         variables = {"params": params, **model_state}
-        rngs = {"dropout": rng}
+        takes_train, takes_rngs = self.options
+        kwargs = dict(self.call_kwargs)
+        if takes_train:
+            kwargs["train"] = train
+        if takes_rngs:
+            kwargs["rngs"] = {"dropout": rng}
         if train and model_state:
-            logits, new_state = self.apply_fn(
-                variables, inputs, train=True, mutable=list(model_state), rngs=rngs
-            )
+            logits, new_state = self.apply_fn(variables, inputs, mutable=list(model_state),
+                                              **kwargs)
             return logits, dict(new_state)
-        return self.apply_fn(variables, inputs, train=train, rngs=rngs), model_state
+        return self.apply_fn(variables, inputs, **kwargs), model_state
 
 
 class CompressedForward:
@@ -93,15 +123,17 @@ class CompressedForward:
     compression state together, and a resumed run continues exactly.
     """
 
-    def __init__(self, apply_fn: Callable[..., Any], graph: Any):
+    def __init__(self, apply_fn: Callable[..., Any], graph: Any, **call_kwargs: Any):
         from jaxjpq.compress import compress_apply
 
         self.apply_fn = apply_fn
         self.graph = graph
         self.fn = compress_apply(apply_fn, graph)
+        self.options = call_options(apply_fn)
+        self.call_kwargs = call_kwargs
 
     def _key(self) -> Any:
-        return (FlaxForward(self.apply_fn), id(self.graph))
+        return (FlaxForward(self.apply_fn, **self.call_kwargs), id(self.graph))
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, CompressedForward) and self._key() == other._key()
@@ -116,7 +148,8 @@ class CompressedForward:
         def apply(variables, x, **kwargs):
             return self.fn(variables, cstate, x, gate_key=gate_key, **kwargs)
 
-        return FlaxForward(apply)(model_params, model_state, inputs, rng, train)
+        fwd = FlaxForward(apply, options=self.options, **self.call_kwargs)
+        return fwd(model_params, model_state, inputs, rng, train)
 
 
 def flax_forward(apply_fn: Callable[..., Any]) -> Forward:

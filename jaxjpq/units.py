@@ -58,6 +58,8 @@ class UnitIndex:
 
     def flat_masks(self, masks: Mapping[str, jax.Array]) -> jax.Array:
         """``{group id: [size]}`` → ``[U]`` in global unit order."""
+        if not self.group_ids:
+            return jnp.zeros((0,), jnp.float32)
         return jnp.concatenate([jnp.asarray(masks[g], jnp.float32) for g in self.group_ids])
 
     def split(self, values: jax.Array) -> dict[str, jax.Array]:

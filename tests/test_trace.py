@@ -167,3 +167,38 @@ def test_summary_dot_and_sites(graphs):
     assert s.kind == "conv" and s.out_axes == (3,) and s.in_axes == (2,)
     assert not s.signed_input and g.site_map["Conv_0"].signed_input
     assert s.macs == 2 * 8 * 8 * 8 * 3 * 3 * 8
+
+
+class _GRUNet(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(3)(nn.RNN(nn.GRUCell(8))(x)[:, -1])
+
+
+class _FusedLSTMNet(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(3)(nn.RNN(nn.OptimizedLSTMCell(8))(x)[:, -1])
+
+
+def test_recurrent_cell_contractions_are_sites_and_coverage_is_reported():
+    """A GRU's hidden-to-hidden matmuls read a carry that starts from zeros: they are sites."""
+    m = _GRUNet()
+    x = jnp.ones((2, 5, 4))
+    v = m.init(jax.random.PRNGKey(0), x)
+    g = trace(m.apply, v, x)
+    assert {"GRUCell_0/hr", "GRUCell_0/hz", "GRUCell_0/hn"} <= set(g.site_map)
+    assert g.coverage == 1.0
+    assert "sites cover 100.0% of the weight MACs" in g.summary()
+    assert "WARNING" not in g.summary()
+
+
+def test_summary_warns_and_names_contractions_it_could_not_see():
+    m = _FusedLSTMNet()  # one kernel concatenated from four: a computed weight, not a leaf
+    x = jnp.ones((2, 5, 4))
+    v = m.init(jax.random.PRNGKey(0), x)
+    g = trace(m.apply, v, x)
+    assert g.coverage < 0.95
+    text = g.summary()
+    assert "WARNING: below 95 %" in text and "OptimizedLSTMCell_0" in text
+    assert "computed, not a variable leaf" in text or "both operands" in text

@@ -230,3 +230,66 @@ def test_write_results(tmp_path):
     assert json.loads(path.read_text()) == {"acc": 0.5, "steps": 3, "v": [0, 1]}
     with pytest.raises(TypeError, match="cannot serialise"):
         T.write_results(tmp_path / "b.json", {"x": object()})
+
+
+def test_models_without_train_or_rngs_and_call_kwargs():
+    """A model whose __call__ takes no ``train`` trains through train.train, plain and
+    compressed; static keyword arguments are forwarded; export takes them too."""
+    import flax.linen as nn
+    import optax
+
+    import jaxjpq
+    from jaxjpq import data, export, train
+
+    class NoTrain(nn.Module):
+        @nn.compact
+        def __call__(self, x, scale: float = 1.0):
+            x = nn.relu(nn.Dense(8)(x.reshape((x.shape[0], -1)))) * scale
+            return nn.Dense(10)(x)
+
+    model = NoTrain()
+    rng = np.random.default_rng(0)
+    src = data.ArraySource({"inputs": rng.random((16, 4, 4, 1)).astype(np.float32),
+                            "labels": rng.integers(0, 10, 16).astype(np.int32)})
+    x = src.arrays["inputs"][:2]
+    v = model.init(jax.random.key(0), x)
+    st = train.create_train_state(train.FlaxForward(model.apply, scale=2.0), v, optax.sgd(0.1))
+    st, _ = train.train(st, data.batch_stream(src, 8, seed=0), 3, progress=False)
+    assert int(st.step) == 3
+    g = jaxjpq.trace(model.apply, v, x, scale=2.0)
+    pair = jaxjpq.init(g, jaxjpq.CompressionSpec(bits=(4, 4), budget={"sparsity": 0.25}), v)
+    tx = jaxjpq.geta(optax.sgd(0.05), g, steps=10)
+    cst = train.create_train_state(jaxjpq.CompressedForward(model.apply, g, scale=2.0),
+                                   {"params": pair}, tx)
+    cst, _ = train.train(cst, data.batch_stream(src, 8, seed=0), 10, progress=False)
+    assert float(jaxjpq.cost.sparsity(g, cst.params.compression)) == 0.25
+    packed = export.pack(g, {"params": cst.params.model}, cst.params.compression)
+    want = jaxjpq.compress_apply(model.apply, g)({"params": cst.params.model},
+                                                 cst.params.compression, x, scale=2.0)
+    got = export.export_model(packed, model.apply, g, x, scale=2.0).call(x)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_pruning_a_graph_without_prunable_groups_is_a_clear_error():
+    import flax.linen as nn
+    import optax
+
+    import jaxjpq
+
+    class One(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(3)(x)
+
+    model = One()
+    x = jnp.ones((2, 4))
+    v = model.init(jax.random.key(0), x)
+    g = jaxjpq.trace(model.apply, v, x)
+    pair = jaxjpq.init(g, jaxjpq.CompressionSpec(budget={"sparsity": 0.5}), v)
+    with pytest.raises(ValueError, match="no prunable group.*Dense_0/kernel:out.*output"):
+        jaxjpq.geta(optax.sgd(0.1), g, steps=10).init(pair)
+    # quantize-only works on it
+    q = jaxjpq.init(g, jaxjpq.CompressionSpec(budget={"sparsity": 0.0}), v)
+    tx = jaxjpq.geta(optax.sgd(0.1), g, steps=10)
+    grads = jax.tree.map(jnp.zeros_like, q)
+    tx.update(grads, tx.init(q), q)

@@ -84,6 +84,8 @@ def prune_then_quantize(
         raise ValueError(f"sparsity must lie in [0, 1), got {sparsity}.")
 
     def init(model_params, cstate):
+        if sparsity > 0:
+            core.require_prunable(graph, "prune_then_quantize")
         core.per_group_counts(unit_index(graph, {"params": model_params}), sparsity,
                               unit_multiple)
         return StagedState(jnp.zeros((), jnp.int32), inner.init(model_params))

@@ -159,6 +159,20 @@ def _round_keep(keep: np.ndarray, sizes: np.ndarray, multiple: int) -> np.ndarra
     return np.minimum(r, sizes)
 
 
+def require_prunable(graph: Graph, method: str) -> None:
+    """Raise a ``ValueError`` naming what the tracer saw when ``graph`` has no prunable group."""
+    if graph.prunable_groups:
+        return
+    seen = "; ".join(f"{g.id} ({g.size}): {g.reason}" for g in graph.groups[:8])
+    more = f" (+{len(graph.groups) - 8} more)" if len(graph.groups) > 8 else ""
+    raise ValueError(
+        f"{method} was asked to prune, but the graph has no prunable group: "
+        f"{len(graph.groups)} groups, {len(graph.sites)} sites"
+        + (f"; {seen}{more}" if seen else "")
+        + ". Use sparsity=0 (quantize only), or see graph.summary() for why each group is kept."
+    )
+
+
 def per_group_counts(index: UnitIndex, sparsity: float, unit_multiple: int = 1) -> np.ndarray:
     """int ``[G]``: units to remove per group, the same fraction everywhere, summing exactly to
     ``round(sparsity · U)`` (largest remainders get the extra units); every group keeps at least

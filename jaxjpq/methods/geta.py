@@ -293,6 +293,8 @@ def geta(
 
     def init(model_params, cstate):
         target, *_ = config(cstate)
+        if target > 0:
+            core.require_prunable(graph, "geta")
         index = units(model_params)
         core.period_counts(index, target, sched.joint_periods)  # validates the target early
         u = index.num_units
