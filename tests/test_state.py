@@ -188,3 +188,9 @@ def test_hand_built_graph_matches_traced_graph():
     for a, b in zip(g.sites, t.sites, strict=True):
         assert [getattr(a, f) for f in fields] == [getattr(b, f) for f in fields]
         assert a.macs_per_example == b.macs_per_example
+
+
+def test_signed_quantizers_need_two_bits():
+    with pytest.raises(ValueError, match="b_l must be >= 2"):
+        CompressionSpec(bits=(1, 4))
+    CompressionSpec(bits=(1, 4), quantize_weights=False, quantize_activations=False)

@@ -250,7 +250,18 @@ def djpq(
         return target, b_lo, b_hi, pow2
 
     def init(model_params, c):
-        config(c)
+        target, *_ = config(c)
+        if not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((model_params, c))):
+            floor = core.enforce_budget(graph, c, bops=0.0, saliency=jnp.zeros(
+                (sum(g.size for g in graph.prunable_groups),)), params=model_params)
+            reachable = float(cost.relative_bops(graph, floor))
+            if target < reachable:
+                raise ValueError(
+                    f"djpq: target_bops={target:.4%} is below the smallest reachable relative "
+                    f"BOPs {reachable:.4%} (every learned quantizer at b_l={c.spec.bits[0]:g} "
+                    "bits, every group down to one unit, skipped sites fixed); raise the target "
+                    "or lower spec.bits / skip fewer sites."
+                )
         return DjpqState(
             step=jnp.zeros((), jnp.int32),
             inner_state=inner.init(model_params),
