@@ -11,6 +11,7 @@ exactly) and ``<workdir>/results.json`` (val/test accuracy, steps, wall time, co
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -210,6 +211,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     Resumes from the latest checkpoint in ``<workdir>/checkpoints`` if present.
     """
     workdir = Path(workdir).expanduser().absolute()
+    check_fingerprint(workdir, config)
     t0 = time.perf_counter()
     model = build_model(config)
     build_optimizer(config, 1)  # fail on a bad optimizer name before loading any data
@@ -227,6 +229,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     state = train_lib.create_train_state(
         method["forward"], method["variables"], method["tx"], rng=jax.random.fold_in(key, 1)
     )
+    check_fingerprint(workdir, config, write=True)  # the run is buildable: record it
     manager = train_lib.checkpoint_manager(workdir / "checkpoints")
     resumed_from = manager.latest_step()
     if resumed_from is not None:
@@ -306,6 +309,64 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     return results
 
 
+# Fields that do not change a run's numbers: a resume may change them.
+_FREE_FIELDS = ("progress", "log_every", "checkpoint_every", "eval_batch_size")
+
+
+def fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """What a run's numbers depend on: the config (less the fields that do not change them)
+    and the versions of the numerical packages."""
+    import importlib.metadata as md
+
+    cfg = {k: v for k, v in recorded_config(config).items() if k not in _FREE_FIELDS}
+    versions = {p: md.version(p) for p in ("jax", "jaxlib", "flax", "optax", "jaxjpq")}
+    return {"config": cfg, "versions": versions}
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def check_fingerprint(workdir: Path, config: ml_collections.ConfigDict, write: bool = False
+                      ) -> None:
+    """Raise ``ValueError`` listing every field that differs from the run that started the
+    workdir (``<workdir>/fingerprint.json``); with ``write``, record it for a new workdir."""
+    import json
+
+    path = workdir / "fingerprint.json"
+    new = json.loads(json.dumps(fingerprint(config)))  # tuples as lists, as stored
+    if path.is_file():
+        old = json.loads(path.read_text())
+        a, b = _flat(old), _flat(new)
+        diff = [f"{k}: {a.get(k, '<unset>')!r} -> {b.get(k, '<unset>')!r}"
+                for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        if diff:
+            raise ValueError(
+                f"{workdir} holds a run with another configuration or package versions; "
+                "resuming it would mix two runs. Differences: " + "; ".join(diff)
+                + ". Use another --workdir (or delete this one)."
+            )
+        return
+    if write:
+        workdir.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(new, indent=1, sort_keys=True) + "\n")
+
+
+def default_workdir(config_path: str, config: ml_collections.ConfigDict) -> Path:
+    """``runs/<config file stem>-<8 hex of the fingerprint>``: one workdir per configuration."""
+    import hashlib
+    import json
+
+    blob = json.dumps(fingerprint(config)["config"], sort_keys=True, default=str).encode()
+    stem = Path(config_path.split(":", 1)[0]).stem
+    return Path("runs") / f"{stem}-{hashlib.sha256(blob).hexdigest()[:8]}"
+
+
 def recorded_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """``config`` as a dict for ``results.json``, with the GETA stage fractions that ran filled in
     where the config leaves them to the default (readers take a missing field as the legacy
@@ -326,10 +387,53 @@ def _app_main(argv: Sequence[str]) -> None:
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     cfg = flags.FLAGS.config
-    res = train_and_evaluate(cfg, flags.FLAGS.workdir)
+    workdir = flags.FLAGS.workdir or default_workdir(flags.FLAGS["config"].config_filename, cfg)
+    if not flags.FLAGS.workdir:
+        print(f"workdir: {workdir}")
+    try:
+        res = train_and_evaluate(cfg, workdir)
+    except ValueError as e:
+        if "holds a run with another configuration" not in str(e):
+            raise
+        raise SystemExit(f"jaxjpq-run: {e}") from None
     accs = ", ".join(f"{k} {v:.4f}" for k, v in res.items() if k.endswith("_accuracy"))
     print(f"{res['steps']} steps in {res['wall_seconds']:.1f} s: {accs} "
-          f"-> {Path(flags.FLAGS.workdir) / 'results.json'}")
+          f"-> {Path(workdir) / 'results.json'}")
+
+
+def check_args(argv: Sequence[str]) -> None:
+    """Raise ``SystemExit`` with one line for a missing config file or an unknown config field
+    (naming the valid fields at that level), before absl's flag parsing would print a
+    traceback."""
+    import importlib.util
+
+    path, overrides = _DEFAULT_CONFIG, []
+    args = list(argv)
+    for i, a in enumerate(args):
+        if a == "--config" and i + 1 < len(args):
+            path = args[i + 1]
+        elif a.startswith("--config="):
+            path = a.split("=", 1)[1]
+        elif a.startswith("--config."):
+            overrides.append(a[len("--config."):].split("=", 1)[0])
+    file = path.split(":", 1)[0]
+    if not Path(file).is_file():
+        raise SystemExit(f"jaxjpq-run: config file {file!r} does not exist "
+                         f"(working directory {os.getcwd()}).")
+    spec = importlib.util.spec_from_file_location("_jaxjpq_config", file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cfg = module.get_config(*path.split(":", 1)[1:])
+    for key in overrides:
+        node, done = cfg, []
+        for part in key.split("."):
+            if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+                valid = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+                where = ".".join(done) or "the config"
+                raise SystemExit(f"jaxjpq-run: unknown config field --config.{key}: {where} has "
+                                 f"no field {part!r}; valid fields: {', '.join(valid)}.")
+            node = node[part]
+            done.append(part)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -337,11 +441,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     from absl import app, flags
     from ml_collections import config_flags
 
+    check_args(sys.argv[1:] if argv is None else list(argv)[1:])
+
     if "config" not in flags.FLAGS:
         config_flags.DEFINE_config_file(
             "config", _DEFAULT_CONFIG, "Path to an ml_collections config file."
         )
-        flags.DEFINE_string("workdir", "runs/default", "Directory for checkpoints and results.")
+        flags.DEFINE_string("workdir", None, "Directory for checkpoints and results "
+                            "(default: runs/<config>-<hash of the configuration>).")
     app.run(_app_main, argv=list(argv) if argv is not None else None)
 
 

@@ -50,9 +50,42 @@ def test_train_and_evaluate_writes_results_and_resumes(tmp_path):
         assert key in saved
     assert 0.0 <= saved["test_accuracy"] <= 1.0
     assert saved["config"]["num_steps"] == 6
-    # Rerun with more steps in the same workdir: continues from the checkpoint.
-    res2 = run.train_and_evaluate(_tiny(num_steps=9), tmp_path)
-    assert res2["resumed_from_step"] == 6 and res2["steps"] == 9
+    # The same command again resumes from the last checkpoint (nothing left to train).
+    res2 = run.train_and_evaluate(_tiny(), tmp_path)
+    assert res2["resumed_from_step"] == 6 and res2["steps"] == 6
+    assert res2["test_accuracy"] == res["test_accuracy"]
+    # Another configuration in the same workdir is refused, naming what differs.
+    c = _tiny(num_steps=9)
+    c.optim.learning_rate = 0.5
+    with pytest.raises(ValueError, match=r"num_steps: 6 -> 9.*optim.learning_rate"):
+        run.train_and_evaluate(c, tmp_path)
+    # fields that do not change the numbers may differ
+    c = _tiny()
+    c.progress = True
+    run.train_and_evaluate(c, tmp_path)
+
+
+def test_command_line_errors_are_one_line(tmp_path):
+    base = [sys.executable, "-m", "experiments.run", "--workdir", str(tmp_path / "w")]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    cases = [
+        (["--config", "experiments/configs/nofile.py"], "config file 'experiments/configs/nofile"),
+        (["--config", "experiments/configs/geta_mnist_cnn.py", "--config.method.nosuch=1"],
+         "method has no field 'nosuch'; valid fields: allocation"),
+    ]
+    for args, want in cases:
+        proc = subprocess.run(base + args, cwd=ROOT, capture_output=True, text=True, env=env,
+                              timeout=120)
+        assert proc.returncode != 0
+        lines = [ln for ln in proc.stderr.strip().splitlines() if "Warning" not in ln]
+        assert len(lines) == 1 and want in lines[0], proc.stderr[-2000:]
+
+
+def test_default_workdir_is_unique_per_configuration():
+    a, b = _tiny(), _tiny(num_steps=9)
+    assert run.default_workdir("x/geta.py", a) == run.default_workdir("x/geta.py", _tiny())
+    assert run.default_workdir("x/geta.py", a) != run.default_workdir("x/geta.py", b)
+    assert run.default_workdir("x/geta.py", a).parent.name == "runs"
 
 
 def test_unknown_names_are_clear_errors(tmp_path):

@@ -24,4 +24,5 @@ def get_config() -> ml_collections.ConfigDict:
     c.method.allocation = "global"  # or "per_group": the same fraction of every group
     c.method.schedule = (0.1, 0.1, 0.2)  # warm-up, projection, joint (fractions of the steps)
     c.method.cooldown_clips = False  # True: clips q_m keep training in cool-down (bits fixed)
+    c.method.unit_multiple = 1  # kept widths a multiple of this (e.g. 8 for accelerator kernels)
     return c
