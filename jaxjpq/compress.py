@@ -315,6 +315,13 @@ def calibrate(
     for b in batches:
         args = tuple(b) if isinstance(b, tuple) else (b,)
         st = stats(variables, state, args)
+        bad = sorted(s for s, v in st.items() if not bool(jnp.isfinite(v)))
+        if bad:
+            raise ValueError(
+                f"calibrate: calibration batch {n} gives non-finite activation statistics at "
+                f"site(s) {bad} (NaN/inf in the batch or in the model's values); a clip of inf "
+                "would turn every logit into 0. Check that batch."
+            )
         acc = st if acc is None else jax.tree.map(jnp.add, acc, st)
         n += 1
     if n == 0:

@@ -35,7 +35,56 @@ LossFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 
 class NonFiniteLossError(FloatingPointError):
-    """Training produced a NaN/inf loss; the last good checkpoint (if any) was kept."""
+    """Training produced a NaN/inf loss or parameters; checkpoints of the states that produced
+    it were removed, so the latest kept one had a finite loss."""
+
+
+class TrainingInterrupted(SystemExit):
+    """SIGTERM / SIGINT during :func:`train`: the current step was checkpointed (when a manager
+    was given) and training stopped. Exit status 128 + the signal number."""
+
+
+class _Signals:
+    """Turns SIGTERM / SIGINT into a flag the train loop reads between steps (main thread only;
+    elsewhere signals keep their handlers)."""
+
+    def __init__(self):
+        self.caught: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.caught = signum
+
+    def __exit__(self, *exc):
+        import signal
+
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        return False
+
+
+def _check_inputs(batch: Batch, step: int) -> None:
+    """Raise ``ValueError`` naming the step when a floating-point input holds NaN/inf."""
+    x = batch.get("inputs") if isinstance(batch, Mapping) else None
+    if x is None:
+        return
+    x = np.asarray(x)
+    if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
+        bad = int(np.sum(~np.isfinite(x).reshape(x.shape[0], -1).all(axis=1)))
+        raise ValueError(
+            f"the batch of step {step} has NaN/inf inputs ({bad} of {x.shape[0]} examples); "
+            "check the data pipeline (a non-finite input would be quantized to a finite code "
+            "and train silently)."
+        )
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -411,8 +460,12 @@ def train(
     bar = tqdm(total=num_steps, initial=start, disable=not progress, desc="train", unit="step")
     window: list[dict[str, jax.Array]] = []
     summary: dict[str, Any] = {}
+    signals = _Signals()
     try:
+        signals.__enter__()
         for step in range(start, num_steps):
+            if signals.caught is not None:
+                _interrupt(manager, state, extra, signals.caught)
             try:
                 batch = next(batches)
             except StopIteration as e:
@@ -420,20 +473,12 @@ def train(
                     f"batches ran out at step {step} before num_steps={num_steps}; use an "
                     "endless iterator such as data.batch_stream."
                 ) from e
+            _check_inputs(batch, step)
             state, metrics = train_step(state, batch)
             loss = float(metrics.pop("loss"))  # one host sync per step: exact NaN detection
             finite = bool(metrics.pop("params_finite"))
             if not (math.isfinite(loss) and finite):
-                last = manager.latest_step() if manager is not None else None
-                kept = f"the last good checkpoint (step {last}) was kept" if last is not None \
-                    else "no checkpoint had been written"
-                what = f"Loss became {loss}" if not math.isfinite(loss) else (
-                    f"Parameters (or model state) became NaN/inf in the update of step {step} "
-                    f"while the loss was {loss}")
-                raise NonFiniteLossError(
-                    f"{what} at step {step}; training stopped and {kept}. Lower the "
-                    "learning rate, check the inputs for NaN/inf, or add gradient clipping."
-                )
+                _non_finite(manager, step, loss)
             metrics["loss"] = loss
             window.append(metrics)
             done = step + 1
@@ -446,13 +491,53 @@ def train(
             bar.update(1)
             if manager is not None and checkpoint_every and done % checkpoint_every == 0:
                 save_checkpoint(manager, state, extra, wait=False)
+        if signals.caught is not None:
+            _interrupt(manager, state, extra, signals.caught)
         if manager is not None and manager.latest_step() != int(state.step):
             save_checkpoint(manager, state, extra, wait=False)
     finally:
+        signals.__exit__()
         bar.close()
         if manager is not None:
             manager.wait_until_finished()
     return state, summary
+
+
+def _interrupt(manager, state: TrainState, extra: PyTree, signum: int) -> None:
+    import signal
+
+    name = signal.Signals(signum).name
+    where = "no checkpoint manager was given"
+    if manager is not None:
+        if manager.latest_step() != int(state.step):
+            save_checkpoint(manager, state, extra, wait=True)
+        where = f"checkpointed step {int(state.step)} under {manager.directory}"
+    raise TrainingInterrupted(f"{name} at step {int(state.step)}: {where}; rerun the same "
+                              f"command to resume.") from None
+
+
+def _non_finite(manager, step: int, loss: float) -> None:
+    """Remove the checkpoints of states that produce the non-finite value, then raise."""
+    kept = "no checkpoint had been written"
+    if manager is not None:
+        manager.wait_until_finished()
+        # the loss of step s is the loss of the state after s updates: that state is bad, and
+        # so is the one the update of step s produced
+        for s in sorted(manager.all_steps()):
+            if s >= step:
+                manager.delete(s)
+        last = manager.latest_step()
+        kept = (f"the latest kept checkpoint, step {last}, had a finite loss" if last is not None
+                else "no earlier checkpoint was kept")
+    if not math.isfinite(loss):
+        what = (f"The loss became {loss} at step {step}: the parameters after {step} updates "
+                "give a non-finite loss on this (finite) batch")
+        advice = "Lower the learning rate or add gradient clipping (optax.clip_by_global_norm)."
+    else:
+        what = (f"The update of step {step} made the parameters (or model state) NaN/inf while "
+                f"the loss was {loss}")
+        advice = "Lower the learning rate, clip gradients, or check quantizer learning rates."
+    raise NonFiniteLossError(f"{what}; training stopped and {kept}. {advice}")
 
 
 def write_results(path: str | os.PathLike, results: Mapping[str, Any]) -> Path:

@@ -199,3 +199,12 @@ def test_traced_graph_gives_the_same_forward():
     st = _random_state(g, v, seed=7)
     chex.assert_trees_all_equal(jax.jit(compress_apply(model.apply, t))(v, st, x),
                                 jax.jit(compress_apply(model.apply, g))(v, st, x))
+
+
+def test_calibrate_refuses_non_finite_statistics():
+    model, v, g, x = small_cnn()
+    fn = compress_apply(model.apply, g)
+    st = init_state(g, CompressionSpec(), v)
+    bad = x.at[1, 2, 3, 0].set(jnp.inf)
+    with pytest.raises(ValueError, match="calibration batch 1 gives non-finite"):
+        calibrate(fn, v, st, [x, bad])
