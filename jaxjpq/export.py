@@ -404,13 +404,60 @@ def save(directory: str | os.PathLike, packed: PackedModel) -> None:
         parts.append(a.reshape(-1).view(np.uint8))
         offset += a.nbytes
     blob = np.concatenate(parts) if parts else np.zeros((0,), np.uint8)
+    sums = {name: _sha256(np.asarray(packed.arrays[name])) for name in layout}
+    meta = {**_compact(packed.meta), "layout": layout, "checksums": sums}
+    meta["meta_sha256"] = _meta_digest(meta)
     _checkpointer().save(
         os.path.abspath(directory),
         args=ocp.args.Composite(
-            arrays=ocp.args.PyTreeSave({"blob": blob}),
-            meta=ocp.args.JsonSave({**packed.meta, "layout": layout}),
+            arrays=ocp.args.PyTreeSave({"blob": blob}), meta=ocp.args.JsonSave(meta)
         ),
     )
+
+
+def _sha256(a: np.ndarray) -> str:
+    """64-bit BLAKE2b digest of an array's bytes (enough to detect corruption, 16 hex chars)."""
+    import hashlib
+
+    return hashlib.blake2b(np.array(a, order="C").tobytes(), digest_size=8).hexdigest()
+
+
+def _meta_digest(meta: Mapping) -> str:
+    import hashlib
+    import json
+
+    body = {k: v for k, v in meta.items() if k != "meta_sha256"}
+    return hashlib.blake2b(json.dumps(body, sort_keys=True).encode(), digest_size=8).hexdigest()
+
+
+# Leaf fields left out of the saved metadata when they hold their default.
+_LEAF_DEFAULTS = {"keep": {}, "dtype": "float32", "sparse": False}
+
+
+def _compact(meta: Mapping) -> dict:
+    leaves = []
+    for e in meta["leaves"]:
+        c = {k: v for k, v in e.items() if _LEAF_DEFAULTS.get(k, object()) != v}
+        if c.get("kept_shape") == e["shape"]:
+            del c["kept_shape"]
+        leaves.append(c)
+    return {**meta, "leaves": leaves}
+
+
+def _expand(meta: Mapping) -> dict:
+    leaves = []
+    for e in meta["leaves"]:
+        full = {**_LEAF_DEFAULTS, **e}
+        if full["kind"] == "codes":
+            full.setdefault("kept_shape", list(full["shape"]))
+        else:
+            full.pop("sparse", None)
+        leaves.append(full)
+    return {**meta, "leaves": leaves}
+
+
+class CorruptExportError(ValueError):
+    """A saved packed model whose arrays or metadata do not match their checksums."""
 
 
 def restore(directory: str | os.PathLike) -> PackedModel:
@@ -421,11 +468,24 @@ def restore(directory: str | os.PathLike) -> PackedModel:
     )
     meta = dict(r["meta"])
     _check_meta(meta)
+    if meta.get("meta_sha256") != _meta_digest(meta):
+        raise CorruptExportError(
+            f"{directory}: the metadata (bit widths, kept positions, layout) does not match its "
+            "checksum: it was edited or corrupted. Export the model again.")
     blob = np.asarray(r["arrays"]["blob"], np.uint8)
+    sums = meta.pop("checksums")
+    meta.pop("meta_sha256")
     arrays = {}
     for name, (offset, nbytes, dtype, shape) in meta.pop("layout").items():
-        arrays[name] = blob[offset:offset + nbytes].view(np.dtype(dtype)).reshape(shape).copy()
-    return PackedModel(arrays=arrays, meta=meta)
+        a = blob[offset:offset + nbytes]
+        if a.size != nbytes:
+            raise CorruptExportError(f"{directory}: array {name} is truncated.")
+        arrays[name] = a.view(np.dtype(dtype)).reshape(shape).copy()
+        if _sha256(arrays[name]) != sums.get(name):
+            raise CorruptExportError(
+                f"{directory}: array {name} does not match its checksum (corrupted on disk); "
+                "export the model again.")
+    return PackedModel(arrays=arrays, meta=_expand(meta))
 
 
 def disk_bytes(directory: str | os.PathLike) -> int:

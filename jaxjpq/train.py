@@ -385,16 +385,36 @@ def _saved_tree(state: TrainState, extra: PyTree) -> dict[str, PyTree]:
     }
 
 
+def tree_checksums(tree: PyTree) -> dict[str, str]:
+    """``{leaf path: sha256 of its bytes}`` of a pytree of arrays (host copies)."""
+    import hashlib
+
+    out = {}
+    for path, x in jax.tree_util.tree_leaves_with_path(tree):
+        a = np.asarray(x)
+        h = hashlib.sha256(f"{a.dtype.str}{a.shape}".encode())
+        h.update(np.ascontiguousarray(a).tobytes())
+        out[jax.tree_util.keystr(path)] = h.hexdigest()
+    return out
+
+
 def save_checkpoint(
     manager: ocp.CheckpointManager, state: TrainState, extra: PyTree = None, *, wait: bool = True
 ) -> int:
-    """Saves params, optimizer state, model state, rng and ``extra`` at ``state.step``."""
+    """Saves params, optimizer state, model state, rng and ``extra`` at ``state.step``, with a
+    sha256 per leaf that :func:`restore_checkpoint` verifies."""
     step = int(state.step)
     tree = _saved_tree(state, extra)
-    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(tree)), force=True)
+    sums = tree_checksums(tree)
+    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(tree),
+                                               checksums=ocp.args.JsonSave(sums)), force=True)
     if wait:
         manager.wait_until_finished()
     return step
+
+
+class CorruptCheckpointError(ValueError):
+    """No checkpoint step restores with matching checksums."""
 
 
 def restore_checkpoint(
@@ -404,26 +424,48 @@ def restore_checkpoint(
     *,
     step: int | None = None,
 ) -> tuple[TrainState, PyTree]:
-    """Restores ``step`` (default: latest) into the structure of ``state`` / ``extra``.
+    """Restores ``step`` (default: the newest step that verifies) into the structure of
+    ``state`` / ``extra``.
 
-    Returns ``(state, extra)``; raises ``FileNotFoundError`` when there is no checkpoint.
+    Every leaf is checked against the sha256 stored with it; without ``step``, a step that does
+    not restore or verify is skipped (with a warning naming it and why) for the next older one.
+    Returns ``(state, extra)``; raises ``FileNotFoundError`` when there is no checkpoint and
+    :class:`CorruptCheckpointError` when none verifies.
     """
+    import warnings
+
     manager.wait_until_finished()
-    step = manager.latest_step() if step is None else step
-    if step is None:
+    steps = sorted(manager.all_steps(), reverse=True) if step is None else [step]
+    if not steps:
         raise FileNotFoundError(f"No checkpoint in {manager.directory}.")
     target = jax.tree.map(ocp.utils.to_shape_dtype_struct, _saved_tree(state, extra))
-    tree = manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
-    )["state"]
-    new = state.replace(
-        step=tree["step"],
-        params=tree["params"],
-        opt_state=tree["opt_state"],
-        model_state=tree["model_state"],
-        rng=tree["rng"],
+    skipped = []
+    for s in steps:
+        try:
+            got = manager.restore(s, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(target), checksums=ocp.args.JsonRestore()))
+            tree, sums = got["state"], dict(got["checksums"] or {})
+            now = tree_checksums(tree)
+            bad = sorted(k for k in now if sums.get(k) != now[k])
+            if bad:
+                raise CorruptCheckpointError(f"checksum mismatch in {', '.join(bad[:3])}")
+        except Exception as e:  # noqa: BLE001 - any failure to read one step: try the next
+            skipped.append(f"step {s}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+            continue
+        if skipped:
+            warnings.warn(f"restored checkpoint step {s} of {manager.directory}; skipped "
+                          + "; ".join(skipped), stacklevel=2)
+        new = state.replace(
+            step=tree["step"],
+            params=tree["params"],
+            opt_state=tree["opt_state"],
+            model_state=tree["model_state"],
+            rng=tree["rng"],
+        )
+        return new, (tree["extra"] if extra is not None else None)
+    raise CorruptCheckpointError(
+        f"no checkpoint in {manager.directory} restores and verifies: " + "; ".join(skipped)
     )
-    return new, (tree["extra"] if extra is not None else None)
 
 
 # --------------------------------------------------------------------------------------------

@@ -143,3 +143,29 @@ def test_save_restore_keeps_every_array_exactly(tmp_path):
     for k, a in arrays.items():
         assert back.arrays[k].shape == a.shape and back.arrays[k].dtype == a.dtype
         np.testing.assert_array_equal(back.arrays[k], a)
+
+
+@pytest.mark.parametrize("fault", ["array", "meta"])
+def test_corrupt_export_is_an_error_naming_what(tmp_path, fault):
+    import json
+    from pathlib import Path
+
+    model, v, g, x = small_cnn()
+    packed = export.pack(g, v, init_state(g, CompressionSpec(), v))
+    export.save(tmp_path / "m", packed)
+    if fault == "array":
+        files = [p for p in Path(tmp_path / "m" / "arrays").rglob("*") if p.is_file()]
+        f = max(files, key=lambda p: p.stat().st_size)
+        blob = bytearray(f.read_bytes())
+        blob[len(blob) // 2] ^= 0x01
+        f.write_bytes(bytes(blob))
+        match = r"array \w+ does not match its checksum"
+    else:
+        f = tmp_path / "m" / "meta" / "metadata"
+        meta = json.loads(f.read_text())
+        leaf = next(e for e in meta["leaves"] if e["kind"] == "codes")
+        leaf["widths"] = [[w + 1, n] for w, n in leaf["widths"]]
+        f.write_text(json.dumps(meta))
+        match = "metadata .* does not match its checksum"
+    with pytest.raises(export.CorruptExportError, match=match):
+        export.restore(tmp_path / "m")

@@ -348,3 +348,31 @@ def test_pruning_a_graph_without_prunable_groups_is_a_clear_error():
     tx = jaxjpq.geta(optax.sgd(0.1), g, steps=10)
     grads = jax.tree.map(jnp.zeros_like, q)
     tx.update(grads, tx.init(q), q)
+
+
+def _largest_file(root):
+    from pathlib import Path
+
+    files = [p for p in Path(root).rglob("*") if p.is_file()]
+    return max(files, key=lambda p: p.stat().st_size)
+
+
+@pytest.mark.parametrize("fault", ["flip", "truncate"])
+def test_corrupt_newest_checkpoint_falls_back_to_one_that_verifies(tmp_path, small_mnist, fault):
+    train_src, _ = small_mnist
+    mgr = T.checkpoint_manager(tmp_path / "ckpt", max_to_keep=None)
+    T.train(_cnn_state(), data.batch_stream(train_src, 16), 4, manager=mgr, checkpoint_every=2,
+            progress=False)
+    assert sorted(mgr.all_steps()) == [2, 4]
+    f = _largest_file(tmp_path / "ckpt" / "4")
+    blob = bytearray(f.read_bytes())
+    if fault == "flip":
+        blob[len(blob) // 2] ^= 0x10
+    else:
+        blob = blob[: len(blob) // 3]
+    f.write_bytes(bytes(blob))
+    with pytest.warns(UserWarning, match="restored checkpoint step 2.*skipped step 4"):
+        state, _ = T.restore_checkpoint(T.checkpoint_manager(tmp_path / "ckpt"), _cnn_state())
+    assert int(state.step) == 2
+    with pytest.raises(T.CorruptCheckpointError, match="step 4"):
+        T.restore_checkpoint(T.checkpoint_manager(tmp_path / "ckpt"), _cnn_state(), step=4)
