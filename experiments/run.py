@@ -415,7 +415,8 @@ def check_args(argv: Sequence[str]) -> None:
         elif a.startswith("--config="):
             path = a.split("=", 1)[1]
         elif a.startswith("--config."):
-            overrides.append(a[len("--config."):].split("=", 1)[0])
+            key, _, value = a[len("--config."):].partition("=")
+            overrides.append((key, value))
     file = path.split(":", 1)[0]
     if not Path(file).is_file():
         raise SystemExit(f"jaxjpq-run: config file {file!r} does not exist "
@@ -424,7 +425,7 @@ def check_args(argv: Sequence[str]) -> None:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     cfg = module.get_config(*path.split(":", 1)[1:])
-    for key in overrides:
+    for key, value in overrides:
         node, done = cfg, []
         for part in key.split("."):
             if not isinstance(node, ml_collections.ConfigDict) or part not in node:
@@ -434,6 +435,10 @@ def check_args(argv: Sequence[str]) -> None:
                                  f"no field {part!r}; valid fields: {', '.join(valid)}.")
             node = node[part]
             done.append(part)
+        if isinstance(node, tuple) and value and "," not in value:
+            # ml_collections would read "24" as the tuple ("2", "4")
+            raise SystemExit(f"jaxjpq-run: --config.{key}={value}: this field is a tuple "
+                             f"(now {node!r}); give every entry, e.g. --config.{key}=\"(2,4)\".")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -37,7 +37,7 @@ from jaxjpq.quant import (
     step_from_bits,
 )
 from jaxjpq.slim import apply_masks
-from jaxjpq.state import CompressionState, check_state, leaf, site_quantizer
+from jaxjpq.state import CompressionState, check_state, check_variables, leaf, site_quantizer
 
 # Primitives through which a weight leaf is still "the weight" of a site.
 _PASS_THROUGH = frozenset(
@@ -106,6 +106,7 @@ def transform_variables(
     ``z`` are the VIB gates of ``state.gates`` (none: 1): sampled with ``gate_key``, else ``μ``.
     """
     check_state(graph, state)
+    check_variables(graph, variables)
     if state.gates:
         variables = apply_masks(graph, variables, gates_lib.values(state.gates, gate_key))
     return apply_masks(graph, quantize_weights(graph, variables, state), state.masks)

@@ -72,7 +72,7 @@ class _Signals:
         return False
 
 
-def _check_inputs(batch: Batch, step: int) -> None:
+def _check_inputs(batch: Batch, step: int, what: str = "the batch of step") -> None:
     """Raise ``ValueError`` naming the step when a floating-point input holds NaN/inf."""
     x = batch.get("inputs") if isinstance(batch, Mapping) else None
     if x is None:
@@ -81,7 +81,7 @@ def _check_inputs(batch: Batch, step: int) -> None:
     if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
         bad = int(np.sum(~np.isfinite(x).reshape(x.shape[0], -1).all(axis=1)))
         raise ValueError(
-            f"the batch of step {step} has NaN/inf inputs ({bad} of {x.shape[0]} examples); "
+            f"{what} {step} has NaN/inf inputs ({bad} of {x.shape[0]} examples); "
             "check the data pipeline (a non-finite input would be quantized to a finite code "
             "and train silently)."
         )
@@ -337,7 +337,8 @@ def evaluate(state: TrainState, batches: Iterable[Batch], batch_size: int) -> di
     Short batches are padded to ``batch_size`` and masked, so ``eval_step`` compiles once.
     """
     totals = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
-    for batch in batches:
+    for i, batch in enumerate(batches):
+        _check_inputs(batch, i, "evaluation batch")
         n = len(batch["labels"])
         if n > batch_size:
             raise ValueError(f"evaluate got a batch of {n} > batch_size {batch_size}.")

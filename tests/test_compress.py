@@ -208,3 +208,13 @@ def test_calibrate_refuses_non_finite_statistics():
     bad = x.at[1, 2, 3, 0].set(jnp.inf)
     with pytest.raises(ValueError, match="calibration batch 1 gives non-finite"):
         calibrate(fn, v, st, [x, bad])
+
+
+def test_variables_of_another_shape_are_a_clear_error():
+    model, v, g, x = small_cnn()
+    fn = compress_apply(model.apply, g)
+    st = init_state(g, CompressionSpec(), v)
+    p = dict(v["params"])
+    p["Dense_0"] = {**p["Dense_0"], "kernel": jnp.zeros((3, 3))}
+    with pytest.raises(ValueError, match=r"Dense_0/kernel has shape \(3, 3\), but the graph"):
+        fn({**v, "params": p}, st, x)

@@ -72,6 +72,8 @@ def test_command_line_errors_are_one_line(tmp_path):
         (["--config", "experiments/configs/nofile.py"], "config file 'experiments/configs/nofile"),
         (["--config", "experiments/configs/geta_mnist_cnn.py", "--config.method.nosuch=1"],
          "method has no field 'nosuch'; valid fields: allocation"),
+        (["--config", "experiments/configs/geta_mnist_cnn.py", "--config.method.bits=24"],
+         "this field is a tuple"),
     ]
     for args, want in cases:
         proc = subprocess.run(base + args, cwd=ROOT, capture_output=True, text=True, env=env,
