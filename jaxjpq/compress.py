@@ -228,23 +228,51 @@ def _site_input_runner(apply_fn: Callable, graph: Graph) -> Callable:
     return run
 
 
-def act_quantized_apply(apply_fn: Callable, graph: Graph) -> Callable:
+def act_quantized_apply(apply_fn: Callable, graph: Graph, *, check_finite: bool = False
+                        ) -> Callable:
     """``fn(variables, act, *args, power_of_two=False, learn_t=True, **kwargs)``: run ``apply_fn``
     with the input of each site in ``act`` (``{site: QuantParams}``, used as given) fake-quantized;
-    weights are used as given (already quantized, e.g. dequantized from an export)."""
+    weights are used as given (already quantized, e.g. dequantized from an export).
+    ``check_finite`` adds a ``checkify`` check of every site input (see :func:`checked_apply`)."""
     run = _site_input_runner(apply_fn, graph)
     sm = graph.site_map
 
     def fn(variables, act, *args, power_of_two: bool = False, learn_t: bool = True, **kwargs):
         def hook(site, x):
+            if check_finite:
+                from jax.experimental import checkify
+
+                checkify.check(jnp.all(jnp.isfinite(x)),
+                               f"non-finite input (NaN/inf) at site {site}")
+            if site not in act:
+                return x
             return quantize_with(x, act[site], sm[site].signed_input, power_of_two, learn_t)
 
-        return run(variables, hook, frozenset(act), *args, **kwargs)
+        sites = frozenset(sm) if check_finite else frozenset(act)
+        return run(variables, hook, sites, *args, **kwargs)
 
     return fn
 
 
-def compress_apply(apply_fn: Callable, graph: Graph) -> Callable:
+def checked_apply(apply_fn: Callable, graph: Graph) -> Callable:
+    """:func:`compress_apply` that checks every site input for NaN/inf (opt-in: the check costs
+    a reduction per site). ``fn(variables, state, *args, **kwargs)`` raises
+    ``jax.experimental.checkify.JaxRuntimeError`` naming the first site that saw a non-finite
+    value (a NaN would otherwise be quantized to a finite code); jit-compatible."""
+    from jax.experimental import checkify
+
+    inner = compress_apply(apply_fn, graph, check_finite=True)
+    checked = checkify.checkify(inner, errors=checkify.user_checks)
+
+    def fn(*args, **kwargs):
+        err, out = checked(*args, **kwargs)
+        err.throw()
+        return out
+
+    return fn
+
+
+def compress_apply(apply_fn: Callable, graph: Graph, *, check_finite: bool = False) -> Callable:
     """The compressed forward ``fn(variables, state, *args, **kwargs) -> apply_fn's output``.
 
     Weights are ``mask ⊙ Q(z ⊙ W)`` (see :func:`transform_variables`; pass ``gate_key=`` to
@@ -252,7 +280,7 @@ def compress_apply(apply_fn: Callable, graph: Graph) -> Callable:
     ``fn.site_inputs(variables, state, *args, **kwargs)`` returns ``(output, {site: un-quantized
     input})`` for calibration. Close over ``graph``; jit ``fn``.
     """
-    inner = act_quantized_apply(apply_fn, graph)
+    inner = act_quantized_apply(apply_fn, graph, check_finite=check_finite)
     run = _site_input_runner(apply_fn, graph)
 
     def fn(variables, state: CompressionState, *args, gate_key=None, **kwargs):

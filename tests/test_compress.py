@@ -218,3 +218,16 @@ def test_variables_of_another_shape_are_a_clear_error():
     p["Dense_0"] = {**p["Dense_0"], "kernel": jnp.zeros((3, 3))}
     with pytest.raises(ValueError, match=r"Dense_0/kernel has shape \(3, 3\), but the graph"):
         fn({**v, "params": p}, st, x)
+
+
+def test_checked_forward_names_the_site_that_saw_a_nan():
+    from jax.experimental import checkify
+
+    from jaxjpq.compress import checked_apply
+
+    model, v, g, x = small_cnn()
+    st = init_state(g, CompressionSpec(), v)
+    fn = checked_apply(model.apply, g)
+    np.testing.assert_allclose(fn(v, st, x), compress_apply(model.apply, g)(v, st, x))
+    with pytest.raises(checkify.JaxRuntimeError, match="non-finite input .* at site Conv_0"):
+        fn(v, st, x.at[0, 0, 0, 0].set(jnp.nan))

@@ -109,6 +109,14 @@ def test_zero_bit_channels_cost_nothing_and_die():
     assert kept[10:].all()
     fn, sv = slim(g, v2, st2)
     assert sv["params"]["Conv_1"]["kernel"].shape[-1] == 54
+    # the packed model drops them too, and the cost model counts what it stores
+    packed = export.pack(g, v2, st2)
+    np.testing.assert_allclose(export.inference_fn(packed, model.apply, g)(x),
+                               compress_apply(model.apply, g)(v2, st, x), rtol=1e-5, atol=1e-5)
+    assert cost.size_bits(g, st2, include_scales=True, include_other=True) / 8 == pytest.approx(
+        export.theoretical_bytes(packed)["total"], abs=len(packed.arrays))
+    assert sum(int(n) for _, n in next(e for e in packed.meta["leaves"] if e["path"][1:] == [
+        "Conv_1", "kernel"])["widths"]) == 54
     np.testing.assert_allclose(fn(sv, x), model.apply(apply_masks(g, v2, st2.masks), x),
                                rtol=1e-5, atol=1e-5)
     fwd = compress_apply(model.apply, g)  # the dead units' outputs were zero already
