@@ -7,7 +7,7 @@ run the compressed forward from ``compress_apply``, measure it with ``cost``, ``
 transforms over the pair, built on :mod:`jaxjpq.methods.core`.
 """
 
-from jaxjpq import cost, data, djpq, export, gates, macs, models, quant, train
+from jaxjpq import cost, data, djpq, export, gates, macs, models, nnx, quant, train
 from jaxjpq.compress import calibrate, compress_apply
 from jaxjpq.graph import AxisUnits, Graph, Group, MacTerm, Site, Slice
 from jaxjpq.macs import MacCount, count_macs, count_macs_split, eqn_macs
@@ -48,6 +48,7 @@ __all__ = [
     "init_state",
     "macs",
     "models",
+    "nnx",
     "prune_then_quantize",
     "qat",
     "quant",
