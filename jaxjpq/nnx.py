@@ -1,10 +1,10 @@
 """``flax.nnx`` modules as the functional ``apply(variables, x, ...)`` every part of jaxjpq takes.
 
-``split(module) -> NnxModel(apply, variables)``: ``variables`` is ``{"params": ..., "batch_stats":
-...}`` of plain arrays (``nnx.Param`` leaves and ``nnx.BatchStat`` leaves), and ``apply`` behaves
-like a linen ``module.apply``: ``apply(variables, *args, train=False, mutable=False, rngs=None, **kwargs)``
-runs the module in train or eval mode and, with ``mutable``, also returns the updated
-statistics ``{"batch_stats": ...}``. So ``jaxjpq.trace``, ``jaxjpq.init``, the train loop (which
+``split(module) -> NnxModel(apply, variables)``: ``variables`` is ``{"params": ...,
+"batch_stats": ...}`` of plain arrays (``nnx.Param`` leaves and ``nnx.BatchStat`` leaves), and
+``apply`` behaves like a linen ``module.apply``: ``apply(variables, *args, train=False,
+mutable=False, **kwargs)`` runs the module in train or eval mode and, with ``mutable``, also
+returns the updated statistics ``{"batch_stats": ...}``. So ``jaxjpq.trace``, ``jaxjpq.init``, the train loop (which
 updates the statistics as statistics, never as weights), ``slim`` and ``export`` take an nnx module
 unchanged; ``merge(model, variables)`` gives the module back with trained values.
 """
@@ -21,7 +21,7 @@ class NnxModel(NamedTuple):
     """A split nnx module.
 
     Attributes:
-      apply: ``apply(variables, *args, train=False, mutable=False, rngs=None, **kwargs)``, linen-style.
+      apply: ``apply(variables, *args, train=False, mutable=False, **kwargs)``, linen-style.
       variables: ``{"params": {...}, "batch_stats": {...}}`` (no ``batch_stats`` key without
         BatchNorm-style statistics).
     """
