@@ -4,9 +4,10 @@
 "batch_stats": ...}`` of plain arrays (``nnx.Param`` leaves and ``nnx.BatchStat`` leaves), and
 ``apply`` behaves like a linen ``module.apply``: ``apply(variables, *args, train=False,
 mutable=False, **kwargs)`` runs the module in train or eval mode and, with ``mutable``, also
-returns the updated statistics ``{"batch_stats": ...}``. So ``jaxjpq.trace``, ``jaxjpq.init``, the train loop (which
-updates the statistics as statistics, never as weights), ``slim`` and ``export`` take an nnx module
-unchanged; ``merge(model, variables)`` gives the module back with trained values.
+returns the updated statistics ``{"batch_stats": ...}``. So ``jaxjpq.trace``, ``jaxjpq.init``,
+the train loop (which updates the statistics as statistics, never as weights), ``slim`` and
+``export`` take an nnx module unchanged; ``merge(model, variables)`` gives the module back with
+trained values.
 """
 
 from __future__ import annotations
