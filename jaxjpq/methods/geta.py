@@ -190,6 +190,8 @@ def unit_costs(graph: Graph, index: UnitIndex) -> np.ndarray:
             if gid in pos:
                 per_group[pos[gid]] += s.macs_per_example / sizes[pos[gid]]
     cost = per_group[index.group_of_unit]
+    if cost.size == 0:
+        return cost
     # Floor: a unit of no MACs (e.g. a group with no site) must keep a finite saliency.
     return np.maximum(cost / max(float(cost.mean()), 1e-30), 1e-6)
 
