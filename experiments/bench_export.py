@@ -41,11 +41,12 @@ def main() -> None:
     d = os.path.join(tempfile.mkdtemp(), "model")
     export.save(d, packed)
     th = export.theoretical_bytes(packed)
+    model_bytes = cost.size_bits(graph, st, include_scales=True, include_other=True) / 8
     print(cost.report(graph, st))
     print(f"fp32 weights+biases: {sum(a.size for a in jax.tree.leaves(v)) * 4} B")
     print(
         f"theoretical: codes {th['codes']:.0f} B + scales {th['scales']:.0f} B + float leaves "
-        f"{th['float']:.0f} B = {th['total']:.0f} B"
+        f"{th['float']:.0f} B = {th['total']:.0f} B; cost model {model_bytes:.0f} B"
     )
     disk = export.disk_bytes(d)
     print(f"on disk (orbax dir): {disk} B = {disk / th['total']:.3f}x of theoretical"
