@@ -521,6 +521,7 @@ def train(
             loss = float(metrics.pop("loss"))  # one host sync per step: exact NaN detection
             finite = bool(metrics.pop("params_finite"))
             if not (math.isfinite(loss) and finite):
+                _chained_check(state)
                 _non_finite(manager, step, loss)
             metrics["loss"] = loss
             window.append(metrics)
@@ -557,6 +558,15 @@ def _interrupt(manager, state: TrainState, extra: PyTree, signum: int) -> None:
         where = f"checkpointed step {int(state.step)} under {manager.directory}"
     raise TrainingInterrupted(f"{name} at step {int(state.step)}: {where}; rerun the same "
                               f"command to resume.") from None
+
+
+def _chained_check(state: TrainState) -> None:
+    """Raise the pair methods' ``ChainedTransformError`` when one flagged tampered updates."""
+    for path, x in jax.tree_util.tree_leaves_with_path(state.opt_state):
+        if path and getattr(path[-1], "name", None) == "tampered" and bool(np.asarray(x)):
+            from jaxjpq.methods.core import chained_error
+
+            raise chained_error()
 
 
 def _non_finite(manager, step: int, loss: float) -> None:

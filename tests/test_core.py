@@ -102,6 +102,9 @@ def test_qat_holds_bits_masks_and_zeros():
 
 
 def test_transform_chained_after_a_pair_method_is_refused():
+    from jaxjpq import data, train
+    from jaxjpq.train import CompressedForward
+
     model, v, g, x, spec, c = _setup()
     fwd = jaxjpq.compress_apply(model.apply, g)
 
@@ -112,13 +115,25 @@ def test_transform_chained_after_a_pair_method_is_refused():
             grads = jax.grad(lambda p: fwd({"params": p[0]}, p[1], x).sum())(params)
             upd, opt = jax.jit(tx.update)(grads, opt, params)
             params = optax.apply_updates(params, upd)
-        return jax.block_until_ready(params)
+        return params, opt
 
-    with pytest.raises(Exception, match="chained after it"):
-        steps(optax.chain(jaxjpq.geta(optax.sgd(0.01), g, steps=20), optax.scale(0.5)), 3)
+    bad_tx = optax.chain(jaxjpq.geta(optax.sgd(0.01), g, steps=20), optax.scale(0.5))
+    params, opt = steps(bad_tx, 3)
+    assert bool(opt[0].tampered)  # flagged, and the updates turned NaN (loud, not corrupt)
+    assert not np.isfinite(np.asarray(jax.tree.leaves(params[0])[0])).all()
     # before it, on the gradients, is fine
-    steps(optax.chain(optax.clip_by_global_norm(1.0), jaxjpq.geta(optax.sgd(0.01), g,
-                                                                   steps=20)), 3)
+    params, opt = steps(optax.chain(optax.clip_by_global_norm(1.0),
+                                    jaxjpq.geta(optax.sgd(0.01), g, steps=20)), 3)
+    assert not bool(opt[1].tampered)
+    assert np.isfinite(np.asarray(jax.tree.leaves(params[0])[0])).all()
+    # the train loop names the cause
+    rng = np.random.default_rng(0)
+    src = data.ArraySource({"inputs": rng.random((16, *x.shape[1:])).astype(np.float32),
+                            "labels": rng.integers(0, 10, 16).astype(np.int32)})
+    st = train.create_train_state(CompressedForward(model.apply, g), {"params": (v["params"], c)},
+                                  bad_tx)
+    with pytest.raises(core.ChainedTransformError, match="chained after it"):
+        train.train(st, data.batch_stream(src, 8), 5, progress=False)
 
 
 def test_init_returns_the_pair_and_apply_updates_keeps_it():

@@ -12,7 +12,8 @@
   size budget holds;
 * :func:`pair_transform`: the skeleton of an optax transform over the pair
   ``(model params, CompressionState)``; a transform chained after it that alters the compression
-  state's updates is detected at the next update and raises.
+  state's updates is detected at the next update (NaN updates, ``tampered`` set; the train loop
+  raises :class:`ChainedTransformError`).
 """
 
 from __future__ import annotations
@@ -492,27 +493,23 @@ def digest(c: CompressionState) -> Digest:
     return Digest(v, m)
 
 
-def _raise_tampered(flag, name):
-    if bool(flag):
-        raise ValueError(
-            f"the compression state given to {name} is not the one its last update produced: a "
-            "transform chained after it changed the compression updates (e.g. a learning rate "
-            "or clip applied to the whole pair). Put it last in optax.chain, or apply such "
-            "transforms to the model params only (e.g. inside `inner`)."
-        )
-    return np.zeros((), np.float32)
+class ChainedTransformError(ValueError):
+    """A transform chained after a pair method changed its compression updates."""
 
 
-def check_untampered(c: CompressionState, expected: Digest, name: str) -> jax.Array:
-    """0.0; raises (at run time, also under jit) when ``c`` differs from ``expected``."""
-    v, _ = _digest_leaves(c)
-    bad = jnp.any(jnp.abs(v - expected.values) > 1e-4 * expected.scale + 1e-30)
-    return jax.lax.cond(
-        bad,
-        lambda: jax.pure_callback(lambda f: _raise_tampered(f, name),
-                                  jax.ShapeDtypeStruct((), jnp.float32), bad),
-        lambda: jnp.zeros((), jnp.float32),
+def chained_error(name: str = "a pair method") -> ChainedTransformError:
+    return ChainedTransformError(
+        f"the compression state given to {name} is not the one its last update produced: a "
+        "transform chained after it changed the compression updates (e.g. a learning rate or "
+        "clip applied to the whole pair), so its masks and bits were corrupted. Put it last in "
+        "optax.chain, or apply such transforms to the model params only (e.g. inside `inner`)."
     )
+
+
+def tampered(c: CompressionState, expected: Digest) -> jax.Array:
+    """bool scalar: ``c`` differs from the state the method's last update produced."""
+    v, _ = _digest_leaves(c)
+    return jnp.any(jnp.abs(v - expected.values) > 1e-4 * expected.scale + 1e-30)
 
 
 class PairState(NamedTuple):
@@ -521,10 +518,14 @@ class PairState(NamedTuple):
     Attributes:
       method: the method's own state (e.g. ``GetaState``).
       expect: digest of the compression state its last update produced.
+      tampered: bool scalar, sticky: a transform chained after the method changed its updates
+        (the updates are then NaN; :func:`jaxjpq.train.train` raises
+        :class:`ChainedTransformError`).
     """
 
     method: Any
     expect: Digest
+    tampered: jax.Array
 
 
 def pair_transform(
@@ -539,14 +540,16 @@ def pair_transform(
     model_params, cstate, method_state) -> (model_updates, new_cstate, new_method_state)``. The
     skeleton checks the state against ``graph``, turns ``new_cstate`` into the ``new - old``
     update that ``optax.apply_updates`` adds, returns updates in the container type of the params
-    (tuple or :class:`jaxjpq.state.CompressedParams`), and raises if the compression state it is
-    given is not the one it produced (a transform chained after it changed the updates).
+    (tuple or :class:`jaxjpq.state.CompressedParams`), and when the compression state it is given
+    is not the one it produced (a transform chained after it changed the updates) it makes every
+    update NaN and sets ``state.tampered``, which costs one fused check per step instead of a host
+    callback; the train loop then raises :class:`ChainedTransformError`.
     """
 
     def init_fn(params):
         p, c = params
         check_state(graph, c)
-        return PairState(init(p, c), digest(c))
+        return PairState(init(p, c), digest(c), jnp.zeros((), bool))
 
     def update_fn(updates, state, params=None):
         if params is None:
@@ -554,10 +557,12 @@ def pair_transform(
         g_p, g_c = updates
         p, c = params
         check_state(graph, c)
-        guard = check_untampered(c, state.expect, name)
+        bad = tampered(c, state.expect) | state.tampered
+        poison = jnp.where(bad, jnp.nan, 0.0)
         u_p, c_new, m_state = update(g_p, g_c, p, c, state.method)
-        u_c = jax.tree.map(lambda a, b: a - b + guard.astype(a.dtype), c_new, c)
-        return _pair_like(params, u_p, u_c), PairState(m_state, digest(c_new))
+        u_p = jax.tree.map(lambda a: a + poison.astype(a.dtype), u_p)
+        u_c = jax.tree.map(lambda a, b: a - b + poison.astype(a.dtype), c_new, c)
+        return _pair_like(params, u_p, u_c), PairState(m_state, digest(c_new), bad)
 
     return optax.GradientTransformation(init_fn, update_fn)
 
