@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from archs import build
 
 from jaxjpq import cost, export
 from jaxjpq.compress import calibrate, compress_apply
@@ -121,3 +122,27 @@ def test_zero_bit_channels_cost_nothing_and_die():
                                rtol=1e-5, atol=1e-5)
     fwd = compress_apply(model.apply, g)  # the dead units' outputs were zero already
     np.testing.assert_allclose(fwd(v2, st2, x), fwd(v2, st, x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["mha_heads", "concat_decoder"])
+def test_per_channel_widths_on_multi_axis_and_concat_sites(name, tmp_path):
+    """Per-channel widths (0 included) on MHA kernels [in, heads, head_dim] and on a conv fed
+    by a concat, with pruned units: restored export == forward, cost == the packed payload."""
+    m, v, x = build(name)
+    g = trace(m.apply, v, x)
+    st = init_state(g, CompressionSpec(per_channel=True), v)
+    st = calibrate(compress_apply(m.apply, g), v, st, [x])
+    rng = np.random.default_rng(0)
+    for n in _inner(st):
+        widths = rng.choice([0.0, 2.0, 3.0, 8.0], size=np.shape(st.weight[n].d))
+        st = core.set_bits(g, st, n, widths)
+    st = st.replace(masks={k: jnp.asarray(rng.random(mk.shape) < 0.7, jnp.float32).at[0].set(1.0)
+                           for k, mk in st.masks.items()})
+    want = compress_apply(m.apply, g)(v, st, x)
+    packed = export.pack(g, v, st)
+    export.save(tmp_path / "m", packed)
+    got = export.inference_fn(export.restore(tmp_path / "m"), m.apply, g)(x)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    model_bytes = cost.size_bits(g, st, include_scales=True, include_other=True) / 8
+    assert model_bytes == pytest.approx(export.theoretical_bytes(packed)["total"],
+                                        abs=len(packed.arrays))
