@@ -110,6 +110,12 @@ def _mask_dead_channels(state: CompressionState, site: Any, dead: jax.Array) -> 
     return state.replace(weight_masks={**state.weight_masks, site.name: old * keep})
 
 
+def map_learned(table: Mapping[str, QuantParams], frozen: Sequence[str],
+                fn: Callable[[str, QuantParams], QuantParams]) -> dict[str, QuantParams]:
+    """``{site: fn(site, params)}`` over the learned quantizers; frozen ones unchanged."""
+    return {n: (p if n in frozen else fn(n, p)) for n, p in table.items()}
+
+
 def fixed_bits_step(
     table: Mapping[str, QuantParams],
     grads: Mapping[str, QuantParams],
@@ -128,11 +134,8 @@ def fixed_bits_step(
     ``t``) takes an SGD step (:func:`jaxjpq.quant.clip_sgd_step`; a method with its own clip
     optimizer passes the new clips as ``clips={site: q_m}``) and ``d`` follows so the bits stay
     fixed; without, the quantizer is frozen at those bits. Frozen sites are unchanged."""
-    out = {}
-    for name, p in table.items():
-        if name in frozen:
-            out[name] = p
-            continue
+
+    def step(name: str, p: QuantParams) -> QuantParams:
         s = signed[name]
         b = jnp.clip(jnp.round(bits_from_step(p.d, p.q_m, p.t, s)), b_lo, b_hi)
         q_m, t = p.q_m, p.t
@@ -143,8 +146,9 @@ def fixed_bits_step(
             q_m = clip_sgd_step(p.q_m, g.q_m, lr)
             if train_t:
                 t = jnp.clip(p.t - lr * g.t, 0.25, 4.0)
-        out[name] = QuantParams(d=step_from_bits(b, q_m, t, s), q_m=q_m, t=t)
-    return out
+        return QuantParams(d=step_from_bits(b, q_m, t, s), q_m=q_m, t=t)
+
+    return map_learned(table, frozen, step)
 
 
 # ---------------------------------------------------------------------------------------------

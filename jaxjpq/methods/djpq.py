@@ -152,20 +152,16 @@ def _quant_table(table, steps, signed, frozen, b_lo, b_hi, search, finalize, pow
     clips = {n: p.q_m * jnp.exp(steps[n][1]) for n, p in table.items() if n not in frozen}
     cool = core.fixed_bits_step(table, {}, signed, frozen, lr=0.0, b_lo=b_lo, b_hi=b_hi,
                                 clips=clips)
-    out = {}
-    for name, p in table.items():
-        if name in frozen:
-            out[name] = p
-            continue
-        s = signed[name]
-        q_m = clips[name]
+
+    def step(name: str, p: QuantParams) -> QuantParams:
+        s, q_m = signed[name], clips[name]
         d = core.projected(QuantParams(p.d * jnp.exp(steps[name][0]), q_m, p.t), s, b_lo,
                            b_hi).d
         d_final = core.with_bits(p, core.rounded_bits(p, s, b_lo, b_hi, pow2), s).d
         new_d = jnp.where(search, d, jnp.where(finalize, d_final, cool[name].d))
-        new_q = jnp.where(finalize, p.q_m, q_m)
-        out[name] = QuantParams(d=new_d, q_m=new_q, t=p.t)
-    return out
+        return QuantParams(d=new_d, q_m=jnp.where(finalize, p.q_m, q_m), t=p.t)
+
+    return core.map_learned(table, frozen, step)
 
 
 def _prune_masks(c: CompressionState) -> dict[str, jax.Array]:

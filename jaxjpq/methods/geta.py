@@ -199,17 +199,15 @@ def unit_costs(graph: Graph, index: UnitIndex) -> np.ndarray:
 def _sgd_projected(table, grads, signed, frozen, lr, b_lo, b_upper):
     """GETA's quantizer step: SGD on ``d``, ``q_m`` (at most halved, see
     :func:`jaxjpq.quant.clip_sgd_step`) and ``t``, then ``d`` projected onto the bit range."""
-    out = {}
-    for name, p in table.items():
-        if name in frozen:
-            out[name] = p
-            continue
+
+    def step(name: str, p: QuantParams) -> QuantParams:
         g = grads[name]
         q_m = clip_sgd_step(p.q_m, g.q_m, lr)
         t = jnp.clip(p.t - lr * g.t, 0.25, 4.0)
-        new = QuantParams(d=p.d - lr * g.d, q_m=q_m, t=t)
-        out[name] = core.projected(new, signed[name], b_lo, b_upper)
-    return out
+        return core.projected(QuantParams(d=p.d - lr * g.d, q_m=q_m, t=t), signed[name], b_lo,
+                              b_upper)
+
+    return core.map_learned(table, frozen, step)
 
 
 def geta(
