@@ -137,6 +137,26 @@ def _bits(p: Any, signed: bool, state: CompressionState, num: _Num) -> Any:
     return _round(b, state, num)
 
 
+def _channel_counts(site: Site, vecs: list, wm: Any, num: _Num) -> tuple[Any, Any]:
+    """``(structured, kept)``: weight entries per output channel (``channel_shape`` of the out
+    axes) left by slimming, and of those the ones the elementwise mask ``wm`` keeps."""
+    xp, nd = num.xp, len(site.weight_shape)
+    keep = xp.ones(site.weight_shape, num.dtype)
+    for a, v in enumerate(vecs):
+        if v is not None:
+            shape = [1] * nd
+            shape[a] = -1
+            keep = keep * v.reshape(shape)
+    out_axes = sorted(a % nd for a in site.out_axes)
+    red = tuple(a for a in range(nd) if a not in out_axes)
+    struct_c = xp.sum(keep, axis=red)
+    if wm is None:
+        return struct_c, struct_c
+    w = num.arr(wm)
+    keep = keep * (xp.clip(w, 0.0, 1.0) if num.soft else (w > 0.5).astype(num.dtype))
+    return struct_c, xp.sum(keep, axis=red)
+
+
 def _site_row(graph: Graph, state: CompressionState, site: Site, masks, num: _Num) -> dict:
     """Exact or soft cost figures of one site (per example)."""
     xp = num.xp
@@ -144,8 +164,8 @@ def _site_row(graph: Graph, state: CompressionState, site: Site, masks, num: _Nu
     vecs = [_keep_vector(a, masks, num) for a in axes]
     kept_axes = [float(a.size) if v is None else xp.sum(v) for a, v in zip(axes, vecs,
                                                                             strict=True)]
-    numel = float(math.prod(site.weight_shape))
     kept_numel = math.prod(kept_axes) if kept_axes else 1.0
+    kept_channels = math.prod(kept_axes[a % len(axes)] for a in site.out_axes)
     batch = float(max(graph.batch_size, 1))
     kept_macs = 0.0
     for t in mac_terms(graph, site):
@@ -164,19 +184,7 @@ def _site_row(graph: Graph, state: CompressionState, site: Site, masks, num: _Nu
         nnz, wbits = kept_numel, kept_numel * b_w
         exact_ratio = True
     else:
-        keep = xp.ones(site.weight_shape, num.dtype)
-        for a, v in enumerate(vecs):
-            if v is not None:
-                shape = [1] * len(site.weight_shape)
-                shape[a] = -1
-                keep = keep * v.reshape(shape)
-        out_axes = sorted(a % len(site.weight_shape) for a in site.out_axes)
-        red = tuple(a for a in range(len(site.weight_shape)) if a not in out_axes)
-        struct_c = xp.sum(keep, axis=red)
-        if wm is not None:
-            w = num.arr(wm)
-            keep = keep * (xp.clip(w, 0.0, 1.0) if num.soft else (w > 0.5).astype(num.dtype))
-        per_c = xp.sum(keep, axis=red)
+        struct_c, per_c = _channel_counts(site, vecs, wm, num)
         nnz = xp.sum(per_c)
         wbits = xp.sum(per_c * b_w)
         exact_ratio = False
@@ -195,9 +203,9 @@ def _site_row(graph: Graph, state: CompressionState, site: Site, masks, num: _Nu
     if wm is not None:
         index_bits = xp.where(channelwise, 0.0, kept_numel * SPARSE_INDEX_BITS)
     mean_bits = wbits / xp.maximum(nnz, 1e-12) if not exact_ratio else b_w
-    return dict(site=site, kept_macs=kept_macs, kept_numel=kept_numel, numel=numel, nnz=nnz,
-                weight_bits=wbits, index_bits=index_bits, b_w=mean_bits, b_a=b_a, bops=bops,
-                macs=float(site.macs_per_example))
+    return dict(site=site, kept_macs=kept_macs, kept_numel=kept_numel,
+                kept_channels=kept_channels, nnz=nnz, weight_bits=wbits, index_bits=index_bits,
+                b_w=mean_bits, b_a=b_a, bops=bops)
 
 
 def _rows(graph: Graph, state: CompressionState, soft: bool) -> tuple[list[dict], _Num]:
@@ -270,20 +278,8 @@ def live_channels(graph: Graph, state: CompressionState, site: str) -> Any:
     num = _Num(state, False)
     s = graph.site_map[site]
     masks = _unit_masks(state, num)
-    xp = num.xp
-    keep = xp.ones(s.weight_shape, num.dtype)
-    for a, ax in enumerate(weight_axes(graph, s)):
-        v = _keep_vector(ax, masks, num)
-        if v is not None:
-            shape = [1] * len(s.weight_shape)
-            shape[a] = -1
-            keep = keep * v.reshape(shape)
-    wm = state.weight_masks.get(site)
-    if wm is not None:
-        keep = keep * (num.arr(wm) > 0.5)
-    out_axes = sorted(a % len(s.weight_shape) for a in s.out_axes)
-    red = tuple(a for a in range(len(s.weight_shape)) if a not in out_axes)
-    return xp.sum(keep, axis=red)
+    vecs = [_keep_vector(a, masks, num) for a in weight_axes(graph, s)]
+    return _channel_counts(s, vecs, state.weight_masks.get(site), num)[1]
 
 
 @_exact
@@ -351,26 +347,14 @@ def size_bits(
     figure is the export's payload.
     """
     rows, num = _rows(graph, state, soft)
-    masks = _unit_masks(state, num)
-
-    def _kept_channels(graph, site, num):
-        """Output channels left after slimming (each stores its step)."""
-        axes = weight_axes(graph, site)
-        n = 1.0
-        for a in sorted(a % len(site.weight_shape) for a in site.out_axes):
-            n = n * _kept(axes[a], masks, num)
-        return n
-
     total = other_bits(graph, state) if include_other else 0.0
     for r in rows:
         total = total + r["weight_bits"] + r["index_bits"]
         if include_scales:
             name = r["site"].name
             p = state.weight.get(name)
-            if p is not None:
-                total = total + FP_BITS * (
-                    _kept_channels(graph, r["site"], num) if np.ndim(p.d) else 1.0
-                )
+            if p is not None:  # one step per channel left after slimming, or one per tensor
+                total = total + FP_BITS * (r["kept_channels"] if np.ndim(p.d) else 1.0)
             if name in state.act:
                 total = total + 3 * FP_BITS
     return _out(total, num)
@@ -413,10 +397,11 @@ def metrics(graph: Graph, state: CompressionState) -> dict[str, jax.Array]:
 
 def report(graph: Graph, state: CompressionState) -> str:
     """Per-layer table of the exact costs: kept channels, bits w/a, kept MACs, BOPs share."""
-    rows, _ = _rows(graph, state, soft=False)
     if not _is_concrete(state):
         raise ValueError("report needs a concrete state (call it outside jit).")
+    rows, _ = _rows(graph, state, soft=False)
     total = float(sum(r["bops"] for r in rows)) or 1.0
+    size = float(sum(r["weight_bits"] + r["index_bits"] for r in rows))
 
     def kept(gid):
         if gid is None:
@@ -440,6 +425,6 @@ def report(graph: Graph, state: CompressionState) -> str:
     lines.append("-" * len(head))
     lines.append(
         f"relative BOPs {total / fp32_bops(graph):.4%}   "
-        f"relative size {float(relative_size(graph, state)):.4%}"
+        f"relative size {size / fp32_size_bits(graph):.4%}"
     )
     return "\n".join(lines)

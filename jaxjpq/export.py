@@ -404,9 +404,9 @@ def save(directory: str | os.PathLike, packed: PackedModel) -> None:
         parts.append(a.reshape(-1).view(np.uint8))
         offset += a.nbytes
     blob = np.concatenate(parts) if parts else np.zeros((0,), np.uint8)
-    sums = {name: _sha256(np.asarray(packed.arrays[name])) for name in layout}
+    sums = {name: _digest(np.asarray(packed.arrays[name])) for name in layout}
     meta = {**_compact(packed.meta), "layout": layout, "checksums": sums}
-    meta["meta_sha256"] = _meta_digest(meta)
+    meta["meta_digest"] = _meta_digest(meta)
     _checkpointer().save(
         os.path.abspath(directory),
         args=ocp.args.Composite(
@@ -415,19 +415,22 @@ def save(directory: str | os.PathLike, packed: PackedModel) -> None:
     )
 
 
-def _sha256(a: np.ndarray) -> str:
-    """64-bit BLAKE2b digest of an array's bytes (enough to detect corruption, 16 hex chars)."""
+def _hash(data: bytes) -> str:
+    """64-bit BLAKE2b digest (enough to detect corruption; 16 hex characters)."""
     import hashlib
 
-    return hashlib.blake2b(np.array(a, order="C").tobytes(), digest_size=8).hexdigest()
+    return hashlib.blake2b(data, digest_size=8).hexdigest()
+
+
+def _digest(a: np.ndarray) -> str:
+    return _hash(np.array(a, order="C").tobytes())
 
 
 def _meta_digest(meta: Mapping) -> str:
-    import hashlib
     import json
 
-    body = {k: v for k, v in meta.items() if k != "meta_sha256"}
-    return hashlib.blake2b(json.dumps(body, sort_keys=True).encode(), digest_size=8).hexdigest()
+    body = {k: v for k, v in meta.items() if k != "meta_digest"}
+    return _hash(json.dumps(body, sort_keys=True).encode())
 
 
 # Leaf fields left out of the saved metadata when they hold their default.
@@ -468,20 +471,20 @@ def restore(directory: str | os.PathLike) -> PackedModel:
     )
     meta = dict(r["meta"])
     _check_meta(meta)
-    if meta.get("meta_sha256") != _meta_digest(meta):
+    if meta.get("meta_digest") != _meta_digest(meta):
         raise CorruptExportError(
             f"{directory}: the metadata (bit widths, kept positions, layout) does not match its "
             "checksum: it was edited or corrupted. Export the model again.")
     blob = np.asarray(r["arrays"]["blob"], np.uint8)
     sums = meta.pop("checksums")
-    meta.pop("meta_sha256")
+    meta.pop("meta_digest")
     arrays = {}
     for name, (offset, nbytes, dtype, shape) in meta.pop("layout").items():
         a = blob[offset:offset + nbytes]
         if a.size != nbytes:
             raise CorruptExportError(f"{directory}: array {name} is truncated.")
         arrays[name] = a.view(np.dtype(dtype)).reshape(shape).copy()
-        if _sha256(arrays[name]) != sums.get(name):
+        if _digest(arrays[name]) != sums.get(name):
             raise CorruptExportError(
                 f"{directory}: array {name} does not match its checksum (corrupted on disk); "
                 "export the model again.")

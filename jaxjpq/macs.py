@@ -210,6 +210,15 @@ def _walk_while(eqn: core.JaxprEqn, ins: list[bool], while_policy: str) -> tuple
     return total, [a or b for a, b in zip(carry, carry_out, strict=True)]
 
 
+def jaxpr_macs(jaxpr: core.Jaxpr, in_data: Sequence[bool], while_policy: str = "once"
+               ) -> MacCount:
+    """MACs of an already traced ``jaxpr``; ``in_data[i]`` says whether invar ``i`` is data
+    (not a parameter). ``while_policy`` as in :func:`count_macs_split`."""
+    if while_policy not in _WHILE_POLICIES:
+        raise ValueError(f"while_policy must be one of {_WHILE_POLICIES}, got {while_policy!r}")
+    return _walk(jaxpr, in_data, while_policy)[0]
+
+
 def count_macs_split(
     fn: Callable[..., Any],
     *args: Any,

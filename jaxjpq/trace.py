@@ -38,8 +38,7 @@ import numpy as np
 
 from jaxjpq.graph import AxisUnits, Graph, Group, MacTerm, Site, Slice
 from jaxjpq.jaxprs import CALL_PRIMITIVES, aval, is_dynamic, key_of, sub_jaxpr
-from jaxjpq.macs import _walk as _walk_macs
-from jaxjpq.macs import eqn_macs
+from jaxjpq.macs import eqn_macs, jaxpr_macs
 
 Key = tuple[str, ...]
 
@@ -1214,7 +1213,7 @@ def build_graph(traced: Traced, batch_size: int, apply_fn: Callable, var_avals: 
             )
         )
     in_data = [i >= traced.n_var for i in traced.dyn_pos]
-    weight_macs, _ = _walk_macs(traced.closed.jaxpr, in_data, "once")
+    weight_macs = jaxpr_macs(traced.closed.jaxpr, in_data, "once")
     info = dict(
         weight_macs=int(weight_macs.param),
         missed=tuple(sorted(ctx.missed, key=lambda m: -m[1])),

@@ -503,47 +503,45 @@ def train(
     bar = tqdm(total=num_steps, initial=start, disable=not progress, desc="train", unit="step")
     window: list[dict[str, jax.Array]] = []
     summary: dict[str, Any] = {}
-    signals = _Signals()
-    try:
-        signals.__enter__()
-        for step in range(start, num_steps):
+    with _Signals() as signals:
+        try:
+            for step in range(start, num_steps):
+                if signals.caught is not None:
+                    _interrupt(manager, state, extra, signals.caught)
+                try:
+                    batch = next(batches)
+                except StopIteration as e:
+                    raise ValueError(
+                        f"batches ran out at step {step} before num_steps={num_steps}; use an "
+                        "endless iterator such as data.batch_stream."
+                    ) from e
+                _check_inputs(batch, step)
+                state, metrics = train_step(state, batch)
+                loss = float(metrics.pop("loss"))  # one host sync per step: exact NaN detection
+                finite = bool(metrics.pop("params_finite"))
+                if not (math.isfinite(loss) and finite):
+                    _chained_check(state)
+                    _non_finite(manager, step, loss)
+                metrics["loss"] = loss
+                window.append(metrics)
+                done = step + 1
+                if len(window) >= log_every or done == num_steps:
+                    summary = {k: float(np.mean([m[k] for m in window])) for k in window[0]}
+                    if metrics_fn is not None:
+                        summary.update({k: float(v) for k, v in metrics_fn(state).items()})
+                    bar.set_postfix({k: f"{v:.4g}" for k, v in summary.items()})
+                    window = []
+                bar.update(1)
+                if manager is not None and checkpoint_every and done % checkpoint_every == 0:
+                    save_checkpoint(manager, state, extra, wait=False)
             if signals.caught is not None:
                 _interrupt(manager, state, extra, signals.caught)
-            try:
-                batch = next(batches)
-            except StopIteration as e:
-                raise ValueError(
-                    f"batches ran out at step {step} before num_steps={num_steps}; use an "
-                    "endless iterator such as data.batch_stream."
-                ) from e
-            _check_inputs(batch, step)
-            state, metrics = train_step(state, batch)
-            loss = float(metrics.pop("loss"))  # one host sync per step: exact NaN detection
-            finite = bool(metrics.pop("params_finite"))
-            if not (math.isfinite(loss) and finite):
-                _chained_check(state)
-                _non_finite(manager, step, loss)
-            metrics["loss"] = loss
-            window.append(metrics)
-            done = step + 1
-            if len(window) >= log_every or done == num_steps:
-                summary = {k: float(np.mean([m[k] for m in window])) for k in window[0]}
-                if metrics_fn is not None:
-                    summary.update({k: float(v) for k, v in metrics_fn(state).items()})
-                bar.set_postfix({k: f"{v:.4g}" for k, v in summary.items()})
-                window = []
-            bar.update(1)
-            if manager is not None and checkpoint_every and done % checkpoint_every == 0:
+            if manager is not None and manager.latest_step() != int(state.step):
                 save_checkpoint(manager, state, extra, wait=False)
-        if signals.caught is not None:
-            _interrupt(manager, state, extra, signals.caught)
-        if manager is not None and manager.latest_step() != int(state.step):
-            save_checkpoint(manager, state, extra, wait=False)
-    finally:
-        signals.__exit__()
-        bar.close()
-        if manager is not None:
-            manager.wait_until_finished()
+        finally:
+            bar.close()
+            if manager is not None:
+                manager.wait_until_finished()
     return state, summary
 
 

@@ -107,15 +107,13 @@ def prune_then_quantize(
         def quant(table, grads, signed, restart):
             qat = core.fixed_bits_step(table, grads, signed, c.frozen, lr=lr, b_lo=bits,
                                        b_hi=bits)
-            out = {}
-            for n, p_old in table.items():
-                if n in c.frozen:
-                    out[n] = p_old
-                    continue
+
+            def step(n, p_old):
                 first = core.with_bits(restart[n], bits, signed[n]) if n in restart else qat[n]
                 new = jax.tree.map(lambda a, b: jnp.where(start, a, b), first, qat[n])
-                out[n] = jax.tree.map(lambda a, b: jnp.where(quantize, a, b), new, p_old)
-            return out
+                return jax.tree.map(lambda a, b: jnp.where(quantize, a, b), new, p_old)
+
+            return core.map_learned(table, c.frozen, step)
 
         restart = {
             n: init_from_tensor(flat[sm[n].weight], bits, sm[n].out_axes if q.d.ndim else None)

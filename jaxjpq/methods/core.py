@@ -366,22 +366,19 @@ def enforce_budget(
     cands += [("act", n) for n in state.act if n not in state.frozen and bops is not None]
     fp_b, fp_s = cost.fp32_bops(graph), cost.fp32_size_bits(graph)
 
-    def over(c):
+    def over(table):
+        """Whether the exact figures of ``cost.site_table`` exceed a target (call under x64)."""
         o = jnp.asarray(False)
         if bops is not None:
-            o = o | (cost.bops(graph, c) / fp_b > bops)
+            o = o | (sum(r["bops"] for r in table.values()) / fp_b > bops)
         if size is not None:
-            o = o | (cost.size_bits(graph, c) / fp_s > size)
+            o = o | (sum(r["size"] for r in table.values()) / fp_s > size)
         return o
 
     def lower_body(_, c):
         with jax.enable_x64(True):
             table = cost.site_table(graph, c)
-            o = jnp.asarray(False)
-            if bops is not None:
-                o = o | (sum(r["bops"] for r in table.values()) / fp_b > bops)
-            if size is not None:
-                o = o | (sum(r["size"] for r in table.values()) / fp_s > size)
+            o = over(table)
             savings = []
             for kind, n in cands:
                 r = table[n]
@@ -424,7 +421,7 @@ def enforce_budget(
 
     def prune_body(_, c):
         with jax.enable_x64(True):
-            o = over(c)
+            o = over(cost.site_table(graph, c))
         m = index.flat_masks(c.masks)
         live = m > 0.5
         n_live = jax.ops.segment_sum(live.astype(jnp.int32), seg, index.num_groups)

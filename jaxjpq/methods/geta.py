@@ -42,7 +42,7 @@ SCORES = ("magnitude", "cosine", "taylor1", "taylor2", "quant_error")
 _EPS = 1e-12
 # Fractions of the steps for warm-up, projection and joint stage (cool-down: the rest). The joint
 # stage ends at 40 % so that the pruned model recovers while a decaying learning rate is still
-# large (README, "Results").
+# large (experiments/RESULTS.md).
 DEFAULT_FRACTIONS = (0.1, 0.1, 0.2)
 # The split recorded runs without a ``schedule`` field used.
 LEGACY_FRACTIONS = (0.1, 0.1, 0.5)
