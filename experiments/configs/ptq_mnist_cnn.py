@@ -3,7 +3,7 @@
 fine-tuning, uniform 4-bit weights and activations (first/last layer 8 bits) with QAT from 30 %.
 
 The early QAT start is the stronger baseline: at 2 bits it beat pruning at 40 % / QAT from 70 %
-by 0.37 points (sparsity 0.5) and 0.93 points (0.75), 3 seeds each (README).
+by 0.37 points (sparsity 0.5) and 0.93 points (0.75), 3 seeds each (experiments/RESULTS.md).
 
     python -m experiments.run --config experiments/configs/ptq_mnist_cnn.py --workdir runs/ptq
 
