@@ -12,22 +12,27 @@
    dtype casts, reshapes, transposes and broadcasts; ``jit``/``closed_call``/``remat`` bodies are
    recursed into and ``custom_jvp``/``custom_vjp`` calls inlined when a weight flows into them).
 
-A site whose weight flows into ``scan``/``while``/``cond`` raises ``NotImplementedError`` naming it.
+Loops are re-run with the same interpreter in their bodies: a weight that enters ``scan`` /
+``while`` / ``cond`` as a constant (a recurrent cell) is quantized at every step with its one
+quantizer; a stacked leaf scanned over (``nn.scan`` layers) is quantized per layer, the layers'
+activation quantizers scanned along with it.
 Gradients flow to the variables and to every non-frozen quantizer parameter. Static shapes only;
 jit-compatible.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import jax
 import jax.extend.core as jcore
 import jax.numpy as jnp
+import numpy as np
 
 from jaxjpq import gates as gates_lib
-from jaxjpq.graph import Graph
+from jaxjpq.graph import Graph, put_layers
 from jaxjpq.jaxprs import CALL_PRIMITIVES, aval, cached, is_dynamic, key_of, sub_jaxpr
 from jaxjpq.quant import (
     QuantParams,
@@ -57,7 +62,6 @@ _PASS_THROUGH = frozenset(
     }
 )
 _SITE_PRIMS = frozenset({"conv_general_dilated", "dot_general"})
-_CONTROL = frozenset({"scan", "while", "cond", "switch", "fori_loop"})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -79,21 +83,25 @@ def _set(tree: dict, key: tuple[str, ...], value: Any) -> None:
 
 
 def quantize_weights(graph: Graph, variables: Mapping, state: CompressionState) -> dict:
-    """Replace each site's weight leaf by ``M ⊙ Q(W)``: ``Q`` its weight quantizer (per-channel
+    """Replace each site's weight by ``M ⊙ Q(W)``: ``Q`` its weight quantizer (per-channel
     params broadcast along the site's ``out_axes``; none: identity), ``M`` its elementwise mask
-    (``state.weight_masks``; none: ones). Returns a new nested dict."""
+    (``state.weight_masks``; none: ones); a stacked leaf is written layer by layer. Returns a new
+    nested dict."""
     out = _copy_tree(variables)
+    pieces: dict = {}
     for site in graph.sites:
         quantized, masked = site.name in state.weight, site.name in state.weight_masks
         if not (quantized or masked):
             continue
-        w = leaf(out, site.weight)
+        w = site.take(leaf(variables, site.weight))
         if quantized:
             p = broadcast_params(site_quantizer(state, "weight", site.name), w.ndim, site.out_axes)
             w = quantize_with(w, p, True, state.power_of_two, state.learn_t)
         if masked:
             w = w * jnp.asarray(state.weight_masks[site.name] > 0.5, w.dtype)
-        _set(out, site.weight, w)
+        pieces.setdefault(site.weight, []).append((site, w))
+    for key, ps in pieces.items():
+        _set(out, key, put_layers(leaf(variables, key), ps, jnp))
     return out
 
 
@@ -117,13 +125,160 @@ def transform_variables(
 # ---------------------------------------------------------------------------------------------
 
 
-def _eval(jaxpr, consts, args, tags, hook, seen):
-    """Evaluate ``jaxpr``; ``tags[i]`` names the site whose weight ``args[i]`` is (or None).
+@dataclasses.dataclass(frozen=True)
+class _Hook:
+    """What the interpreter does at each site's contraction.
 
-    Returns ``(outs, out_tags)``.
+    data: ``site -> pytree | None``, the site's per-site values (e.g. its activation quantizer);
+      for a stacked site the values of its layers are stacked and sliced by the scans.
+    apply: ``(site, data, x) -> (x', emitted | None)`` on the site's input operand ``x``;
+      ``emitted`` (a scalar statistic) is returned per site, reduced with ``max`` over repeated
+      uses and loop iterations (per layer for stacked sites).
+    """
+
+    data: Callable[[str], Any]
+    apply: Callable[[str, Any, jax.Array], tuple[jax.Array, Any]]
+
+
+@dataclasses.dataclass
+class _Run:
+    hook: _Hook
+    site_of: dict  # leaf key -> site name (ordinary sites)
+    stacks: dict  # leaf key -> site names of a stacked leaf, flat layer order
+    site_sizes: dict  # leaf key -> stack sizes of a stacked leaf
+    seen: set
+
+    def stack_data(self, key: tuple) -> dict:
+        names = self.stacks[key]
+        sizes = self.site_sizes[key]
+        vals = [self.hook.data(n) for n in names]
+        on = jnp.asarray([v is not None for v in vals]).reshape(sizes)
+        filler = next((v for v in vals if v is not None), None)
+        if filler is None:
+            return {"p": None, "on": on}
+        vals = [filler if v is None else v for v in vals]
+        p = jax.tree.map(lambda *xs: jnp.stack(xs).reshape(*sizes, *jnp.shape(xs[0])), *vals)
+        return {"p": p, "on": on}
+
+
+def _merge_emit(emits: dict, key: Any, e: Any) -> None:
+    if e is not None:
+        emits[key] = e if key not in emits else jnp.maximum(emits[key], e)
+
+
+def _site_call(run: _Run, key: tuple, x: jax.Array, bound: Mapping) -> tuple[jax.Array, Any]:
+    """Apply the hook at the contraction of leaf ``key``'s site (the current layer's, if
+    stacked)."""
+    hook = run.hook
+    if key in run.stacks:
+        if key not in bound:
+            raise NotImplementedError(
+                f"the stacked weight {'/'.join(key)} is used outside the scan over its layers; "
+                "the compressed forward needs each layer's slice to reach its contraction "
+                "through that scan."
+            )
+        names = run.stacks[key]
+        run.seen.update(names)
+        data = bound[key]
+        y, e = hook.apply(names[0], data["p"], x)
+        if data["p"] is not None:
+            y = jnp.where(data["on"], y, x)
+        return y, e
+    name = run.site_of[key]
+    run.seen.add(name)
+    return hook.apply(name, hook.data(name), x)
+
+
+def _scan(eqn, invals, intags, run: _Run, bound: Mapping):
+    p = eqn.params
+    nc, nk = p["num_consts"], p["num_carry"]
+    body = p["jaxpr"]
+    consts, init, xs = invals[:nc], invals[nc : nc + nk], invals[nc + nk :]
+    ctags, xtags = intags[:nc], intags[nc + nk :]
+    if any(t is not None for t in intags[nc : nc + nk]):
+        raise NotImplementedError(
+            f"a site's weight is a loop carry of '{eqn.primitive.name}'; the compressed forward "
+            "quantizes weights that enter a loop as constants or as scanned layer stacks."
+        )
+    scanned = {t for t in xtags if t is not None}
+    for key in scanned:
+        if key not in run.stacks:
+            raise NotImplementedError(
+                f"the weight {'/'.join(key)} is sliced by a scan the tracer did not see as a "
+                "layer stack; re-trace the graph for this apply_fn."
+            )
+    xdata = {k: bound[k] if k in bound else run.stack_data(k) for k in scanned}
+
+    def f(carry, x):
+        xv, xd = x
+        outs, _, em = _eval(body.jaxpr, body.consts, [*consts, *carry, *xv],
+                            [*ctags, *([None] * nk), *xtags], run, {**bound, **xd})
+        return outs[:nk], (outs[nk:], em)
+
+    carry, (ys, em) = jax.lax.scan(f, list(init), (list(xs), xdata), length=p["length"],
+                                   reverse=p["reverse"], unroll=p["unroll"])
+    emits = {k: v if k in scanned else jnp.max(v, axis=0) for k, v in em.items()}
+    return [*carry, *ys], emits
+
+
+def _no_emits(em: dict, where: str) -> None:
+    if em:
+        raise NotImplementedError(
+            f"statistics of sites inside '{where}' (calibration) are not collected; calibrate "
+            "with the loop unrolled or as a scan."
+        )
+
+
+def _while(eqn, invals, intags, run: _Run, bound: Mapping):
+    p = eqn.params
+    cn, bn = p["cond_nconsts"], p["body_nconsts"]
+    cconsts, bconsts, init = invals[:cn], invals[cn : cn + bn], invals[cn + bn :]
+    if any(t is not None for t in (*intags[:cn], *intags[cn + bn :])):
+        raise NotImplementedError(
+            "a site's weight is a loop carry or a condition input of 'while'; the compressed "
+            "forward quantizes weights that enter a while loop's body as constants."
+        )
+    btags = list(intags[cn : cn + bn])
+    body, cond = p["body_jaxpr"], p["cond_jaxpr"]
+
+    def body_fn(c):
+        outs, _, em = _eval(body.jaxpr, body.consts, [*bconsts, *c], btags + [None] * len(c),
+                            run, bound)
+        _no_emits(em, "while")
+        return outs
+
+    def cond_fn(c):
+        return _eval(cond.jaxpr, cond.consts, [*cconsts, *c], [None] * (cn + len(c)), run,
+                     bound)[0][0]
+
+    return list(jax.lax.while_loop(cond_fn, body_fn, list(init))), {}
+
+
+def _cond(eqn, invals, intags, run: _Run, bound: Mapping):
+    def branch(br):
+        def fn(*ops):
+            outs, _, em = _eval(br.jaxpr, br.consts, list(ops), list(intags[1:]), run, bound)
+            _no_emits(em, "cond")
+            return outs
+
+        return fn
+
+    fns = [branch(br) for br in eqn.params["branches"]]
+    return list(jax.lax.switch(invals[0], fns, *invals[1:])), {}
+
+
+_LOOPS = {"scan": _scan, "while": _while, "cond": _cond}
+
+
+def _eval(jaxpr, consts, args, tags, run: _Run, bound: Mapping):
+    """Evaluate ``jaxpr``; ``tags[i]`` is the site-weight leaf key that ``args[i]`` is (or None);
+    ``bound`` maps stacked leaf keys to the current layer's hook data.
+
+    Returns ``(outs, out_tags, emits)``.
     """
     env: dict = {}
     tag: dict = {}
+    emits: dict = {}
 
     def read(v):
         return v.val if isinstance(v, jcore.Literal) else env[v]
@@ -131,12 +286,15 @@ def _eval(jaxpr, consts, args, tags, hook, seen):
     def tag_of(v):
         return None if isinstance(v, jcore.Literal) else tag.get(v)
 
+    def write(outvars, outs, out_tags):
+        for v, o, t in zip(outvars, outs, out_tags, strict=True):
+            env[v] = o
+            if t is not None:
+                tag[v] = t
+
     for v, c in zip(jaxpr.constvars, consts, strict=True):
         env[v] = c
-    for v, a, t in zip(jaxpr.invars, args, tags, strict=True):
-        env[v] = a
-        if t is not None:
-            tag[v] = t
+    write(jaxpr.invars, args, tags)
 
     for eqn in jaxpr.eqns:
         invals = [read(v) for v in eqn.invars]
@@ -148,46 +306,50 @@ def _eval(jaxpr, consts, args, tags, hook, seen):
             if name in _SITE_PRIMS and len(invals) >= 2:
                 lhs_t, rhs_t = intags[0], intags[1]
                 if (lhs_t is None) != (rhs_t is None):
-                    site = lhs_t or rhs_t
                     act = 1 if lhs_t is not None else 0
-                    invals[act] = hook(site, invals[act])
-                    seen.add(site)
+                    key = lhs_t or rhs_t
+                    invals[act], e = _site_call(run, key, invals[act], bound)
+                    _merge_emit(emits, key, e)
             elif name in _PASS_THROUGH:
                 out_tags = [tagged[0]] * len(eqn.outvars)
             elif name in CALL_PRIMITIVES:
                 sub, sub_consts = sub_jaxpr(eqn.params)
                 if sub is not None:
-                    outs, sub_tags = _eval(sub, sub_consts, invals, intags, hook, seen)
-                    for v, o, t in zip(eqn.outvars, outs, sub_tags, strict=True):
-                        env[v] = o
-                        if t is not None:
-                            tag[v] = t
+                    outs, sub_tags, em = _eval(sub, sub_consts, invals, intags, run, bound)
+                    write(eqn.outvars, outs, sub_tags)
+                    for k, e in em.items():
+                        _merge_emit(emits, k, e)
                     continue
-            elif name in _CONTROL or any(k in eqn.params for k in ("branches", "body_jaxpr")):
-                raise NotImplementedError(
-                    f"the weight of site(s) {sorted(set(tagged))} flows into '{name}'; the "
-                    "compressed forward does not quantize sites inside scan/while/cond yet. "
-                    "Unroll the loop (e.g. nn.scan -> a Python loop) or skip these sites in "
-                    "CompressionSpec(skip=...)."
-                )
+            elif name in _LOOPS:
+                outs, em = _LOOPS[name](eqn, invals, intags, run, bound)
+                write(eqn.outvars, outs, out_tags)
+                for k, e in em.items():
+                    _merge_emit(emits, k, e)
+                continue
         bind_params = eqn.primitive.get_bind_params(eqn.params)
         with eqn.ctx.manager:
             ans = eqn.primitive.bind(*invals, **bind_params)
-        outs = ans if eqn.primitive.multiple_results else [ans]
-        for v, o, t in zip(eqn.outvars, outs, out_tags, strict=True):
-            env[v] = o
-            if t is not None:
-                tag[v] = t
-    return [read(v) for v in jaxpr.outvars], [tag_of(v) for v in jaxpr.outvars]
+        write(eqn.outvars, ans if eqn.primitive.multiple_results else [ans], out_tags)
+    return [read(v) for v in jaxpr.outvars], [tag_of(v) for v in jaxpr.outvars], emits
 
 
 def _site_input_runner(apply_fn: Callable, graph: Graph) -> Callable:
-    """``run(variables, act_hook, *args, **kwargs)``: evaluate ``apply_fn`` calling
-    ``act_hook(site_name, x) -> x`` on the input operand of every site conv/dot_general."""
-    weight_to_site = {s.weight: s.name for s in graph.sites}
+    """``run(variables, hook, sites, *args, **kwargs) -> (output, {site: emitted})``: evaluate
+    ``apply_fn`` calling the :class:`_Hook` on the input operand of every site conv/dot_general
+    of the sites in ``sites``."""
+    site_of = {s.weight: s.name for s in graph.sites if not s.layer_axes}
+    stacks: dict = {}
+    sizes: dict = {}
+    for s in graph.sites:
+        if s.layer_axes:
+            stacks.setdefault(s.weight, []).append(s)
+            sizes[s.weight] = s.stack_sizes
+    for k, lst in stacks.items():
+        lst.sort(key=lambda s: np.ravel_multi_index(s.layer, sizes[k]))
+        stacks[k] = [s.name for s in lst]
     cache: dict = {}
 
-    def run(variables, act_hook, sites, *args, **kwargs):
+    def run(variables, hook, sites, *args, **kwargs):
         flat, treedef = jax.tree_util.tree_flatten_with_path((variables, args, kwargs))
         leaves = [x for _, x in flat]
         dyn_pos = [i for i, x in enumerate(leaves) if is_dynamic(x)]
@@ -210,20 +372,28 @@ def _site_input_runner(apply_fn: Callable, graph: Graph) -> Callable:
         closed, out_tree = cached(cache, (treedef, avals, static), make)
         tags = []
         for i in dyn_pos:
-            path, _ = flat[i]
-            key = key_of(path)
-            site = weight_to_site.get(key[1:]) if key and key[0] == "0" else None
-            tags.append(site if site in sites else None)
-        seen: set = set()
-        outs, _ = _eval(closed.jaxpr, closed.consts, dyn, tags, act_hook, seen)
-        missing = sorted(set(sites) - seen)
+            key = key_of(flat[i][0])
+            k = key[1:] if key and key[0] == "0" else None
+            active = k is not None and (site_of.get(k) in sites
+                                        or any(n in sites for n in stacks.get(k, ())))
+            tags.append(k if active else None)
+        r = _Run(hook, site_of, stacks, sizes, set())
+        outs, _, em = _eval(closed.jaxpr, closed.consts, dyn, tags, r, {})
+        missing = sorted(set(sites) - r.seen)
         if missing:
             raise ValueError(
                 f"could not find the conv/dot_general of site(s) {missing} in the traced model; "
                 "the weight must reach it through casts/reshapes/transposes only. Re-trace the "
                 "graph with jaxjpq.trace for this apply_fn, or skip these sites."
             )
-        return jax.tree.unflatten(out_tree, outs)
+        by_site: dict = {}
+        for k, e in em.items():
+            if k in stacks:
+                flat_e = jnp.reshape(e, (len(stacks[k]), *jnp.shape(e)[len(sizes[k]):]))
+                by_site.update({n: flat_e[j] for j, n in enumerate(stacks[k])})
+            else:
+                by_site[site_of[k]] = e
+        return jax.tree.unflatten(out_tree, outs), by_site
 
     return run
 
@@ -238,18 +408,18 @@ def act_quantized_apply(apply_fn: Callable, graph: Graph, *, check_finite: bool 
     sm = graph.site_map
 
     def fn(variables, act, *args, power_of_two: bool = False, learn_t: bool = True, **kwargs):
-        def hook(site, x):
+        def apply(site, p, x):
             if check_finite:
                 from jax.experimental import checkify
 
                 checkify.check(jnp.all(jnp.isfinite(x)),
                                f"non-finite input (NaN/inf) at site {site}")
-            if site not in act:
-                return x
-            return quantize_with(x, act[site], sm[site].signed_input, power_of_two, learn_t)
+            if p is None:
+                return x, None
+            return quantize_with(x, p, sm[site].signed_input, power_of_two, learn_t), None
 
         sites = frozenset(sm) if check_finite else frozenset(act)
-        return run(variables, hook, sites, *args, **kwargs)
+        return run(variables, _Hook(act.get, apply), sites, *args, **kwargs)[0]
 
     return fn
 
@@ -277,11 +447,13 @@ def compress_apply(apply_fn: Callable, graph: Graph, *, check_finite: bool = Fal
 
     Weights are ``mask ⊙ Q(z ⊙ W)`` (see :func:`transform_variables`; pass ``gate_key=`` to
     sample the gates ``z`` in training), site inputs are fake-quantized with ``state.act``.
-    ``fn.site_inputs(variables, state, *args, **kwargs)`` returns ``(output, {site: un-quantized
-    input})`` for calibration. Close over ``graph``; jit ``fn``.
+    ``fn.site_stats(variables, state, *args, stat=..., **kwargs)`` returns ``(output, {site:
+    stat(site, un-quantized input)})`` (a scalar per site; the max over repeated uses and loop
+    iterations) for calibration. Close over ``graph``; jit ``fn``.
     """
     inner = act_quantized_apply(apply_fn, graph, check_finite=check_finite)
     run = _site_input_runner(apply_fn, graph)
+    sm = graph.site_map
 
     def fn(variables, state: CompressionState, *args, gate_key=None, **kwargs):
         v = transform_variables(graph, variables, state, gate_key)
@@ -290,22 +462,23 @@ def compress_apply(apply_fn: Callable, graph: Graph, *, check_finite: bool = Fal
             v, act, *args, power_of_two=state.power_of_two, learn_t=state.learn_t, **kwargs
         )
 
-    def site_inputs(variables, state: CompressionState, *args, gate_key=None, **kwargs):
+    def site_stats(variables, state: CompressionState, *args, stat: Callable, gate_key=None,
+                   **kwargs):
         v = transform_variables(graph, variables, state, gate_key)
-        seen: dict = {}
-        sm = graph.site_map
 
-        def hook(site, x):
-            seen.setdefault(site, x)
-            if site in state.act:
-                p = site_quantizer(state, "act", site)
-                return quantize_with(x, p, sm[site].signed_input, state.power_of_two, state.learn_t)
-            return x
+        def data(site):
+            return site_quantizer(state, "act", site) if site in state.act else None
 
-        out = run(v, hook, frozenset(s.name for s in graph.sites), *args, **kwargs)
-        return out, seen
+        def apply(site, p, x):
+            e = stat(site, x)
+            if p is None:
+                return x, e
+            return quantize_with(x, p, sm[site].signed_input, state.power_of_two,
+                                 state.learn_t), e
 
-    fn.site_inputs = site_inputs
+        return run(v, _Hook(data, apply), frozenset(sm), *args, **kwargs)
+
+    fn.site_stats = site_stats
     fn.graph = graph
     return fn
 
@@ -323,7 +496,7 @@ def calibrate(
     of them. ``q_m`` = mean over batches of the ``percentile`` of ``|x|`` (signed sites) or
     ``max(x, 0)`` (unsigned); ``d = d(b)`` with ``b`` the quantizer's current bits; ``t`` unchanged.
     """
-    if not hasattr(fn, "site_inputs"):
+    if not hasattr(fn, "site_stats"):
         raise ValueError(
             "calibrate expects the function returned by compress_apply(apply_fn, graph)."
         )
@@ -331,14 +504,13 @@ def calibrate(
     check_state(graph, state)
     sm = graph.site_map
 
+    def stat(s, x):
+        mag = jnp.abs(x) if sm[s].signed_input else jnp.maximum(x, 0.0)
+        return jnp.max(mag) if percentile >= 100 else jnp.percentile(mag, percentile)
+
     @jax.jit
     def stats(variables, state, args):
-        _, xs = fn.site_inputs(variables, state, *args)
-        out = {}
-        for s, x in xs.items():
-            mag = jnp.abs(x) if sm[s].signed_input else jnp.maximum(x, 0.0)
-            out[s] = jnp.max(mag) if percentile >= 100 else jnp.percentile(mag, percentile)
-        return out
+        return fn.site_stats(variables, state, *args, stat=stat)[1]
 
     acc, n = None, 0
     for b in batches:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -28,7 +28,7 @@ import orbax.checkpoint as ocp
 from jaxjpq import cost
 from jaxjpq import gates as gates_lib
 from jaxjpq.compress import act_quantized_apply, apply_masks
-from jaxjpq.graph import Graph
+from jaxjpq.graph import Graph, stack_layers
 from jaxjpq.quant import QuantParams, broadcast_params, codes, effective_params
 from jaxjpq.state import CompressionState, check_state, graph_fingerprint, leaf, site_quantizer
 
@@ -255,24 +255,25 @@ def pack(graph: Graph, variables: Mapping, state: CompressionState) -> PackedMod
     if state.gates:
         variables = gates_lib.fold(graph, variables, state.gates)
     masked = apply_masks(graph, variables, state.masks)
-    site_of = {s.weight: s for s in graph.sites}
+    sites_of: dict = {}
+    for s in graph.sites:
+        sites_of.setdefault(s.weight, []).append(s)
     all_codes = jax.jit(lambda v, st: {
-        s.name: codes(leaf(v, s.weight),
+        s.name: codes(s.take(leaf(v, s.weight)),
                       broadcast_params(effective_params(site_quantizer(st, "weight", s.name), True,
                                                         st.power_of_two),
                                        len(s.weight_shape), s.out_axes))
         for s in graph.sites if s.name in st.weight
     })(masked, state)
     arrays: dict[str, np.ndarray] = {}
-    leaves_meta = []
-    for i, (key, value) in enumerate(_flat_leaves(masked)):
-        x = np.asarray(value)
-        keep = _keep_per_axis(graph, state, key, x.shape)
+    leaves_meta: list[dict] = []
+
+    def add(key, x, keep, site, extra):
+        i = len(leaves_meta)
         entry: dict[str, Any] = dict(
             path=list(key), shape=list(x.shape), dtype=str(x.dtype),
-            keep={str(a): _hex(k) for a, k in keep.items()},
+            keep={str(a): _hex(k) for a, k in keep.items()}, **extra,
         )
-        site = site_of.get(key)
         wm = None if site is None else state.weight_masks.get(site.name)
         if site is not None and site.name in state.weight:
             p = effective_params(site_quantizer(state, "weight", site.name), True,
@@ -304,6 +305,21 @@ def pack(graph: Graph, variables: Mapping, state: CompressionState) -> PackedMod
             arrays[f"L{i}"] = _select(x, keep)
             entry.update(kind="float")
         leaves_meta.append(entry)
+
+    for key, value in _flat_leaves(masked):
+        x = np.asarray(value)
+        keep = _keep_per_axis(graph, state, key, x.shape)
+        sites = sites_of.get(key, [])
+        if sites and sites[0].layer_axes:  # a stacked leaf: one entry per layer
+            la = sites[0].layer_axes
+            if any(a in keep for a in la):
+                raise ValueError(f"{'/'.join(key)}: a group removes positions of a layer axis.")
+            kept = {a - sum(b < a for b in la): k for a, k in keep.items()}
+            for s in sorted(sites, key=lambda s: np.ravel_multi_index(s.layer, s.stack_sizes)):
+                add(key, np.asarray(s.take(x)), kept, s,
+                    dict(layer=list(s.layer), layer_axes=list(la), stack=list(s.stack_sizes)))
+        else:
+            add(key, x, keep, sites[0] if sites else None, {})
     act_sites = [s.name for s in graph.sites if s.name in state.act]
     if act_sites:
         arrays["A"] = np.stack([
@@ -324,6 +340,7 @@ def unpack_variables(packed: PackedModel, xp=jnp) -> dict:
     """
     _check_meta(packed.meta)
     out: dict = {}
+    layers: dict = {}
     for i, e in enumerate(packed.meta["leaves"]):
         shape = tuple(e["shape"])
         keep = {int(a): _unhex(h, shape[int(a)]) for a, h in e["keep"].items()}
@@ -338,11 +355,20 @@ def unpack_variables(packed: PackedModel, xp=jnp) -> dict:
             full = full.at[idx].set(kept) if xp is jnp else _np_set(full, idx, kept)
         else:
             full = kept
-        node = out
-        for k in e["path"][:-1]:
-            node = node.setdefault(k, {})
-        node[e["path"][-1]] = full
+        if e.get("layer") is not None:  # one layer of a stacked leaf
+            layers.setdefault(tuple(e["path"]), (e, []))[1].append(full)
+            continue
+        _put(out, e["path"], full)
+    for path, (e, slices) in layers.items():
+        _put(out, path, stack_layers(slices, e["layer_axes"], e["stack"], xp))
     return out
+
+
+def _put(tree: dict, path: Sequence[str], value: Any) -> None:
+    node = tree
+    for k in path[:-1]:
+        node = node.setdefault(k, {})
+    node[path[-1]] = value
 
 
 def _np_set(full, idx, kept):
@@ -434,7 +460,7 @@ def _meta_digest(meta: Mapping) -> str:
 
 
 # Leaf fields left out of the saved metadata when they hold their default.
-_LEAF_DEFAULTS = {"keep": {}, "dtype": "float32", "sparse": False}
+_LEAF_DEFAULTS = {"keep": {}, "dtype": "float32", "sparse": False, "layer": None}
 
 
 def _compact(meta: Mapping) -> dict:

@@ -9,7 +9,7 @@ argument.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -126,6 +126,12 @@ class Site:
         for hand-built sites: the cost model then derives them from the groups' slices.
       mac_terms: the site's contractions (one per use of the weight) with the axes that scale
         them. Empty for hand-built sites: ``macs`` scaled by the kept weight fraction.
+      layer_axes: axes of the weight leaf that index stacked layers (``nn.scan`` /
+        ``nn.remat_scan`` parameters), outermost loop first; empty for an ordinary site. A stacked
+        leaf gives one site per layer, each with its own quantizers; ``weight_shape``,
+        ``out_axes``, ``in_axes`` and ``weight_axes`` then describe the layer's slice.
+      layer: this site's index along ``layer_axes``.
+      stack_sizes: number of layers along each of ``layer_axes``.
     """
 
     name: str
@@ -141,6 +147,28 @@ class Site:
     signed_input: bool = True
     weight_axes: tuple[AxisUnits, ...] = ()
     mac_terms: tuple[MacTerm, ...] = ()
+    layer_axes: tuple[int, ...] = ()
+    layer: tuple[int, ...] = ()
+    stack_sizes: tuple[int, ...] = ()
+
+    @property
+    def leaf_shape(self) -> tuple[int, ...]:
+        """Shape of the weight leaf (``weight_shape`` with the stacked layer axes put back)."""
+        if not self.layer_axes:
+            return tuple(self.weight_shape)
+        rest = iter(self.weight_shape)
+        sizes = dict(zip(self.layer_axes, self.stack_sizes, strict=True))
+        return tuple(sizes[a] if a in sizes else next(rest)
+                     for a in range(len(self.weight_shape) + len(self.layer_axes)))
+
+    def take(self, w: Any) -> Any:
+        """This site's weight (``weight_shape``) out of the leaf value ``w`` (``leaf_shape``)."""
+        if not self.layer_axes:
+            return w
+        idx: list[Any] = [slice(None)] * np.ndim(w)
+        for a, i in zip(self.layer_axes, self.layer, strict=True):
+            idx[a] = i
+        return w[tuple(idx)]
 
     @property
     def group_ids(self) -> tuple[str, ...]:
@@ -282,3 +310,30 @@ class Graph:
                 lines.append(f"  {q('s:' + s.name)} -> {q('g:' + s.out_group)};")
         lines.append("}")
         return "\n".join(lines)
+
+
+def stack_layers(slices: Sequence[Any], layer_axes: Sequence[int], sizes: Sequence[int],
+                 xp: Any) -> Any:
+    """The stacked leaf from its layers' values (flat layer order, C order over ``sizes``),
+    the layer axes put at ``layer_axes``."""
+    stacked = xp.reshape(xp.stack(list(slices)), (*sizes, *np.shape(slices[0])))
+    nd = np.ndim(slices[0]) + len(layer_axes)
+    src = list(layer_axes) + [a for a in range(nd) if a not in layer_axes]
+    return xp.transpose(stacked, tuple(int(i) for i in np.argsort(src)))
+
+
+def put_layers(w: Any, pieces: Sequence[tuple[Site, Any]], xp: Any) -> Any:
+    """The leaf value ``w`` with each ``(site, value)`` of ``pieces`` written at the site's place.
+
+    An ordinary site's value replaces the leaf; stacked sites' values (their ``weight_shape``)
+    replace their layers, the other layers are kept from ``w``. ``xp``: numpy or jax.numpy."""
+    if not pieces:
+        return w
+    first = pieces[0][0]
+    if not first.layer_axes:
+        return pieces[-1][1]
+    by_layer = {tuple(s.layer): v for s, v in pieces}
+    slices = [by_layer[idx] if idx in by_layer
+              else dataclasses.replace(first, layer=idx).take(w)
+              for idx in np.ndindex(*first.stack_sizes)]
+    return stack_layers(slices, first.layer_axes, first.stack_sizes, xp)

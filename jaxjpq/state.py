@@ -215,7 +215,7 @@ def check_variables(graph: Graph, variables: Mapping) -> None:
     info = graph.trace_info
     shapes = dict(info["leaf_shapes"]) if info is not None else {}
     for site in graph.sites:
-        shapes.setdefault(site.weight, site.weight_shape)
+        shapes.setdefault(site.weight, site.leaf_shape)
     for key, shape in shapes.items():
         node: Any = variables
         for k in key:
@@ -250,11 +250,12 @@ def _weight_params(site: Site, spec: CompressionSpec, bits: float, variables) ->
     axes = site.out_axes if spec.per_channel else None
     if variables is not None:
         w = leaf(variables, site.weight)
-        if tuple(w.shape) != tuple(site.weight_shape):
+        if tuple(w.shape) != tuple(site.leaf_shape):
             raise ValueError(
-                f"site {site.name}: weight shape {tuple(w.shape)} != traced {site.weight_shape}; "
+                f"site {site.name}: weight shape {tuple(w.shape)} != traced {site.leaf_shape}; "
                 "re-trace the graph for these variables."
             )
+        w = site.take(w)
         return init_from_tensor(w, bits, axes, signed=True)
     shape = channel_shape(site.weight_shape, axes) if axes else ()
     q_m = jnp.ones(shape, jnp.float32)

@@ -139,7 +139,8 @@ class _Val:
 
     units: unit-id array per axis; zero: per axis, are pruned positions exactly zero here;
     param: computed from variables/constants only; leaf: variable key if this value *is* a leaf
-    (through casts); nonneg: provably >= 0; allzero: provably all zeros.
+    (through casts); nonneg: provably >= 0; allzero: provably all zeros; layers: axes of
+    ``leaf`` sliced off by enclosing ``scan``s (stacked layers), outermost first.
     """
 
     units: tuple[np.ndarray, ...]
@@ -148,6 +149,7 @@ class _Val:
     leaf: Key | None = None
     nonneg: bool = False
     allzero: bool = False
+    layers: tuple[int, ...] = ()
 
 
 @dataclasses.dataclass
@@ -278,7 +280,9 @@ def _elementwise(ctx: _Ctx, eqn: Any, ins: list[_Val], path: tuple) -> list[_Val
     allzero = (name in _ZERO_UNARY and ins[0].allzero) or (
         name in _BINARY_MUL and any(v.allzero for v in ins)
     )
-    return [_Val(tuple(units), tuple(zero), param, leaf, nonneg, allzero) for _ in eqn.outvars]
+    layers = ins[0].layers if leaf is not None else ()
+    return [_Val(tuple(units), tuple(zero), param, leaf, nonneg, allzero, layers)
+            for _ in eqn.outvars]
 
 
 def _clips_to_zero(eqn: Any, i: int, name: str) -> bool:
@@ -336,6 +340,7 @@ def _pick_axes(x: _Val, axes: Sequence[int]) -> _Val:
         x.leaf,
         x.nonneg,
         x.allzero,
+        x.layers,
     )
 
 
@@ -382,7 +387,8 @@ def _reshape(ctx: _Ctx, eqn: Any, ins: list[_Val], path: tuple) -> list[_Val]:
             out_units[b] = ctx.uf.new(n)
     leaf = x.leaf if len(ii) == len(oo) else None
     return [
-        _Val(tuple(out_units), tuple(out_zero), x.param, leaf, x.nonneg, x.allzero)  # type: ignore[arg-type]
+        _Val(tuple(out_units), tuple(out_zero), x.param, leaf, x.nonneg,  # type: ignore[arg-type]
+             x.allzero, x.layers if leaf is not None else ())
     ]
 
 
@@ -532,6 +538,7 @@ def _record_site(
         act_units=[act.units[a] for a in act_in],
         out_units=[w.units[a] for a in w_out],
         signed=not act.nonneg,
+        layer_axes=tuple(w.layers),
     )
     for a, la in zip(w_out, leaf_axes_out, strict=True):
         ctx.producers.append((name, w.leaf, la, w.units[a]))
@@ -781,12 +788,21 @@ def _loop_carry(init: list[_Val], ins: list[_Val]) -> list[_Val]:
     return [dataclasses.replace(v, param=False, leaf=None) for v in init]
 
 
+def _sliced_layers(ctx: _Ctx, x: _Val) -> tuple[int, ...]:
+    """``x.layers`` plus the leaf axis a scan slices off ``x`` (its leading axis)."""
+    if x.leaf is None or not x.units:
+        return ()
+    la = ctx.leaf_axis(x.units[0])
+    return (*x.layers, la[1]) if la is not None and la[0] == x.leaf else ()
+
+
 def _scan(ctx: _Ctx, eqn: Any, ins: list[_Val], path: tuple) -> list[_Val]:
     p = eqn.params
     nc, nk, length = p["num_consts"], p["num_carry"], p["length"]
     consts, init, xs = ins[:nc], ins[nc : nc + nk], ins[nc + nk :]
     init = _loop_carry(init, ins)
-    xs_body = [_Val(x.units[1:], x.zero[1:], x.param, x.leaf, x.nonneg, x.allzero) for x in xs]
+    xs_body = [_Val(x.units[1:], x.zero[1:], x.param, x.leaf, x.nonneg, x.allzero,
+                    _sliced_layers(ctx, x)) for x in xs]
     body = p["jaxpr"]
     saved = ctx.mult
     ctx.mult *= length
@@ -1102,6 +1118,33 @@ def _axis_units(
     return AxisUnits(int(units.size), tuple((gid_of[gi], o) for gi, o in sorted(owners.items())))
 
 
+def _site_order(ctx: _Ctx) -> list[tuple[str, dict, tuple[int, ...]]]:
+    """``(name, record, layer)`` per site in execution order. The sites of one scanned layer
+    stack (consecutive records with the same stack sizes) run layer by layer, so they come out
+    layer-major, named ``base[k]`` with ``k`` the flat layer index."""
+    entries = list(ctx.sites.items())
+
+    def sizes(rec: dict) -> tuple[int, ...]:
+        return tuple(ctx.leaf_shapes[rec["weight"]][a] for a in rec["layer_axes"])
+
+    out: list[tuple[str, dict, tuple[int, ...]]] = []
+    i = 0
+    while i < len(entries):
+        name, rec = entries[i]
+        if not rec["layer_axes"]:
+            out.append((name, rec, ()))
+            i += 1
+            continue
+        j = i
+        while j < len(entries) and entries[j][1]["layer_axes"] and (
+                sizes(entries[j][1]) == sizes(rec)):
+            j += 1
+        for k, idx in enumerate(np.ndindex(*sizes(rec))):
+            out.extend((f"{n}[{k}]", r, tuple(int(x) for x in idx)) for n, r in entries[i:j])
+        i = j
+    return out
+
+
 def build_graph(traced: Traced, batch_size: int, apply_fn: Callable, var_avals: Any) -> Graph:
     """Turn a walked jaxpr into a :class:`Graph` (groups in first-producer order, sites in
     execution order)."""
@@ -1182,7 +1225,7 @@ def build_graph(traced: Traced, batch_size: int, apply_fn: Callable, var_avals: 
     unit_of = _unit_owner_map(groups, root_group, link)
     gid_of = [g.id for g in out_groups]
     sites = []
-    for name, s in ctx.sites.items():
+    for name, s, layer in _site_order(ctx):
         out_gid = in_gid = None
         if s["out_units"]:
             gi = root_group.get(int(roots[s["out_units"][0][0]]))
@@ -1190,26 +1233,37 @@ def build_graph(traced: Traced, batch_size: int, apply_fn: Callable, var_avals: 
         if s["act_units"] and s["act_units"][0].size:
             gi = root_group.get(int(roots[s["act_units"][0][0]]))
             in_gid = groups[gi]["id"] if gi is not None else None
+        shape, la = ctx.leaf_shapes[s["weight"]], s["layer_axes"]
+        n_layers = math.prod(shape[a] for a in la)
+
+        def in_slice(a: int, la: tuple = la) -> int:
+            return a - sum(1 for b in la if b < a)
+
         sites.append(
             Site(
                 name=name,
                 weight=s["weight"],
                 kind=s["kind"],
-                weight_shape=ctx.leaf_shapes[s["weight"]],
-                out_axes=s["out_axes"],
-                in_axes=s["in_axes"],
-                macs=int(s["macs"]),
-                macs_per_example=s["macs"] / max(batch_size, 1),
+                weight_shape=tuple(n for a, n in enumerate(shape) if a not in la),
+                out_axes=tuple(in_slice(a) for a in s["out_axes"]),
+                in_axes=tuple(in_slice(a) for a in s["in_axes"]),
+                macs=int(s["macs"]) // n_layers,
+                macs_per_example=s["macs"] / n_layers / max(batch_size, 1),
                 out_group=out_gid,
                 in_group=in_gid,
                 signed_input=s["signed"],
                 weight_axes=tuple(
-                    _axis_units(u, roots, unit_of, gid_of) for u in ctx.leaf_units[s["weight"]]
+                    _axis_units(u, roots, unit_of, gid_of)
+                    for a, u in enumerate(ctx.leaf_units[s["weight"]]) if a not in la
                 ),
                 mac_terms=tuple(
-                    MacTerm(int(m), tuple(_axis_units(u, roots, unit_of, gid_of) for u in axes))
+                    MacTerm(int(m) // n_layers,
+                            tuple(_axis_units(u, roots, unit_of, gid_of) for u in axes))
                     for m, axes in s["terms"]
                 ),
+                layer_axes=la,
+                layer=layer,
+                stack_sizes=tuple(shape[a] for a in la),
             )
         )
     in_data = [i >= traced.n_var for i in traced.dyn_pos]

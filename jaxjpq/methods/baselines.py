@@ -116,7 +116,8 @@ def prune_then_quantize(
             return core.map_learned(table, c.frozen, step)
 
         restart = {
-            n: init_from_tensor(flat[sm[n].weight], bits, sm[n].out_axes if q.d.ndim else None)
+            n: init_from_tensor(sm[n].take(flat[sm[n].weight]), bits,
+                                sm[n].out_axes if q.d.ndim else None)
             for n, q in c.weight.items()
             if n not in c.frozen
         }

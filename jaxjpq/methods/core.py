@@ -28,7 +28,7 @@ import optax
 from flax import traverse_util
 
 from jaxjpq import cost
-from jaxjpq.graph import Graph
+from jaxjpq.graph import Graph, put_layers
 from jaxjpq.quant import QuantParams, bits_from_step, clip_sgd_step, pow2_bits_hard, step_from_bits
 from jaxjpq.state import CompressionState, check_state
 from jaxjpq.units import UnitIndex, hold_zero, rank_in_group, unit_index, unit_sum
@@ -293,9 +293,12 @@ def hold(graph: Graph, index: UnitIndex, updates: Mapping, params: Mapping, prun
     flat_u = traverse_util.flatten_dict(dict(u))
     flat_p = traverse_util.flatten_dict(dict(params))
     sm = graph.site_map
+    pieces: dict = {}
     for name, m in state.weight_masks.items():
-        path = sm[name].weight[1:]
-        flat_u[path] = jnp.where(m > 0.5, flat_u[path], -flat_p[path])
+        pieces.setdefault(sm[name].weight[1:], []).append((sm[name], m > 0.5))
+    for path, ps in pieces.items():
+        keep = put_layers(jnp.ones(flat_p[path].shape, bool), ps, jnp)
+        flat_u[path] = jnp.where(keep, flat_u[path], -flat_p[path])
     return traverse_util.unflatten_dict(flat_u)
 
 
