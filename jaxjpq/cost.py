@@ -169,11 +169,13 @@ def _site_row(graph: Graph, state: CompressionState, site: Site, masks, num: _Nu
     batch = float(max(graph.batch_size, 1))
     kept_macs = 0.0
     for t in mac_terms(graph, site):
-        f = 1.0
+        # integer numerator and denominator, one division: exact when the result is an integer
+        num_t, den_t = float(t.macs), batch
         for a in t.axes:
             if any(g in masks for g in a.group_ids):
-                f = f * _kept(a, masks, num) / float(a.size)
-        kept_macs = kept_macs + float(t.macs) / batch * f
+                num_t = num_t * _kept(a, masks, num)
+                den_t = den_t * float(a.size)
+        kept_macs = kept_macs + num_t / den_t
 
     p = state.weight.get(site.name)
     b_w = FP_BITS if p is None else _bits(site_quantizer(state, "weight", site.name), True,

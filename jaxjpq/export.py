@@ -460,7 +460,7 @@ def _meta_digest(meta: Mapping) -> str:
 
 
 # Leaf fields left out of the saved metadata when they hold their default.
-_LEAF_DEFAULTS = {"keep": {}, "dtype": "float32", "sparse": False, "layer": None}
+_LEAF_DEFAULTS = {"keep": {}, "dtype": "float32", "sparse": False}
 
 
 def _compact(meta: Mapping) -> dict:

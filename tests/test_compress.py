@@ -148,16 +148,31 @@ def test_site_found_through_jit_custom_vjp_and_transpose():
     np.testing.assert_allclose(y, [[0.0, 1.0, 0.0]])  # relu then round to integer steps
 
 
-def test_site_inside_scan_raises_clear_error():
+def test_site_inside_scan_is_quantized_at_every_step():
+    """A weight entering a scan as a constant (a recurrent cell) keeps its one quantizer; its
+    input is quantized at every iteration, and while/cond bodies likewise."""
     g = _one_site_graph()
-
-    def apply_fn(v, x):
-        return jax.lax.scan(lambda c, _: (c @ v["params"]["w"], None), x, None, length=2)[0]
-
     v = {"params": {"w": jnp.eye(3)}}
-    st = init_state(g, CompressionSpec(skip=()), v)
-    with pytest.raises(NotImplementedError, match=r"\['w'\].*scan"):
-        compress_apply(apply_fn, g)(v, st, jnp.ones((1, 3)))
+    st = init_state(g, CompressionSpec(skip=(), init_bits=3), v)
+    a = QuantParams(d=jnp.float32(1.0), q_m=jnp.float32(10.0), t=jnp.float32(1.0))
+    st = st.replace(act={"w": a})
+    x = jnp.array([[0.3, 1.6, -2.6]])
+
+    def scanned(v, x):
+        return jax.lax.scan(lambda c, _: (0.5 * (c @ v["params"]["w"]), None), x, None,
+                            length=2)[0]
+
+    def looped(v, x):
+        return jax.lax.fori_loop(0, 2, lambda i, c: 0.5 * (c @ v["params"]["w"]), x)
+
+    def branched(v, x):
+        return jax.lax.cond(x.sum() < 0, lambda z: z @ v["params"]["w"], lambda z: z, x)
+
+    # round(0.3)=0, round(1.6)=2, round(-2.6)=-3; halve; round again
+    want = np.asarray([[0.0, 0.5, -1.0]])
+    for f in (scanned, looped):
+        np.testing.assert_allclose(jax.jit(compress_apply(f, g))(v, st, x), want)
+    np.testing.assert_allclose(compress_apply(branched, g)(v, st, x), [[0.0, 2.0, -3.0]])
 
 
 def test_site_without_matmul_raises():

@@ -66,7 +66,7 @@ def _check(name: str, seed: int, keep: float) -> None:
     want = count_macs(fn, sv, x, only_params=True)
     got = sum(cost.kept_macs(g, state).values()) * g.batch_size
     assert got == want, (name, got, want)
-    numel = sum(math.prod(np.shape(leaf(sv, s.weight))) for s in g.sites)
+    numel = sum(math.prod(np.shape(leaf(sv, k))) for k in {s.weight for s in g.sites})
     assert cost.size_bits(g, state) == 32.0 * numel
     assert cost.bops(g, state) == 32.0 * 32.0 * want / g.batch_size
 

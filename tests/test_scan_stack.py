@@ -10,8 +10,8 @@ import pytest
 import jaxjpq
 from jaxjpq import cost, data, export, train
 from jaxjpq.compress import calibrate, compress_apply
-from jaxjpq.models.transformer import EncoderBlock
 from jaxjpq.methods.core import set_bits
+from jaxjpq.models.transformer import EncoderBlock
 from jaxjpq.quant import params_bits
 from jaxjpq.train import CompressedForward
 

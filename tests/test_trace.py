@@ -83,9 +83,11 @@ def test_scan_stack_ties_layers(graphs):
     g = graphs["scan"][3]
     hidden = g.group_map["layers/Dense_1/kernel:out"]
     assert hidden.size == 12 and hidden.prunable
-    site = g.site_map["layers/Dense_1"]
-    assert site.weight_shape == (3, 6, 12) and site.out_axes == (2,)
-    assert site.macs_per_example == 3 * 6 * 12
+    for k in range(3):  # one site per layer, its slice of the stacked leaf
+        site = g.site_map[f"layers/Dense_1[{k}]"]
+        assert site.weight_shape == (6, 12) and site.out_axes == (1,)
+        assert site.leaf_shape == (3, 6, 12) and site.layer_axes == (0,) and site.layer == (k,)
+        assert site.macs_per_example == 6 * 12
 
 
 @pytest.mark.parametrize("name", ["resbn", "flatten", "inception", "depthwise", "grouped", "attn"])
