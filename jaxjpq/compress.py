@@ -161,6 +161,64 @@ class _Run:
         return {"p": p, "on": on}
 
 
+@dataclasses.dataclass(frozen=True)
+class _Parts:
+    """Tag of a kernel concatenated from site weights along ``axis`` (``keys``, ``sizes``)."""
+
+    axis: int
+    keys: tuple
+    sizes: tuple
+
+
+_CASTS = frozenset({"convert_element_type", "copy", "copy_p", "reduce_precision"})
+
+
+def _bind(eqn, invals):
+    bind_params = eqn.primitive.get_bind_params(eqn.params)
+    with eqn.ctx.manager:
+        return eqn.primitive.bind(*invals, **bind_params)
+
+
+def _parts_call(eqn, invals, w_i: int, parts: _Parts, run: _Run, bound: Mapping, emits: dict):
+    """The contraction of ``eqn`` with its kernel (operand ``w_i``) fused from several sites'
+    weights, as one contraction per site, each with its own input quantizer: outputs
+    concatenated (fused output axis) or summed (fused contracted axis)."""
+    x_i = 1 - w_i
+    x, w = invals[x_i], invals[w_i]
+    cuts = np.cumsum(parts.sizes)[:-1].tolist()
+    ws = jnp.split(w, cuts, axis=parts.axis)
+    name = eqn.primitive.name
+    if name == "dot_general":
+        (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+        w_c, x_c = (rc, lc) if w_i == 1 else (lc, rc)
+        w_b = rb if w_i == 1 else lb
+        contracted = parts.axis in w_c
+        if contracted:
+            x_axis = x_c[list(w_c).index(parts.axis)]
+        else:
+            free = [a for a in range(w.ndim) if a not in w_c and a not in w_b]
+            n_x_free = x.ndim - len(x_c) - len(w_b)
+            out_axis = len(w_b) + (n_x_free if w_i == 1 else 0) + free.index(parts.axis)
+    elif name == "conv_general_dilated" and w_i == 1:
+        dn = eqn.params["dimension_numbers"]
+        contracted = False
+        if parts.axis != dn.rhs_spec[0] or eqn.params["feature_group_count"] != 1:
+            raise NotImplementedError("a conv kernel fused along an axis other than its output "
+                                      "features is not supported by the compressed forward.")
+        out_axis = dn.out_spec[1]
+    else:
+        raise NotImplementedError(f"a fused kernel reaches '{name}' as its left operand.")
+    xs = jnp.split(x, cuts, axis=x_axis) if contracted else [x] * len(ws)
+    outs = []
+    for key, wp, xp in zip(parts.keys, ws, xs, strict=True):
+        xq, e = _site_call(run, key, xp, bound)
+        _merge_emit(emits, key, e)
+        ops = list(invals)
+        ops[x_i], ops[w_i] = xq, wp
+        outs.append(_bind(eqn, ops))
+    return sum(outs[1:], outs[0]) if contracted else jnp.concatenate(outs, axis=out_axis)
+
+
 def _merge_emit(emits: dict, key: Any, e: Any) -> None:
     if e is not None:
         emits[key] = e if key not in emits else jnp.maximum(emits[key], e)
@@ -308,9 +366,19 @@ def _eval(jaxpr, consts, args, tags, run: _Run, bound: Mapping):
                 if (lhs_t is None) != (rhs_t is None):
                     act = 1 if lhs_t is not None else 0
                     key = lhs_t or rhs_t
+                    if isinstance(key, _Parts):
+                        write(eqn.outvars, [_parts_call(eqn, invals, 1 - act, key, run, bound,
+                                                        emits)], out_tags)
+                        continue
                     invals[act], e = _site_call(run, key, invals[act], bound)
                     _merge_emit(emits, key, e)
-            elif name in _PASS_THROUGH:
+            elif name == "concatenate" and all(t is not None and not isinstance(t, _Parts)
+                                                for t in intags):
+                d = eqn.params["dimension"]
+                out_tags = [_Parts(d, tuple(intags),
+                                   tuple(int(jnp.shape(x)[d]) for x in invals))]
+            elif name in _PASS_THROUGH and not (isinstance(tagged[0], _Parts)
+                                                and name not in _CASTS):
                 out_tags = [tagged[0]] * len(eqn.outvars)
             elif name in CALL_PRIMITIVES:
                 sub, sub_consts = sub_jaxpr(eqn.params)
@@ -326,9 +394,7 @@ def _eval(jaxpr, consts, args, tags, run: _Run, bound: Mapping):
                 for k, e in em.items():
                     _merge_emit(emits, k, e)
                 continue
-        bind_params = eqn.primitive.get_bind_params(eqn.params)
-        with eqn.ctx.manager:
-            ans = eqn.primitive.bind(*invals, **bind_params)
+        ans = _bind(eqn, invals)
         write(eqn.outvars, ans if eqn.primitive.multiple_results else [ans], out_tags)
     return [read(v) for v in jaxpr.outvars], [tag_of(v) for v in jaxpr.outvars], emits
 

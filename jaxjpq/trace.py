@@ -140,7 +140,9 @@ class _Val:
     units: unit-id array per axis; zero: per axis, are pruned positions exactly zero here;
     param: computed from variables/constants only; leaf: variable key if this value *is* a leaf
     (through casts); nonneg: provably >= 0; allzero: provably all zeros; layers: axes of
-    ``leaf`` sliced off by enclosing ``scan``s (stacked layers), outermost first.
+    ``leaf`` sliced off by enclosing ``scan``s (stacked layers), outermost first; parts:
+    ``(axis, offset, value)`` of each leaf when this value is a concatenation of leaves (a fused
+    kernel such as ``nn.OptimizedLSTMCell``'s four gates).
     """
 
     units: tuple[np.ndarray, ...]
@@ -150,6 +152,7 @@ class _Val:
     nonneg: bool = False
     allzero: bool = False
     layers: tuple[int, ...] = ()
+    parts: tuple = ()
 
 
 @dataclasses.dataclass
@@ -280,8 +283,10 @@ def _elementwise(ctx: _Ctx, eqn: Any, ins: list[_Val], path: tuple) -> list[_Val
     allzero = (name in _ZERO_UNARY and ins[0].allzero) or (
         name in _BINARY_MUL and any(v.allzero for v in ins)
     )
+    cast = name in ("convert_element_type", "copy", "copy_p", "reduce_precision")
     layers = ins[0].layers if leaf is not None else ()
-    return [_Val(tuple(units), tuple(zero), param, leaf, nonneg, allzero, layers)
+    parts = ins[0].parts if cast else ()
+    return [_Val(tuple(units), tuple(zero), param, leaf, nonneg, allzero, layers, parts)
             for _ in eqn.outvars]
 
 
@@ -506,7 +511,11 @@ def _record_site(
     w_in: list[int],
     act_in: list[int],
     out_units: Sequence[np.ndarray],
+    share: tuple[int, int] = (1, 1),
 ) -> None:
+    if w.leaf is None and w.parts:
+        _record_parts(ctx, eqn, kind, act, w, w_out, w_in, act_in, out_units)
+        return
     if w.leaf is None:
         ctx.missed.append((_where(eqn), int(eqn_macs(eqn)) * ctx.mult,
                            "the weight operand is computed, not a variable leaf"))
@@ -520,7 +529,7 @@ def _record_site(
             return
         (leaf_axes_out if a in w_out else leaf_axes_in).append(la[1])
     name = _site_name(ctx, w.leaf)
-    macs = int(eqn_macs(eqn)) * ctx.mult
+    macs = int(eqn_macs(eqn)) * ctx.mult * share[0] // share[1]
     # kept MACs scale with the kept sizes of the output axes and of the kernel's input axes
     term = (macs, [*out_units, *(w.units[a] for a in w_in)])
     info = ctx.sites.get(name)
@@ -542,6 +551,25 @@ def _record_site(
     )
     for a, la in zip(w_out, leaf_axes_out, strict=True):
         ctx.producers.append((name, w.leaf, la, w.units[a]))
+
+
+def _record_parts(ctx: _Ctx, eqn: Any, kind: str, act: _Val, w: _Val, w_out: list[int],
+                  w_in: list[int], act_in: list[int], out_units: Sequence[np.ndarray]) -> None:
+    """A contraction with a kernel concatenated from leaves: one site per leaf, its share of
+    the MACs; the concatenated axis is an output axis (the parts' outputs are concatenated) or a
+    contracted one (the activation is split to match and the parts' outputs summed)."""
+    axis = w.parts[0][0]
+    total = w.units[axis].size
+    for _, off, pv in w.parts:
+        n = pv.units[axis].size
+        sl = slice(off, off + n)
+        outs = [u[sl] if u is w.units[axis] else u for u in out_units]
+        a = act
+        if axis in w_in:
+            k = act_in[w_in.index(axis)]
+            a = dataclasses.replace(act, units=tuple(u[sl] if i == k else u
+                                                     for i, u in enumerate(act.units)))
+        _record_site(ctx, eqn, kind, a, pv, w_out, w_in, act_in, outs, (n, total))
 
 
 def _consume(ctx: _Ctx, eqn: Any, act: _Val, a: int, w_units: np.ndarray) -> None:
@@ -667,6 +695,10 @@ def _concatenate(ctx: _Ctx, eqn: Any, ins: list[_Val], path: tuple) -> list[_Val
                 ctx.uf.union_arrays(ins[0].units[a], v.units[a])
             units.append(ins[0].units[a])
         zero.append(all(v.zero[a] or v.allzero for v in ins))
+    parts: tuple = ()
+    if all(v.leaf is not None for v in ins):  # a kernel fused from leaves: each stays a site
+        offsets = np.cumsum([0] + [v.units[d].size for v in ins[:-1]]).tolist()
+        parts = tuple((d, int(o), v) for o, v in zip(offsets, ins, strict=True))
     return [
         _Val(
             tuple(units),
@@ -675,6 +707,7 @@ def _concatenate(ctx: _Ctx, eqn: Any, ins: list[_Val], path: tuple) -> list[_Val
             None,
             all(v.nonneg for v in ins),
             all(v.allzero for v in ins),
+            parts=parts,
         )
     ]
 
@@ -785,7 +818,10 @@ def _loop_carry(init: list[_Val], ins: list[_Val]) -> list[_Val]:
     from constants (an RNN's zero state) becomes data-dependent after one iteration."""
     if all(v.param for v in ins):
         return init
-    return [dataclasses.replace(v, param=False, leaf=None) for v in init]
+    # the body is walked once, so what holds of the initial carry only (non-negative, all
+    # zeros) need not hold after an iteration
+    return [dataclasses.replace(v, param=False, leaf=None, nonneg=False, allzero=False)
+            for v in init]
 
 
 def _sliced_layers(ctx: _Ctx, x: _Val) -> tuple[int, ...]:

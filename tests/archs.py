@@ -187,6 +187,23 @@ class MHAHeads(nn.Module):
         y = nn.MultiHeadDotProductAttention(num_heads=4, qkv_features=12, out_features=6)(x)
         return nn.Dense(3)(nn.relu(y).mean(axis=1))
 
+class LSTMClassifier(nn.Module):
+    """``nn.RNN`` over a fused ``nn.OptimizedLSTMCell`` (gate kernels concatenated), then a
+    head on the last step. ``[B, T, F] -> [B, 3]``."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return nn.Dense(3)(nn.RNN(nn.OptimizedLSTMCell(6))(x)[:, -1])
+
+
+class GRUClassifier(nn.Module):
+    """A ``nn.GRUCell`` RNN over an embedding, then a head on the mean. ``[B, T, F] -> [B, 3]``."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = nn.RNN(nn.GRUCell(6))(nn.relu(nn.Dense(5)(x)))
+        return nn.Dense(3)(h.mean(axis=1))
+
 
 ARCHS = {
     "resbn": (ResBN, (2, 8, 8, 3)),
@@ -201,6 +218,8 @@ ARCHS = {
     "groupnorm": (GroupNormNet, (2, 6, 6, 3)),
     "mixer": (Mixer, (2, 5, 4)),
     "mha_heads": (MHAHeads, (2, 5, 4)),
+    "lstm": (LSTMClassifier, (2, 4, 3)),
+    "gru": (GRUClassifier, (2, 4, 3)),
 }
 
 
