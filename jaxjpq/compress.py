@@ -27,13 +27,12 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import jax
-import jax.extend.core as jcore
 import jax.numpy as jnp
 import numpy as np
 
 from jaxjpq import gates as gates_lib
 from jaxjpq.graph import Graph, put_layers
-from jaxjpq.jaxprs import CALL_PRIMITIVES, aval, cached, is_dynamic, key_of, sub_jaxpr
+from jaxjpq.jaxprs import aval, cached, is_dynamic, key_of, sub_jaxpr
 from jaxjpq.quant import (
     QuantParams,
     bits_from_step,
@@ -43,26 +42,7 @@ from jaxjpq.quant import (
 )
 from jaxjpq.slim import apply_masks
 from jaxjpq.state import CompressionState, check_state, check_variables, leaf, site_quantizer
-
-# Primitives through which a weight leaf is still "the weight" of a site.
-_PASS_THROUGH = frozenset(
-    {
-        "convert_element_type",
-        "reshape",
-        "transpose",
-        "broadcast_in_dim",
-        "squeeze",
-        "expand_dims",
-        "copy",
-        "copy_p",
-        "reduce_precision",
-        "sharding_constraint",
-        "device_put",
-        "optimization_barrier",
-    }
-)
-_SITE_PRIMS = frozenset({"conv_general_dilated", "dot_general"})
-
+from jaxjpq.trace.registry import rule_for, walk_jaxpr
 
 # ---------------------------------------------------------------------------------------------
 # Parameter-tree transforms
@@ -168,9 +148,6 @@ class _Parts:
     axis: int
     keys: tuple
     sizes: tuple
-
-
-_CASTS = frozenset({"convert_element_type", "copy", "copy_p", "reduce_precision"})
 
 
 def _bind(eqn, invals):
@@ -330,73 +307,60 @@ _LOOPS = {"scan": _scan, "while": _while, "cond": _cond}
 
 def _eval(jaxpr, consts, args, tags, run: _Run, bound: Mapping):
     """Evaluate ``jaxpr``; ``tags[i]`` is the site-weight leaf key that ``args[i]`` is (or None);
-    ``bound`` maps stacked leaf keys to the current layer's hook data.
+    ``bound`` maps stacked leaf keys to the current layer's hook data. Each primitive's role
+    comes from its rule (:mod:`jaxjpq.trace.registry`).
 
     Returns ``(outs, out_tags, emits)``.
     """
-    env: dict = {}
-    tag: dict = {}
     emits: dict = {}
 
-    def read(v):
-        return v.val if isinstance(v, jcore.Literal) else env[v]
+    def merge(em: Mapping) -> None:
+        for k, e in em.items():
+            _merge_emit(emits, k, e)
 
-    def tag_of(v):
-        return None if isinstance(v, jcore.Literal) else tag.get(v)
-
-    def write(outvars, outs, out_tags):
-        for v, o, t in zip(outvars, outs, out_tags, strict=True):
-            env[v] = o
-            if t is not None:
-                tag[v] = t
-
-    for v, c in zip(jaxpr.constvars, consts, strict=True):
-        env[v] = c
-    write(jaxpr.invars, args, tags)
-
-    for eqn in jaxpr.eqns:
-        invals = [read(v) for v in eqn.invars]
-        intags = [tag_of(v) for v in eqn.invars]
-        name = eqn.primitive.name
-        out_tags = [None] * len(eqn.outvars)
+    def step(i, eqn, ins):
+        invals = [x for x, _ in ins]
+        intags = [t for _, t in ins]
+        n_out = len(eqn.outvars)
         tagged = [t for t in intags if t is not None]
-        if tagged:
-            if name in _SITE_PRIMS and len(invals) >= 2:
-                lhs_t, rhs_t = intags[0], intags[1]
-                if (lhs_t is None) != (rhs_t is None):
-                    act = 1 if lhs_t is not None else 0
-                    key = lhs_t or rhs_t
-                    if isinstance(key, _Parts):
-                        write(eqn.outvars, [_parts_call(eqn, invals, 1 - act, key, run, bound,
-                                                        emits)], out_tags)
-                        continue
-                    invals[act], e = _site_call(run, key, invals[act], bound)
-                    _merge_emit(emits, key, e)
-            elif name == "concatenate" and all(t is not None and not isinstance(t, _Parts)
-                                                for t in intags):
-                d = eqn.params["dimension"]
-                out_tags = [_Parts(d, tuple(intags),
-                                   tuple(int(jnp.shape(x)[d]) for x in invals))]
-            elif name in _PASS_THROUGH and not (isinstance(tagged[0], _Parts)
-                                                and name not in _CASTS):
-                out_tags = [tagged[0]] * len(eqn.outvars)
-            elif name in CALL_PRIMITIVES:
-                sub, sub_consts = sub_jaxpr(eqn.params)
-                if sub is not None:
-                    outs, sub_tags, em = _eval(sub, sub_consts, invals, intags, run, bound)
-                    write(eqn.outvars, outs, sub_tags)
-                    for k, e in em.items():
-                        _merge_emit(emits, k, e)
-                    continue
-            elif name in _LOOPS:
-                outs, em = _LOOPS[name](eqn, invals, intags, run, bound)
-                write(eqn.outvars, outs, out_tags)
-                for k, e in em.items():
-                    _merge_emit(emits, k, e)
-                continue
+        if not tagged:
+            ans = _bind(eqn, invals)
+            return [(o, None) for o in (ans if eqn.primitive.multiple_results else [ans])]
+        rule = rule_for(eqn.primitive.name)
+        out_tags = [None] * n_out
+        if rule.forward == "site" and len(invals) >= 2:
+            lhs_t, rhs_t = intags[0], intags[1]
+            if (lhs_t is None) != (rhs_t is None):
+                act = 1 if lhs_t is not None else 0
+                key = lhs_t or rhs_t
+                if isinstance(key, _Parts):
+                    return [(_parts_call(eqn, invals, 1 - act, key, run, bound, emits), None)]
+                invals[act], e = _site_call(run, key, invals[act], bound)
+                _merge_emit(emits, key, e)
+        elif rule.forward == "fuse" and all(t is not None and not isinstance(t, _Parts)
+                                            for t in intags):
+            d = eqn.params["dimension"]
+            out_tags = [_Parts(d, tuple(intags), tuple(int(jnp.shape(x)[d]) for x in invals))]
+        elif rule.forward == "cast" or (rule.forward == "pass"
+                                        and not isinstance(tagged[0], _Parts)):
+            out_tags = [tagged[0]] * n_out
+        elif rule.control == "call":
+            sub, sub_consts = sub_jaxpr(eqn.params)
+            if sub is not None:
+                outs, sub_tags, em = _eval(sub, sub_consts, invals, intags, run, bound)
+                merge(em)
+                return list(zip(outs, sub_tags, strict=True))
+        elif rule.control is not None:
+            outs, em = _LOOPS[rule.control](eqn, invals, intags, run, bound)
+            merge(em)
+            return [(o, None) for o in outs]
         ans = _bind(eqn, invals)
-        write(eqn.outvars, ans if eqn.primitive.multiple_results else [ans], out_tags)
-    return [read(v) for v in jaxpr.outvars], [tag_of(v) for v in jaxpr.outvars], emits
+        outs = ans if eqn.primitive.multiple_results else [ans]
+        return list(zip(outs, out_tags, strict=True))
+
+    res = walk_jaxpr(jaxpr, list(consts), list(zip(args, tags, strict=True)), step,
+                     lambda v: (v.val, None))
+    return [x for x, _ in res], [t for _, t in res], emits
 
 
 def _site_input_runner(apply_fn: Callable, graph: Graph) -> Callable:

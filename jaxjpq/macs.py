@@ -12,19 +12,22 @@ its operands does not depend on the data arguments (it is computed from paramete
 only: a kernel, a cast kernel, an embedding table); otherwise it is an *activation* contraction,
 e.g. attention's ``q @ k^T`` and ``attn @ v``. Which positional arguments hold parameters is
 given by ``param_argnums`` (default ``(0,)``: the Flax ``apply(variables, *inputs)`` convention).
+
+Each primitive's MACs and its control-flow kind come from its rule in
+:mod:`jaxjpq.trace.registry` (``eqn_macs`` is re-exported here).
 """
 
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
 from jax.extend import core
 
-from jaxjpq.jaxprs import CALL_PRIMITIVES, SUBJAXPR_KEYS
+from jaxjpq.jaxprs import SUBJAXPR_KEYS
+from jaxjpq.trace.registry import eqn_macs, rule_for, walk_jaxpr
 
 _WHILE_POLICIES = ("error", "once")
 
@@ -44,55 +47,6 @@ class MacCount(NamedTuple):
     def total(self) -> int:
         """All MACs: ``param + activation``."""
         return self.param + self.activation
-
-
-def _conv_macs(eqn: core.JaxprEqn) -> int:
-    lhs, rhs = (v.aval for v in eqn.invars[:2])
-    (out,) = (v.aval for v in eqn.outvars)
-    dn = eqn.params["dimension_numbers"]
-    rhs_spec = dn.rhs_spec  # (out_feature_dim, in_feature_dim, *spatial_dims)
-    kernel_in = rhs.shape[rhs_spec[1]]  # already c_in / feature_group_count
-    kernel_spatial = math.prod(rhs.shape[d] for d in rhs_spec[2:])
-    del lhs
-    # Every output element is a sum over kernel_in * kernel_spatial products. With
-    # batch_group_count > 1 the output batch already shrinks, so the product stays exact.
-    return int(math.prod(out.shape) * kernel_in * kernel_spatial)
-
-
-def _dot_macs(eqn: core.JaxprEqn) -> int:
-    lhs = eqn.invars[0].aval
-    (out,) = (v.aval for v in eqn.outvars)
-    (lhs_contract, _), _ = eqn.params["dimension_numbers"]
-    contracted = math.prod(lhs.shape[d] for d in lhs_contract)
-    # out = batch dims x lhs free dims x rhs free dims; each element sums `contracted` products.
-    return int(math.prod(out.shape) * contracted)
-
-
-def eqn_macs(eqn: core.JaxprEqn) -> int:
-    """MACs of one jaxpr equation, not recursing into sub-jaxprs.
-
-    ``conv_general_dilated``: ``prod(out.shape) * k_1 * ... * k_n * (c_in / feature_groups)``,
-    i.e. ``k_h*k_w*(c_in/groups)*c_out*H_out*W_out*batch`` in 2-d, for any dimension numbers and
-    spatial rank. Input dilation (transposed conv) is counted densely: taps that land on inserted
-    zeros still count, as on hardware that does not skip them.
-    ``dot_general``: product of the batch, contracted and both free dimensions.
-    Every other primitive: 0 (control-flow primitives included: use `count_macs` for those).
-
-    Args:
-      eqn: a ``jax.extend.core.JaxprEqn`` (e.g. from ``jax.make_jaxpr(f)(x).eqns``).
-    Returns:
-      the MAC count as a Python int (batch included).
-    """
-    name = eqn.primitive.name
-    if name == "conv_general_dilated":
-        return _conv_macs(eqn)
-    if name == "dot_general":
-        return _dot_macs(eqn)
-    return 0
-
-
-def _is_data(atom: Any, data: set) -> bool:
-    return not isinstance(atom, core.Literal) and atom in data
 
 
 def _open(jaxpr_like: Any) -> core.Jaxpr:
@@ -127,22 +81,17 @@ def _walk(
     """
     if len(in_data) != len(jaxpr.invars):
         raise ValueError(f"internal: {len(in_data)} taints for {len(jaxpr.invars)} invars")
-    data = {v for v, d in zip(jaxpr.invars, in_data, strict=True) if d}
-    param = activation = 0
-    for eqn in jaxpr.eqns:
-        ins = [_is_data(a, data) for a in eqn.invars]
-        name = eqn.primitive.name
+    total = [0, 0]  # param, activation
+
+    def step(i: int, eqn: core.JaxprEqn, ins: list[bool]) -> list[bool]:
+        rule = rule_for(eqn.primitive.name)
         sub = MacCount(0, 0)
         outs = [any(ins)] * len(eqn.outvars)
-        if name in ("conv_general_dilated", "dot_general"):
-            macs = eqn_macs(eqn)
-            if all(ins[:2]):
-                activation += macs
-            else:
-                param += macs
-        elif name in CALL_PRIMITIVES:
+        if rule.macs is not None:
+            total[1 if all(ins[:2]) else 0] += eqn_macs(eqn)
+        elif rule.control == "call":
             sub, outs = _walk(_subjaxpr(eqn), ins, while_policy)
-        elif name == "cond":
+        elif rule.control == "cond":
             counts = []
             outs = [False] * len(eqn.outvars)
             for branch in eqn.params["branches"]:
@@ -150,20 +99,23 @@ def _walk(
                 counts.append(c)
                 outs = [a or b or ins[0] for a, b in zip(outs, o, strict=True)]
             sub = max(counts, key=lambda c: (c.total, c.param))
-        elif name == "scan":
+        elif rule.control == "scan":
             sub, outs = _walk_loop(eqn, ins, while_policy)
-        elif name == "while":
+        elif rule.control == "while":
             sub, outs = _walk_while(eqn, ins, while_policy)
         elif _has_subjaxpr(eqn):
             raise ValueError(
-                f"count_macs: unsupported higher-order primitive {name!r}; its sub-jaxpr would "
-                "be skipped. Inline it (e.g. avoid the transform) or extend jaxjpq.macs._walk."
+                f"count_macs: unsupported higher-order primitive {eqn.primitive.name!r}; its "
+                "sub-jaxpr would be skipped. Inline it (e.g. avoid the transform) or register a "
+                "rule with control='call' for it (jaxjpq.trace.register_rule)."
             )
-        param += sub.param
-        activation += sub.activation
-        data.update(v for v, d in zip(eqn.outvars, outs, strict=True) if d)
-    out_data = [_is_data(a, data) for a in jaxpr.outvars]
-    return MacCount(param, activation), out_data
+        total[0] += sub.param
+        total[1] += sub.activation
+        return outs
+
+    consts = [False] * len(jaxpr.constvars)
+    out_data = walk_jaxpr(jaxpr, consts, list(in_data), step, lambda v: False)
+    return MacCount(total[0], total[1]), out_data
 
 
 def _fixed_point_carry(

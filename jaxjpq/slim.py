@@ -18,13 +18,12 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
-import jax.extend.core as jcore
 import jax.numpy as jnp
 import numpy as np
 
 from jaxjpq.graph import Graph, Slice
-from jaxjpq.jaxprs import CALL_PRIMITIVES, aval, cached, is_dynamic, key_of, sub_jaxpr
-from jaxjpq.trace import Traced, trace_jaxpr
+from jaxjpq.jaxprs import aval, cached, is_dynamic, key_of, sub_jaxpr
+from jaxjpq.trace import Traced, rule_for, trace_jaxpr, walk_jaxpr
 
 
 def mask_dict(graph: Graph, state_or_masks: Any) -> dict[str, Any]:
@@ -113,99 +112,38 @@ def _take(x: Any, pos: Sequence[np.ndarray | None]) -> Any:
     return x
 
 
-def _count(pos: np.ndarray | None, lo: int, hi: int) -> int:
-    if pos is None:
-        return hi - lo
-    return int(np.count_nonzero((pos >= lo) & (pos < hi)))
-
-
-def _rewrite(eqn: Any, in_pos: list, out_shapes: list[tuple[int, ...]], invals: list) -> dict:
-    """Shape parameters of ``eqn`` for sliced inputs/outputs."""
-    name = eqn.primitive.name
-    p = dict(eqn.params)
-    if name == "reshape":
-        p["new_sizes"] = out_shapes[0]
-        p["dimensions"] = None
-    elif name == "broadcast_in_dim":
-        p["shape"] = out_shapes[0]
-    elif name == "conv_general_dilated":
-        g = p["feature_group_count"]
-        rhs = eqn.invars[1].aval
-        if g > 1 and rhs.shape[p["dimension_numbers"].rhs_spec[1]] == 1:
-            p["feature_group_count"] = int(np.shape(invals[0])[p["dimension_numbers"].lhs_spec[1]])
-    elif name == "slice":
-        pos = in_pos[0]
-        p["start_indices"] = tuple(
-            _count(q, 0, s) for q, s in zip(pos, p["start_indices"], strict=True)
-        )
-        p["limit_indices"] = tuple(
-            s + _count(q, s0, e)
-            for q, s, s0, e in zip(
-                pos,
-                p["start_indices"],
-                eqn.params["start_indices"],
-                p["limit_indices"],
-                strict=True,
-            )
-        )
-    elif name == "split":
-        q = in_pos[0][p["axis"]]
-        sizes, start = [], 0
-        for n in p["sizes"]:
-            sizes.append(_count(q, start, start + n))
-            start += n
-        p["sizes"] = tuple(sizes)
-    elif name == "dynamic_slice":
-        p["slice_sizes"] = out_shapes[0]
-    elif name == "iota":
-        p["shape"] = out_shapes[0]
-    return p
-
-
 class _Evaluator:
     def __init__(self, plan: _Plan):
         self.plan = plan
 
     def run(self, jaxpr: Any, consts: list, vals: list, units: list, path: tuple) -> tuple:
         plan = self.plan
-        env: dict = {}
         cunits = plan.records[path + ("consts",)]
-        for v, c, u in zip(jaxpr.constvars, consts, cunits, strict=True):
-            env[v] = (_take(jnp.asarray(c), plan.positions(u)), u)
-        for v, x, u in zip(jaxpr.invars, vals, units, strict=True):
-            env[v] = (x, u)
+        cvals = [(_take(jnp.asarray(c), plan.positions(u)), u)
+                 for c, u in zip(consts, cunits, strict=True)]
 
-        def read(v: Any) -> tuple:
-            if isinstance(v, jcore.Literal):
-                return v.val, ()
-            return env[v]
-
-        for i, eqn in enumerate(jaxpr.eqns):
-            ins = [read(v) for v in eqn.invars]
-            invals = [x for x, _ in ins]
-            inunits = [u for _, u in ins]
+        def step(i: int, eqn: Any, ins: list) -> list:
             out_units = plan.records[path + (i,)]
-            outs = self.eqn(eqn, invals, inunits, out_units, path + (i,))
-            for v, o, u in zip(eqn.outvars, outs, out_units, strict=True):
-                env[v] = (o, u)
-        res = [read(v) for v in jaxpr.outvars]
+            outs = self.eqn(eqn, [x for x, _ in ins], [u for _, u in ins], out_units,
+                            path + (i,))
+            return list(zip(outs, out_units, strict=True))
+
+        res = walk_jaxpr(jaxpr, cvals, list(zip(vals, units, strict=True)), step,
+                         lambda v: (v.val, ()))
         return [x for x, _ in res], [u for _, u in res]
 
     def eqn(self, eqn: Any, invals: list, inunits: list, out_units: tuple, path: tuple) -> list:
         plan = self.plan
         name = eqn.primitive.name
+        rule = rule_for(name)
         out_pos = [plan.positions(u) for u in out_units]
-        if name in CALL_PRIMITIVES:
+        if rule.control == "call":
             sub, consts = sub_jaxpr(eqn.params)
             n = len(sub.invars)
             outs, _ = self.run(sub, consts, invals[-n:], inunits[-n:], path)
             return outs
-        if name == "scan":
-            return self.scan(eqn, invals, inunits, path)
-        if name == "while":
-            return self.while_(eqn, invals, inunits, path)
-        if name == "cond":
-            return self.cond(eqn, invals, inunits, path)
+        if rule.control is not None:
+            return getattr(self, rule.control + "_")(eqn, invals, inunits, path)
         sliced = any(
             tuple(np.shape(x)) != tuple(getattr(v.aval, "shape", ()))
             for x, v in zip(invals, eqn.invars, strict=True)
@@ -217,7 +155,8 @@ class _Evaluator:
                 tuple(n if q is None else len(q) for n, q in zip(v.aval.shape, pos, strict=True))
                 for v, pos in zip(eqn.outvars, out_pos, strict=True)
             ]
-            params = _rewrite(eqn, in_pos, shapes, invals)
+            if rule.slim is not None:
+                params = rule.slim(eqn, in_pos, shapes, invals)
         with eqn.ctx.manager:
             ans = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(params))
         outs = list(ans) if eqn.primitive.multiple_results else [ans]
@@ -229,13 +168,13 @@ class _Evaluator:
             if tuple(np.shape(o)) != want:
                 raise ValueError(
                     f"slim: '{name}' at {eqn.source_info.name_stack} gave shape {np.shape(o)}, "
-                    f"expected {want}. This primitive needs a shape rewrite rule in "
-                    "jaxjpq/slim.py; until then keep the affected groups unpruned."
+                    f"expected {want}. This primitive needs a rule with a slim rewrite "
+                    "(jaxjpq.trace.register_rule); until then keep the affected groups unpruned."
                 )
             res.append(o)
         return res
 
-    def scan(self, eqn: Any, invals: list, inunits: list, path: tuple) -> list:
+    def scan_(self, eqn: Any, invals: list, inunits: list, path: tuple) -> list:
         p = eqn.params
         nc, nk = p["num_consts"], p["num_carry"]
         body = p["jaxpr"]
@@ -276,7 +215,7 @@ class _Evaluator:
 
         return list(jax.lax.while_loop(cond_fn, body_fn, list(init)))
 
-    def cond(self, eqn: Any, invals: list, inunits: list, path: tuple) -> list:
+    def cond_(self, eqn: Any, invals: list, inunits: list, path: tuple) -> list:
         ops, units = invals[1:], inunits[1:]
 
         def branch(b: int, br: Any) -> Callable:
