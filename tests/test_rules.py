@@ -88,3 +88,15 @@ def test_every_pass_reads_the_same_rule_table():
     assert {rule_for(n).control for n in ("scan", "while", "cond", "pjit")} == {
         "scan", "while", "cond", "call"}
     assert rule_for("concatenate").forward == "fuse"
+
+
+def test_readme_rule_example_runs(net):
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
+    m = re.search(r"<!-- rule-example -->\s*```python\n(.*?)```", text, re.S)
+    assert m, "README has no rule example"
+    exec(compile(m.group(1), "README rule example", "exec"), {"my_softsign_p": _softsign_p})
+    mod, v, x = net
+    assert jaxjpq.trace(mod.apply, v, x).group_map["Dense_0/kernel:out"].prunable

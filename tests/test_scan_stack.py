@@ -29,26 +29,28 @@ class _Block(nn.Module):
 
 
 class ScannedTransformer(nn.Module):
-    """Patch embedding -> 4 scanned pre-LN layers -> mean pool -> head. ``[B, 8, 6] -> [B, 3]``."""
+    """Patch embedding -> scanned pre-LN layers (4, or 2 with ``short``) -> mean pool -> head.
+    ``[B, 8, 6] -> [B, 3]``."""
 
     how: str = "scan"
+    short: bool = False
 
     @nn.compact
     def __call__(self, x):
         h = nn.Dense(16, name="embed")(x)
         if self.how == "scan":
             stack = nn.scan(_Block, variable_axes={"params": 0}, split_rngs={"params": True},
-                            length=4)
+                            length=2 if self.short else 4)
             h, _ = stack(name="layers")(h, None)
         else:
-            stack = nn.remat_scan(_Block, lengths=(2, 2))
+            stack = nn.remat_scan(_Block, lengths=(1, 2) if self.short else (2, 2))
             h = stack(carry_only=True, name="layers")(h)
         h = nn.LayerNorm(name="ln")(h)
         return nn.Dense(3, name="head")(h.mean(axis=1))
 
 
-def _setup(how):
-    m = ScannedTransformer(how)
+def _setup(how, short=False):
+    m = ScannedTransformer(how, short)
     x = jax.random.normal(jax.random.key(1), (16, 8, 6))
     v = m.init(jax.random.key(0), x)
     return m, v, x, jaxjpq.trace(m.apply, v, x)
@@ -106,7 +108,7 @@ def test_per_layer_bits_reach_forward_cost_and_export(stack, tmp_path):
 
 @pytest.mark.parametrize("how", ["scan", "remat_scan"])
 def test_geta_compresses_a_scanned_transformer(how, tmp_path):
-    m, v, x, g = _setup(how)
+    m, v, x, g = _setup(how, short=True)
     spec = jaxjpq.CompressionSpec(budget={"sparsity": 0.3})  # the default spec otherwise
     pair = jaxjpq.init(g, spec, v)
     fwd = CompressedForward(m.apply, g)
@@ -118,7 +120,7 @@ def test_geta_compresses_a_scanned_transformer(how, tmp_path):
     st, _ = train.train(st, data.batch_stream(src, 8, seed=0), steps, progress=False)
     params, cs = st.params.model, st.params.compression
     layered = [s.name for s in g.sites if s.layer_axes]
-    assert len(layered) == 24 and not set(layered) & set(cs.frozen)
+    assert len(layered) == 12 and not set(layered) & set(cs.frozen)
     assert set(layered) <= set(cs.weight) and set(layered) <= set(cs.act)
     lo, hi = spec.bits
     for n in layered:  # every layer site learned, at integer bits within [b_l, b_u]
@@ -131,3 +133,25 @@ def test_geta_compresses_a_scanned_transformer(how, tmp_path):
     export.save(tmp_path / "m", export.pack(g, variables, cs))
     served = jax.jit(export.inference_fn(export.restore(tmp_path / "m"), m.apply, g))
     np.testing.assert_array_equal(np.asarray(served(x)), np.asarray(y))
+
+
+def test_djpq_meets_a_bops_target_on_a_scanned_transformer(tmp_path):
+    m, v, x, g = _setup("remat_scan", short=True)
+    spec = jaxjpq.CompressionSpec(bits=(2, 8), budget={"bops": 0.02}, init_bits=8)
+    pair = jaxjpq.djpq.init(g, spec, v, key=jax.random.key(0))
+    fwd = CompressedForward(m.apply, g)
+    src = data.ArraySource({"inputs": np.asarray(x), "labels": np.arange(16, dtype=np.int32) % 3})
+    steps = 20
+    tx = jaxjpq.djpq(optax.adam(1e-3), g, steps=steps, warmup=2, search_end=12)
+    st = train.create_train_state(fwd, {"params": pair}, tx)
+    st, _ = train.train(st, data.batch_stream(src, 8, seed=0), steps, progress=False)
+    params, cs = st.params.model, st.params.compression
+    assert float(cost.relative_bops(g, cs)) <= 0.02 + 1e-9
+    layered = [s.name for s in g.sites if s.layer_axes]
+    bits = {n: float(params_bits(cs.weight[n], True)) for n in layered}
+    assert all(2 - 1e-4 <= b <= 8 + 1e-4 and abs(b - round(b)) < 1e-3 for b in bits.values())
+    variables = {"params": params}
+    y = jax.jit(fwd.fn)(variables, cs, x)
+    export.save(tmp_path / "m", export.pack(g, variables, cs))
+    served = jax.jit(export.inference_fn(export.restore(tmp_path / "m"), m.apply, g))
+    np.testing.assert_allclose(np.asarray(served(x)), np.asarray(y), rtol=1e-5, atol=1e-5)

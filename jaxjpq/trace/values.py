@@ -139,8 +139,9 @@ def unsupported(ctx: Ctx, eqn: Any, ins: Sequence[Val], why: str) -> None:
     msg = f"{why}: {where(eqn)}"
     if ctx.strict:
         raise ValueError(
-            f"jaxjpq.trace cannot follow channels through {msg}. Add a rule in jaxjpq/trace.py "
-            "or call trace(..., strict=False) to mark the affected groups non-prunable."
+            f"jaxjpq.trace cannot follow channels through {msg}. Register a rule for it "
+            "(jaxjpq.trace.register_rule) or call trace(..., strict=False) to mark the affected "
+            "groups non-prunable."
         )
     for v in ins:
         for u in v.units:
