@@ -102,7 +102,73 @@ def build_optimizer(config: ml_collections.ConfigDict, num_steps: int):
     return tx
 
 
-def build_method(config, model, variables, example, num_steps: int) -> dict[str, Any]:
+def _pretrain(config, model, variables, train_src, workdir: Path | None) -> dict:
+    """fp32 training for ``config.method.pretrain_steps`` (checkpointed under
+    ``<workdir>/pretrain``, so a rerun resumes or reuses it): the model a search method starts
+    from."""
+    steps = int(config.method.pretrain_steps)
+    key = jax.random.PRNGKey(config.seed)
+    st = train_lib.create_train_state(train_lib.flax_forward(model.apply), variables,
+                                      build_optimizer(config, steps),
+                                      rng=jax.random.fold_in(key, 7))
+    manager = None if workdir is None else train_lib.checkpoint_manager(workdir / "pretrain")
+    if manager is not None and manager.latest_step() is not None:
+        st, _ = train_lib.restore_checkpoint(manager, st)
+    stream = data_lib.batch_stream(train_src, config.batch_size, seed=config.seed + 1000,
+                                   start_step=int(st.step))
+    st, _ = train_lib.train(st, stream, steps, manager=manager,
+                            checkpoint_every=config.checkpoint_every, log_every=config.log_every,
+                            progress=config.progress)
+    if manager is not None:
+        manager.close()
+    return {"params": st.params, **st.model_state}
+
+
+def _fit_method(config, model, variables, example, train_src, workdir) -> tuple[Any, Any, dict]:
+    """FITCompress or its uniform-bits + magnitude-pruning baseline: pretrain, Fisher, search.
+    Returns ``(graph, pair, info)``."""
+    import jaxjpq
+    from jaxjpq.methods import fit
+
+    method = config.method
+    pretrained = _pretrain(config, model, variables, train_src, workdir)
+    graph = jaxjpq.trace(model.apply, pretrained, example)
+    spec = jaxjpq.CompressionSpec(bits=tuple(method.bits))
+    state = jaxjpq.init_state(graph, spec, pretrained)
+    rng = np.random.default_rng(config.seed)
+    calib = [np.asarray(train_src.get(rng.integers(0, len(train_src), config.batch_size), rng)
+                        ["inputs"]) for _ in range(4)]
+    state = jaxjpq.calibrate(jaxjpq.compress_apply(model.apply, graph), pretrained, state, calib)
+    budget = {k: method.get(k) for k in ("size", "bops") if method.get(k)}
+    if len(budget) != 1:
+        raise ValueError("config.method: give exactly one of size= or bops= (a fraction of fp32).")
+    t0 = time.perf_counter()
+    info: dict[str, Any] = {}
+    if method.name == "fit":
+        n = int(method.fisher_samples)
+        fisher = fit.fisher(
+            model.apply, graph, pretrained,
+            data_lib.batches(train_src, config.batch_size, seed=config.seed + 2000),
+            chunk=int(method.chunk), max_samples=n, progress=config.progress,
+        )
+        info["fisher_seconds"] = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        res = fit.search(fisher, graph, state, pretrained, levels=int(method.levels),
+                         progress=config.progress, **budget)
+        info["search_seconds"] = time.perf_counter() - t1
+        info["nodes_expanded"] = res.nodes_expanded
+        info["fit"] = res.fit
+    else:
+        res = fit.uniform_magnitude(graph, state, pretrained, bits=float(method.uniform_bits),
+                                    levels=int(method.levels), **budget)
+    info.update(searched_bits=res.bits, searched_sparsity=res.sparsity,
+                searched_relative_size=res.relative_size,
+                searched_relative_bops=res.relative_bops, budget=budget)
+    return graph, jaxjpq.CompressedParams(pretrained["params"], res.state), info
+
+
+def build_method(config, model, variables, example, num_steps: int, train_src=None,
+                 workdir: Path | None = None) -> dict[str, Any]:
     """What ``config.method.name`` trains: forward, variables, optimizer, metrics, graph.
 
     ``"fp32"`` (default) trains the plain model; ``"geta"`` traces the QADG and trains
@@ -116,17 +182,28 @@ def build_method(config, model, variables, example, num_steps: int) -> dict[str,
     if method.name == "fp32":
         return dict(forward=train_lib.flax_forward(model.apply), variables=variables, tx=tx,
                     metrics_fn=None, graph=None)
-    if method.name not in ("geta", "prune_then_quantize", "djpq"):
+    if method.name not in ("geta", "prune_then_quantize", "djpq", "fit", "uniform_magnitude"):
         raise ValueError(
-            f"Unknown method '{method.name}'; use 'fp32', 'geta', 'djpq' or "
-            "'prune_then_quantize'."
+            f"Unknown method '{method.name}'; use 'fp32', 'geta', 'djpq', 'fit', "
+            "'uniform_magnitude' or 'prune_then_quantize'."
         )
     import jaxjpq
     from jaxjpq.methods.geta import DEFAULT_FRACTIONS, make_schedule
 
-    graph = jaxjpq.trace(model.apply, variables, example)
+    info: dict[str, Any] = {}
+    if method.name in ("fit", "uniform_magnitude"):
+        if train_src is None:
+            raise ValueError(f"method '{method.name}' needs the training split (train_src=).")
+        graph, pair, info = _fit_method(config, model, variables, example, train_src, workdir)
+        variables = {"params": pair.model, **{k: v for k, v in variables.items()
+                                              if k != "params"}}
+        tx = jaxjpq.qat(tx, graph, quant_lr=method.quant_lr)
+    else:
+        graph = jaxjpq.trace(model.apply, variables, example)
     key = jax.random.PRNGKey(config.seed)
-    if method.name == "djpq":
+    if method.name in ("fit", "uniform_magnitude"):
+        pass
+    elif method.name == "djpq":
         spec = jaxjpq.CompressionSpec(
             bits=tuple(method.bits), budget={"bops": method.target_bops},
             power_of_two=method.power_of_two, init_bits=method.init_bits, learn_t=False,
@@ -172,6 +249,7 @@ def build_method(config, model, variables, example, num_steps: int) -> dict[str,
         tx=tx,
         metrics_fn=metrics_fn,
         graph=graph,
+        info=info,
     )
 
 
@@ -225,7 +303,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     key = jax.random.PRNGKey(config.seed)
     example = np.asarray(train_src.get(np.arange(1), np.random.default_rng(0))["inputs"])
     variables = jax.jit(model.init)(key, example)
-    method = build_method(config, model, variables, example, num_steps)
+    method = build_method(config, model, variables, example, num_steps, train_src, workdir)
     state = train_lib.create_train_state(
         method["forward"], method["variables"], method["tx"], rng=jax.random.fold_in(key, 1)
     )
@@ -276,6 +354,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                                                                              cstate).items()},
             "report": cost.report(graph, cstate),
         }
+        compression.update(method.get("info") or {})
         target = config.method.get("target_bops")
         if target is not None:  # the exact check after rounding bits and thresholding gates
             compression["target_bops"] = float(target)

@@ -16,7 +16,7 @@ from jaxjpq.methods.core import enforce_budget, qat, set_bits, within_budget
 from jaxjpq.methods.geta import geta
 from jaxjpq.slim import apply_masks, slim
 from jaxjpq.state import CompressedParams, CompressionSpec, CompressionState, init, init_state
-from jaxjpq.trace import trace
+from jaxjpq.trace import Rule, register_rule, trace
 from jaxjpq.train import CompressedForward
 
 __all__ = [
@@ -29,6 +29,7 @@ __all__ = [
     "Group",
     "MacCount",
     "MacTerm",
+    "Rule",
     "Site",
     "Slice",
     "apply_masks",
@@ -52,6 +53,7 @@ __all__ = [
     "prune_then_quantize",
     "qat",
     "quant",
+    "register_rule",
     "set_bits",
     "slim",
     "trace",

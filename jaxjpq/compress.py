@@ -454,6 +454,39 @@ def act_quantized_apply(apply_fn: Callable, graph: Graph, *, check_finite: bool 
     return fn
 
 
+@jax.custom_vjp
+def _probe(x: jax.Array, p: jax.Array) -> jax.Array:
+    return x
+
+
+def _probe_fwd(x, p):
+    return x, None
+
+
+def _probe_bwd(_, g):
+    return g, jnp.sum(jnp.square(g.astype(jnp.float32)))
+
+
+_probe.defvjp(_probe_fwd, _probe_bwd)
+
+
+def probed_apply(apply_fn: Callable, graph: Graph) -> Callable:
+    """``fn(variables, probes, *args, **kwargs)``: ``apply_fn`` with each site's input ``x``
+    passed through an identity whose cotangent for the float32 scalar ``probes[site]`` is
+    ``Σ (∂L/∂x)²``: ``jax.grad`` w.r.t. ``probes`` gives every site's squared input-gradient norm
+    (per sample under ``vmap``: the empirical Fisher trace of the site's input). Weights and
+    inputs are used as given (no quantization)."""
+    run = _site_input_runner(apply_fn, graph)
+
+    def fn(variables, probes, *args, **kwargs):
+        def apply(site, p, x):
+            return (x, None) if p is None else (_probe(x, p), None)
+
+        return run(variables, _Hook(probes.get, apply), frozenset(probes), *args, **kwargs)[0]
+
+    return fn
+
+
 def checked_apply(apply_fn: Callable, graph: Graph) -> Callable:
     """:func:`compress_apply` that checks every site input for NaN/inf (opt-in: the check costs
     a reduction per site). ``fn(variables, state, *args, **kwargs)`` raises

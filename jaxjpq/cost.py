@@ -7,7 +7,9 @@ head dims). Slimming removes positions of each axis independently, so per site `
     kept MACs_l = Σ_terms MACs_t · Π_axes kept(axis) / size(axis)
     nnz_l,c     = kept weight entries of output channel c (elementwise mask applied)
     BOPs_l      = kept MACs_l / kept numel_l · Σ_c nnz_l,c · b_w,l,c · b_a,l
-    size_l      = Σ_c nnz_l,c · b_w,l,c  (+ 1 bit per kept position when the site is sparse)
+    size_l      = Σ_c nnz_l,c · b_w,l,c  (+ the sparse index when the site is sparse: a bitmap
+                  of 1 bit per kept position or a list of nnz_l positions of
+                  ceil(log2 numel_l) bits, whichever is smaller)
 
 so a channel with no kept weight holds 0 bits and costs nothing. Unquantized operands count 32
 bits. All figures are per example (the traced batch divided out).
@@ -37,8 +39,13 @@ from jaxjpq.quant import pow2_bits_hard, round_bits_pow2
 from jaxjpq.state import CompressionState, check_state, site_quantizer
 
 FP_BITS = 32.0
-# Bits per kept weight position of the export's sparse codec (a bitmap of nonzeros).
+# Bits per kept weight position of the export's sparse bitmap (its other index: a position list).
 SPARSE_INDEX_BITS = 1.0
+
+
+def index_width(numel: int) -> int:
+    """Bits of one entry of the sparse position list for a weight of ``numel`` entries."""
+    return max(1, math.ceil(math.log2(max(int(numel), 2))))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,8 +209,10 @@ def _site_row(graph: Graph, state: CompressionState, site: Site, masks, num: _Nu
         safe = xp.maximum(kept_numel, 1.0)
         bops = xp.where(kept_numel > 0, kept_macs / safe * wbits * b_a, 0.0)
     index_bits = 0.0
-    if wm is not None:
-        index_bits = xp.where(channelwise, 0.0, kept_numel * SPARSE_INDEX_BITS)
+    if wm is not None:  # the export's sparse index: a bitmap or a position list, the smaller
+        listed = nnz * float(index_width(math.prod(site.weight_shape)))
+        bitmap = kept_numel * SPARSE_INDEX_BITS
+        index_bits = xp.where(channelwise, 0.0, xp.minimum(bitmap, listed))
     mean_bits = wbits / xp.maximum(nnz, 1e-12) if not exact_ratio else b_w
     return dict(site=site, kept_macs=kept_macs, kept_numel=kept_numel,
                 kept_channels=kept_channels, nnz=nnz, weight_bits=wbits, index_bits=index_bits,
@@ -341,7 +350,7 @@ def size_bits(
     graph: Graph, state: CompressionState, *, soft: bool = False, include_scales: bool = False,
     include_other: bool = False,
 ) -> Any:
-    """Bits of the site weights: ``Σ nnz · b_w`` plus the sparse sites' index bitmaps.
+    """Bits of the site weights: ``Σ nnz · b_w`` plus the sparse sites' indices.
 
     ``include_scales`` adds the float32 quantizer numbers the export stores: one step ``d``
     per weight quantizer (per kept channel when per channel) and ``(d, q_m, t)`` per activation

@@ -5,8 +5,9 @@ an integer-weight inference function and ``jax.export`` serialization.
 slices of groups whose mask is 0), stores each quantized site weight as integer codes
 ``sign(W)·round(min(|W|, q_m)^t / d)`` in two's complement, each output channel at its own width
 ``ceil(bits)`` (int8 for 8, two codes per byte for 4, general little-endian bit packing otherwise;
-a channel with no kept weight stores nothing), a site with elementwise masks as a bitmap of its
-kept positions plus the codes of the kept nonzeros, with its step ``d`` (per kept channel when
+a channel with no kept weight stores nothing), a site with elementwise masks as its kept
+positions (a bitmap, or a list of ``ceil(log2 numel)``-bit positions when that is smaller) plus
+the codes of the kept nonzeros, with its step ``d`` (per kept channel when
 per-channel), and keeps the other leaves (biases, norms, float sites) as float32 with the pruned
 entries removed. Restoring scatters the kept entries back into zeros of the original
 shapes, so the original ``apply_fn`` runs unchanged ("dequantize on load"); the result equals
@@ -16,6 +17,7 @@ shapes, so the original ``apply_fn`` runs unchanged ("dequantize on load"); the 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -43,9 +45,9 @@ class PackedModel:
     Attributes:
       arrays: ``{name: np.ndarray}``: ``L<i>_b<w>`` = leaf ``i``'s codes of its ``w``-bit
         channels (channel-major, bit-packed), ``M<i>`` = its bitmap of kept nonzero positions
-        (sparse sites), ``L<i>`` = kept float32 values of a float leaf, ``S<i>`` = the steps
-        ``d`` (per kept channel when per channel), ``A`` = ``float32[n_act_sites, 3]``
-        activation ``(d, q_m, t)`` rows.
+        or ``P<i>`` their list (sparse sites), ``L<i>`` = kept float32 values of a float
+        leaf, ``S<i>`` = the steps ``d`` (per kept channel when per channel), ``A`` =
+        ``float32[n_act_sites, 3]`` activation ``(d, q_m, t)`` rows.
       meta: JSON-able: format, per leaf (path, shape, dtype, kind, per-channel widths, code
         counts per width, kept positions per axis as hex bitmasks), activation site names,
         ``power_of_two``, graph fingerprint.
@@ -170,9 +172,10 @@ def _from_channel_major(x2: Any, shape: tuple[int, ...], out_axes: list[int], xp
 
 
 def _encode_codes(i: int, c: np.ndarray, out_axes: list[int], widths: np.ndarray,
-                  mask: np.ndarray | None) -> tuple[dict, dict]:
+                  mask: np.ndarray | None, pos_width: int = 32) -> tuple[dict, dict]:
     """Channel-major integer codes, one bit-packed stream per width (0 bits: nothing stored);
-    with ``mask``, a bitmap of the kept nonzero positions and only their codes."""
+    with ``mask``, the kept nonzero positions and only their codes. The positions are a bitmap
+    (1 bit per position) or, when smaller, a list of ``pos_width``-bit flat indices."""
     c2 = _channel_major(c, out_axes)
     m2 = None if mask is None else _channel_major(mask, out_axes)
     arrays, counts = {}, {}
@@ -181,9 +184,16 @@ def _encode_codes(i: int, c: np.ndarray, out_axes: list[int], widths: np.ndarray
         vals = c2[rows] if m2 is None else c2[rows][m2[rows]]
         arrays[f"L{i}_b{w}"] = pack_codes(vals, w)
         counts[str(w)] = int(vals.size)
+    meta: dict[str, Any] = dict(widths=_runs(widths), counts=counts, sparse=m2 is not None)
     if m2 is not None:
-        arrays[f"M{i}"] = np.packbits(m2.reshape(-1))
-    meta = dict(widths=_runs(widths), counts=counts, sparse=m2 is not None)
+        flat = m2.reshape(-1)
+        nnz = int(flat.sum())
+        if nnz * pos_width < flat.size:
+            pos = np.nonzero(flat)[0].astype(np.int64) - 2 ** (pos_width - 1)
+            arrays[f"P{i}"] = pack_codes(pos, pos_width)
+            meta.update(index="positions", index_width=pos_width, nnz=nnz)
+        else:
+            arrays[f"M{i}"] = np.packbits(flat)
     return arrays, meta
 
 
@@ -208,7 +218,13 @@ def _decode_codes(i: int, arrays: Mapping, e: Mapping, shape: tuple[int, ...], x
     widths = _unruns(e["widths"])
     n_c = widths.size
     r = int(np.prod(shape, dtype=np.int64)) // max(n_c, 1)
-    if e["sparse"]:
+    if e["sparse"] and e.get("index") == "positions":
+        w = int(e["index_width"])
+        pos = np.asarray(unpack_codes(arrays[f"P{i}"], w, int(e["nnz"]), np)) + 2 ** (w - 1)
+        m2 = np.zeros(n_c * r, bool)
+        m2[pos] = True
+        m2 = m2.reshape(n_c, r)
+    elif e["sparse"]:
         m2 = np.unpackbits(np.asarray(arrays[f"M{i}"]))[: n_c * r].astype(bool).reshape(n_c, r)
     else:
         m2 = np.ones((n_c, r), bool)
@@ -247,8 +263,8 @@ def pack(graph: Graph, variables: Mapping, state: CompressionState) -> PackedMod
     """Pack ``mask ⊙ M ⊙ Q(W)`` of every quantized site as integer codes; see module docstring.
 
     Every output channel is stored at its own exact width (:func:`jaxjpq.cost.channel_bits`; a
-    channel with no kept weight takes no bits). A site with elementwise masks stores a bitmap of
-    its kept positions and the codes of the kept nonzero weights only. VIB gates
+    channel with no kept weight takes no bits). A site with elementwise masks stores its kept
+    positions (bitmap or list) and the codes of the kept nonzero weights only. VIB gates
     (``state.gates``) are folded into the weights first (their test-time ``μ``), as the
     deterministic compressed forward applies them."""
     check_state(graph, state)
@@ -292,7 +308,8 @@ def pack(graph: Graph, variables: Mapping, state: CompressionState) -> PackedMod
                 widths = np.where(m2.any(axis=1), widths.reshape(-1), 0)
                 if np.all(m2.all(axis=1) | ~m2.any(axis=1)):
                     mask = None  # whole channels kept or dropped: the widths say it all
-            enc, meta = _encode_codes(i, c, out_axes, np.asarray(widths).reshape(-1), mask)
+            enc, meta = _encode_codes(i, c, out_axes, np.asarray(widths).reshape(-1), mask,
+                                      cost.index_width(math.prod(site.weight_shape)))
             arrays.update(enc)
             d = np.asarray(p.d, np.float32)
             if d.ndim:
@@ -525,14 +542,17 @@ def disk_bytes(directory: str | os.PathLike) -> int:
 
 
 def theoretical_bytes(packed: PackedModel) -> dict[str, float]:
-    """``codes`` = Σ kept codes · their widths / 8, ``index`` = sparse bitmaps (1 bit per kept
-    position), ``scales`` = weight steps + activation (d, q_m, t), ``float`` = kept float leaves
-    (biases, float sites), ``total`` = their sum."""
+    """``codes`` = Σ kept codes · their widths / 8, ``index`` = sparse indices (a bitmap, 1 bit
+    per kept position, or a list of positions, whichever is smaller), ``scales`` = weight steps
+    + activation (d, q_m, t), ``float`` = kept float leaves (biases, float sites), ``total`` =
+    their sum."""
     out = dict(codes=0.0, index=0.0, scales=0.0, float=0.0)
     for i, e in enumerate(packed.meta["leaves"]):
         if e["kind"] == "codes":
             out["codes"] += sum(int(w) * n for w, n in e["counts"].items()) / 8
-            if e["sparse"]:
+            if e["sparse"] and e.get("index") == "positions":
+                out["index"] += int(e["nnz"]) * int(e["index_width"]) / 8
+            elif e["sparse"]:
                 out["index"] += int(np.prod(e["kept_shape"], dtype=np.int64)) / 8
             out["scales"] += packed.arrays[f"S{i}"].nbytes
         else:

@@ -58,7 +58,8 @@ def _per_channel_state(seed=0):
     return st
 
 
-@pytest.mark.parametrize("make", [_sparse_state, _per_channel_state])
+@pytest.mark.parametrize("make", [_sparse_state, _per_channel_state,
+                                  functools.partial(_sparse_state, keep=0.01)])
 def test_export_restores_masked_forward_and_cost_matches_disk(make, tmp_path):
     model, v, x, g = _mnist()
     st = make()
@@ -71,7 +72,8 @@ def test_export_restores_masked_forward_and_cost_matches_disk(make, tmp_path):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     disk = export.disk_bytes(tmp_path / "m")
     model_bytes = cost.size_bits(g, st, include_scales=True, include_other=True) / 8
-    assert abs(model_bytes - disk) / disk <= 0.05, (model_bytes, disk)
+    # orbax's metadata is a few KB whatever the payload: 5 % of a 100 KB model, more of a tiny one
+    assert 0 <= disk - model_bytes <= max(0.05 * disk, 5000), (model_bytes, disk)
     # the payload the cost model describes is the packed arrays, to the byte (rounding per stream)
     theo = export.theoretical_bytes(packed)["total"]
     assert abs(theo - model_bytes) <= 8 * len(packed.arrays)
@@ -86,6 +88,14 @@ def test_sparse_cost_counts_nonzeros_and_index():
         numel = float(np.prod(sm[n].weight_shape))
         row = cost.site_table(g, st)[n]
         assert row["size"] == nnz * 4.0 + numel  # codes + 1-bit bitmap per position
+    # at 99 % zeros a list of positions is the smaller index
+    st = _sparse_state(keep=0.01)
+    for n in _inner(st):
+        nnz = float(np.sum(np.asarray(st.weight_masks[n]) > 0.5))
+        numel = float(np.prod(sm[n].weight_shape))
+        width = cost.index_width(int(numel))
+        row = cost.site_table(g, st)[n]
+        assert row["size"] == nnz * 4.0 + min(numel, nnz * width)
         dense = cost.site_table(g, st.replace(weight_masks={}))[n]
         assert row["bops"] == pytest.approx(dense["bops"] * nnz / numel, rel=1e-12)
 

@@ -1,0 +1,482 @@
+"""FITCompress: per-layer weight bits and a global unstructured mask chosen by Fisher-information
+path planning, to a size (or BOPs) budget; then the shared ``qat`` fine-tune.
+
+1. :func:`fisher`: the empirical Fisher of a trained model from per-sample gradients
+   (``vmap(grad)`` over chunks of a batch, never the squared batch-mean gradient): the diagonal
+   ``F = E[g²]`` of every site weight and the trace ``Tr(F_a) = E[Σ (∂L/∂x)²]`` of every site input.
+2. :func:`fit_score`: FIT of a configuration,
+   ``Σ_l Σ_i F_i · E[Δ_i²] + Σ_l Tr(F_a,l) · d_a,l² / 12`` with ``E[Δ²] = d_l² / 12`` for a kept
+   weight quantized with step ``d_l`` and ``θ_i²`` for a pruned one (without masks: the paper's
+   ``Σ Tr(F_w) d_w²/12 + Σ Tr(F_a) d_a²/12``).
+3. :func:`search`: best-first search over nodes (one bit option per quantized site, a global
+   sparsity level of ``1 − logspace(0, −3, levels)``), from (``b_u`` everywhere, dense). A node's
+   neighbours lower one site's bits one step or raise the sparsity one level (the weights of
+   lowest importance ``F ⊙ θ²`` over all sites go). Edge cost ``√(Σ F (θ' − θ'')²)`` between the
+   neighbours' weights, heuristic ``√((c − α)² · Σ F θ'²)`` (``c`` the node's relative size or
+   BOPs, ``α`` the budget). Every figure comes from per-site prefix sums in importance order, so a
+   node costs O(sites). The first node with ``c ≤ α`` becomes a ``CompressionState`` (bits via
+   ``set_bits``, elementwise masks), checked against the exact cost model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+import itertools
+import math
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxjpq import cost
+from jaxjpq.compress import probed_apply
+from jaxjpq.graph import Graph
+from jaxjpq.methods.core import set_bits
+from jaxjpq.quant import effective_params, init_from_tensor, params_bits, quantize_with
+from jaxjpq.state import CompressionState, check_state, leaf, site_quantizer
+
+LEVELS = 40  # sparsity levels 1 - logspace(0, -3, LEVELS): 0 ... 0.999
+
+
+class FisherInfo(NamedTuple):
+    """Empirical Fisher of a model at its trained weights.
+
+    Attributes:
+      weight: ``{site: float32[weight_shape]}`` diagonal ``E[g²]`` of the site's weight (mean over
+        samples of the squared per-sample gradient of the loss).
+      act: ``{site: float}`` trace ``E[Σ (∂L/∂x)²]`` over the site's input ``x`` (one sample).
+      samples: number of samples averaged.
+    """
+
+    weight: dict[str, np.ndarray]
+    act: dict[str, float]
+    samples: int
+
+    def weight_trace(self) -> dict[str, float]:
+        """``{site: Tr(F_w)}``."""
+        return {s: float(np.sum(f)) for s, f in self.weight.items()}
+
+
+def _cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32))
+    return -jnp.mean(jnp.take_along_axis(logp, labels[..., None].astype(jnp.int32), -1))
+
+
+def fisher(
+    apply_fn: Callable,
+    graph: Graph,
+    variables: Mapping,
+    batches: Iterable[Mapping[str, Any]],
+    *,
+    loss_fn: Callable[[jax.Array, jax.Array], jax.Array] = _cross_entropy,
+    chunk: int = 16,
+    max_samples: int | None = None,
+    progress: bool = True,
+    **call_kwargs: Any,
+) -> FisherInfo:
+    """Empirical Fisher of ``apply_fn`` at ``variables`` from per-sample gradients.
+
+    Args:
+      apply_fn, graph, variables: the traced model and its (trained) variables.
+      batches: ``{"inputs": [B, ...], "labels": [B]}`` (as :func:`jaxjpq.data.batches` yields).
+      loss_fn: ``(logits [1, ...], labels [1]) -> scalar`` for one sample (default: cross
+        entropy).
+      chunk: samples per ``vmap`` (bounds memory: ``chunk`` copies of the params' gradients).
+      max_samples: stop after this many samples (default: all batches).
+      progress: a tqdm bar over the samples.
+      **call_kwargs: static keyword arguments of ``apply_fn`` (e.g. ``train=False``).
+    Returns:
+      :class:`FisherInfo` (host arrays).
+    """
+    from tqdm.auto import tqdm
+
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}.")
+    probed = probed_apply(apply_fn, graph)
+    rest = {k: v for k, v in variables.items() if k != "params"}
+    sites = list(graph.sites)
+    probes0 = {s.name: jnp.zeros((), jnp.float32) for s in sites}
+
+    def sample_loss(params, probes, x, y):
+        logits = probed({"params": params, **rest}, probes, x[None], **call_kwargs)
+        return loss_fn(logits, y[None])
+
+    per_sample = jax.vmap(jax.grad(sample_loss, argnums=(0, 1)), in_axes=(None, None, 0, 0))
+
+    @jax.jit
+    def chunk_sums(params, xs, ys):
+        gp, ga = per_sample(params, probes0, xs, ys)
+        full = {"params": gp}
+        w = {s.name: jnp.sum(jnp.square(jax.vmap(s.take)(leaf(full, s.weight))), axis=0)
+             for s in sites}
+        return w, {n: jnp.sum(v) for n, v in ga.items()}
+
+    params = variables["params"]
+    acc_w = {s.name: np.zeros(s.weight_shape, np.float64) for s in sites}
+    acc_a = {s.name: 0.0 for s in sites}
+    n = 0
+    bar = tqdm(total=max_samples, desc="fisher", unit="sample", disable=not progress)
+    for batch in batches:
+        x, y = np.asarray(batch["inputs"]), np.asarray(batch["labels"])
+        if max_samples is not None:
+            x, y = x[: max_samples - n], y[: max_samples - n]
+        for i in range(0, len(x), chunk):
+            w, a = chunk_sums(params, x[i : i + chunk], y[i : i + chunk])
+            for k in acc_w:
+                acc_w[k] += np.asarray(w[k], np.float64)
+                acc_a[k] += float(a[k])
+            m = len(x[i : i + chunk])
+            n += m
+            bar.update(m)
+        if max_samples is not None and n >= max_samples:
+            break
+    bar.close()
+    if n == 0:
+        raise ValueError("fisher got no samples; pass at least one batch.")
+    bad = sorted(k for k in acc_w if not np.all(np.isfinite(acc_w[k])) or not
+                 np.isfinite(acc_a[k]))
+    if bad:
+        raise ValueError(f"fisher: non-finite per-sample gradients at site(s) {bad}; check the "
+                         "inputs and the model's weights.")
+    return FisherInfo(weight={k: (v / n).astype(np.float32) for k, v in acc_w.items()},
+                      act={k: v / n for k, v in acc_a.items()}, samples=n)
+
+
+def _weights(graph: Graph, variables: Mapping) -> dict[str, np.ndarray]:
+    return {s.name: np.asarray(s.take(leaf(variables, s.weight)), np.float64)
+            for s in graph.sites}
+
+
+def fit_score(info: FisherInfo, graph: Graph, state: CompressionState,
+              variables: Mapping) -> float:
+    """FIT of ``state`` (bits, elementwise masks) at ``variables``: the expected loss increase
+    ``Σ_l [Σ_kept F_i d_l²/12 + Σ_pruned F_i θ_i²] + Σ_l Tr(F_a,l) d_a,l²/12`` (``d`` the
+    quantizers' effective steps; a float site or input adds nothing)."""
+    check_state(graph, state)
+    w = _weights(graph, variables)
+    total = 0.0
+    for s in graph.sites:
+        f = np.asarray(info.weight[s.name], np.float64)
+        keep = (np.asarray(state.weight_masks[s.name]) > 0.5 if s.name in state.weight_masks
+                else np.ones(s.weight_shape, bool))
+        total += float(np.sum(f[~keep] * w[s.name][~keep] ** 2))
+        if s.name in state.weight:
+            p = effective_params(site_quantizer(state, "weight", s.name), True,
+                                 state.power_of_two)
+            d = np.broadcast_to(_per_position(np.asarray(p.d), s), s.weight_shape)
+            total += float(np.sum(f[keep] * d[keep] ** 2) / 12.0)
+        if s.name in state.act:
+            p = effective_params(site_quantizer(state, "act", s.name), s.signed_input,
+                                 state.power_of_two)
+            total += info.act[s.name] * float(np.asarray(p.d)) ** 2 / 12.0
+    return total
+
+
+def _per_position(d: np.ndarray, site: Any) -> np.ndarray:
+    """A per-channel step broadcast over the site's weight axes."""
+    if not d.ndim:
+        return d
+    shape = [1] * len(site.weight_shape)
+    for a, n in zip(sorted(a % len(shape) for a in site.out_axes), d.shape, strict=True):
+        shape[a] = n
+    return d.reshape(shape)
+
+
+def importance(info: FisherInfo, graph: Graph, variables: Mapping) -> dict[str, np.ndarray]:
+    """Elementwise pruning importance ``F ⊙ θ²`` per site (``weight_shape``)."""
+    w = _weights(graph, variables)
+    return {s.name: np.asarray(info.weight[s.name], np.float64) * w[s.name] ** 2
+            for s in graph.sites}
+
+
+def sparsity_levels(levels: int = LEVELS) -> np.ndarray:
+    """The global sparsity schedule ``1 − logspace(0, −3, levels)``: 0, ..., 0.999."""
+    return 1.0 - np.logspace(0.0, -3.0, levels)
+
+
+@dataclasses.dataclass
+class _SiteTable:
+    """Prefix sums of one site in ascending importance order (index k: the k least important
+    weights pruned)."""
+
+    name: str
+    numel: int
+    bits: list[float]  # bit options, highest first
+    width: int  # bits of one position of the sparse position list
+    order: np.ndarray  # flat positions, ascending importance
+    pruned: np.ndarray  # [numel + 1] Σ F θ² over the k pruned
+    kept_q: np.ndarray  # [B, numel + 1] Σ F q_b² over the k pruned (kept = total - prefix)
+    kept_err: np.ndarray  # [B, numel + 1] Σ F (θ - q_b)² over the k pruned
+    step: np.ndarray  # [B - 1, numel + 1] Σ F (q_b - q_b+1)² over the k pruned
+    macs: float  # kept MACs per example of the dense site (for BOPs)
+    a_bits: float  # input bits (32 for float inputs)
+
+    def suffix(self, arr: np.ndarray, k: int) -> float:
+        return float(arr[-1] - arr[k])
+
+
+class SearchResult(NamedTuple):
+    """What :func:`search` found.
+
+    Attributes:
+      state: the chosen ``CompressionState`` (bits via ``set_bits``, elementwise masks).
+      bits: ``{site: weight bits}``; sparsity: the global sparsity level reached.
+      relative_size, relative_bops: exact figures of ``state`` (:mod:`jaxjpq.cost`).
+      fit: FIT of the chosen configuration (:func:`fit_score`).
+      nodes_expanded: search nodes expanded; path: ``[(move, relative figure), ...]``.
+    """
+
+    state: CompressionState
+    bits: dict[str, float]
+    sparsity: float
+    relative_size: float
+    relative_bops: float
+    fit: float
+    nodes_expanded: int
+    path: list
+
+
+def _bit_options(state: CompressionState, name: str) -> list[float]:
+    if name in state.frozen or state.spec is None:
+        b = params_bits(state.weight[name], True)
+        return [float(np.round(np.max(np.asarray(b))))]
+    lo, hi = state.spec.bits
+    return [float(b) for b in range(int(math.floor(hi)), int(math.ceil(lo)) - 1, -1)]
+
+
+def _tables(info: FisherInfo, graph: Graph, state: CompressionState, variables: Mapping,
+            levels: np.ndarray) -> tuple[list[_SiteTable], np.ndarray]:
+    """Per-site prefix sums and ``k[l, s]``: weights of site ``l`` pruned at level ``s``."""
+    w = _weights(graph, variables)
+    imp = importance(info, graph, variables)
+    sites = [s for s in graph.sites]
+    flat_imp = np.concatenate([imp[s.name].reshape(-1) for s in sites])
+    owner = np.concatenate([np.full(imp[s.name].size, i) for i, s in enumerate(sites)])
+    order = np.argsort(flat_imp, kind="stable")
+    n_total = flat_imp.size
+    counts = np.zeros((len(sites), len(levels)), np.int64)
+    for j, lv in enumerate(levels):
+        n_pruned = int(round(lv * n_total))
+        counts[:, j] = np.bincount(owner[order[:n_pruned]], minlength=len(sites))
+    per_example = cost.macs(graph)
+    tables = []
+    offsets = np.cumsum([0] + [imp[s.name].size for s in sites])
+    for i, s in enumerate(sites):
+        theta = w[s.name].reshape(-1)
+        f = np.asarray(info.weight[s.name], np.float64).reshape(-1)
+        mine = order[(order >= offsets[i]) & (order < offsets[i + 1])] - offsets[i]
+        th, fo = theta[mine], f[mine]
+        quantized = s.name in state.weight
+        options = _bit_options(state, s.name) if quantized else [32.0]
+        qs = []
+        for b in options:
+            if not quantized:
+                qs.append(theta)
+                continue
+            axes = s.out_axes if np.ndim(state.weight[s.name].d) else None
+            p = init_from_tensor(jnp.asarray(w[s.name], jnp.float32), b, axes)
+            qs.append(np.asarray(quantize_with(jnp.asarray(w[s.name], jnp.float32), p),
+                                 np.float64).reshape(-1))
+        qo = [q[mine] for q in qs]
+
+        def pre(x):
+            return np.concatenate([[0.0], np.cumsum(x)])
+
+        a = state.act.get(s.name)
+        a_bits = 32.0 if a is None else float(np.round(np.asarray(
+            params_bits(a, s.signed_input))))
+        tables.append(_SiteTable(
+            name=s.name, numel=theta.size, bits=options,
+            width=cost.index_width(theta.size), order=mine,
+            pruned=pre(fo * th ** 2),
+            kept_q=np.stack([pre(fo * q ** 2) for q in qo]),
+            kept_err=np.stack([pre(fo * (th - q) ** 2) for q in qo]),
+            step=np.stack([pre(fo * (q1 - q2) ** 2) for q1, q2 in itertools.pairwise(qo)])
+            if len(qo) > 1 else np.zeros((0, theta.size + 1)),
+            macs=float(per_example[s.name]), a_bits=a_bits,
+        ))
+    return tables, counts
+
+
+def _figures(tables: list[_SiteTable], counts: np.ndarray, node: tuple, fp32_bits: float,
+             fp32_bops: float) -> tuple[float, float]:
+    """(relative size, relative BOPs) of ``node`` = (bit index per site, level)."""
+    *bi, s = node
+    size = bops = 0.0
+    for t, b, k in zip(tables, bi, counts[:, s], strict=True):
+        kept = t.numel - int(k)
+        bits = t.bits[b]
+        index = 0.0 if k == 0 or kept == 0 else min(float(t.numel), kept * float(t.width))
+        size += kept * bits + index
+        bops += t.macs * kept / t.numel * bits * t.a_bits
+    return size / fp32_bits, bops / fp32_bops
+
+
+def search(
+    info: FisherInfo,
+    graph: Graph,
+    state: CompressionState,
+    variables: Mapping,
+    *,
+    size: float | None = None,
+    bops: float | None = None,
+    levels: int = LEVELS,
+    max_nodes: int = 200_000,
+    progress: bool = True,
+) -> SearchResult:
+    """Best-first FIT path search to ``size`` (relative to fp32 site weights, as
+    :func:`jaxjpq.cost.relative_size`) or ``bops`` (as :func:`jaxjpq.cost.relative_bops`).
+
+    ``state`` fixes which sites are quantized, their bit range (``state.spec.bits``: each learned
+    site's options are the integers from ``b_u`` down to ``b_l``; frozen sites keep theirs), the
+    activation quantizers (their bits count in BOPs) and per-tensor or per-channel steps. Raises
+    ``ValueError`` naming the smallest reachable figure when the budget is below it.
+    """
+    from tqdm.auto import tqdm
+
+    if (size is None) == (bops is None):
+        raise ValueError("give exactly one budget: size= or bops= (a fraction of fp32).")
+    check_state(graph, state)
+    alpha = float(size if size is not None else bops)
+    kind = "size" if size is not None else "bops"
+    if not 0 < alpha <= 1:
+        raise ValueError(f"{kind} budget {alpha} must be a fraction of fp32 in (0, 1].")
+    lv = sparsity_levels(levels)
+    tables, counts = _tables(info, graph, state, variables, lv)
+    fp32_bits, fp32_bops = cost.fp32_size_bits(graph), cost.fp32_bops(graph)
+    pick = 0 if kind == "size" else 1
+
+    def figure(node):
+        return _figures(tables, counts, node, fp32_bits, fp32_bops)[pick]
+
+    floor_node = (*[len(t.bits) - 1 for t in tables], len(lv) - 1)
+    floor = figure(floor_node)
+    if alpha < floor:
+        raise ValueError(
+            f"{kind} budget {alpha:.4%} is below the smallest reachable configuration "
+            f"({floor:.4%} of fp32: every site at its lowest bits, sparsity {lv[-1]:.3f})."
+        )
+
+    def heuristic(node, c):
+        *bi, s = node
+        norm = sum(t.suffix(t.kept_q[b], int(counts[i, s]))
+                   for i, (t, b) in enumerate(zip(tables, bi, strict=True)))
+        return math.sqrt(max(c - alpha, 0.0) ** 2 * norm)
+
+    start = (*[0] * len(tables), 0)
+    tie = itertools.count()
+    c0 = figure(start)
+    frontier = [(heuristic(start, c0), next(tie), 0.0, start, ())]
+    seen: set = set()
+    bar = tqdm(desc=f"fit search ({kind} budget {alpha:.2%})", unit="node", disable=not progress)
+    expanded = 0
+    while frontier:
+        _, _, g, node, path = heapq.heappop(frontier)
+        if node in seen:
+            continue
+        seen.add(node)
+        c = figure(node)
+        if c <= alpha:
+            break
+        expanded += 1
+        bar.update(1)
+        bar.set_postfix({kind: f"{c:.4f}"})
+        if expanded > max_nodes:
+            raise RuntimeError(f"fit search expanded {max_nodes} nodes without reaching the "
+                               f"{kind} budget; raise max_nodes or the budget.")
+        *bi, s = node
+        for i, t in enumerate(tables):  # one site one bit option lower
+            if bi[i] + 1 >= len(t.bits):
+                continue
+            nxt = (*bi[:i], bi[i] + 1, *bi[i + 1 :], s)
+            edge = math.sqrt(max(t.suffix(t.step[bi[i]], int(counts[i, s])), 0.0))
+            cn = figure(nxt)
+            heapq.heappush(frontier, (g + edge + heuristic(nxt, cn), next(tie), g + edge, nxt,
+                                      (*path, (f"{t.name}->{t.bits[bi[i] + 1]:g}b", cn))))
+        if s + 1 < len(lv):  # one sparsity level up
+            nxt = (*bi, s + 1)
+            edge = math.sqrt(max(sum(
+                float(t.kept_q[b][counts[i, s + 1]] - t.kept_q[b][counts[i, s]])
+                for i, (t, b) in enumerate(zip(tables, bi, strict=True))), 0.0))
+            cn = figure(nxt)
+            heapq.heappush(frontier, (g + edge + heuristic(nxt, cn), next(tie), g + edge, nxt,
+                                      (*path, (f"sparsity->{lv[s + 1]:.4f}", cn))))
+    bar.close()
+    out = _to_state(graph, state, tables, counts, node)
+    exact = float(cost.relative_size(graph, out) if kind == "size"
+                  else cost.relative_bops(graph, out))
+    if exact > alpha + 1e-12:
+        raise AssertionError(f"fit search: the exact {kind} {exact} of the chosen state exceeds "
+                             f"the budget {alpha} (table {c}); please report this.")
+    *bi, s = node
+    return SearchResult(
+        state=out, bits={t.name: t.bits[b] for t, b in zip(tables, bi, strict=True)},
+        sparsity=float(lv[s]), relative_size=float(cost.relative_size(graph, out)),
+        relative_bops=float(cost.relative_bops(graph, out)),
+        fit=fit_score(info, graph, out, variables), nodes_expanded=expanded, path=list(path),
+    )
+
+
+def _to_state(graph: Graph, state: CompressionState, tables: list[_SiteTable],
+              counts: np.ndarray, node: tuple) -> CompressionState:
+    *bi, s = node
+    sm = graph.site_map
+    masks = dict(state.weight_masks)
+    out = state
+    for i, (t, b) in enumerate(zip(tables, bi, strict=True)):
+        k = int(counts[i, s])
+        if k:
+            m = np.ones(t.numel, np.float32)
+            m[t.order[:k]] = 0.0
+            masks[t.name] = jnp.asarray(m.reshape(sm[t.name].weight_shape))
+        if t.name in state.weight and t.name not in state.frozen:
+            out = set_bits(graph, out, t.name, t.bits[b])
+    return out.replace(weight_masks=masks)
+
+
+def uniform_magnitude(
+    graph: Graph,
+    state: CompressionState,
+    variables: Mapping,
+    *,
+    bits: float,
+    size: float | None = None,
+    bops: float | None = None,
+    levels: int = LEVELS,
+) -> SearchResult:
+    """The baseline at the same budget: every learned site at ``bits``, then the lowest global
+    magnitude-pruning level (``|θ|`` over all sites, the same schedule as :func:`search`) whose
+    size / BOPs is within the budget."""
+    if (size is None) == (bops is None):
+        raise ValueError("give exactly one budget: size= or bops= (a fraction of fp32).")
+    check_state(graph, state)
+    alpha = float(size if size is not None else bops)
+    ones = FisherInfo(weight={s.name: np.ones(s.weight_shape, np.float32) for s in graph.sites},
+                      act={s.name: 0.0 for s in graph.sites}, samples=1)
+    lv = sparsity_levels(levels)
+    tables, counts = _tables(ones, graph, state, variables, lv)
+    bi = []
+    for t in tables:
+        if float(bits) in t.bits:
+            bi.append(t.bits.index(float(bits)))
+        elif len(t.bits) == 1 or t.name not in state.weight:  # frozen or float: as they are
+            bi.append(0)
+        else:
+            raise ValueError(f"bits={bits} is outside site {t.name}'s options {t.bits}.")
+    pick = 0 if size is not None else 1
+    fp32_bits, fp32_bops = cost.fp32_size_bits(graph), cost.fp32_bops(graph)
+    for s in range(len(lv)):
+        node = (*bi, s)
+        if _figures(tables, counts, node, fp32_bits, fp32_bops)[pick] <= alpha:
+            out = _to_state(graph, state, tables, counts, node)
+            return SearchResult(
+                state=out, bits={t.name: t.bits[b] for t, b in zip(tables, bi, strict=True)},
+                sparsity=float(lv[s]), relative_size=float(cost.relative_size(graph, out)),
+                relative_bops=float(cost.relative_bops(graph, out)), fit=float("nan"),
+                nodes_expanded=0, path=[],
+            )
+    raise ValueError(f"uniform {bits:g} bits cannot reach the budget {alpha:.4%} even at "
+                     f"sparsity {lv[-1]:.3f}; lower the bits.")
