@@ -103,22 +103,47 @@ def build_optimizer(config: ml_collections.ConfigDict, num_steps: int):
 
 
 def _pretrain(config, model, variables, train_src, workdir: Path | None) -> dict:
-    """fp32 training for ``config.method.pretrain_steps`` (checkpointed under
-    ``<workdir>/pretrain``, so a rerun resumes or reuses it): the model a search method starts
-    from."""
-    steps = int(config.method.pretrain_steps)
+    """fp32 training for ``config.method.pretrain_steps`` with ``method.pretrain_optim`` (the
+    fields that differ from ``config.optim``), checkpointed under ``method.pretrain_dir`` (default
+    ``<workdir>/pretrain``) so that a rerun resumes it and the runs of one seed can share it
+    (``pretrain.json`` there records what it was trained with; another recipe is refused)."""
+    import json
+
+    method = config.method
+    steps = int(method.pretrain_steps) or int(method.get("pretrain_epochs", 0)) * \
+        data_lib.steps_per_epoch(len(train_src), config.batch_size)
+    if steps <= 0:
+        raise ValueError("config.method: set pretrain_steps (or pretrain_epochs) > 0.")
+    pc = ml_collections.ConfigDict(config.to_dict())
+    pc.optim.update(method.get("pretrain_optim", {}))
+    recipe = {"seed": config.seed, "model": pc.model.to_dict(), "optim": pc.optim.to_dict(),
+              "data": pc.data.to_dict(), "batch_size": pc.batch_size, "steps": steps}
+    directory = Path(method.get("pretrain_dir") or (workdir / "pretrain" if workdir else ""))
+    manager = None
+    if str(directory):
+        directory = directory.expanduser().absolute()
+        directory.mkdir(parents=True, exist_ok=True)
+        record = directory / "pretrain.json"
+        if record.exists():
+            old = json.loads(record.read_text())
+            if old != json.loads(json.dumps(recipe)):
+                diff = sorted(k for k in recipe if json.dumps(recipe[k]) != json.dumps(old.get(k)))
+                raise ValueError(f"{directory} holds a model pre-trained with other {diff}; "
+                                 "point method.pretrain_dir elsewhere.")
+        else:
+            record.write_text(json.dumps(recipe, indent=1))
+        manager = train_lib.checkpoint_manager(directory)
     key = jax.random.PRNGKey(config.seed)
     st = train_lib.create_train_state(train_lib.flax_forward(model.apply), variables,
-                                      build_optimizer(config, steps),
-                                      rng=jax.random.fold_in(key, 7))
-    manager = None if workdir is None else train_lib.checkpoint_manager(workdir / "pretrain")
+                                      build_optimizer(pc, steps), rng=jax.random.fold_in(key, 7))
     if manager is not None and manager.latest_step() is not None:
         st, _ = train_lib.restore_checkpoint(manager, st)
     stream = data_lib.batch_stream(train_src, config.batch_size, seed=config.seed + 1000,
                                    start_step=int(st.step))
-    st, _ = train_lib.train(st, stream, steps, manager=manager,
-                            checkpoint_every=config.checkpoint_every, log_every=config.log_every,
-                            progress=config.progress)
+    if int(st.step) < steps:
+        st, _ = train_lib.train(st, stream, steps, manager=manager,
+                                checkpoint_every=config.checkpoint_every,
+                                log_every=config.log_every, progress=config.progress)
     if manager is not None:
         manager.close()
     return {"params": st.params, **st.model_state}
@@ -139,6 +164,9 @@ def _fit_method(config, model, variables, example, train_src, workdir) -> tuple[
     calib = [np.asarray(train_src.get(rng.integers(0, len(train_src), config.batch_size), rng)
                         ["inputs"]) for _ in range(4)]
     state = jaxjpq.calibrate(jaxjpq.compress_apply(model.apply, graph), pretrained, state, calib)
+    for name in state.act:  # activations at b_u; the search picks the weight bits
+        if name not in state.frozen:
+            state = jaxjpq.set_bits(graph, state, name, float(method.bits[1]), kind="act")
     budget = {k: method.get(k) for k in ("size", "bops") if method.get(k)}
     if len(budget) != 1:
         raise ValueError("config.method: give exactly one of size= or bops= (a fraction of fp32).")
@@ -276,9 +304,14 @@ def export_and_check(graph, model, state, test_src, batch_size: int, directory: 
         batch_size,
     )["accuracy"]
     sizes = export.theoretical_bytes(restored)
+    fp32_bytes = 4.0 * graph.param_count()
+    disk = export.disk_bytes(directory)
     return {
-        "disk_bytes": export.disk_bytes(directory),
+        "disk_bytes": disk,
         "theoretical_bytes": sizes["total"],
+        "fp32_bytes": fp32_bytes,
+        "relative_theoretical": sizes["total"] / fp32_bytes,
+        "relative_disk": disk / fp32_bytes,
         "restored_test_accuracy": acc,
     }
 

@@ -207,7 +207,8 @@ def test_pareto_table_and_chart(tmp_path):
 # (72 s) GETA configs since the q_m step guard in geta._quant_update (they used to stop with
 # NonFiniteLossError), left out for suite time. djpq_resnet18_imagenet2012 passes too (45-85 s).
 @pytest.mark.parametrize(
-    "config_name", ["geta_resnet20_cifar10", "geta_bert_tiny_sst2", "djpq_vgg7_cifar10"]
+    "config_name", ["geta_resnet20_cifar10", "geta_bert_tiny_sst2", "djpq_vgg7_cifar10",
+                    "fit_resnet20_cifar10", "fit_bert_tiny_sst2"]
 )
 def test_paper_scale_configs_run_on_tiny_data(config_name, tfds_dir, tmp_path):
     """A paper-scale config trains its full-size model for a few GETA / DJPQ steps on the tiny
@@ -221,10 +222,16 @@ def test_paper_scale_configs_run_on_tiny_data(config_name, tfds_dir, tmp_path):
     c.num_steps, c.batch_size, c.eval_batch_size = 10, 2, 4
     c.optim.warmup_steps = 2
     c.checkpoint_every, c.progress = 0, False
+    if c.method.name == "fit":  # a few pre-training steps, a small Fisher pass
+        c.method.pretrain_steps, c.method.fisher_samples, c.method.chunk = 5, 8, 4
+        c.method.pretrain_optim.warmup_steps = 1
     res = run.train_and_evaluate(c, tmp_path)
     comp = res["compression"]
     assert res["steps"] == 10 and 0.0 < comp["rel_bops"] < 1.0
-    if c.method.name == "djpq":  # the budget is met exactly (bits lowered / units pruned)
+    if c.method.name == "fit":  # the size budget holds for the exported payload
+        assert comp["export"]["relative_theoretical"] <= c.method.size
+        assert comp["nodes_expanded"] >= 1
+    elif c.method.name == "djpq":  # the budget is met exactly (bits lowered / units pruned)
         assert comp["rel_bops"] <= c.method.target_bops and comp["budget_met"]
     else:
         assert comp["sparsity"] > 0.0

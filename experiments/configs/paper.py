@@ -63,3 +63,34 @@ def djpq_config(model: str, dataset: str) -> ml_collections.ConfigDict:
     c.method.target_bops = DJPQ_TARGETS[dataset]["target_bops"]
     c.method.bits = DJPQ_TARGETS[dataset]["bits"]
     return c
+
+
+# dataset -> FITCompress size budget (exported model / fp32 model) and fine-tune fraction
+FIT_TARGETS = {
+    "cifar10": dict(size=0.1, bits=(2.0, 8.0), finetune=0.3),
+    "imagenet2012": dict(size=0.15, bits=(2.0, 8.0), finetune=0.3),
+    "sst2": dict(size=0.15, bits=(4.0, 8.0), finetune=0.3),
+}
+
+
+def fit_config(model: str, dataset: str) -> ml_collections.ConfigDict:
+    """FITCompress on ``model``: pre-training with the ``dataset`` recipe of ``RECIPES``
+    (its full step count), the search to the ``FIT_TARGETS`` budget, then the fine-tune
+    (``finetune`` × the recipe's epochs, at a tenth of its learning rate)."""
+    from experiments.configs import fit_mnist_cnn
+
+    c = geta_config(model, dataset)
+    t = FIT_TARGETS[dataset]
+    r = RECIPES[dataset]
+    method = fit_mnist_cnn.get_config().method
+    method.size = t["size"]
+    method.bits = t["bits"]
+    method.pretrain_steps = 0  # 0: the recipe's epochs (set from the data at run time)
+    method.pretrain_epochs = r["num_epochs"]
+    method.pretrain_optim = ml_collections.ConfigDict(
+        {"learning_rate": r["learning_rate"], "warmup_steps": r["warmup_steps"]})
+    c.method = method
+    c.num_epochs = max(1, round(r["num_epochs"] * t["finetune"]))
+    c.optim.learning_rate = r["learning_rate"] / 10
+    c.optim.warmup_steps = 0
+    return c

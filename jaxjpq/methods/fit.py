@@ -8,20 +8,22 @@ path planning, to a size (or BOPs) budget; then the shared ``qat`` fine-tune.
    ``Σ_l Σ_i F_i · E[Δ_i²] + Σ_l Tr(F_a,l) · d_a,l² / 12`` with ``E[Δ²] = d_l² / 12`` for a kept
    weight quantized with step ``d_l`` and ``θ_i²`` for a pruned one (without masks: the paper's
    ``Σ Tr(F_w) d_w²/12 + Σ Tr(F_a) d_a²/12``).
-3. :func:`search`: best-first search over nodes (one bit option per quantized site, a global
+3. :func:`search`: a best-first path through nodes (one bit option per quantized site, a global
    sparsity level of ``1 − logspace(0, −3, levels)``), from (``b_u`` everywhere, dense). A node's
    neighbours lower one site's bits one step or raise the sparsity one level (the weights of
-   lowest importance ``F ⊙ θ²`` over all sites go). Edge cost ``√(Σ F (θ' − θ'')²)`` between the
-   neighbours' weights, heuristic ``√((c − α)² · Σ F θ'²)`` (``c`` the node's relative size or
-   BOPs, ``α`` the budget). Every figure comes from per-site prefix sums in importance order, so a
-   node costs O(sites). The first node with ``c ≤ α`` becomes a ``CompressionState`` (bits via
-   ``set_bits``, elementwise masks), checked against the exact cost model.
+   lowest importance ``F ⊙ θ²`` over all sites go). Each step moves to the neighbour with the
+   smallest edge cost ``√(Σ F (θ' − θ'')²)`` (between the two nodes' weights) plus heuristic
+   ``√((c − α)² · Σ F θ'²)`` (``c`` the node's relative size: the exported model's bits over the
+   fp32 model's, or its relative BOPs; ``α`` the budget), until ``c ≤ α``; every move lowers
+   ``c``, so the path ends within ``Σ bit options + levels`` steps. Every figure comes from
+   per-site prefix sums in importance order, so a node costs O(sites). The final node becomes a
+   ``CompressionState`` (bits via ``set_bits``, elementwise masks), checked against the exact
+   cost model.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import heapq
 import itertools
 import math
 from collections.abc import Callable, Iterable, Mapping
@@ -224,9 +226,10 @@ class SearchResult(NamedTuple):
     Attributes:
       state: the chosen ``CompressionState`` (bits via ``set_bits``, elementwise masks).
       bits: ``{site: weight bits}``; sparsity: the global sparsity level reached.
-      relative_size, relative_bops: exact figures of ``state`` (:mod:`jaxjpq.cost`).
+      relative_size: exported model bits / fp32 model bits (:func:`relative_model_size`);
+      relative_bops: :func:`jaxjpq.cost.relative_bops`.
       fit: FIT of the chosen configuration (:func:`fit_score`).
-      nodes_expanded: search nodes expanded; path: ``[(move, relative figure), ...]``.
+      nodes_expanded: steps of the path; path: ``[(move, relative figure), ...]``.
     """
 
     state: CompressionState
@@ -301,11 +304,28 @@ def _tables(info: FisherInfo, graph: Graph, state: CompressionState, variables: 
     return tables, counts
 
 
+def model_bits(graph: Graph, state: CompressionState) -> float:
+    """Bits of the exported model: site codes, sparse indices, scales and the float leaves
+    (``cost.size_bits(include_scales=True, include_other=True)``)."""
+    return float(cost.size_bits(graph, state, include_scales=True, include_other=True))
+
+
+def fp32_model_bits(graph: Graph) -> float:
+    """Bits of the dense float32 model's ``params``."""
+    return 32.0 * graph.param_count()
+
+
+def relative_model_size(graph: Graph, state: CompressionState) -> float:
+    """Exported model bits / fp32 model bits: the size budget :func:`search` meets."""
+    return model_bits(graph, state) / fp32_model_bits(graph)
+
+
 def _figures(tables: list[_SiteTable], counts: np.ndarray, node: tuple, fp32_bits: float,
-             fp32_bops: float) -> tuple[float, float]:
-    """(relative size, relative BOPs) of ``node`` = (bit index per site, level)."""
+             fp32_bops: float, extra_bits: float = 0.0) -> tuple[float, float]:
+    """(relative size, relative BOPs) of ``node`` = (bit index per site, level); ``extra_bits``
+    (scales, float leaves) count in the size."""
     *bi, s = node
-    size = bops = 0.0
+    size, bops = extra_bits, 0.0
     for t, b, k in zip(tables, bi, counts[:, s], strict=True):
         kept = t.numel - int(k)
         bits = t.bits[b]
@@ -324,11 +344,11 @@ def search(
     size: float | None = None,
     bops: float | None = None,
     levels: int = LEVELS,
-    max_nodes: int = 200_000,
     progress: bool = True,
 ) -> SearchResult:
-    """Best-first FIT path search to ``size`` (relative to fp32 site weights, as
-    :func:`jaxjpq.cost.relative_size`) or ``bops`` (as :func:`jaxjpq.cost.relative_bops`).
+    """The best-first FIT path (module docstring) to ``size`` (the exported model's bits
+    relative to the fp32 model's, :func:`relative_model_size`: codes, indices, scales and float
+    leaves) or ``bops`` (:func:`jaxjpq.cost.relative_bops`).
 
     ``state`` fixes which sites are quantized, their bit range (``state.spec.bits``: each learned
     site's options are the integers from ``b_u`` down to ``b_l``; frozen sites keep theirs), the
@@ -346,11 +366,12 @@ def search(
         raise ValueError(f"{kind} budget {alpha} must be a fraction of fp32 in (0, 1].")
     lv = sparsity_levels(levels)
     tables, counts = _tables(info, graph, state, variables, lv)
-    fp32_bits, fp32_bops = cost.fp32_size_bits(graph), cost.fp32_bops(graph)
+    fp32_bits, fp32_bops = fp32_model_bits(graph), cost.fp32_bops(graph)
+    extra = _extra_bits(graph, state)
     pick = 0 if kind == "size" else 1
 
     def figure(node):
-        return _figures(tables, counts, node, fp32_bits, fp32_bops)[pick]
+        return _figures(tables, counts, node, fp32_bits, fp32_bops, extra)[pick]
 
     floor_node = (*[len(t.bits) - 1 for t in tables], len(lv) - 1)
     floor = figure(floor_node)
@@ -366,58 +387,53 @@ def search(
                    for i, (t, b) in enumerate(zip(tables, bi, strict=True)))
         return math.sqrt(max(c - alpha, 0.0) ** 2 * norm)
 
-    start = (*[0] * len(tables), 0)
-    tie = itertools.count()
-    c0 = figure(start)
-    frontier = [(heuristic(start, c0), next(tie), 0.0, start, ())]
-    seen: set = set()
-    bar = tqdm(desc=f"fit search ({kind} budget {alpha:.2%})", unit="node", disable=not progress)
-    expanded = 0
-    while frontier:
-        _, _, g, node, path = heapq.heappop(frontier)
-        if node in seen:
-            continue
-        seen.add(node)
-        c = figure(node)
-        if c <= alpha:
-            break
-        expanded += 1
-        bar.update(1)
-        bar.set_postfix({kind: f"{c:.4f}"})
-        if expanded > max_nodes:
-            raise RuntimeError(f"fit search expanded {max_nodes} nodes without reaching the "
-                               f"{kind} budget; raise max_nodes or the budget.")
+    node = (*[0] * len(tables), 0)
+    c = figure(node)
+    path: list = []
+    bar = tqdm(desc=f"fit search ({kind} budget {alpha:.2%})", unit="step", disable=not progress)
+    while c > alpha:
         *bi, s = node
+        moves = []
         for i, t in enumerate(tables):  # one site one bit option lower
-            if bi[i] + 1 >= len(t.bits):
-                continue
-            nxt = (*bi[:i], bi[i] + 1, *bi[i + 1 :], s)
-            edge = math.sqrt(max(t.suffix(t.step[bi[i]], int(counts[i, s])), 0.0))
-            cn = figure(nxt)
-            heapq.heappush(frontier, (g + edge + heuristic(nxt, cn), next(tie), g + edge, nxt,
-                                      (*path, (f"{t.name}->{t.bits[bi[i] + 1]:g}b", cn))))
+            if bi[i] + 1 < len(t.bits):
+                nxt = (*bi[:i], bi[i] + 1, *bi[i + 1 :], s)
+                edge = math.sqrt(max(t.suffix(t.step[bi[i]], int(counts[i, s])), 0.0))
+                moves.append((f"{t.name}->{t.bits[bi[i] + 1]:g}b", nxt, edge))
         if s + 1 < len(lv):  # one sparsity level up
-            nxt = (*bi, s + 1)
             edge = math.sqrt(max(sum(
                 float(t.kept_q[b][counts[i, s + 1]] - t.kept_q[b][counts[i, s]])
                 for i, (t, b) in enumerate(zip(tables, bi, strict=True))), 0.0))
+            moves.append((f"sparsity->{lv[s + 1]:.4f}", (*bi, s + 1), edge))
+        best = None
+        for label, nxt, edge in moves:
             cn = figure(nxt)
-            heapq.heappush(frontier, (g + edge + heuristic(nxt, cn), next(tie), g + edge, nxt,
-                                      (*path, (f"sparsity->{lv[s + 1]:.4f}", cn))))
+            f = edge + heuristic(nxt, cn)
+            if best is None or f < best[0]:
+                best = (f, label, nxt, cn)
+        _, label, node, c = best  # a move always exists above the floor
+        path.append((label, c))
+        bar.update(1)
+        bar.set_postfix({kind: f"{c:.4f}"})
     bar.close()
+    expanded = len(path)
     out = _to_state(graph, state, tables, counts, node)
-    exact = float(cost.relative_size(graph, out) if kind == "size"
-                  else cost.relative_bops(graph, out))
+    exact = (relative_model_size(graph, out) if kind == "size"
+             else float(cost.relative_bops(graph, out)))
     if exact > alpha + 1e-12:
         raise AssertionError(f"fit search: the exact {kind} {exact} of the chosen state exceeds "
                              f"the budget {alpha} (table {c}); please report this.")
     *bi, s = node
     return SearchResult(
         state=out, bits={t.name: t.bits[b] for t, b in zip(tables, bi, strict=True)},
-        sparsity=float(lv[s]), relative_size=float(cost.relative_size(graph, out)),
+        sparsity=float(lv[s]), relative_size=relative_model_size(graph, out),
         relative_bops=float(cost.relative_bops(graph, out)),
         fit=fit_score(info, graph, out, variables), nodes_expanded=expanded, path=list(path),
     )
+
+
+def _extra_bits(graph: Graph, state: CompressionState) -> float:
+    """The model bits that no search move changes: scales and float leaves."""
+    return model_bits(graph, state) - float(cost.size_bits(graph, state))
 
 
 def _to_state(graph: Graph, state: CompressionState, tables: list[_SiteTable],
@@ -467,14 +483,15 @@ def uniform_magnitude(
         else:
             raise ValueError(f"bits={bits} is outside site {t.name}'s options {t.bits}.")
     pick = 0 if size is not None else 1
-    fp32_bits, fp32_bops = cost.fp32_size_bits(graph), cost.fp32_bops(graph)
+    fp32_bits, fp32_bops = fp32_model_bits(graph), cost.fp32_bops(graph)
+    extra = _extra_bits(graph, state)
     for s in range(len(lv)):
         node = (*bi, s)
-        if _figures(tables, counts, node, fp32_bits, fp32_bops)[pick] <= alpha:
+        if _figures(tables, counts, node, fp32_bits, fp32_bops, extra)[pick] <= alpha:
             out = _to_state(graph, state, tables, counts, node)
             return SearchResult(
                 state=out, bits={t.name: t.bits[b] for t, b in zip(tables, bi, strict=True)},
-                sparsity=float(lv[s]), relative_size=float(cost.relative_size(graph, out)),
+                sparsity=float(lv[s]), relative_size=relative_model_size(graph, out),
                 relative_bops=float(cost.relative_bops(graph, out)), fit=float("nan"),
                 nodes_expanded=0, path=[],
             )

@@ -1,0 +1,14 @@
+"""FITCompress on ``resnet20`` / cifar10 (paper scale; see ``experiments/configs/paper.py``).
+
+    python -m experiments.run --config experiments/configs/fit_resnet20_cifar10.py \\
+        --config.data.data_dir=/path/to/tfds --workdir runs/fit_resnet20_cifar10
+"""
+
+import ml_collections
+
+from experiments.configs.paper import fit_config
+
+
+def get_config() -> ml_collections.ConfigDict:
+    """The cifar10 recipe of ``paper.RECIPES`` around FITCompress."""
+    return fit_config("resnet20", "cifar10")

@@ -1,0 +1,169 @@
+"""FITCompress: exact per-sample Fisher, FIT, the path search to a budget, the baseline."""
+
+import functools
+
+import flax.linen as nn
+import jax
+import numpy as np
+import optax
+import pytest
+
+import jaxjpq
+from jaxjpq import cost, export
+from jaxjpq.methods import fit
+from jaxjpq.models import MnistCNN
+
+
+@functools.cache
+def _cnn():
+    model = MnistCNN(features=(4, 8), hidden=16)
+    rng = np.random.default_rng(0)
+    x = rng.random((24, 28, 28, 1), np.float32)
+    y = rng.integers(0, 10, 24).astype(np.int32)
+    v = model.init(jax.random.PRNGKey(0), x[:1])
+    g = jaxjpq.trace(model.apply, v, x[:2])
+    st = jaxjpq.init_state(g, jaxjpq.CompressionSpec(bits=(2, 8)), v)
+    st = jaxjpq.calibrate(jaxjpq.compress_apply(model.apply, g), v, st, [x])
+    for n in st.act:
+        if n not in st.frozen:
+            st = jaxjpq.set_bits(g, st, n, 8.0, kind="act")
+    info = fit.fisher(model.apply, g, v, [{"inputs": x, "labels": y}], chunk=5, progress=False)
+    return model, v, g, x, y, st, info
+
+
+def _loss(model, v, x, y):
+    logits = model.apply(v, x)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+
+def test_fisher_is_the_mean_of_squared_per_sample_gradients():
+    model, v, g, x, y, _, info = _cnn()
+    assert info.samples == len(x)
+    grads = [jax.grad(lambda p, i=i: _loss(model, {"params": p}, x[i:i + 1], y[i:i + 1]))(
+        v["params"]) for i in range(len(x))]
+    for s in g.sites:
+        want = np.mean([np.asarray(gr[s.name]["kernel"]) ** 2 for gr in grads], axis=0)
+        np.testing.assert_allclose(info.weight[s.name], want, rtol=2e-4, atol=1e-10)
+    # not the squared batch-mean gradient
+    mean_g = jax.grad(lambda p: _loss(model, {"params": p}, x, y))(v["params"])
+    sq = np.asarray(mean_g["Dense_0"]["kernel"]) ** 2
+    assert not np.allclose(info.weight["Dense_0"], sq, rtol=0.1)
+    # the first site's input is the image: its trace is E[Σ (∂L/∂x)²]
+    gx = [jax.grad(lambda xi, i=i: _loss(model, v, xi, y[i:i + 1]))(x[i:i + 1])
+          for i in range(len(x))]
+    want = np.mean([np.sum(np.asarray(a) ** 2) for a in gx])
+    np.testing.assert_allclose(info.act["Conv_0"], want, rtol=2e-4)
+
+
+def test_fit_without_masks_is_the_papers_formula():
+    model, v, g, x, y, st, info = _cnn()
+    tr = info.weight_trace()
+    want = 0.0
+    for s in g.sites:
+        d = float(jaxjpq.quant.effective_params(st.weight[s.name]).d)
+        want += tr[s.name] * d ** 2 / 12
+        d_a = float(jaxjpq.quant.effective_params(st.act[s.name], s.signed_input).d)
+        want += info.act[s.name] * d_a ** 2 / 12
+    assert fit.fit_score(info, g, st, v) == pytest.approx(want, rel=1e-6)
+
+
+@pytest.mark.parametrize("budget", [dict(size=0.2), dict(size=0.06), dict(bops=0.05)])
+def test_search_meets_the_budget_exactly_and_the_export_agrees(budget, tmp_path):
+    model, v, g, x, y, st, info = _cnn()
+    r = fit.search(info, g, st, v, progress=False, **budget)
+    (kind, alpha), = budget.items()
+    if kind == "size":
+        assert r.relative_size <= alpha
+        packed = export.pack(g, v, r.state)
+        theo = export.theoretical_bytes(packed)["total"]
+        assert theo <= alpha * 4 * g.param_count() + 8 * len(packed.arrays)
+    else:
+        assert r.relative_bops <= alpha and float(cost.relative_bops(g, r.state)) <= alpha
+    # every learned weight site at an integer width in the spec's range, the rest untouched
+    for n, b in r.bits.items():
+        if n in st.frozen:
+            assert b == 8.0
+        else:
+            assert 2.0 <= b <= 8.0 and b == int(b)
+    assert r.nodes_expanded >= 1 and np.isfinite(r.fit)
+    fwd = jaxjpq.compress_apply(model.apply, g)
+    export.save(tmp_path / "m", export.pack(g, v, r.state))
+    got = export.inference_fn(export.restore(tmp_path / "m"), model.apply, g)(x)
+    np.testing.assert_allclose(got, fwd(v, r.state, x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_tighter_budget_prunes_or_lowers_more():
+    model, v, g, x, y, st, info = _cnn()
+    loose = fit.search(info, g, st, v, size=0.2, progress=False)
+    tight = fit.search(info, g, st, v, size=0.06, progress=False)
+    assert tight.relative_size < loose.relative_size
+    assert tight.fit > loose.fit
+
+
+def test_budget_below_the_smallest_reachable_is_an_error_naming_it():
+    model, v, g, x, y, st, info = _cnn()
+    with pytest.raises(ValueError, match=r"below the smallest reachable configuration \(\d"):
+        fit.search(info, g, st, v, size=1e-4, progress=False)
+    with pytest.raises(ValueError, match="exactly one budget"):
+        fit.search(info, g, st, v, progress=False)
+
+
+def test_uniform_magnitude_baseline_meets_the_budget_at_uniform_bits():
+    model, v, g, x, y, st, info = _cnn()
+    r = fit.uniform_magnitude(g, st, v, bits=4.0, size=0.1)
+    assert r.relative_size <= 0.1
+    assert {b for n, b in r.bits.items() if n not in st.frozen} == {4.0}
+    # magnitude pruning: every pruned weight is no larger than every kept one, over all sites
+    w = {s.name: np.abs(np.asarray(v["params"][s.name]["kernel"])) for s in g.sites}
+    kept = np.concatenate([w[n][np.asarray(m) > 0.5] for n, m in r.state.weight_masks.items()])
+    cut = np.concatenate([w[n][np.asarray(m) < 0.5] for n, m in r.state.weight_masks.items()])
+    assert cut.max() <= kept.min()
+
+
+class _MLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(4)(nn.relu(nn.Dense(32)(nn.relu(nn.Dense(32)(x)))))
+
+
+def _spearman(a, b):
+    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def test_fit_ranks_damage_like_the_measured_loss():
+    """Spearman(FIT, loss increase) over 30 random (bits, sparsity) configurations of a trained
+    MLP."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(256, 8)).astype(np.float32)
+    y = (x[:, :4].argmax(1)).astype(np.int32)
+    m = _MLP()
+    v = m.init(jax.random.PRNGKey(0), x[:1])
+    tx = optax.adam(1e-2)
+    opt = tx.init(v)
+
+    @jax.jit
+    def step(v, opt):
+        gr = jax.grad(lambda v: _loss(m, v, x, y))(v)
+        u, opt = tx.update(gr, opt)
+        return optax.apply_updates(v, u), opt
+
+    for _ in range(300):
+        v, opt = step(v, opt)
+    g = jaxjpq.trace(m.apply, v, x[:2])
+    st = jaxjpq.init_state(g, jaxjpq.CompressionSpec(bits=(2, 8), skip=(),
+                                                     quantize_activations=False), v)
+    info = fit.fisher(m.apply, g, v, [{"inputs": x, "labels": y}], chunk=64, progress=False)
+    fwd = jax.jit(jaxjpq.compress_apply(m.apply, g))
+    base = float(_loss(m, v, x, y))
+    lv = fit.sparsity_levels()
+    tables, counts = fit._tables(info, g, st, v, lv)
+    fits, damage = [], []
+    for _ in range(30):
+        node = (*[int(rng.integers(0, len(t.bits))) for t in tables], int(rng.integers(0, 30)))
+        cand = fit._to_state(g, st, tables, counts, node)
+        fits.append(fit.fit_score(info, g, cand, v))
+        logits = fwd(v, cand, x)
+        damage.append(float(optax.softmax_cross_entropy_with_integer_labels(logits, y).mean())
+                      - base)
+    assert _spearman(fits, damage) > 0.7
