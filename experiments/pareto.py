@@ -42,7 +42,13 @@ def load(workdirs: list[str]) -> dict[str, list[dict[str, Any]]]:
             cost += ", clips trained in cool-down"
         if "quantize_at" in m:  # the staged baseline's schedule, as fractions of the steps
             cost += f", prune at {m['prune_at']:g}, quantize at {m['quantize_at']:g}"
-        if "target_bops" in m:
+        if m["name"] in ("fit", "uniform_magnitude"):  # a search to a size or BOPs budget
+            budget = (f"size {100 * m['size']:g} %" if m.get("size")
+                      else f"BOPs {100 * m['bops']:g} %")
+            how = (f"bits {m['bits']}" if m["name"] == "fit"
+                   else f"{m['uniform_bits']:g} bits, magnitude")
+            label += f" ({budget}, {how}, {m.get('pretrain_steps')} + fine-tune)"
+        elif "target_bops" in m:
             label += f" (target {100 * m['target_bops']:g} % BOPs, bits {m['bits']})"
         elif "sparsity" in m:
             label += f" (sparsity {m['sparsity']:g}, bits {m['bits']}{cost})"
@@ -59,19 +65,23 @@ def _stat(values: list[float], scale: float = 1.0) -> str:
 def table(runs: dict[str, list[dict[str, Any]]]) -> str:
     """Markdown rows: mean (min-max over seeds) of test accuracy and relative BOPs, in %."""
     rows = [
-        "| Method | Seeds | Test acc. % | Rel. BOPs % | Sparsity | Mean bits (w) | Restored % |",
-        "|---|---|---|---|---|---|---|",
+        "| Method | Seeds | Test acc. % | Rel. BOPs % | Sparsity | Mean bits (w) | Restored % "
+        "| Export / fp32 bytes % |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for label, rs in runs.items():
         comp = [r.get("compression") or {} for r in rs]
         acc = [r["test_accuracy"] for r in rs]
         bops = [c.get("rel_bops", 1.0) for c in comp]
         restored = [c["export"]["restored_test_accuracy"] for c in comp if "export" in c]
+        size = [c["export"]["relative_theoretical"] for c in comp
+                if "relative_theoretical" in c.get("export", {})]
         rows.append(
             f"| {label} | {len(rs)} | {_stat(acc, 100)} | {_stat(bops, 100)} | "
             f"{_stat([c.get('sparsity', 0.0) for c in comp])} | "
             f"{_stat([c.get('mean_bits', 32.0) for c in comp])} | "
-            f"{_stat(restored, 100) if restored else '-'} |"
+            f"{_stat(restored, 100) if restored else '-'} | "
+            f"{_stat(size, 100) if size else '-'} |"
         )
     return "\n".join(rows)
 
@@ -85,7 +95,8 @@ def plot(runs: dict[str, list[dict[str, Any]]], out: Path) -> Path:
     from matplotlib.ticker import ScalarFormatter
 
     fig, ax = plt.subplots(figsize=(10, 4.5))
-    markers = {"fp32": "*", "geta": "o", "djpq": "s", "prune_then_quantize": "^"}
+    markers = {"fp32": "*", "geta": "o", "djpq": "s", "prune_then_quantize": "^", "fit": "D",
+               "uniform_magnitude": "v"}
     for label, rs in runs.items():
         xs = [100 * (r.get("compression") or {}).get("rel_bops", 1.0) for r in rs]
         ys = [100 * r["test_accuracy"] for r in rs]

@@ -149,6 +149,33 @@ def test_geta_config_meets_sparsity_and_reports_compression(tmp_path):
     assert comp["export"]["disk_bytes"] > 0  # size vs theory: tests/test_export.py (full CNN)
 
 
+def test_fit_and_its_baseline_share_a_pretrained_model_and_meet_the_size_budget(tmp_path):
+    from experiments.configs import fit_mnist_cnn, uniform_mnist_cnn
+
+    base = _tiny(num_steps=6)
+    results = {}
+    for name, mod in (("fit", fit_mnist_cnn), ("um", uniform_mnist_cnn)):
+        c = mod.get_config()
+        for k in ("data", "batch_size", "checkpoint_every", "progress", "model", "num_steps"):
+            c[k] = base[k]
+        c.method.pretrain_steps, c.method.fisher_samples, c.method.chunk = 8, 16, 8
+        c.method.pretrain_optim.warmup_steps = 2
+        c.method.pretrain_dir = str(tmp_path / "pretrain")
+        c.method.size = 0.08
+        results[name] = run.train_and_evaluate(c, tmp_path / name)
+    for name, res in results.items():
+        comp = res["compression"]
+        assert comp["export"]["relative_theoretical"] <= 0.08, name
+        assert comp["export"]["restored_test_accuracy"] == pytest.approx(res["test_accuracy"])
+    assert results["fit"]["compression"]["nodes_expanded"] >= 1
+    inner = {n: b for n, b in results["um"]["compression"]["searched_bits"].items()
+             if n not in ("Conv_0", "Dense_1")}
+    assert set(inner.values()) == {4.0}
+    c.method.pretrain_steps = 9  # another recipe in the same pre-training directory: refused
+    with pytest.raises(ValueError, match="pre-trained with other"):
+        run.train_and_evaluate(c, tmp_path / "other")
+
+
 def test_results_record_the_geta_stages_that_ran():
     from jaxjpq.methods.geta import DEFAULT_FRACTIONS
 
@@ -228,8 +255,11 @@ def test_paper_scale_configs_run_on_tiny_data(config_name, tfds_dir, tmp_path):
     res = run.train_and_evaluate(c, tmp_path)
     comp = res["compression"]
     assert res["steps"] == 10 and 0.0 < comp["rel_bops"] < 1.0
-    if c.method.name == "fit":  # the size budget holds for the exported payload
-        assert comp["export"]["relative_theoretical"] <= c.method.size
+    if c.method.name == "fit":  # the budget holds (size: for the exported payload)
+        if c.method.size:
+            assert comp["export"]["relative_theoretical"] <= c.method.size
+        else:
+            assert comp["rel_bops"] <= c.method.bops
         assert comp["nodes_expanded"] >= 1
     elif c.method.name == "djpq":  # the budget is met exactly (bits lowered / units pruned)
         assert comp["rel_bops"] <= c.method.target_bops and comp["budget_met"]
