@@ -156,6 +156,10 @@ def _fit_method(config, model, variables, example, train_src, workdir) -> tuple[
     from jaxjpq.methods import fit
 
     method = config.method
+    if method.get("size"):  # an unreachable size is an error before any training
+        g0 = jaxjpq.trace(model.apply, variables, example)
+        st0 = jaxjpq.init_state(g0, jaxjpq.CompressionSpec(bits=tuple(method.bits)))
+        fit.check_size_budget(g0, st0, float(method.size), int(method.levels))
     pretrained = _pretrain(config, model, variables, train_src, workdir)
     graph = jaxjpq.trace(model.apply, pretrained, example)
     spec = jaxjpq.CompressionSpec(bits=tuple(method.bits))

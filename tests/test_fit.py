@@ -106,6 +106,14 @@ def test_budget_below_the_smallest_reachable_is_an_error_naming_it():
         fit.search(info, g, st, v, size=1e-4, progress=False)
     with pytest.raises(ValueError, match="exactly one budget"):
         fit.search(info, g, st, v, progress=False)
+    # before any work: from shapes alone, a lower bound of every node's size
+    floor = fit.size_floor(g, st)
+    tables, counts = fit._tables(info, g, st, v, fit.sparsity_levels())
+    node = (*[len(t.bits) - 1 for t in tables], len(fit.sparsity_levels()) - 1)
+    assert floor <= fit.relative_model_size(g, fit._to_state(g, st, tables, counts, node))
+    with pytest.raises(ValueError, match="below the smallest reachable configuration"):
+        fit.check_size_budget(g, st, floor * 0.99)
+    fit.check_size_budget(g, st, floor)
 
 
 def test_uniform_magnitude_baseline_meets_the_budget_at_uniform_bits():

@@ -335,6 +335,40 @@ def _figures(tables: list[_SiteTable], counts: np.ndarray, node: tuple, fp32_bit
     return size / fp32_bits, bops / fp32_bops
 
 
+def size_floor(graph: Graph, state: CompressionState, levels: int = LEVELS) -> float:
+    """A lower bound of the relative size any :func:`search` node reaches, from shapes alone
+    (no Fisher needed): the scales and float leaves plus the weights left at the last sparsity
+    level, each at the lowest bits any site allows, without indices."""
+    lowest = min((_bit_options(state, n)[-1] for n in state.weight), default=32.0)
+    if any(s.name not in state.weight for s in graph.sites):
+        lowest = min(lowest, 32.0)
+    n = sum(math.prod(s.weight_shape) for s in graph.sites)
+    kept = n - int(round(sparsity_levels(levels)[-1] * n))
+    return (_extra_bits(graph, state) + kept * lowest) / fp32_model_bits(graph)
+
+
+def check_size_budget(graph: Graph, state: CompressionState, size: float,
+                      levels: int = LEVELS) -> None:
+    """Raise ``ValueError`` before any work when ``size`` is below :func:`size_floor`."""
+    floor = size_floor(graph, state, levels)
+    if size < floor:
+        raise ValueError(
+            f"size budget {size:.4%} is below the smallest reachable configuration (at least "
+            f"{floor:.4%} of fp32: the scales and float leaves alone, e.g. embeddings, with "
+            f"every site at its lowest bits and sparsity {sparsity_levels(levels)[-1]:.3f}); "
+            "raise the budget or give a BOPs budget."
+        )
+
+
+def _budget(size: float | None, bops: float | None) -> tuple[str, float]:
+    if (size is None) == (bops is None):
+        raise ValueError("give exactly one budget: size= or bops= (a fraction of fp32).")
+    kind, alpha = ("size", float(size)) if size is not None else ("bops", float(bops))
+    if not 0 < alpha <= 1:
+        raise ValueError(f"{kind} budget {alpha} must be a fraction of fp32 in (0, 1].")
+    return kind, alpha
+
+
 def search(
     info: FisherInfo,
     graph: Graph,
@@ -357,13 +391,8 @@ def search(
     """
     from tqdm.auto import tqdm
 
-    if (size is None) == (bops is None):
-        raise ValueError("give exactly one budget: size= or bops= (a fraction of fp32).")
+    kind, alpha = _budget(size, bops)
     check_state(graph, state)
-    alpha = float(size if size is not None else bops)
-    kind = "size" if size is not None else "bops"
-    if not 0 < alpha <= 1:
-        raise ValueError(f"{kind} budget {alpha} must be a fraction of fp32 in (0, 1].")
     lv = sparsity_levels(levels)
     tables, counts = _tables(info, graph, state, variables, lv)
     fp32_bits, fp32_bops = fp32_model_bits(graph), cost.fp32_bops(graph)
@@ -466,10 +495,8 @@ def uniform_magnitude(
     """The baseline at the same budget: every learned site at ``bits``, then the lowest global
     magnitude-pruning level (``|θ|`` over all sites, the same schedule as :func:`search`) whose
     size / BOPs is within the budget."""
-    if (size is None) == (bops is None):
-        raise ValueError("give exactly one budget: size= or bops= (a fraction of fp32).")
+    _, alpha = _budget(size, bops)
     check_state(graph, state)
-    alpha = float(size if size is not None else bops)
     ones = FisherInfo(weight={s.name: np.ones(s.weight_shape, np.float32) for s in graph.sites},
                       act={s.name: 0.0 for s in graph.sites}, samples=1)
     lv = sparsity_levels(levels)
