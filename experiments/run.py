@@ -149,6 +149,19 @@ def _pretrain(config, model, variables, train_src, workdir: Path | None) -> dict
     return {"params": st.params, **st.model_state}
 
 
+def _container_bytes(graph, variables, state) -> int:
+    """Bytes an export directory holds beyond the format's payload (orbax's files, the JSON
+    metadata), measured by saving ``state`` once."""
+    import tempfile
+
+    from jaxjpq import export
+
+    packed = export.pack(graph, variables, state)
+    with tempfile.TemporaryDirectory() as tmp:
+        export.save(Path(tmp) / "m", packed)
+        return int(export.disk_bytes(Path(tmp) / "m") - export.theoretical_bytes(packed)["total"])
+
+
 def _fit_method(config, model, variables, example, train_src, workdir) -> tuple[Any, Any, dict]:
     """FITCompress or its uniform-bits + magnitude-pruning baseline: pretrain, Fisher, search.
     Returns ``(graph, pair, info)``."""
@@ -174,6 +187,8 @@ def _fit_method(config, model, variables, example, train_src, workdir) -> tuple[
     budget = {k: method.get(k) for k in ("size", "bops") if method.get(k)}
     if len(budget) != 1:
         raise ValueError("config.method: give exactly one of size= or bops= (a fraction of fp32).")
+    if "size" in budget:  # the saved directory meets the budget: reserve the container's bytes
+        budget["reserve_bits"] = 8.0 * (_container_bytes(graph, pretrained, state) + 1024)
     t0 = time.perf_counter()
     info: dict[str, Any] = {}
     if method.name == "fit":
@@ -195,7 +210,9 @@ def _fit_method(config, model, variables, example, train_src, workdir) -> tuple[
                                     levels=int(method.levels), **budget)
     info.update(searched_bits=res.bits, searched_sparsity=res.sparsity,
                 searched_relative_size=res.relative_size,
-                searched_relative_bops=res.relative_bops, budget=budget)
+                searched_relative_bops=res.relative_bops,
+                budget={k: v for k, v in budget.items() if k != "reserve_bits"},
+                reserved_bytes=budget.get("reserve_bits", 0.0) / 8)
     return graph, jaxjpq.CompressedParams(pretrained["params"], res.state), info
 
 

@@ -161,11 +161,11 @@ def test_fit_and_its_baseline_share_a_pretrained_model_and_meet_the_size_budget(
         c.method.pretrain_steps, c.method.fisher_samples, c.method.chunk = 8, 16, 8
         c.method.pretrain_optim.warmup_steps = 2
         c.method.pretrain_dir = str(tmp_path / "pretrain")
-        c.method.size = 0.08
+        c.method.size = 0.3  # a tiny model: the container (a few KB) is a large share
         results[name] = run.train_and_evaluate(c, tmp_path / name)
     for name, res in results.items():
         comp = res["compression"]
-        assert comp["export"]["relative_theoretical"] <= 0.08, name
+        assert comp["export"]["relative_disk"] <= 0.3, name  # the saved directory, on disk
         assert comp["export"]["restored_test_accuracy"] == pytest.approx(res["test_accuracy"])
     assert results["fit"]["compression"]["nodes_expanded"] >= 1
     inner = {n: b for n, b in results["um"]["compression"]["searched_bits"].items()

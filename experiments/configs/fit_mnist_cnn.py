@@ -1,6 +1,6 @@
 """FITCompress on ``MnistCNN``: fp32 pre-training, empirical Fisher from per-sample gradients,
 best-first FIT search of per-layer weight bits in [2, 8] and a global unstructured mask to a
-size budget (the exported model at 10 % of the fp32 model's bytes), then quantization-aware
+size budget (the saved export at 10 % of the fp32 model's bytes), then quantization-aware
 fine-tuning at the chosen bits and mask. First and last layer at 8 bits; activations at 8 bits.
 
     python -m experiments.run --config experiments/configs/fit_mnist_cnn.py --workdir runs/fit
@@ -27,7 +27,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.method.pretrain_optim = ml_collections.ConfigDict(
         {"learning_rate": 2e-3, "warmup_steps": 200})  # the fp32 recipe's
     c.method.pretrain_dir = ""  # default <workdir>/pretrain; share it across one seed's runs
-    c.method.size = 0.1  # budget: exported model bits / fp32 model bits (biases, scales included)
+    c.method.size = 0.1  # budget: bytes of the saved export directory / fp32 model bytes
     c.method.bops = 0.0  # or a BOPs budget (cost.relative_bops) with size = 0
     c.method.bits = (2.0, 8.0)  # each layer's options: integers from b_u down to b_l
     c.method.levels = 40  # global sparsity levels 1 - logspace(0, -3, levels)

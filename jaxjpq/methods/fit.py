@@ -378,11 +378,13 @@ def search(
     size: float | None = None,
     bops: float | None = None,
     levels: int = LEVELS,
+    reserve_bits: float = 0.0,
     progress: bool = True,
 ) -> SearchResult:
     """The best-first FIT path (module docstring) to ``size`` (the exported model's bits
     relative to the fp32 model's, :func:`relative_model_size`: codes, indices, scales and float
-    leaves) or ``bops`` (:func:`jaxjpq.cost.relative_bops`).
+    leaves) or ``bops`` (:func:`jaxjpq.cost.relative_bops`). ``reserve_bits`` count in the size
+    on top (e.g. the container's own bytes on disk, so that the saved directory meets ``size``).
 
     ``state`` fixes which sites are quantized, their bit range (``state.spec.bits``: each learned
     site's options are the integers from ``b_u`` down to ``b_l``; frozen sites keep theirs), the
@@ -396,7 +398,7 @@ def search(
     lv = sparsity_levels(levels)
     tables, counts = _tables(info, graph, state, variables, lv)
     fp32_bits, fp32_bops = fp32_model_bits(graph), cost.fp32_bops(graph)
-    extra = _extra_bits(graph, state)
+    extra = _extra_bits(graph, state) + float(reserve_bits)
     pick = 0 if kind == "size" else 1
 
     def figure(node):
@@ -446,7 +448,7 @@ def search(
     bar.close()
     expanded = len(path)
     out = _to_state(graph, state, tables, counts, node)
-    exact = (relative_model_size(graph, out) if kind == "size"
+    exact = (relative_model_size(graph, out) + reserve_bits / fp32_bits if kind == "size"
              else float(cost.relative_bops(graph, out)))
     if exact > alpha + 1e-12:
         raise AssertionError(f"fit search: the exact {kind} {exact} of the chosen state exceeds "
@@ -491,10 +493,11 @@ def uniform_magnitude(
     size: float | None = None,
     bops: float | None = None,
     levels: int = LEVELS,
+    reserve_bits: float = 0.0,
 ) -> SearchResult:
     """The baseline at the same budget: every learned site at ``bits``, then the lowest global
     magnitude-pruning level (``|θ|`` over all sites, the same schedule as :func:`search`) whose
-    size / BOPs is within the budget."""
+    size / BOPs (plus ``reserve_bits``, as in :func:`search`) is within the budget."""
     _, alpha = _budget(size, bops)
     check_state(graph, state)
     ones = FisherInfo(weight={s.name: np.ones(s.weight_shape, np.float32) for s in graph.sites},
@@ -511,7 +514,7 @@ def uniform_magnitude(
             raise ValueError(f"bits={bits} is outside site {t.name}'s options {t.bits}.")
     pick = 0 if size is not None else 1
     fp32_bits, fp32_bops = fp32_model_bits(graph), cost.fp32_bops(graph)
-    extra = _extra_bits(graph, state)
+    extra = _extra_bits(graph, state) + float(reserve_bits)
     for s in range(len(lv)):
         node = (*bi, s)
         if _figures(tables, counts, node, fp32_bits, fp32_bops, extra)[pick] <= alpha:
