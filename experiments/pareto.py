@@ -47,6 +47,8 @@ def load(workdirs: list[str]) -> dict[str, list[dict[str, Any]]]:
                       else f"BOPs {100 * m['bops']:g} %")
             how = (f"bits {m['bits']}" if m["name"] == "fit"
                    else f"{m['uniform_bits']:g} bits, magnitude")
+            if m.get("criterion", "fit") != "fit":
+                how += f", {m['criterion']} criterion"
             label += f" ({budget}, {how}, {m.get('pretrain_steps')} + fine-tune)"
         elif "target_bops" in m:
             label += f" (target {100 * m['target_bops']:g} % BOPs, bits {m['bits']})"

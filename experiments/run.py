@@ -201,7 +201,8 @@ def _fit_method(config, model, variables, example, train_src, workdir) -> tuple[
         info["fisher_seconds"] = time.perf_counter() - t0
         t1 = time.perf_counter()
         res = fit.search(fisher, graph, state, pretrained, levels=int(method.levels),
-                         progress=config.progress, **budget)
+                         criterion=method.get("criterion", "fit"), progress=config.progress,
+                         **budget)
         info["search_seconds"] = time.perf_counter() - t1
         info["nodes_expanded"] = res.nodes_expanded
         info["fit"] = res.fit

@@ -11,6 +11,7 @@ from jaxjpq import cost, data, djpq, export, gates, macs, models, nnx, quant, tr
 from jaxjpq.compress import calibrate, compress_apply
 from jaxjpq.graph import AxisUnits, Graph, Group, MacTerm, Site, Slice
 from jaxjpq.macs import MacCount, count_macs, count_macs_split, eqn_macs
+from jaxjpq.methods import fit
 from jaxjpq.methods.baselines import prune_then_quantize
 from jaxjpq.methods.core import enforce_budget, qat, set_bits, within_budget
 from jaxjpq.methods.geta import geta
@@ -43,6 +44,7 @@ __all__ = [
     "eqn_macs",
     "enforce_budget",
     "export",
+    "fit",
     "gates",
     "geta",
     "init",

@@ -31,6 +31,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.method.bops = 0.0  # or a BOPs budget (cost.relative_bops) with size = 0
     c.method.bits = (2.0, 8.0)  # each layer's options: integers from b_u down to b_l
     c.method.levels = 40  # global sparsity levels 1 - logspace(0, -3, levels)
+    c.method.criterion = "fit"  # per step: least edge + heuristic; "rate": least edge per size
     c.method.fisher_samples = 1024
     c.method.chunk = 32  # samples per vmap of the per-sample gradients
     c.method.quant_lr = 1e-3  # fine-tune step of the clips

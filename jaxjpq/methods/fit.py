@@ -379,12 +379,15 @@ def search(
     bops: float | None = None,
     levels: int = LEVELS,
     reserve_bits: float = 0.0,
+    criterion: str = "fit",
     progress: bool = True,
 ) -> SearchResult:
     """The best-first FIT path (module docstring) to ``size`` (the exported model's bits
     relative to the fp32 model's, :func:`relative_model_size`: codes, indices, scales and float
     leaves) or ``bops`` (:func:`jaxjpq.cost.relative_bops`). ``reserve_bits`` count in the size
     on top (e.g. the container's own bytes on disk, so that the saved directory meets ``size``).
+    ``criterion``: ``"fit"`` (each step takes the neighbour of least edge cost + heuristic) or
+    ``"rate"`` (the neighbour of least edge cost per unit of the budget figure it removes).
 
     ``state`` fixes which sites are quantized, their bit range (``state.spec.bits``: each learned
     site's options are the integers from ``b_u`` down to ``b_l``; frozen sites keep theirs), the
@@ -394,6 +397,8 @@ def search(
     from tqdm.auto import tqdm
 
     kind, alpha = _budget(size, bops)
+    if criterion not in ("fit", "rate"):
+        raise ValueError(f"criterion must be 'fit' or 'rate', got {criterion!r}.")
     check_state(graph, state)
     lv = sparsity_levels(levels)
     tables, counts = _tables(info, graph, state, variables, lv)
@@ -438,7 +443,10 @@ def search(
         best = None
         for label, nxt, edge in moves:
             cn = figure(nxt)
-            f = edge + heuristic(nxt, cn)
+            if criterion == "fit":
+                f = edge + heuristic(nxt, cn)
+            else:
+                f = edge / max(c - cn, 1e-300)
             if best is None or f < best[0]:
                 best = (f, label, nxt, cn)
         _, label, node, c = best  # a move always exists above the floor
