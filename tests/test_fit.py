@@ -175,3 +175,11 @@ def test_fit_ranks_damage_like_the_measured_loss():
         damage.append(float(optax.softmax_cross_entropy_with_integer_labels(logits, y).mean())
                       - base)
     assert _spearman(fits, damage) > 0.7
+
+
+def test_rate_criterion_meets_the_budget_and_unknown_criteria_are_refused():
+    model, v, g, x, y, st, info = _cnn()
+    r = fit.search(info, g, st, v, size=0.06, criterion="rate", progress=False)
+    assert r.relative_size <= 0.06 and r.nodes_expanded >= 1
+    with pytest.raises(ValueError, match="criterion"):
+        fit.search(info, g, st, v, size=0.06, criterion="greedy", progress=False)
