@@ -169,13 +169,12 @@ def _fit_method(config, model, variables, example, train_src, workdir) -> tuple[
     from jaxjpq.methods import fit
 
     method = config.method
-    if method.get("size"):  # an unreachable size is an error before any training
-        g0 = jaxjpq.trace(model.apply, variables, example)
-        st0 = jaxjpq.init_state(g0, jaxjpq.CompressionSpec(bits=tuple(method.bits)))
-        fit.check_size_budget(g0, st0, float(method.size), int(method.levels))
-    pretrained = _pretrain(config, model, variables, train_src, workdir)
-    graph = jaxjpq.trace(model.apply, pretrained, example)
+    graph = jaxjpq.trace(model.apply, variables, example)  # shapes only: holds after training
     spec = jaxjpq.CompressionSpec(bits=tuple(method.bits))
+    if method.get("size"):  # an unreachable size is an error before any training
+        fit.check_size_budget(graph, jaxjpq.init_state(graph, spec), float(method.size),
+                              int(method.levels))
+    pretrained = _pretrain(config, model, variables, train_src, workdir)
     state = jaxjpq.init_state(graph, spec, pretrained)
     rng = np.random.default_rng(config.seed)
     calib = [np.asarray(train_src.get(rng.integers(0, len(train_src), config.batch_size), rng)
@@ -251,9 +250,7 @@ def build_method(config, model, variables, example, num_steps: int, train_src=No
     else:
         graph = jaxjpq.trace(model.apply, variables, example)
     key = jax.random.PRNGKey(config.seed)
-    if method.name in ("fit", "uniform_magnitude"):
-        pass
-    elif method.name == "djpq":
+    if method.name == "djpq":
         spec = jaxjpq.CompressionSpec(
             bits=tuple(method.bits), budget={"bops": method.target_bops},
             power_of_two=method.power_of_two, init_bits=method.init_bits, learn_t=False,
@@ -275,7 +272,7 @@ def build_method(config, model, variables, example, num_steps: int, train_src=No
                          cooldown_clips=method.get("cooldown_clips", False),
                          unit_multiple=method.get("unit_multiple", 1))
         pair = jaxjpq.init(graph, spec, variables)
-    else:
+    elif method.name == "prune_then_quantize":
         quantize = method.quantize_at < 1.0
         spec = jaxjpq.CompressionSpec(quantize_weights=quantize, quantize_activations=quantize)
         tx = jaxjpq.prune_then_quantize(

@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 import jax
 from jax.extend import core
 
-from jaxjpq.jaxprs import SUBJAXPR_KEYS
+from jaxjpq.jaxprs import SUBJAXPR_KEYS, sub_jaxpr
 from jaxjpq.trace.registry import eqn_macs, rule_for, walk_jaxpr
 
 _WHILE_POLICIES = ("error", "once")
@@ -54,13 +54,13 @@ def _open(jaxpr_like: Any) -> core.Jaxpr:
 
 
 def _subjaxpr(eqn: core.JaxprEqn) -> core.Jaxpr:
-    for key in SUBJAXPR_KEYS:
-        if key in eqn.params:
-            return _open(eqn.params[key])
-    raise ValueError(
-        f"count_macs: call primitive {eqn.primitive.name!r} has no sub-jaxpr under any of "
-        f"{SUBJAXPR_KEYS}; add its parameter name to jaxjpq.macs.SUBJAXPR_KEYS."
-    )
+    sub, _ = sub_jaxpr(eqn.params)
+    if sub is None:
+        raise ValueError(
+            f"count_macs: call primitive {eqn.primitive.name!r} has no sub-jaxpr under any of "
+            f"{SUBJAXPR_KEYS}; add its parameter name to jaxjpq.jaxprs.SUBJAXPR_KEYS."
+        )
+    return sub
 
 
 def _has_subjaxpr(eqn: core.JaxprEqn) -> bool:

@@ -36,9 +36,10 @@ import numpy as np
 from jaxjpq import cost
 from jaxjpq.compress import probed_apply
 from jaxjpq.graph import Graph
-from jaxjpq.methods.core import set_bits
-from jaxjpq.quant import effective_params, init_from_tensor, params_bits, quantize_with
+from jaxjpq.methods.core import set_bits, with_bits
+from jaxjpq.quant import broadcast_params, effective_params, params_bits, quantize_with
 from jaxjpq.state import CompressionState, check_state, leaf, site_quantizer
+from jaxjpq.train import cross_entropy
 
 LEVELS = 40  # sparsity levels 1 - logspace(0, -3, LEVELS): 0 ... 0.999
 
@@ -62,18 +63,13 @@ class FisherInfo(NamedTuple):
         return {s: float(np.sum(f)) for s, f in self.weight.items()}
 
 
-def _cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32))
-    return -jnp.mean(jnp.take_along_axis(logp, labels[..., None].astype(jnp.int32), -1))
-
-
 def fisher(
     apply_fn: Callable,
     graph: Graph,
     variables: Mapping,
     batches: Iterable[Mapping[str, Any]],
     *,
-    loss_fn: Callable[[jax.Array, jax.Array], jax.Array] = _cross_entropy,
+    loss_fn: Callable[[jax.Array, jax.Array], jax.Array] = cross_entropy,
     chunk: int = 16,
     max_samples: int | None = None,
     progress: bool = True,
@@ -168,7 +164,8 @@ def fit_score(info: FisherInfo, graph: Graph, state: CompressionState,
         if s.name in state.weight:
             p = effective_params(site_quantizer(state, "weight", s.name), True,
                                  state.power_of_two)
-            d = np.broadcast_to(_per_position(np.asarray(p.d), s), s.weight_shape)
+            d = np.broadcast_to(np.asarray(broadcast_params(p, len(s.weight_shape),
+                                                            s.out_axes).d), s.weight_shape)
             total += float(np.sum(f[keep] * d[keep] ** 2) / 12.0)
         if s.name in state.act:
             p = effective_params(site_quantizer(state, "act", s.name), s.signed_input,
@@ -177,21 +174,13 @@ def fit_score(info: FisherInfo, graph: Graph, state: CompressionState,
     return total
 
 
-def _per_position(d: np.ndarray, site: Any) -> np.ndarray:
-    """A per-channel step broadcast over the site's weight axes."""
-    if not d.ndim:
-        return d
-    shape = [1] * len(site.weight_shape)
-    for a, n in zip(sorted(a % len(shape) for a in site.out_axes), d.shape, strict=True):
-        shape[a] = n
-    return d.reshape(shape)
-
-
 def importance(info: FisherInfo, graph: Graph, variables: Mapping) -> dict[str, np.ndarray]:
     """Elementwise pruning importance ``F ⊙ θ²`` per site (``weight_shape``)."""
-    w = _weights(graph, variables)
-    return {s.name: np.asarray(info.weight[s.name], np.float64) * w[s.name] ** 2
-            for s in graph.sites}
+    return _importance(info, _weights(graph, variables))
+
+
+def _importance(info: FisherInfo, w: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {n: np.asarray(info.weight[n], np.float64) * x ** 2 for n, x in w.items()}
 
 
 def sparsity_levels(levels: int = LEVELS) -> np.ndarray:
@@ -254,8 +243,8 @@ def _tables(info: FisherInfo, graph: Graph, state: CompressionState, variables: 
             levels: np.ndarray) -> tuple[list[_SiteTable], np.ndarray]:
     """Per-site prefix sums and ``k[l, s]``: weights of site ``l`` pruned at level ``s``."""
     w = _weights(graph, variables)
-    imp = importance(info, graph, variables)
-    sites = [s for s in graph.sites]
+    imp = _importance(info, w)
+    sites = list(graph.sites)
     flat_imp = np.concatenate([imp[s.name].reshape(-1) for s in sites])
     owner = np.concatenate([np.full(imp[s.name].size, i) for i, s in enumerate(sites)])
     order = np.argsort(flat_imp, kind="stable")
@@ -279,9 +268,9 @@ def _tables(info: FisherInfo, graph: Graph, state: CompressionState, variables: 
             if not quantized:
                 qs.append(theta)
                 continue
-            axes = s.out_axes if np.ndim(state.weight[s.name].d) else None
-            p = init_from_tensor(jnp.asarray(w[s.name], jnp.float32), b, axes)
-            qs.append(np.asarray(quantize_with(jnp.asarray(w[s.name], jnp.float32), p),
+            ws = jnp.asarray(w[s.name], jnp.float32)
+            p = broadcast_params(with_bits(state.weight[s.name], b, True), ws.ndim, s.out_axes)
+            qs.append(np.asarray(quantize_with(ws, p, True, state.power_of_two, state.learn_t),
                                  np.float64).reshape(-1))
         qo = [q[mine] for q in qs]
 
@@ -402,12 +391,7 @@ def search(
     check_state(graph, state)
     lv = sparsity_levels(levels)
     tables, counts = _tables(info, graph, state, variables, lv)
-    fp32_bits, fp32_bops = fp32_model_bits(graph), cost.fp32_bops(graph)
-    extra = _extra_bits(graph, state) + float(reserve_bits)
-    pick = 0 if kind == "size" else 1
-
-    def figure(node):
-        return _figures(tables, counts, node, fp32_bits, fp32_bops, extra)[pick]
+    figure = _figure_fn(graph, state, tables, counts, kind, reserve_bits)
 
     floor_node = (*[len(t.bits) - 1 for t in tables], len(lv) - 1)
     floor = figure(floor_node)
@@ -456,17 +440,33 @@ def search(
     bar.close()
     expanded = len(path)
     out = _to_state(graph, state, tables, counts, node)
-    exact = (relative_model_size(graph, out) + reserve_bits / fp32_bits if kind == "size"
+    exact = (relative_model_size(graph, out) + reserve_bits / fp32_model_bits(graph)
+             if kind == "size"
              else float(cost.relative_bops(graph, out)))
     if exact > alpha + 1e-12:
         raise AssertionError(f"fit search: the exact {kind} {exact} of the chosen state exceeds "
                              f"the budget {alpha} (table {c}); please report this.")
+    return _result(graph, tables, lv, node, out, fit_score(info, graph, out, variables),
+                   expanded, path)
+
+
+def _figure_fn(graph: Graph, state: CompressionState, tables: list[_SiteTable],
+               counts: np.ndarray, kind: str, reserve_bits: float) -> Callable[[tuple], float]:
+    """``node -> relative size (kind "size", reserve_bits included) or relative BOPs``."""
+    fp32_bits, fp32_bops = fp32_model_bits(graph), cost.fp32_bops(graph)
+    extra = _extra_bits(graph, state) + float(reserve_bits)
+    pick = 0 if kind == "size" else 1
+    return lambda node: _figures(tables, counts, node, fp32_bits, fp32_bops, extra)[pick]
+
+
+def _result(graph: Graph, tables: list[_SiteTable], lv: np.ndarray, node: tuple,
+            out: CompressionState, fit: float, steps: int, path: list) -> SearchResult:
     *bi, s = node
     return SearchResult(
         state=out, bits={t.name: t.bits[b] for t, b in zip(tables, bi, strict=True)},
         sparsity=float(lv[s]), relative_size=relative_model_size(graph, out),
-        relative_bops=float(cost.relative_bops(graph, out)),
-        fit=fit_score(info, graph, out, variables), nodes_expanded=expanded, path=list(path),
+        relative_bops=float(cost.relative_bops(graph, out)), fit=fit, nodes_expanded=steps,
+        path=list(path),
     )
 
 
@@ -506,7 +506,7 @@ def uniform_magnitude(
     """The baseline at the same budget: every learned site at ``bits``, then the lowest global
     magnitude-pruning level (``|θ|`` over all sites, the same schedule as :func:`search`) whose
     size / BOPs (plus ``reserve_bits``, as in :func:`search`) is within the budget."""
-    _, alpha = _budget(size, bops)
+    kind, alpha = _budget(size, bops)
     check_state(graph, state)
     ones = FisherInfo(weight={s.name: np.ones(s.weight_shape, np.float32) for s in graph.sites},
                       act={s.name: 0.0 for s in graph.sites}, samples=1)
@@ -520,18 +520,11 @@ def uniform_magnitude(
             bi.append(0)
         else:
             raise ValueError(f"bits={bits} is outside site {t.name}'s options {t.bits}.")
-    pick = 0 if size is not None else 1
-    fp32_bits, fp32_bops = fp32_model_bits(graph), cost.fp32_bops(graph)
-    extra = _extra_bits(graph, state) + float(reserve_bits)
+    figure = _figure_fn(graph, state, tables, counts, kind, reserve_bits)
     for s in range(len(lv)):
         node = (*bi, s)
-        if _figures(tables, counts, node, fp32_bits, fp32_bops, extra)[pick] <= alpha:
+        if figure(node) <= alpha:
             out = _to_state(graph, state, tables, counts, node)
-            return SearchResult(
-                state=out, bits={t.name: t.bits[b] for t, b in zip(tables, bi, strict=True)},
-                sparsity=float(lv[s]), relative_size=relative_model_size(graph, out),
-                relative_bops=float(cost.relative_bops(graph, out)), fit=float("nan"),
-                nodes_expanded=0, path=[],
-            )
+            return _result(graph, tables, lv, node, out, float("nan"), 0, [])
     raise ValueError(f"uniform {bits:g} bits cannot reach the budget {alpha:.4%} even at "
                      f"sparsity {lv[-1]:.3f}; lower the bits.")
