@@ -50,6 +50,11 @@ def load(workdirs: list[str]) -> dict[str, list[dict[str, Any]]]:
             if m.get("criterion", "fit") != "fit":
                 how += f", {m['criterion']} criterion"
             label += f" ({budget}, {how}, {m.get('pretrain_steps')} + fine-tune)"
+        elif m["name"] in ("ajpq", "ajpq_random"):
+            budget = (f"size {100 * m['size']:g} %" if m.get("size")
+                      else f"BOPs {100 * m['bops']:g} %")
+            n = m["episodes"] * m.get("agent", {}).get("population", 8)
+            label += f" ({budget}, bits {m['bits']}, {n} candidates)"
         elif "target_bops" in m:
             label += f" (target {100 * m['target_bops']:g} % BOPs, bits {m['bits']})"
         elif "sparsity" in m:
@@ -98,7 +103,7 @@ def plot(runs: dict[str, list[dict[str, Any]]], out: Path) -> Path:
 
     fig, ax = plt.subplots(figsize=(10, 4.5))
     markers = {"fp32": "*", "geta": "o", "djpq": "s", "prune_then_quantize": "^", "fit": "D",
-               "uniform_magnitude": "v"}
+               "uniform_magnitude": "v", "ajpq": "P", "ajpq_random": "X"}
     for label, rs in runs.items():
         xs = [100 * (r.get("compression") or {}).get("rel_bops", 1.0) for r in rs]
         ys = [100 * r["test_accuracy"] for r in rs]

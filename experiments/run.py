@@ -162,32 +162,55 @@ def _container_bytes(graph, variables, state) -> int:
         return int(export.disk_bytes(Path(tmp) / "m") - export.theoretical_bytes(packed)["total"])
 
 
-def _fit_method(config, model, variables, example, train_src, workdir) -> tuple[Any, Any, dict]:
-    """FITCompress or its uniform-bits + magnitude-pruning baseline: pretrain, Fisher, search.
-    Returns ``(graph, pair, info)``."""
+def _searched_start(config, model, variables, example, train_src, workdir, floor_check
+                    ) -> tuple[Any, dict, Any, dict]:
+    """What the search methods share: trace, the early budget check ``floor_check(graph,
+    state)``, pre-training, a calibrated state with activations at ``b_u``, and the budget
+    (``size`` with the export container's bytes reserved, or ``bops``).
+    Returns ``(graph, pretrained variables, state, budget kwargs)``."""
     import jaxjpq
-    from jaxjpq.methods import fit
 
     method = config.method
     graph = jaxjpq.trace(model.apply, variables, example)  # shapes only: holds after training
     spec = jaxjpq.CompressionSpec(bits=tuple(method.bits))
-    if method.get("size"):  # an unreachable size is an error before any training
-        fit.check_size_budget(graph, jaxjpq.init_state(graph, spec), float(method.size),
-                              int(method.levels))
+    budget = {k: method.get(k) for k in ("size", "bops") if method.get(k)}
+    if len(budget) != 1:
+        raise ValueError("config.method: give exactly one of size= or bops= (a fraction of fp32).")
+    floor_check(graph, jaxjpq.init_state(graph, spec))  # before any training
     pretrained = _pretrain(config, model, variables, train_src, workdir)
     state = jaxjpq.init_state(graph, spec, pretrained)
     rng = np.random.default_rng(config.seed)
     calib = [np.asarray(train_src.get(rng.integers(0, len(train_src), config.batch_size), rng)
                         ["inputs"]) for _ in range(4)]
     state = jaxjpq.calibrate(jaxjpq.compress_apply(model.apply, graph), pretrained, state, calib)
-    for name in state.act:  # activations at b_u; the search picks the weight bits
+    for name in state.act:  # activations at b_u; a search picks the weight bits
         if name not in state.frozen:
             state = jaxjpq.set_bits(graph, state, name, float(method.bits[1]), kind="act")
-    budget = {k: method.get(k) for k in ("size", "bops") if method.get(k)}
-    if len(budget) != 1:
-        raise ValueError("config.method: give exactly one of size= or bops= (a fraction of fp32).")
     if "size" in budget:  # the saved directory meets the budget: reserve the container's bytes
         budget["reserve_bits"] = 8.0 * (_container_bytes(graph, pretrained, state) + 1024)
+    return graph, pretrained, state, budget
+
+
+def _budget_info(budget: dict) -> dict:
+    return {"budget": {k: v for k, v in budget.items() if k != "reserve_bits"},
+            "reserved_bytes": budget.get("reserve_bits", 0.0) / 8}
+
+
+def _fit_method(config, model, variables, example, train_src, workdir, held_src=None
+                ) -> tuple[Any, Any, dict]:
+    """FITCompress or its uniform-bits + magnitude-pruning baseline: pretrain, Fisher, search.
+    Returns ``(graph, pair, info)``."""
+    import jaxjpq
+    from jaxjpq.methods import fit
+
+    method = config.method
+
+    def floor_check(graph, state):
+        if method.get("size"):  # an unreachable size is an error before any training
+            fit.check_size_budget(graph, state, float(method.size), int(method.levels))
+
+    graph, pretrained, state, budget = _searched_start(config, model, variables, example,
+                                                       train_src, workdir, floor_check)
     t0 = time.perf_counter()
     info: dict[str, Any] = {}
     if method.name == "fit":
@@ -197,6 +220,12 @@ def _fit_method(config, model, variables, example, train_src, workdir) -> tuple[
             data_lib.batches(train_src, config.batch_size, seed=config.seed + 2000),
             chunk=int(method.chunk), max_samples=n, progress=config.progress,
         )
+        reduce = method.get("fisher_reduce", "diag")
+        if reduce not in ("diag", "layer_mean"):
+            raise ValueError(f"config.method.fisher_reduce must be 'diag' or 'layer_mean', got "
+                             f"{reduce!r}.")
+        if reduce == "layer_mean":
+            fisher = fisher.layer_mean()
         info["fisher_seconds"] = time.perf_counter() - t0
         t1 = time.perf_counter()
         res = fit.search(fisher, graph, state, pretrained, levels=int(method.levels),
@@ -210,40 +239,86 @@ def _fit_method(config, model, variables, example, train_src, workdir) -> tuple[
                                     levels=int(method.levels), **budget)
     info.update(searched_bits=res.bits, searched_sparsity=res.sparsity,
                 searched_relative_size=res.relative_size,
+                searched_relative_bops=res.relative_bops, **_budget_info(budget))
+    return graph, jaxjpq.CompressedParams(pretrained["params"], res.state), info
+
+
+def _ajpq_method(config, model, variables, example, train_src, workdir, held_src=None
+                 ) -> tuple[Any, Any, dict]:
+    """AJPQ (or random search with the same evaluations): pretrain, search, the best policy.
+    The reward set is ``method.reward_samples`` samples of a fixed draw from ``held_src`` (the
+    validation split where the dataset has one), else from the training split.
+    Returns ``(graph, pair, info)``."""
+    import jaxjpq
+    from jaxjpq.methods import ajpq
+
+    method = config.method
+
+    def floor_check(graph, state):  # make_env names the smallest reachable figure
+        kw = {k: float(method.get(k)) for k in ("size", "bops") if method.get(k)}
+        ajpq.make_env(graph, state, **kw)
+
+    graph, pretrained, state, budget = _searched_start(config, model, variables, example,
+                                                       train_src, workdir, floor_check)
+    src = train_src if held_src is None else held_src
+    n = int(method.reward_samples)
+    if n > len(src):
+        raise ValueError(f"config.method.reward_samples={n} exceeds the {len(src)} samples of "
+                         "the reward split.")
+    rng = np.random.default_rng(config.seed + 3000)
+    held = src.get(np.sort(rng.choice(len(src), n, replace=False)), rng)
+    hp = ajpq.Hyper(**method.agent.to_dict())
+    t0 = time.perf_counter()
+    res = ajpq.search(model.apply, graph, state, pretrained, np.asarray(held["inputs"]),
+                      np.asarray(held["labels"]), episodes=int(method.episodes), hp=hp,
+                      random_search=method.name == "ajpq_random", seed=config.seed,
+                      eval_batch=int(method.eval_batch), max_prune=float(method.max_prune),
+                      over_penalty=float(method.over_penalty), progress=config.progress,
+                      **budget)
+    info = dict(search_seconds=time.perf_counter() - t0, evaluations=res.evaluations,
+                reward_split="train" if held_src is None else "val",
+                compiles=res.compiles, best_reward=res.reward,
+                searched_accuracy=res.accuracy, reference_accuracy=res.reference,
+                searched_bits=res.bits, searched_kept=res.kept,
+                searched_relative_size=res.relative_size,
                 searched_relative_bops=res.relative_bops,
-                budget={k: v for k, v in budget.items() if k != "reserve_bits"},
-                reserved_bytes=budget.get("reserve_bits", 0.0) / 8)
+                history=res.history, **_budget_info(budget))
     return graph, jaxjpq.CompressedParams(pretrained["params"], res.state), info
 
 
 def build_method(config, model, variables, example, num_steps: int, train_src=None,
-                 workdir: Path | None = None) -> dict[str, Any]:
+                 workdir: Path | None = None, held_src=None) -> dict[str, Any]:
     """What ``config.method.name`` trains: forward, variables, optimizer, metrics, graph.
 
     ``"fp32"`` (default) trains the plain model; ``"geta"`` traces the QADG and trains
     ``(params, CompressionState)`` with :func:`jaxjpq.methods.geta.geta` around the configured
     optimizer; ``"prune_then_quantize"`` runs the staged baseline
     (:func:`jaxjpq.methods.baselines.prune_then_quantize`; ``sparsity=0`` is quantize-only,
-    ``quantize_at=1`` prune-only) on the same graph and cost model.
+    ``quantize_at=1`` prune-only) on the same graph and cost model; ``"fit"``,
+    ``"uniform_magnitude"``, ``"ajpq"`` and ``"ajpq_random"`` pre-train, search and fine-tune
+    the found state with ``qat`` (AJPQ's reward on ``held_src`` where given).
     """
     method = config.get("method", ml_collections.ConfigDict({"name": "fp32"}))
     tx = build_optimizer(config, num_steps)
     if method.name == "fp32":
         return dict(forward=train_lib.flax_forward(model.apply), variables=variables, tx=tx,
                     metrics_fn=None, graph=None)
-    if method.name not in ("geta", "prune_then_quantize", "djpq", "fit", "uniform_magnitude"):
+    searched = {"fit": _fit_method, "uniform_magnitude": _fit_method,
+                "ajpq": _ajpq_method, "ajpq_random": _ajpq_method}
+    if method.name not in ("geta", "prune_then_quantize", "djpq", *searched):
         raise ValueError(
             f"Unknown method '{method.name}'; use 'fp32', 'geta', 'djpq', 'fit', "
-            "'uniform_magnitude' or 'prune_then_quantize'."
+            "'uniform_magnitude', 'ajpq', 'ajpq_random' or 'prune_then_quantize'."
         )
     import jaxjpq
     from jaxjpq.methods.geta import DEFAULT_FRACTIONS, make_schedule
 
     info: dict[str, Any] = {}
-    if method.name in ("fit", "uniform_magnitude"):
+    if method.name in searched:
         if train_src is None:
             raise ValueError(f"method '{method.name}' needs the training split (train_src=).")
-        graph, pair, info = _fit_method(config, model, variables, example, train_src, workdir)
+        graph, pair, info = searched[method.name](config, model, variables, example, train_src,
+                                                  workdir, held_src)
         variables = {"params": pair.model, **{k: v for k, v in variables.items()
                                               if k != "params"}}
         tx = jaxjpq.qat(tx, graph, quant_lr=method.quant_lr)
@@ -355,7 +430,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     key = jax.random.PRNGKey(config.seed)
     example = np.asarray(train_src.get(np.arange(1), np.random.default_rng(0))["inputs"])
     variables = jax.jit(model.init)(key, example)
-    method = build_method(config, model, variables, example, num_steps, train_src, workdir)
+    method = build_method(config, model, variables, example, num_steps, train_src, workdir,
+                          splits.get(roles.get("val", "")))
     state = train_lib.create_train_state(
         method["forward"], method["variables"], method["tx"], rng=jax.random.fold_in(key, 1)
     )

@@ -42,7 +42,7 @@ from jaxjpq.quant import (
 )
 from jaxjpq.slim import apply_masks
 from jaxjpq.state import CompressionState, check_state, check_variables, leaf, site_quantizer
-from jaxjpq.trace.registry import rule_for, walk_jaxpr
+from jaxjpq.trace.registry import eqn_macs, rule_for, walk_jaxpr
 
 # ---------------------------------------------------------------------------------------------
 # Parameter-tree transforms
@@ -118,6 +118,9 @@ class _Hook:
 
     data: Callable[[str], Any]
     apply: Callable[[str, Any, jax.Array], tuple[jax.Array, Any]]
+    contract: Callable[[str, Any, Callable, jax.Array, jax.Array], jax.Array] | None = None
+    """Optional ``(site, data, f, x, w) -> y``: evaluates the site's contraction, ``f(x, w)`` the
+    original one on (hooked input, weight operand); kernels fused from several sites refuse it."""
 
 
 @dataclasses.dataclass
@@ -222,6 +225,28 @@ def _site_call(run: _Run, key: tuple, x: jax.Array, bound: Mapping) -> tuple[jax
     name = run.site_of[key]
     run.seen.add(name)
     return hook.apply(name, hook.data(name), x)
+
+
+def _site_data(run: _Run, key: tuple, bound: Mapping) -> tuple[str, Any]:
+    """(site name, hook data) of leaf ``key``'s contraction (the current layer's, if stacked)."""
+    if key in run.stacks:
+        return run.stacks[key][0], bound[key]["p"]
+    name = run.site_of[key]
+    return name, run.hook.data(name)
+
+
+def _contract(eqn, invals: list, act: int, key: tuple, run: _Run, bound: Mapping) -> jax.Array:
+    """The site contraction of ``eqn`` through ``run.hook.contract``."""
+    if len(invals) != 2:
+        raise NotImplementedError(f"'{eqn.primitive.name}' with {len(invals)} operands at a site.")
+    name, data = _site_data(run, key, bound)
+
+    def f(x, w):
+        ops = [None, None]
+        ops[act], ops[1 - act] = x, w
+        return _bind(eqn, ops)
+
+    return run.hook.contract(name, data, f, invals[act], invals[1 - act])
 
 
 def _scan(eqn, invals, intags, run: _Run, bound: Mapping):
@@ -334,9 +359,14 @@ def _eval(jaxpr, consts, args, tags, run: _Run, bound: Mapping):
                 act = 1 if lhs_t is not None else 0
                 key = lhs_t or rhs_t
                 if isinstance(key, _Parts):
+                    if run.hook.contract is not None:
+                        raise NotImplementedError("a contraction hook on a kernel fused from "
+                                                  "several sites' weights.")
                     return [(_parts_call(eqn, invals, 1 - act, key, run, bound, emits), None)]
                 invals[act], e = _site_call(run, key, invals[act], bound)
                 _merge_emit(emits, key, e)
+                if run.hook.contract is not None:
+                    return [(_contract(eqn, invals, act, key, run, bound), None)]
         elif rule.forward == "fuse" and all(t is not None and not isinstance(t, _Parts)
                                             for t in intags):
             d = eqn.params["dimension"]
@@ -485,6 +515,78 @@ def probed_apply(apply_fn: Callable, graph: Graph) -> Callable:
         return run(variables, _Hook(probes.get, apply), frozenset(probes), *args, **kwargs)[0]
 
     return fn
+
+
+def fisher_apply(apply_fn: Callable, graph: Graph) -> Callable:
+    """``fn(variables, probes, *args, **kwargs)``: ``apply_fn`` on a batch whose samples are
+    independent (axis 0 of every site input), with ``probes[site] = (a, w)`` (float32 scalar,
+    float32 ``[weight_shape]`` zeros) whose cotangents under ``jax.grad`` of the *summed*
+    per-sample loss are ``Σ_n ‖∂L_n/∂x_n‖²`` of the site input and ``Σ_n (∂L_n/∂W)²`` of the site
+    weight: the empirical Fisher of the batch from one batched backward pass (each site's
+    per-sample weight gradient is formed from its input and output cotangent only). Weights get
+    no gradient. A weight used by several contractions, or whose operand is not its leaf up to a
+    reshape, gives a wrong weight statistic: check against the ``vmap(grad)`` one
+    (:func:`jaxjpq.fit.fisher` does)."""
+    run = _site_input_runner(apply_fn, graph)
+
+    def fn(variables, probes, *args, **kwargs):
+        def apply(site, p, x):
+            return _probe(x, p[0]), None
+
+        def contract(site, p, f, x, w):
+            return _tap(f, x, w, p[1])
+
+        hook = _Hook(probes.get, apply, contract)
+        return run(variables, hook, frozenset(probes), *args, **kwargs)[0]
+
+    return fn
+
+
+def _tap(f: Callable, x: jax.Array, w: jax.Array, p: jax.Array) -> jax.Array:
+    """``f(x, w)``, with the cotangent of ``p`` the sum over samples (``x``'s axis 0) of the
+    squared per-sample gradient w.r.t. ``w`` (reshaped to ``p``)."""
+    n = x.shape[0]
+    full = jax.eval_shape(f, x, w).shape
+    one = jax.eval_shape(f, x[:1], w).shape
+    axes = [k for k, (a, b) in enumerate(zip(full, one, strict=True)) if a != b]
+    if n > 1 and (len(full) != len(one) or len(axes) != 1 or one[axes[0]] != 1):
+        raise NotImplementedError("the batch axis of a site's input does not map to one axis "
+                                  "of its contraction's output.")
+    k = axes[0] if axes else 0
+    one_x = jax.ShapeDtypeStruct((1, *x.shape[1:]), x.dtype)
+    uses = sum(eqn_macs(e) for e in jax.make_jaxpr(f)(one_x, w).jaxpr.eqns)
+    # each weight entry in one product per sample: the per-sample gradient entry is one product
+    # x·δ, so Σ_n g_n² is the batched weight gradient of the squared operands
+    single = uses == w.size
+
+    @jax.custom_vjp
+    def tapped(x, w, p):
+        return f(x, w)
+
+    def fwd(x, w, p):
+        return f(x, w), (x, w)
+
+    def bwd(res, ct):
+        x, w = res
+        _, vx = jax.vjp(lambda x_: f(x_, w), x)
+
+        def grad_one(xn, cn):
+            _, vw = jax.vjp(lambda w_: f(xn[None], w_), w)
+            return vw(jnp.expand_dims(cn, k))[0]
+
+        if single:
+            _, vw = jax.vjp(lambda w_: f(jnp.square(x), w_), w)
+            sq = vw(jnp.square(ct))[0].astype(jnp.float32)
+            return vx(ct)[0], jnp.zeros_like(w), sq.reshape(p.shape)
+        if n == 1:
+            _, vw = jax.vjp(lambda w_: f(x, w_), w)
+            g = vw(ct)[0][None].astype(jnp.float32)
+        else:
+            g = jax.vmap(grad_one, in_axes=(0, k))(x, ct).astype(jnp.float32)
+        return vx(ct)[0], jnp.zeros_like(w), jnp.sum(jnp.square(g), 0).reshape(p.shape)
+
+    tapped.defvjp(fwd, bwd)
+    return tapped(x, w, p)
 
 
 def checked_apply(apply_fn: Callable, graph: Graph) -> Callable:

@@ -176,6 +176,30 @@ def test_fit_and_its_baseline_share_a_pretrained_model_and_meet_the_size_budget(
         run.train_and_evaluate(c, tmp_path / "other")
 
 
+@pytest.mark.parametrize("budget", [{"size": 0.3}, {"bops": 0.05}])
+def test_ajpq_config_meets_its_budget_and_reports_the_search(budget, tmp_path):
+    from experiments.configs import ajpq_mnist_cnn
+
+    c = ajpq_mnist_cnn.get_config()
+    base = _tiny(num_steps=4)
+    for k in ("data", "batch_size", "checkpoint_every", "progress", "model", "num_steps"):
+        c[k] = base[k]
+    c.method.pretrain_steps = 6
+    c.method.pretrain_optim.warmup_steps = 2
+    c.method.size, c.method.bops = budget.get("size", 0.0), budget.get("bops", 0.0)
+    c.method.episodes, c.method.reward_samples, c.method.eval_batch = 2, 100, 50
+    c.method.agent.update(population=2, hidden=8, updates=2, batch=4, warmup=1)
+    res = run.train_and_evaluate(c, tmp_path)
+    comp = res["compression"]
+    if "size" in budget:  # the saved directory, on disk
+        assert comp["export"]["relative_disk"] <= 0.3
+    else:  # exact BOPs after the fine-tune (qat keeps the searched bits)
+        assert comp["rel_bops"] <= 0.05
+    assert comp["evaluations"] == 4 and comp["compiles"] == 1 and comp["reward_split"] == "val"
+    assert len(comp["history"]) == 2
+    assert comp["export"]["restored_test_accuracy"] == pytest.approx(res["test_accuracy"])
+
+
 def test_results_record_the_geta_stages_that_ran():
     from jaxjpq.methods.geta import DEFAULT_FRACTIONS
 
@@ -235,7 +259,7 @@ def test_pareto_table_and_chart(tmp_path):
 # NonFiniteLossError), left out for suite time. djpq_resnet18_imagenet2012 passes too (45-85 s).
 @pytest.mark.parametrize(
     "config_name", ["geta_resnet20_cifar10", "geta_bert_tiny_sst2", "djpq_vgg7_cifar10",
-                    "fit_resnet20_cifar10", "fit_bert_tiny_sst2"]
+                    "fit_resnet20_cifar10", "fit_bert_tiny_sst2", "ajpq_resnet20_cifar10"]
 )
 def test_paper_scale_configs_run_on_tiny_data(config_name, tfds_dir, tmp_path):
     """A paper-scale config trains its full-size model for a few GETA / DJPQ steps on the tiny
@@ -252,6 +276,11 @@ def test_paper_scale_configs_run_on_tiny_data(config_name, tfds_dir, tmp_path):
     if c.method.name == "fit":  # a few pre-training steps, a small Fisher pass
         c.method.pretrain_steps, c.method.fisher_samples, c.method.chunk = 5, 8, 4
         c.method.pretrain_optim.warmup_steps = 1
+    if c.method.name == "ajpq":  # one short episode, the reward on a few training images
+        c.method.pretrain_steps, c.method.episodes = 5, 1
+        c.method.reward_samples, c.method.eval_batch = 8, 4
+        c.method.agent.update(population=2, hidden=8, updates=2, batch=4)
+        c.method.pretrain_optim.warmup_steps = 1
     res = run.train_and_evaluate(c, tmp_path)
     comp = res["compression"]
     assert res["steps"] == 10 and 0.0 < comp["rel_bops"] < 1.0
@@ -261,6 +290,8 @@ def test_paper_scale_configs_run_on_tiny_data(config_name, tfds_dir, tmp_path):
         else:
             assert comp["rel_bops"] <= c.method.bops
         assert comp["nodes_expanded"] >= 1
+    elif c.method.name == "ajpq":  # the budget holds for the saved directory
+        assert comp["export"]["relative_disk"] <= c.method.size and comp["compiles"] == 1
     elif c.method.name == "djpq":  # the budget is met exactly (bits lowered / units pruned)
         assert comp["rel_bops"] <= c.method.target_bops and comp["budget_met"]
     else:

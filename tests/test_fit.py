@@ -2,6 +2,7 @@
 
 import functools
 
+import archs
 import flax.linen as nn
 import jax
 import numpy as np
@@ -53,6 +54,34 @@ def test_fisher_is_the_mean_of_squared_per_sample_gradients():
           for i in range(len(x))]
     want = np.mean([np.sum(np.asarray(a) ** 2) for a in gx])
     np.testing.assert_allclose(info.act["Conv_0"], want, rtol=2e-4)
+
+
+@pytest.mark.parametrize("arch", ["attn", "scan", "mixer", "inception"])
+def test_batched_fisher_equals_the_per_sample_pass(arch):
+    model, v, x = archs.build(arch)
+    x = np.concatenate([np.asarray(x)] * 3)
+    y = np.arange(len(x)) % 3
+    g = jaxjpq.trace(model.apply, v, x[:2])
+    fast, exact = (fit.fisher_sums(model.apply, g, v, method=m)(v["params"], x, y)
+                   for m in ("batched", "per_sample"))
+    for k in exact[0]:
+        np.testing.assert_allclose(fast[0][k], exact[0][k], rtol=1e-4, atol=1e-9)
+        np.testing.assert_allclose(fast[1][k], exact[1][k], rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["gru", "lstm"])
+def test_auto_fisher_falls_back_where_the_batched_pass_is_wrong(arch):
+    # a recurrent weight is used once per step: per-step squares do not add up to the square of
+    # the per-sample sum; a fused LSTM kernel has no per-site contraction
+    model, v, x = archs.build(arch)
+    y = np.arange(len(x)) % 3
+    g = jaxjpq.trace(model.apply, v, x[:2])
+    batch = [{"inputs": np.asarray(x), "labels": y}]
+    with pytest.warns(UserWarning, match="per-sample vmap"):
+        info = fit.fisher(model.apply, g, v, batch, progress=False)
+    exact = fit.fisher(model.apply, g, v, batch, method="per_sample", progress=False)
+    for k in exact.weight:
+        np.testing.assert_allclose(info.weight[k], exact.weight[k], rtol=1e-5, atol=1e-12)
 
 
 def test_fit_without_masks_is_the_papers_formula():

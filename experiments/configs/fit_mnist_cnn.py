@@ -32,8 +32,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.method.bits = (2.0, 8.0)  # each layer's options: integers from b_u down to b_l
     c.method.levels = 40  # global sparsity levels 1 - logspace(0, -3, levels)
     c.method.criterion = "fit"  # per step: least edge + heuristic; "rate": least edge per size
-    c.method.fisher_samples = 1024
-    c.method.chunk = 32  # samples per vmap of the per-sample gradients
+    c.method.fisher_samples = 16384
+    c.method.fisher_reduce = "diag"  # F elementwise; "layer_mean": each layer's mean (Tr(F)/n)
+    c.method.chunk = 128  # samples per call of the Fisher pass
     c.method.quant_lr = 1e-3  # fine-tune step of the clips
     c.method.uniform_bits = 4.0  # used by the uniform_magnitude baseline only
     return c

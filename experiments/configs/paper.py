@@ -97,3 +97,26 @@ def fit_config(model: str, dataset: str) -> ml_collections.ConfigDict:
     c.optim.learning_rate = r["learning_rate"] / 10
     c.optim.warmup_steps = 0
     return c
+
+
+AJPQ_TARGETS = {  # budgets of the AJPQ configs (fractions of fp32; size = bytes of the export)
+    "cifar10": dict(size=0.1, bits=(2.0, 8.0), finetune=0.3, episodes=60),
+}
+
+
+def ajpq_config(model: str, dataset: str) -> ml_collections.ConfigDict:
+    """AJPQ on ``model``: pre-training with the ``dataset`` recipe of ``RECIPES``, the agent's
+    search to the ``AJPQ_TARGETS`` budget, then the fine-tune (as :func:`fit_config`)."""
+    from experiments.configs import ajpq_mnist_cnn
+
+    c = fit_config(model, dataset)
+    t = AJPQ_TARGETS[dataset]
+    method = ajpq_mnist_cnn.get_config().method
+    for k in ("pretrain_steps", "pretrain_epochs", "pretrain_optim"):
+        method[k] = c.method[k]
+    method.size = t.get("size", 0.0)
+    method.bops = t.get("bops", 0.0)
+    method.bits = t["bits"]
+    method.episodes = t["episodes"]
+    c.method = method
+    return c

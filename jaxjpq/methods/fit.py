@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxjpq import cost
-from jaxjpq.compress import probed_apply
+from jaxjpq.compress import fisher_apply, probed_apply
 from jaxjpq.graph import Graph
 from jaxjpq.methods.core import set_bits, with_bits
 from jaxjpq.quant import broadcast_params, effective_params, params_bits, quantize_with
@@ -62,6 +62,13 @@ class FisherInfo(NamedTuple):
         """``{site: Tr(F_w)}``."""
         return {s: float(np.sum(f)) for s, f in self.weight.items()}
 
+    def layer_mean(self) -> FisherInfo:
+        """Each site's diagonal replaced by its mean ``Tr(F_w) / numel``: FIT's per-layer form
+        ``Tr(F) · E[Δ²]``, under which pruning importance is ``θ²`` within a layer and the
+        layer's mean Fisher across layers."""
+        return self._replace(weight={s: np.full_like(f, np.mean(f, dtype=np.float64))
+                                     for s, f in self.weight.items()})
+
 
 def fisher(
     apply_fn: Callable,
@@ -70,7 +77,8 @@ def fisher(
     batches: Iterable[Mapping[str, Any]],
     *,
     loss_fn: Callable[[jax.Array, jax.Array], jax.Array] = cross_entropy,
-    chunk: int = 16,
+    method: str = "auto",
+    chunk: int = 64,
     max_samples: int | None = None,
     progress: bool = True,
     **call_kwargs: Any,
@@ -82,7 +90,13 @@ def fisher(
       batches: ``{"inputs": [B, ...], "labels": [B]}`` (as :func:`jaxjpq.data.batches` yields).
       loss_fn: ``(logits [1, ...], labels [1]) -> scalar`` for one sample (default: cross
         entropy).
-      chunk: samples per ``vmap`` (bounds memory: ``chunk`` copies of the params' gradients).
+      method: ``"per_sample"``: ``vmap(grad)`` of the whole model per sample; ``"batched"``: one
+        batched backward pass whose site contractions form their own per-sample weight gradients
+        (:func:`jaxjpq.compress.fisher_apply`; samples must be independent, batch on axis 0);
+        ``"auto"``: ``"batched"`` once it matches ``"per_sample"`` on the first 4 samples
+        (relative error 1e-3 per site), else ``"per_sample"`` with a warning.
+      chunk: samples per call (bounds memory: ``chunk`` copies of the params' gradients, or of
+        one site's weight gradient for ``"batched"``).
       max_samples: stop after this many samples (default: all batches).
       progress: a tqdm bar over the samples.
       **call_kwargs: static keyword arguments of ``apply_fn`` (e.g. ``train=False``).
@@ -93,36 +107,26 @@ def fisher(
 
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}.")
-    probed = probed_apply(apply_fn, graph)
-    rest = {k: v for k, v in variables.items() if k != "params"}
-    sites = list(graph.sites)
-    probes0 = {s.name: jnp.zeros((), jnp.float32) for s in sites}
-
-    def sample_loss(params, probes, x, y):
-        logits = probed({"params": params, **rest}, probes, x[None], **call_kwargs)
-        return loss_fn(logits, y[None])
-
-    per_sample = jax.vmap(jax.grad(sample_loss, argnums=(0, 1)), in_axes=(None, None, 0, 0))
-
-    @jax.jit
-    def chunk_sums(params, xs, ys):
-        gp, ga = per_sample(params, probes0, xs, ys)
-        full = {"params": gp}
-        w = {s.name: jnp.sum(jnp.square(jax.vmap(s.take)(leaf(full, s.weight))), axis=0)
-             for s in sites}
-        return w, {n: jnp.sum(v) for n, v in ga.items()}
-
+    if method not in ("auto", "batched", "per_sample"):
+        raise ValueError(f"method must be 'auto', 'batched' or 'per_sample', got {method!r}.")
     params = variables["params"]
-    acc_w = {s.name: np.zeros(s.weight_shape, np.float64) for s in sites}
-    acc_a = {s.name: 0.0 for s in sites}
+
+    def make(m: str) -> Callable:
+        return fisher_sums(apply_fn, graph, variables, loss_fn=loss_fn, method=m, **call_kwargs)
+
+    fn = None if method == "auto" else make(method)
+    acc_w = {s.name: np.zeros(s.weight_shape, np.float64) for s in graph.sites}
+    acc_a = {s.name: 0.0 for s in graph.sites}
     n = 0
     bar = tqdm(total=max_samples, desc="fisher", unit="sample", disable=not progress)
     for batch in batches:
         x, y = np.asarray(batch["inputs"]), np.asarray(batch["labels"])
         if max_samples is not None:
             x, y = x[: max_samples - n], y[: max_samples - n]
+        if fn is None and len(x):
+            fn = _choose(make, params, x[:4], y[:4])
         for i in range(0, len(x), chunk):
-            w, a = chunk_sums(params, x[i : i + chunk], y[i : i + chunk])
+            w, a = fn(params, x[i : i + chunk], y[i : i + chunk])
             for k in acc_w:
                 acc_w[k] += np.asarray(w[k], np.float64)
                 acc_a[k] += float(a[k])
@@ -141,6 +145,88 @@ def fisher(
                          "inputs and the model's weights.")
     return FisherInfo(weight={k: (v / n).astype(np.float32) for k, v in acc_w.items()},
                       act={k: v / n for k, v in acc_a.items()}, samples=n)
+
+
+def fisher_sums(apply_fn: Callable, graph: Graph, variables: Mapping, *,
+                loss_fn: Callable[[jax.Array, jax.Array], jax.Array] = cross_entropy,
+                method: str = "batched", **call_kwargs: Any) -> Callable:
+    """The jitted pass of :func:`fisher` over one chunk: ``(params, xs [n, ...], ys [n]) ->
+    ({site: Σ_n g_n² [weight_shape]}, {site: Σ_n ‖∂L_n/∂x_n‖²})``, ``method`` ``"batched"`` or
+    ``"per_sample"`` (no check of one against the other); the non-params collections of
+    ``variables`` are closed over."""
+    rest = {k: v for k, v in variables.items() if k != "params"}
+    if method == "batched":
+        return _batched_sums(apply_fn, graph, rest, loss_fn, call_kwargs)
+    if method == "per_sample":
+        return _per_sample_sums(apply_fn, graph, rest, loss_fn, call_kwargs)
+    raise ValueError(f"method must be 'batched' or 'per_sample', got {method!r}.")
+
+
+def _per_sample_sums(apply_fn, graph, rest, loss_fn, call_kwargs) -> Callable:
+    probed = probed_apply(apply_fn, graph)
+    sites = list(graph.sites)
+    probes0 = {s.name: jnp.zeros((), jnp.float32) for s in sites}
+
+    def sample_loss(params, probes, x, y):
+        logits = probed({"params": params, **rest}, probes, x[None], **call_kwargs)
+        return loss_fn(logits, y[None])
+
+    per_sample = jax.vmap(jax.grad(sample_loss, argnums=(0, 1)), in_axes=(None, None, 0, 0))
+
+    @jax.jit
+    def sums(params, xs, ys):
+        gp, ga = per_sample(params, probes0, xs, ys)
+        full = {"params": gp}
+        w = {s.name: jnp.sum(jnp.square(jax.vmap(s.take)(leaf(full, s.weight))), axis=0)
+             for s in sites}
+        return w, {n: jnp.sum(v) for n, v in ga.items()}
+
+    return sums
+
+
+def _batched_sums(apply_fn, graph, rest, loss_fn, call_kwargs) -> Callable:
+    """The same sums from one batched backward pass (:func:`jaxjpq.compress.fisher_apply`)."""
+    tapped = fisher_apply(apply_fn, graph)
+    probes0 = {s.name: (jnp.zeros((), jnp.float32), jnp.zeros(s.weight_shape, jnp.float32))
+               for s in graph.sites}
+
+    def total_loss(probes, params, xs, ys):
+        logits = tapped({"params": params, **rest}, probes, xs, **call_kwargs)
+        per = jax.vmap(lambda lg, t: loss_fn(lg[None], t[None]))(logits, ys)
+        return jnp.sum(per)
+
+    @jax.jit
+    def sums(params, xs, ys):
+        g = jax.grad(total_loss)(probes0, params, xs, ys)
+        return {n: v[1] for n, v in g.items()}, {n: v[0] for n, v in g.items()}
+
+    return sums
+
+
+def _choose(make: Callable, params: Any, x: np.ndarray, y: np.ndarray) -> Callable:
+    """The batched sums if they match the per-sample ones on ``(x, y)``, else the per-sample."""
+    import warnings
+
+    exact = make("per_sample")
+    try:
+        fast = make("batched")
+        (wf, af), (we, ae) = fast(params, x, y), exact(params, x, y)
+    except NotImplementedError as e:
+        warnings.warn(f"fisher: per-sample vmap(grad) pass (the batched one does not apply: {e})",
+                      stacklevel=3)
+        return exact
+
+    def close(a, b) -> bool:
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        return float(np.max(np.abs(a - b), initial=0.0)) <= 1e-3 * float(
+            np.max(np.abs(b), initial=0.0)) + 1e-30
+
+    off = sorted(k for k in we if not (close(wf[k], we[k]) and close(af[k], ae[k])))
+    if off:
+        warnings.warn(f"fisher: per-sample vmap(grad) pass (the batched one differs at site(s) "
+                      f"{off}: shared weights, or samples that interact)", stacklevel=3)
+        return exact
+    return fast
 
 
 def _weights(graph: Graph, variables: Mapping) -> dict[str, np.ndarray]:

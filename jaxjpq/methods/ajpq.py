@@ -1,0 +1,567 @@
+"""AJPQ: pruning as 0-bit channel quantization, one mixed-precision search by a DDPG agent.
+
+The environment walks the quantization sites in execution order. At site ``l`` the agent sees
+static features (position, kind, input / output channels, kernel size, MACs, parameters, whether
+its bits are learned, whether it owns a prunable output group) plus its previous action and the
+share of the budget the earlier sites already use, and acts with ``a ∈ [0, 1]³``:
+
+- weight bits ``round(b_l − ½ + a₀ (b_u − b_l + 1))`` clipped to ``[b_l, b_u]`` (learned sites);
+- input-activation bits from ``a₁`` the same way (BOPs budgets only; a size budget keeps them);
+- a fraction ``a₂ · max_prune`` of the units of the prunable group that holds the site's output
+  channels set to 0 bits (pruned), the least important (L2 norm of the units' weights) first
+  (the group's first site in execution order decides it).
+
+A full policy becomes a :class:`~jaxjpq.state.CompressionState` with :func:`set_bits` and the
+group masks, then :func:`enforce_budget` makes the exact size / BOPs budget hold (bits lowered,
+largest consumers first, then the least important units pruned). Reward:
+``0.1 · (acc − acc_ref)`` in percentage points on a held-out batch (``acc_ref`` the uncompressed
+state's), minus ``over_penalty · max(0, c_policy / α − 1)`` where ``c_policy`` is the policy's
+figure before enforcement.
+
+A candidate is array values only (the policy's ``[L, 3]`` actions), so one compiled evaluator
+scores a whole population at once (``vmap`` over candidates); an episode rolls out one policy
+per population member, scores them, stores every step's transition with the episode's
+advantage ``R − b`` (``b`` a moving average) and takes gradient steps of a small actor / critic
+pair (DDPG-style: deterministic actor, truncated-normal exploration whose scale decays per
+episode, replay buffer; the reward is terminal and shared by the episode's steps, so the critic
+regresses it directly). Everything of an episode runs in one ``jit``; it compiles once.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxjpq import cost
+from jaxjpq.graph import Graph
+from jaxjpq.methods.core import _shapes, enforce_budget, magnitude, set_bits, with_bits
+from jaxjpq.methods.fit import _extra_bits, fp32_model_bits, relative_model_size
+from jaxjpq.state import CompressionState, check_state
+from jaxjpq.units import rank_in_group, unit_index
+
+ACTION_DIM = 3
+DYNAMIC_FEATURES = ACTION_DIM + 1  # previous action, budget share used so far
+
+
+class Env(NamedTuple):
+    """The static environment of a search (host data; close over it).
+
+    Attributes:
+      sites: every site name, execution order (the walk).
+      learned: bool ``[L]``: the site's weight bits are learned (searched).
+      act_learned: bool ``[L]``: its activation bits are learned and searched (BOPs budgets).
+      group: int ``[L]``: index (in :class:`~jaxjpq.units.UnitIndex` order) of the prunable
+        group whose units are this site's output channels and that this site decides, or -1.
+      features: float32 ``[L, F_static]`` static features scaled to [0, 1].
+      share: float64 ``[L]``: the site's share of the dense figure (params for size, MACs for
+        BOPs); the "used so far" feature sums ``share · bits / 32 · kept``.
+      kind, alpha: ``"size"`` or ``"bops"``; the budget (fraction of fp32).
+      target: the ``enforce_budget`` target (a ``cost.relative_size`` fraction for a size budget:
+        the budget less the scales, float leaves and ``reserve_bits``).
+    """
+
+    sites: tuple[str, ...]
+    learned: np.ndarray
+    act_learned: np.ndarray
+    group: np.ndarray
+    features: np.ndarray
+    share: np.ndarray
+    kind: str
+    alpha: float
+    target: float
+
+
+def make_env(graph: Graph, state: CompressionState, *, size: float | None = None,
+             bops: float | None = None, reserve_bits: float = 0.0) -> Env:
+    """The environment of ``graph`` from ``state`` (which sites are quantized and learned, the
+    bit range) and one budget: ``size`` (the exported model's bits, :func:`relative_model_size`,
+    plus ``reserve_bits``, over the fp32 model's) or ``bops`` (:func:`jaxjpq.cost.relative_bops`).
+    Raises ``ValueError`` when the budget is not a fraction in (0, 1] or is below the smallest
+    reachable figure (every learned site at ``b_l``, every group down to one unit)."""
+    if (size is None) == (bops is None):
+        raise ValueError("give exactly one budget: size= or bops= (a fraction of fp32).")
+    kind, alpha = ("size", float(size)) if size is not None else ("bops", float(bops))
+    if not 0 < alpha <= 1:
+        raise ValueError(f"{kind} budget {alpha} must be a fraction of fp32 in (0, 1].")
+    check_state(graph, state)
+    sites = graph.sites
+    index = unit_index(graph, _shapes(graph))
+    pos = {g: j for j, g in enumerate(index.group_ids)}
+    group, taken = [], set()
+    for s in sites:
+        j = pos.get(s.out_group, -1)
+        group.append(j if j >= 0 and j not in taken else -1)
+        taken.add(j)
+    learned = np.array([s.name in state.weight and s.name not in state.frozen for s in sites])
+    act_learned = np.array([kind == "bops" and s.name in state.act and s.name not in state.frozen
+                            for s in sites])
+    n_params = np.array([math.prod(s.weight_shape) for s in sites], np.float64)
+    macs = np.array([s.macs_per_example for s in sites], np.float64)
+    c_in = np.array([math.prod(s.weight_shape[a] for a in s.in_axes) for s in sites], np.float64)
+    c_out = np.array([math.prod(s.weight_shape[a] for a in s.out_axes) for s in sites],
+                     np.float64)
+    kernel = n_params / np.maximum(c_in * c_out, 1.0)
+    L = len(sites)
+    raw = np.stack([np.arange(L) / max(L - 1, 1), [s.kind == "conv" for s in sites],
+                    np.log1p(c_in), np.log1p(c_out), np.log1p(kernel), np.log1p(macs),
+                    np.log1p(n_params), learned, np.asarray(group) >= 0], axis=1).astype(np.float64)
+    scale = np.max(np.abs(raw), axis=0)
+    features = (raw / np.where(scale > 0, scale, 1.0)).astype(np.float32)
+    share = n_params if kind == "size" else macs
+    share = share / share.sum()
+    if kind == "size":
+        fp_sites = cost.fp32_size_bits(graph)
+        spare = alpha * fp32_model_bits(graph) - float(reserve_bits) - _extra_bits(graph, state)
+        target = spare / fp_sites
+    else:
+        target = alpha
+    env = Env(tuple(s.name for s in sites), learned, act_learned, np.asarray(group, np.int64),
+              features, share, kind, alpha, float(target))
+    floor = _floor(graph, state, env)
+    if target <= 0 or floor > target * (1 + 1e-9):
+        smallest = (floor if kind == "bops" else (floor * cost.fp32_size_bits(graph) + alpha
+                                                  * fp32_model_bits(graph) - target
+                                                  * cost.fp32_size_bits(graph))
+                    / fp32_model_bits(graph))
+        raise ValueError(
+            f"{kind} budget {alpha:.4%} is below the smallest reachable configuration "
+            f"({smallest:.4%} of fp32: every learned site at {state.spec.bits[0]:g} bits and "
+            "every prunable group down to one unit)."
+        )
+    return env
+
+
+def _floor(graph: Graph, state: CompressionState, env: Env) -> float:
+    """The enforce figure at every learned quantizer's lowest bits and one unit per group."""
+    low = state
+    b_lo = state.spec.bits[0]
+    for n in state.weight:
+        if n not in state.frozen:
+            low = set_bits(graph, low, n, b_lo)
+    if env.kind == "bops":
+        for n in state.act:
+            if n not in state.frozen:
+                low = set_bits(graph, low, n, b_lo, kind="act")
+    index = unit_index(graph, _shapes(graph))
+    first = np.zeros(index.num_units, np.float32)
+    first[np.asarray(index.offsets[:-1])] = 1.0
+    low = low.replace(masks={**low.masks, **index.split(jnp.asarray(first))})
+    with jax.enable_x64(True):
+        table = cost.site_table(graph, low)
+        if env.kind == "bops":
+            return float(sum(r["bops"] for r in table.values()) / cost.fp32_bops(graph))
+        return float(sum(r["size"] for r in table.values()) / cost.fp32_size_bits(graph))
+
+
+# ---------------------------------------------------------------------------------------------
+# Policies -> states
+# ---------------------------------------------------------------------------------------------
+
+
+def action_bits(a: jax.Array, bits: tuple[float, float]) -> jax.Array:
+    """Bits of actions ``a ∈ [0, 1]``: ``round(b_l − ½ + a (b_u − b_l + 1))`` in ``[b_l, b_u]``."""
+    b_l, b_u = (float(b) for b in bits)
+    return jnp.clip(jnp.round(b_l - 0.5 + a * (b_u - b_l + 1.0)), b_l, b_u)
+
+
+def policy_state(graph: Graph, state: CompressionState, env: Env, actions: jax.Array,
+                 saliency: jax.Array, *, max_prune: float = 0.9) -> CompressionState:
+    """``state`` with the policy ``actions`` (``[L, 3]``) applied, before budget enforcement:
+    learned weight (and, for BOPs, activation) bits from ``a₀`` (``a₁``) and, per decided group,
+    its ``⌊a₂ · max_prune · size⌋`` least salient units (``saliency`` ``[U]``) masked.
+    jit- and vmap-compatible."""
+    bits = state.spec.bits
+    sm = graph.site_map
+    weight, act = dict(state.weight), dict(state.act)
+    for i, name in enumerate(env.sites):  # widths >= b_l >= 2: no channel is at 0 bits here
+        if env.learned[i]:
+            weight[name] = with_bits(weight[name], action_bits(actions[i, 0], bits), True)
+        if env.act_learned[i]:
+            act[name] = with_bits(act[name], action_bits(actions[i, 1], bits),
+                                  sm[name].signed_input)
+    out = state.replace(weight=weight, act=act)
+    index = unit_index(graph, _shapes(graph))
+    if index.num_units == 0:
+        return out
+    sizes = np.diff(np.asarray(index.offsets))
+    frac = jnp.zeros((index.num_groups,), jnp.float32)
+    for i, j in enumerate(env.group):
+        if j >= 0:
+            frac = frac.at[j].set(actions[i, 2] * max_prune)
+    drop = jnp.minimum(jnp.floor(frac * sizes), sizes - 1)
+    seg = jnp.asarray(index.group_of_unit)
+    rank = rank_in_group(index, saliency)  # ascending: the least salient first
+    keep = (rank >= drop[seg]).astype(jnp.float32) * index.flat_masks(out.masks)
+    return out.replace(masks=index.split(keep))
+
+
+def candidate(graph: Graph, state: CompressionState, env: Env, actions: jax.Array,
+              saliency: jax.Array, params: Mapping, *, max_prune: float = 0.9
+              ) -> tuple[CompressionState, jax.Array]:
+    """``(enforced state, the policy's figure before enforcement)`` of ``actions``; the
+    enforced state meets ``env``'s budget exactly (``enforce_budget``). jit/vmap-compatible."""
+    raw = policy_state(graph, state, env, actions, saliency, max_prune=max_prune)
+    fig = _figure(graph, raw, env)
+    kw = {env.kind: env.target}
+    return enforce_budget(graph, raw, saliency=saliency, params=params, **kw), fig
+
+
+def _figure(graph: Graph, state: CompressionState, env: Env) -> jax.Array:
+    """The enforce figure (``cost.relative_size`` / ``relative_bops``) of ``state``."""
+    with jax.enable_x64(True):
+        table = cost.site_table(graph, state)
+        if env.kind == "bops":
+            f = sum(r["bops"] for r in table.values()) / cost.fp32_bops(graph)
+        else:
+            f = sum(r["size"] for r in table.values()) / cost.fp32_size_bits(graph)
+        return jnp.asarray(f, jnp.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# The evaluator
+# ---------------------------------------------------------------------------------------------
+
+
+def make_evaluator(apply_fn: Callable, graph: Graph, state: CompressionState, variables: Mapping,
+                   env: Env, inputs: np.ndarray, labels: np.ndarray, *, eval_batch: int = 500,
+                   max_prune: float = 0.9, over_penalty: float = 0.1, population: str = "auto",
+                   **call_kwargs: Any) -> Callable:
+    """``evaluate(actions [P, L, 3]) -> {"reward", "accuracy", "figure", "policy_figure"} [P]``:
+    each candidate's enforced state scored on the held-out ``(inputs, labels)`` (accuracy in
+    [0, 1], ``eval_batch`` samples per step of a ``lax.map``); pure. The candidates' states are
+    built with ``vmap``; their forwards run under ``vmap`` (``population="vmap"``) or one after
+    another in the same call (``"map"``; ``"auto"``: ``"map"`` on CPU, where a ``vmap`` over
+    per-candidate kernels becomes a slow grouped convolution). ``evaluate.reference`` is the
+    accuracy of ``state`` itself."""
+    from jaxjpq.compress import compress_apply
+
+    fwd = compress_apply(apply_fn, graph)
+    params = variables["params"]
+    index = unit_index(graph, variables)
+    saliency = magnitude(index, params) if index.num_units else jnp.zeros((0,), jnp.float32)
+    n = (len(inputs) // eval_batch) * eval_batch
+    if n == 0:
+        raise ValueError(f"the reward set needs at least eval_batch={eval_batch} samples, got "
+                         f"{len(inputs)}.")
+    xs = jnp.asarray(inputs[:n]).reshape(n // eval_batch, eval_batch, *inputs.shape[1:])
+    ys = jnp.asarray(labels[:n]).reshape(n // eval_batch, eval_batch)
+
+    def accuracy(st):
+        def one(xy):
+            logits = fwd(variables, st, xy[0], **call_kwargs)
+            return jnp.sum(jnp.argmax(logits, -1) == xy[1])
+
+        return jnp.sum(jax.lax.map(one, (xs, ys))) / n
+
+    ref = float(jax.jit(accuracy)(state))
+    if population not in ("auto", "vmap", "map"):
+        raise ValueError(f"population must be 'auto', 'vmap' or 'map', got {population!r}.")
+
+    over_models = "map" if population == "auto" and jax.default_backend() == "cpu" else (
+        "vmap" if population == "auto" else population)
+
+    def evaluate(actions):
+        states, raw = jax.vmap(lambda a: candidate(graph, state, env, a, saliency, params,
+                                                   max_prune=max_prune))(actions)
+        accs = (jax.vmap(accuracy) if over_models == "vmap" else
+                lambda s: jax.lax.map(accuracy, s))(states)
+        over = jnp.maximum(raw / env.target - 1.0, 0.0)
+        return {"reward": 0.1 * 100.0 * (accs - ref) - over_penalty * over, "accuracy": accs,
+                "figure": jax.vmap(lambda st: _figure(graph, st, env))(states),
+                "policy_figure": raw}
+
+    evaluate.reference = ref
+    evaluate.state_of = lambda actions: candidate(graph, state, env, jnp.asarray(actions),
+                                                  saliency, params, max_prune=max_prune)[0]
+    return evaluate
+
+
+# ---------------------------------------------------------------------------------------------
+# The agent
+# ---------------------------------------------------------------------------------------------
+
+
+class Hyper(NamedTuple):
+    """Agent settings.
+
+    Attributes:
+      population: policies rolled out and scored per episode.
+      hidden: width of the actor's and critic's two hidden layers.
+      actor_lr, critic_lr: Adam step sizes.
+      sigma, sigma_decay, sigma_min: exploration scale at episode 0, its factor per episode, its
+        floor.
+      warmup: episodes of uniform random actions before the actor acts.
+      updates: gradient steps per episode; batch: transitions per step.
+      buffer: replay capacity in transitions; baseline_decay: moving average of the rewards.
+    """
+
+    population: int = 8
+    hidden: int = 300
+    actor_lr: float = 1e-4
+    critic_lr: float = 1e-3
+    sigma: float = 0.5
+    sigma_decay: float = 0.95
+    sigma_min: float = 0.05
+    warmup: int = 2
+    updates: int = 32
+    batch: int = 64
+    buffer: int = 4096
+    baseline_decay: float = 0.9
+
+
+class AgentState(NamedTuple):
+    """Everything the agent carries between episodes (a pytree)."""
+
+    actor: Any
+    critic: Any
+    actor_opt: Any
+    critic_opt: Any
+    buf_s: jax.Array  # [capacity, F]
+    buf_a: jax.Array  # [capacity, 3]
+    buf_r: jax.Array  # [capacity]
+    count: jax.Array  # transitions stored (saturates at capacity in the sampling)
+    baseline: jax.Array
+    episode: jax.Array
+    best_reward: jax.Array
+    best_actions: jax.Array  # [L, 3]
+    best_metrics: Any
+
+
+def _mlp_init(key: jax.Array, sizes: list[int]) -> list:
+    layers = []
+    for k, a, b in zip(jax.random.split(key, len(sizes) - 1), sizes[:-1], sizes[1:],
+                       strict=True):
+        w = jax.random.normal(k, (a, b), jnp.float32) * math.sqrt(1.0 / a)
+        layers.append((w, jnp.zeros((b,), jnp.float32)))
+    return layers
+
+
+def _mlp(layers: list, x: jax.Array) -> jax.Array:
+    for w, b in layers[:-1]:
+        x = jax.nn.relu(x @ w + b)
+    w, b = layers[-1]
+    return x @ w + b
+
+
+def actor_apply(actor: list, s: jax.Array) -> jax.Array:
+    """Deterministic policy ``[..., F] -> [..., 3]`` in (0, 1)."""
+    return jax.nn.sigmoid(_mlp(actor, s))
+
+
+def critic_apply(critic: list, s: jax.Array, a: jax.Array) -> jax.Array:
+    """``Q(s, a)``: ``[..., F], [..., 3] -> [...]``."""
+    return _mlp(critic, jnp.concatenate([s, a], -1))[..., 0]
+
+
+def _rollout(env: Env, actor: list, key: jax.Array, sigma: jax.Array, random: jax.Array,
+             population: int, bits: tuple[float, float], max_prune: float
+             ) -> tuple[jax.Array, jax.Array]:
+    """``(states [P, L, F], actions [P, L, 3])``: one walk over the sites per population member;
+    actions are the actor's plus truncated-normal noise of scale ``sigma`` (uniform where
+    ``random``)."""
+    feats = jnp.asarray(env.features)
+    share = jnp.asarray(env.share, jnp.float32)
+    b_u = float(bits[1])
+    L = feats.shape[0]
+
+    def step(carry, inp):
+        prev, used = carry
+        i, k = inp
+        s = jnp.concatenate([jnp.broadcast_to(feats[i], (population, feats.shape[1])), prev,
+                             used[:, None]], -1)
+        mu = actor_apply(actor, s)
+        k1, k2 = jax.random.split(k)
+        noise = jax.random.truncated_normal(k1, -2.0, 2.0, mu.shape) * sigma
+        uni = jax.random.uniform(k2, mu.shape)
+        a = jnp.where(random, uni, jnp.clip(mu + noise, 0.0, 1.0))
+        wb = jnp.where(jnp.asarray(env.learned)[i], action_bits(a[:, 0], bits), b_u)
+        keep = 1.0 - jnp.where(jnp.asarray(env.group)[i] >= 0, a[:, 2] * max_prune, 0.0)
+        used = used + share[i] * wb / 32.0 * keep / env.alpha
+        return (a, used), (s, a)
+
+    init = (jnp.zeros((population, ACTION_DIM)), jnp.zeros((population,)))
+    _, (ss, aa) = jax.lax.scan(step, init, (jnp.arange(L), jax.random.split(key, L)))
+    return jnp.swapaxes(ss, 0, 1), jnp.swapaxes(aa, 0, 1)
+
+
+def init_agent(env: Env, key: jax.Array, hp: Hyper | None = None) -> AgentState:
+    """A fresh agent for ``env`` (``hp`` default: ``Hyper()``)."""
+    hp = Hyper() if hp is None else hp
+    f = env.features.shape[1] + DYNAMIC_FEATURES
+    ka, kc = jax.random.split(key)
+    actor = _mlp_init(ka, [f, hp.hidden, hp.hidden, ACTION_DIM])
+    critic = _mlp_init(kc, [f + ACTION_DIM, hp.hidden, hp.hidden, 1])
+    L = len(env.sites)
+    return AgentState(
+        actor=actor, critic=critic, actor_opt=optax.adam(hp.actor_lr).init(actor),
+        critic_opt=optax.adam(hp.critic_lr).init(critic),
+        buf_s=jnp.zeros((hp.buffer, f)), buf_a=jnp.zeros((hp.buffer, ACTION_DIM)),
+        buf_r=jnp.zeros((hp.buffer,)), count=jnp.zeros((), jnp.int32),
+        baseline=jnp.zeros((), jnp.float32), episode=jnp.zeros((), jnp.int32),
+        best_reward=jnp.full((), -jnp.inf, jnp.float32),
+        best_actions=jnp.zeros((L, ACTION_DIM), jnp.float32),
+        best_metrics={k: jnp.full((), -jnp.inf if k == "reward" else 0.0, jnp.float32)
+                      for k in ("reward", "accuracy", "figure", "policy_figure")},
+    )
+
+
+def make_episode(env: Env, evaluate: Callable, bits: tuple[float, float],
+                 hp: Hyper | None = None, *, random_search: bool = False,
+                 max_prune: float = 0.9) -> Callable:
+    """``episode(agent, key) -> (agent, metrics)``: roll out ``hp.population`` policies, score
+    them with ``evaluate``, keep the best, store the transitions and train the actor / critic
+    (``random_search``: uniform actions every episode, no learning; the same evaluations).
+    Pure; jit it once (``hp`` default: ``Hyper()``)."""
+    hp = Hyper() if hp is None else hp
+    ta, tc = optax.adam(hp.actor_lr), optax.adam(hp.critic_lr)
+    P = hp.population
+
+    def episode(ag: AgentState, key: jax.Array):
+        kr, ku = jax.random.split(key)
+        sigma = jnp.maximum(hp.sigma * hp.sigma_decay ** ag.episode.astype(jnp.float32),
+                            hp.sigma_min)
+        rand = jnp.asarray(True) if random_search else ag.episode < hp.warmup
+        ss, aa = _rollout(env, ag.actor, kr, sigma, rand, P, bits, max_prune)
+        m = evaluate(aa)
+        r = m["reward"]
+        b = jnp.where(ag.count == 0, jnp.mean(r), ag.baseline)
+        i = jnp.argmax(r)
+        better = r[i] > ag.best_reward
+        best_actions = jnp.where(better, aa[i], ag.best_actions)
+        best_metrics = jax.tree.map(lambda new, old: jnp.where(better, new[i], old), m,
+                                    ag.best_metrics)
+        ag = ag._replace(best_reward=jnp.maximum(r[i], ag.best_reward),
+                         best_actions=best_actions, best_metrics=best_metrics,
+                         episode=ag.episode + 1,
+                         baseline=hp.baseline_decay * b + (1 - hp.baseline_decay) * jnp.mean(r))
+        if random_search:
+            return ag, m
+        L = ss.shape[1]
+        n = P * L
+        pos = (ag.count + jnp.arange(n)) % hp.buffer
+        adv = jnp.repeat(r - b, L)
+        ag = ag._replace(buf_s=ag.buf_s.at[pos].set(ss.reshape(n, -1)),
+                         buf_a=ag.buf_a.at[pos].set(aa.reshape(n, -1)),
+                         buf_r=ag.buf_r.at[pos].set(adv), count=ag.count + n)
+        filled = jnp.minimum(ag.count, hp.buffer)
+
+        def update(c, k):
+            actor, critic, oa, oc = c
+            idx = jax.random.randint(k, (hp.batch,), 0, filled)
+            s, a, y = ag.buf_s[idx], ag.buf_a[idx], ag.buf_r[idx]
+
+            def c_loss(cp):
+                return jnp.mean(jnp.square(critic_apply(cp, s, a) - y))
+
+            def a_loss(ap):
+                return -jnp.mean(critic_apply(critic, s, actor_apply(ap, s)))
+
+            gc = jax.grad(c_loss)(critic)
+            uc, oc = tc.update(gc, oc)
+            critic = optax.apply_updates(critic, uc)
+            ga = jax.grad(a_loss)(actor)
+            ua, oa = ta.update(ga, oa)
+            actor = optax.apply_updates(actor, ua)
+            return (actor, critic, oa, oc), None
+
+        (actor, critic, oa, oc), _ = jax.lax.scan(
+            update, (ag.actor, ag.critic, ag.actor_opt, ag.critic_opt),
+            jax.random.split(ku, hp.updates))
+        return ag._replace(actor=actor, critic=critic, actor_opt=oa, critic_opt=oc), m
+
+    return episode
+
+
+class SearchResult(NamedTuple):
+    """What :func:`search` found.
+
+    Attributes:
+      state: the best policy's enforced ``CompressionState``.
+      actions: float32 ``[L, 3]`` its actions; bits: ``{site: weight bits}``; kept:
+        ``{group id: kept units}``.
+      reward, accuracy: its reward and held-out accuracy (before fine-tuning); reference: the
+        uncompressed state's accuracy.
+      relative_size, relative_bops: of the enforced state (size: :func:`relative_model_size`).
+      history: per episode ``{"best_reward", "mean_reward", "mean_policy_figure"}``.
+      evaluations: candidates scored; compiles: compilations of the episode function.
+    """
+
+    state: CompressionState
+    actions: np.ndarray
+    bits: dict[str, float]
+    kept: dict[str, int]
+    reward: float
+    accuracy: float
+    reference: float
+    relative_size: float
+    relative_bops: float
+    history: list
+    evaluations: int
+    compiles: int
+
+
+def search(apply_fn: Callable, graph: Graph, state: CompressionState, variables: Mapping,
+           inputs: np.ndarray, labels: np.ndarray, *, size: float | None = None,
+           bops: float | None = None, episodes: int = 30, hp: Hyper | None = None,
+           random_search: bool = False, seed: int = 0, reserve_bits: float = 0.0,
+           eval_batch: int = 500, max_prune: float = 0.9, over_penalty: float = 0.1,
+           progress: bool = True, **call_kwargs: Any) -> SearchResult:
+    """AJPQ's search (module docstring) to ``size`` or ``bops`` (see :func:`make_env`), the reward
+    on the held-out ``inputs [N, ...]`` / ``labels [N]``; ``episodes · hp.population``
+    candidates are scored. ``random_search``: the same number of uniform random policies.
+    ``state`` is the calibrated starting state (its bit range, frozen sites, activation
+    quantizers); ``**call_kwargs`` static keyword arguments of ``apply_fn``."""
+    from tqdm.auto import tqdm
+
+    hp = Hyper() if hp is None else hp
+    if episodes < 1:
+        raise ValueError(f"episodes must be >= 1, got {episodes}.")
+    env = make_env(graph, state, size=size, bops=bops, reserve_bits=reserve_bits)
+    evaluate = make_evaluator(apply_fn, graph, state, variables, env, inputs, labels,
+                              eval_batch=eval_batch, max_prune=max_prune,
+                              over_penalty=over_penalty, **call_kwargs)
+    bits = tuple(state.spec.bits)
+    step = jax.jit(make_episode(env, evaluate, bits, hp, random_search=random_search,
+                                max_prune=max_prune))
+    key = jax.random.PRNGKey(seed)
+    key, k0 = jax.random.split(key)
+    ag = init_agent(env, k0, hp)
+    history = []
+    bar = tqdm(range(episodes), desc=f"ajpq ({env.kind} budget {env.alpha:.2%})",
+               unit="episode", disable=not progress)
+    for _ in bar:
+        key, k = jax.random.split(key)
+        ag, m = step(ag, k)
+        h = {"best_reward": float(ag.best_reward), "mean_reward": float(jnp.mean(m["reward"])),
+             "mean_policy_figure": float(jnp.mean(m["policy_figure"]))}
+        history.append(h)
+        bar.set_postfix(best=f"{h['best_reward']:.3f}",
+                        budget_use=f"{h['mean_policy_figure'] / env.target:.2f}")
+    bar.close()
+    best = np.asarray(ag.best_actions)
+    st = jax.jit(evaluate.state_of)(best)
+    return _result(graph, env, st, best, ag, evaluate.reference, history,
+                   episodes * hp.population, step._cache_size())
+
+
+def _result(graph: Graph, env: Env, st: CompressionState, best: np.ndarray, ag: AgentState,
+            reference: float, history: list, evaluations: int, compiles: int) -> SearchResult:
+    from jaxjpq.quant import params_bits
+
+    index = unit_index(graph, _shapes(graph))
+    kept = {g: int(np.sum(np.asarray(st.masks[g]) > 0.5)) for g in index.group_ids}
+    sm = graph.site_map
+    bits = {n: float(params_bits(p, True)) for n, p in st.weight.items() if n in sm}
+    return SearchResult(
+        state=st, actions=best, bits=bits, kept=kept, reward=float(ag.best_reward),
+        accuracy=float(ag.best_metrics["accuracy"]), reference=reference,
+        relative_size=relative_model_size(graph, st),
+        relative_bops=float(cost.relative_bops(graph, st)), history=history,
+        evaluations=evaluations, compiles=compiles,
+    )
