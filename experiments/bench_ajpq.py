@@ -4,7 +4,7 @@ reward set and policies, one run. A candidate is array values only, so each eval
 once (compilation excluded: a warm-up call first).
 
     python -m experiments.bench_ajpq [--model mnist_cnn] [--samples 2000] [--population 16]
-        [--rounds 3] [--size 0.1]
+        [--rounds 3] [--size 0.1] [--mode auto map vmap]
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from jaxjpq.methods import ajpq
 from jaxjpq.models.registry import get_model, input_spec
 
 
-def bench(name: str, samples: int, population: int, rounds: int, size: float) -> dict:
+def bench(name: str, samples: int, population: int, rounds: int, size: float,
+          mode: str = "auto") -> dict:
     model = get_model(name)
     spec = input_spec(name, samples)
     rng = np.random.default_rng(0)
@@ -32,7 +33,7 @@ def bench(name: str, samples: int, population: int, rounds: int, size: float) ->
     st = jaxjpq.init_state(g, jaxjpq.CompressionSpec(bits=(2, 8)), v)
     st = jaxjpq.calibrate(jaxjpq.compress_apply(model.apply, g), v, st, [x[:128]])
     env = ajpq.make_env(g, st, size=size)
-    evaluate = jax.jit(ajpq.make_evaluator(model.apply, g, st, v, env, x, y))
+    evaluate = jax.jit(ajpq.make_evaluator(model.apply, g, st, v, env, x, y, population=mode))
     acts = rng.random((population, len(env.sites), ajpq.ACTION_DIM)).astype(np.float32)
 
     def one_at_a_time():
@@ -52,7 +53,7 @@ def bench(name: str, samples: int, population: int, rounds: int, size: float) ->
         batched()
         tb.append(time.perf_counter() - t0)
     a, b = population / statistics.median(t1), population / statistics.median(tb)
-    return dict(model=name, samples=samples, population=population, one_per_s=a,
+    return dict(model=name, samples=samples, population=population, mode=mode, one_per_s=a,
                 batched_per_s=b, ratio=b / a)
 
 
@@ -63,9 +64,16 @@ def main(argv=None) -> None:
     p.add_argument("--population", type=int, default=16)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--size", type=float, default=0.1)
+    p.add_argument("--mode", nargs="+", default=["auto"], choices=["auto", "map", "vmap"],
+                   help="how the population's forwards run (see ajpq.make_evaluator)")
     a = p.parse_args(argv)
-    r = bench(a.model, a.samples, a.population, a.rounds, a.size)
-    print(f"{r['model']}: {r['samples']} reward samples, population {r['population']}: "
+    for mode in a.mode:
+        report(bench(a.model, a.samples, a.population, a.rounds, a.size, mode))
+
+
+def report(r: dict) -> None:
+    print(f"{r['model']}: {r['samples']} reward samples, population {r['population']} "
+          f"({r['mode']}): "
           f"{r['one_per_s']:.2f} candidates/s one at a time, {r['batched_per_s']:.2f} batched, "
           f"ratio {r['ratio']:.2f}x")
 

@@ -49,6 +49,10 @@ def load(workdirs: list[str]) -> dict[str, list[dict[str, Any]]]:
                    else f"{m['uniform_bits']:g} bits, magnitude")
             if m.get("criterion", "fit") != "fit":
                 how += f", {m['criterion']} criterion"
+            if m["name"] == "fit":
+                how += f", {m.get('fisher_samples')} Fisher samples"
+                if m.get("fisher_reduce", "diag") != "diag":
+                    how += f", {m['fisher_reduce']} Fisher"
             label += f" ({budget}, {how}, {m.get('pretrain_steps')} + fine-tune)"
         elif m["name"] in ("ajpq", "ajpq_random"):
             budget = (f"size {100 * m['size']:g} %" if m.get("size")

@@ -4,14 +4,15 @@ The core: ``trace`` a model into a :class:`Graph` (QADG), ``init`` the pair
 :class:`CompressedParams` ``(model params, CompressionState)`` from a :class:`CompressionSpec`,
 run the compressed forward from ``compress_apply``, measure it with ``cost``, ``slim`` it and
 ``export`` it. Methods (``geta``, ``djpq``, ``prune_then_quantize``, ``qat``) are optax
-transforms over the pair, built on :mod:`jaxjpq.methods.core`.
+transforms over the pair, built on :mod:`jaxjpq.methods.core`; ``fit`` and ``ajpq`` search a
+state for the ``qat`` fine-tune.
 """
 
 from jaxjpq import cost, data, djpq, export, gates, macs, models, nnx, quant, train
 from jaxjpq.compress import calibrate, compress_apply
 from jaxjpq.graph import AxisUnits, Graph, Group, MacTerm, Site, Slice
 from jaxjpq.macs import MacCount, count_macs, count_macs_split, eqn_macs
-from jaxjpq.methods import fit
+from jaxjpq.methods import ajpq, fit
 from jaxjpq.methods.baselines import prune_then_quantize
 from jaxjpq.methods.core import enforce_budget, qat, set_bits, within_budget
 from jaxjpq.methods.geta import geta
@@ -33,6 +34,7 @@ __all__ = [
     "Rule",
     "Site",
     "Slice",
+    "ajpq",
     "apply_masks",
     "calibrate",
     "compress_apply",

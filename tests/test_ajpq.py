@@ -144,3 +144,18 @@ def test_the_agent_beats_random_search_on_a_toy_reward():
             ag, _ = step(ag, jax.random.PRNGKey(100 + e))
         best[rs] = float(ag.best_reward)
     assert best[False] > 2 * best[True]  # rewards are negative: at most half the error
+
+
+def test_readme_example_runs():
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
+    m = re.search(r"```python\n(from jaxjpq import ajpq.*?)```", text, re.S)
+    assert m, "README has no AJPQ example"
+    model, v, g, x, y, _ = _cnn()
+    ns = {"jaxjpq": jaxjpq, "model": model, "graph": g, "trained": v, "x_calib": x[:32],
+          "x_val": x[:100], "y_val": y[:100]}
+    exec(compile(m.group(1), "README AJPQ example", "exec"), ns)
+    assert fit.relative_model_size(g, ns["pair"].compression) <= 0.1
+    assert ns["res"].evaluations == 320 and ns["res"].compiles == 1

@@ -329,3 +329,13 @@ def test_sweep_grid_runs_every_point_and_skips_finished(tmp_path, monkeypatch):
     assert (tmp_path / "pareto.png").exists() and all((d / "results.json").exists() for d in dirs)
     sweep.main(argv)  # finished points are skipped
     assert len(calls) == 2
+
+
+def test_fisher_and_ajpq_benches_run(capsys):
+    from experiments import bench_ajpq, bench_fisher
+
+    bench_fisher.main(["--batch", "8", "--chunk", "8", "--rounds", "1"])
+    bench_ajpq.main(["--samples", "40", "--population", "2", "--rounds", "1", "--mode", "map",
+                     "vmap"])
+    out = capsys.readouterr().out
+    assert out.count("ratio") == 4 and "(vmap)" in out

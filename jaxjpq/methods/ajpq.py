@@ -245,12 +245,17 @@ def make_evaluator(apply_fn: Callable, graph: Graph, state: CompressionState, va
     params = variables["params"]
     index = unit_index(graph, variables)
     saliency = magnitude(index, params) if index.num_units else jnp.zeros((0,), jnp.float32)
-    n = (len(inputs) // eval_batch) * eval_batch
-    if n == 0:
-        raise ValueError(f"the reward set needs at least eval_batch={eval_batch} samples, got "
-                         f"{len(inputs)}.")
-    xs = jnp.asarray(inputs[:n]).reshape(n // eval_batch, eval_batch, *inputs.shape[1:])
-    ys = jnp.asarray(labels[:n]).reshape(n // eval_batch, eval_batch)
+    n = len(inputs)
+    if n == 0 or len(labels) != n:
+        raise ValueError(f"the reward set needs samples and one label each, got {n} inputs and "
+                         f"{len(labels)} labels.")
+    b = min(int(eval_batch), n)
+    pad = -n % b  # the last batch is padded; padded samples do not count
+    xs = np.concatenate([np.asarray(inputs), np.zeros((pad, *np.shape(inputs)[1:]),
+                                                      np.asarray(inputs).dtype)])
+    ys = np.concatenate([np.asarray(labels), np.full((pad,), -1, np.asarray(labels).dtype)])
+    xs = jnp.asarray(xs).reshape(-1, b, *xs.shape[1:])
+    ys = jnp.asarray(ys).reshape(-1, b)
 
     def accuracy(st):
         def one(xy):
