@@ -17,19 +17,14 @@ import jax
 import numpy as np
 
 import jaxjpq
+from experiments.bench_setup import traced_model
 from jaxjpq.methods import ajpq
-from jaxjpq.models.registry import get_model, input_spec
 
 
 def bench(name: str, samples: int, population: int, rounds: int, size: float,
           mode: str = "auto") -> dict:
-    model = get_model(name)
-    spec = input_spec(name, samples)
+    model, x, y, v, g = traced_model(name, samples)
     rng = np.random.default_rng(0)
-    x = rng.random(spec.shape).astype(np.float32)
-    y = rng.integers(0, 10, samples).astype(np.int32)
-    v = model.init(jax.random.key(0), x[:1])
-    g = jaxjpq.trace(model.apply, v, x[:2])
     st = jaxjpq.init_state(g, jaxjpq.CompressionSpec(bits=(2, 8)), v)
     st = jaxjpq.calibrate(jaxjpq.compress_apply(model.apply, g), v, st, [x[:128]])
     env = ajpq.make_env(g, st, size=size)

@@ -19,22 +19,14 @@ import statistics
 import time
 
 import jax
-import numpy as np
 import optax
 
+from experiments.bench_setup import traced_model
 from jaxjpq.methods import fit
-from jaxjpq.models.registry import get_model, input_spec
-from jaxjpq.trace import trace
 
 
 def bench(name: str, batch: int, chunk: int, rounds: int, method: str) -> dict:
-    model = get_model(name)
-    spec = input_spec(name, batch)
-    rng = np.random.default_rng(0)
-    x = rng.random(spec.shape).astype(np.float32)
-    y = rng.integers(0, 10, batch).astype(np.int32)
-    v = model.init(jax.random.key(0), x[:1])
-    g = trace(model.apply, v, x[:2])
+    model, x, y, v, g = traced_model(name, batch)
 
     @jax.jit
     def batched(params):

@@ -271,3 +271,20 @@ def build_nnx() -> tuple:
 
     x = jax.random.normal(jax.random.PRNGKey(1), (2, 4))
     return apply_fn, {"params": state}, x
+
+
+def small_cnn(n: int, calib: int | None = None) -> tuple:
+    """``(model, variables, graph, x [n, 28, 28, 1], labels [n], calibrated state)`` of a small
+    ``MnistCNN`` on random images (state: bits (2, 8), activations calibrated on ``x[:calib]``)."""
+    import jaxjpq
+    from jaxjpq.models import MnistCNN
+
+    model = MnistCNN(features=(4, 8), hidden=16)
+    rng = np.random.default_rng(0)
+    x = rng.random((n, 28, 28, 1), np.float32)
+    y = rng.integers(0, 10, n).astype(np.int32)
+    v = model.init(jax.random.PRNGKey(0), x[:1])
+    g = jaxjpq.trace(model.apply, v, x[:2])
+    st = jaxjpq.init_state(g, jaxjpq.CompressionSpec(bits=(2, 8)), v)
+    st = jaxjpq.calibrate(jaxjpq.compress_apply(model.apply, g), v, st, [x[:calib]])
+    return model, v, g, x, y, st

@@ -2,6 +2,7 @@
 
 import functools
 
+import archs
 import chex
 import jax
 import jax.numpy as jnp
@@ -11,20 +12,11 @@ import pytest
 import jaxjpq
 from jaxjpq import cost
 from jaxjpq.methods import ajpq, fit
-from jaxjpq.models import MnistCNN
 
 
 @functools.cache
 def _cnn():
-    model = MnistCNN(features=(4, 8), hidden=16)
-    rng = np.random.default_rng(0)
-    x = rng.random((120, 28, 28, 1), np.float32)
-    y = rng.integers(0, 10, 120).astype(np.int32)
-    v = model.init(jax.random.PRNGKey(0), x[:1])
-    g = jaxjpq.trace(model.apply, v, x[:2])
-    st = jaxjpq.init_state(g, jaxjpq.CompressionSpec(bits=(2, 8)), v)
-    st = jaxjpq.calibrate(jaxjpq.compress_apply(model.apply, g), v, st, [x[:32]])
-    return model, v, g, x, y, st
+    return archs.small_cnn(120, calib=32)
 
 
 def test_env_walks_every_site_and_each_group_is_decided_once():

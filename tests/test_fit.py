@@ -12,19 +12,11 @@ import pytest
 import jaxjpq
 from jaxjpq import cost, export
 from jaxjpq.methods import fit
-from jaxjpq.models import MnistCNN
 
 
 @functools.cache
 def _cnn():
-    model = MnistCNN(features=(4, 8), hidden=16)
-    rng = np.random.default_rng(0)
-    x = rng.random((24, 28, 28, 1), np.float32)
-    y = rng.integers(0, 10, 24).astype(np.int32)
-    v = model.init(jax.random.PRNGKey(0), x[:1])
-    g = jaxjpq.trace(model.apply, v, x[:2])
-    st = jaxjpq.init_state(g, jaxjpq.CompressionSpec(bits=(2, 8)), v)
-    st = jaxjpq.calibrate(jaxjpq.compress_apply(model.apply, g), v, st, [x])
+    model, v, g, x, y, st = archs.small_cnn(24)
     for n in st.act:
         if n not in st.frozen:
             st = jaxjpq.set_bits(g, st, n, 8.0, kind="act")
