@@ -151,3 +151,36 @@ def test_readme_example_runs():
     exec(compile(m.group(1), "README AJPQ example", "exec"), ns)
     assert fit.relative_model_size(g, ns["pair"].compression) <= 0.1
     assert ns["res"].evaluations == 320 and ns["res"].compiles == 1
+
+
+_SHARDED = """
+import sys
+sys.path.insert(0, {tests!r})
+import jax, jax.numpy as jnp, numpy as np
+import archs
+from jaxjpq.methods import ajpq
+model, v, g, x, y, st = archs.small_cnn(80, calib=32)
+env = ajpq.make_env(g, st, size=0.3)
+acts = jnp.asarray(np.random.default_rng(2).random((4, 4, 3)), jnp.float32)
+out = {{m: jax.jit(ajpq.make_evaluator(model.apply, g, st, v, env, x, y, eval_batch=40,
+                                      population=m))(acts) for m in ("auto", "map")}}
+assert len(jax.devices()) == 4
+assert len(out["auto"]["reward"].sharding.device_set) == 4
+for k in out["map"]:
+    np.testing.assert_allclose(out["auto"][k], out["map"][k], rtol=1e-6, atol=1e-6)
+print("OK")
+"""
+
+
+def test_the_population_is_split_over_the_devices():
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    tests = str(pathlib.Path(__file__).parent)
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+           "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, "-c", _SHARDED.format(tests=tests)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]

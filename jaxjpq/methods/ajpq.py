@@ -19,7 +19,8 @@ state's), minus ``over_penalty · max(0, c_policy / α − 1)`` where ``c_policy
 figure before enforcement.
 
 A candidate is array values only (the policy's ``[L, 3]`` actions), so one compiled evaluator
-scores a whole population at once (``vmap`` over candidates); an episode rolls out one policy
+scores a whole population in one call (states built under ``vmap``; the population split over
+the devices when there are several, see :func:`make_evaluator`); an episode rolls out one policy
 per population member, scores them, stores every step's transition with the episode's
 advantage ``R − b`` (``b`` a moving average) and takes gradient steps of a small actor / critic
 pair (DDPG-style: deterministic actor, truncated-normal exploration whose scale decays per
@@ -235,10 +236,12 @@ def make_evaluator(apply_fn: Callable, graph: Graph, state: CompressionState, va
     """``evaluate(actions [P, L, 3]) -> {"reward", "accuracy", "figure", "policy_figure"} [P]``:
     each candidate's enforced state scored on the held-out ``(inputs, labels)`` (accuracy in
     [0, 1], ``eval_batch`` samples per step of a ``lax.map``); pure. The candidates' states are
-    built with ``vmap``; their forwards run under ``vmap`` (``population="vmap"``) or one after
-    another in the same call (``"map"``; ``"auto"``: ``"map"`` on CPU, where a ``vmap`` over
-    per-candidate kernels becomes a slow grouped convolution). ``evaluate.reference`` is the
-    accuracy of ``state`` itself."""
+    built with ``vmap``; their forwards run under ``vmap`` (``population="vmap"``), one after
+    another in the same call (``"map"``), or under ``vmap`` with the population split over all
+    devices (``"shard"``, when the population divides evenly). ``"auto"``: ``"shard"`` with
+    several devices, else ``"map"`` on CPU (where a ``vmap`` over per-candidate kernels becomes a
+    slow grouped convolution) and ``"vmap"`` elsewhere. ``evaluate.reference`` is the accuracy
+    of ``state`` itself."""
     from jaxjpq.compress import compress_apply
 
     fwd = compress_apply(apply_fn, graph)
@@ -265,13 +268,21 @@ def make_evaluator(apply_fn: Callable, graph: Graph, state: CompressionState, va
         return jnp.sum(jax.lax.map(one, (xs, ys))) / n
 
     ref = float(jax.jit(accuracy)(state))
-    if population not in ("auto", "vmap", "map"):
-        raise ValueError(f"population must be 'auto', 'vmap' or 'map', got {population!r}.")
-
-    over_models = "map" if population == "auto" and jax.default_backend() == "cpu" else (
-        "vmap" if population == "auto" else population)
+    if population not in ("auto", "vmap", "map", "shard"):
+        raise ValueError(f"population must be 'auto', 'vmap', 'map' or 'shard', got "
+                         f"{population!r}.")
+    devices = jax.devices()
+    if population == "auto":
+        population = ("shard" if len(devices) > 1 else
+                      "map" if jax.default_backend() == "cpu" else "vmap")
+    over_models = "vmap" if population == "shard" else population
+    mesh = jax.sharding.Mesh(np.asarray(devices), ("population",))
 
     def evaluate(actions):
+        if population == "shard" and actions.shape[0] % len(devices) == 0:
+            spec = jax.sharding.PartitionSpec("population")
+            actions = jax.lax.with_sharding_constraint(
+                actions, jax.sharding.NamedSharding(mesh, spec))
         states, raw = jax.vmap(lambda a: candidate(graph, state, env, a, saliency, params,
                                                    max_prune=max_prune))(actions)
         accs = (jax.vmap(accuracy) if over_models == "vmap" else
