@@ -445,6 +445,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         augment=augment,
     )
     t_train = time.perf_counter()
+    mesh = train_lib.data_mesh() if config.get("data_parallel", False) else None
     state, last = train_lib.train(
         state,
         stream,
@@ -454,7 +455,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         log_every=config.log_every,
         progress=config.progress,
         metrics_fn=method["metrics_fn"],
+        mesh=mesh,
     )
+    state = jax.device_get(state) if mesh is not None else state
     train_seconds = time.perf_counter() - t_train
     manager.close()
 
@@ -465,6 +468,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             data_lib.batches(splits[split], config.eval_batch_size, shuffle=False,
                              drop_remainder=False),
             config.eval_batch_size,
+            mesh=mesh,
         )
     compression = {}
     if method["graph"] is not None:

@@ -17,7 +17,7 @@ import inspect
 import json
 import math
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from flax import struct
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 PyTree = Any
 Batch = Mapping[str, Any]
@@ -312,6 +313,9 @@ def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, j
     return new, metrics
 
 
+_donated_step = jax.jit(train_step.__wrapped__, donate_argnums=0)
+
+
 @jax.jit
 def eval_step(state: TrainState, batch: Batch) -> dict[str, jax.Array]:
     """Summed cross-entropy and correct count on ``batch``.
@@ -331,11 +335,41 @@ def eval_step(state: TrainState, batch: Batch) -> dict[str, jax.Array]:
     }
 
 
-def evaluate(state: TrainState, batches: Iterable[Batch], batch_size: int) -> dict[str, float]:
+def data_mesh(devices: Sequence[Any] | None = None) -> Mesh:
+    """A 1-D mesh ``("data",)`` over ``devices`` (default: every device of this process)."""
+    return Mesh(np.asarray(jax.devices() if devices is None else devices), ("data",))
+
+
+def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
+    """A copy of ``tree`` on every device of ``mesh`` (replicated; never aliases ``tree``'s
+    buffers, so donating the copy leaves ``tree`` valid)."""
+    copy = jax.jit(lambda t: jax.tree.map(jnp.copy, t),
+                   out_shardings=NamedSharding(mesh, PartitionSpec()))
+    return copy(tree)
+
+
+def shard_batch(batch: Batch, mesh: Mesh) -> Batch:
+    """``batch`` split along its leading axis over the ``"data"`` axis of ``mesh`` (the batch
+    size must divide evenly)."""
+    n = mesh.shape["data"]
+    sizes = {len(v) for v in batch.values()}
+    if any(b % n for b in sizes):
+        raise ValueError(f"a batch of {sorted(sizes)} examples does not split over the {n} "
+                         "devices of the data axis; choose a batch size divisible by it.")
+    return jax.device_put(dict(batch), NamedSharding(mesh, PartitionSpec("data")))
+
+
+def evaluate(state: TrainState, batches: Iterable[Batch], batch_size: int,
+             mesh: Mesh | None = None) -> dict[str, float]:
     """Mean cross-entropy and accuracy over all examples of ``batches``.
 
-    Short batches are padded to ``batch_size`` and masked, so ``eval_step`` compiles once.
+    Short batches are padded to ``batch_size`` (rounded up to a multiple of ``mesh``'s data
+    axis, over which they are split) and masked, so ``eval_step`` compiles once.
     """
+    if mesh is not None:
+        n_dev = mesh.shape["data"]
+        batch_size = -(-batch_size // n_dev) * n_dev
+        state = replicate(state, mesh)
     totals = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
     for i, batch in enumerate(batches):
         _check_inputs(batch, i, "evaluation batch")
@@ -348,6 +382,8 @@ def evaluate(state: TrainState, batches: Iterable[Batch], batch_size: int) -> di
             for k, v in batch.items()
         }
         padded["mask"] = (np.arange(batch_size) < n).astype(np.float32)
+        if mesh is not None:
+            padded = shard_batch(padded, mesh)
         out = eval_step(state, padded)
         for k in totals:
             totals[k] += float(out[k])
@@ -485,8 +521,13 @@ def train(
     log_every: int = 50,
     progress: bool = True,
     metrics_fn: Callable[[TrainState], Mapping[str, Any]] | None = None,
+    mesh: Mesh | None = None,
 ) -> tuple[TrainState, dict[str, Any]]:
     """Runs ``train_step`` until ``state.step == num_steps``, consuming one batch per step.
+
+    With ``mesh`` (e.g. :func:`data_mesh`), data parallel: the state is replicated on its
+    devices and each batch split over its ``"data"`` axis; XLA all-reduces the gradients inside
+    the one jitted step, whose state buffers are donated.
 
     ``batches`` must start at ``state.step`` (see ``data.batch_stream(start_step=...)``).
     Checkpoints every ``checkpoint_every`` steps and at the end when ``manager`` is given.
@@ -500,6 +541,10 @@ def train(
     start = int(state.step)
     if start > num_steps:
         raise ValueError(f"state is at step {start}, beyond num_steps={num_steps}.")
+    step_fn = train_step
+    if mesh is not None:
+        state = replicate(state, mesh)
+        step_fn = _donated_step
     bar = tqdm(total=num_steps, initial=start, disable=not progress, desc="train", unit="step")
     window: list[dict[str, jax.Array]] = []
     summary: dict[str, Any] = {}
@@ -516,7 +561,9 @@ def train(
                         "endless iterator such as data.batch_stream."
                     ) from e
                 _check_inputs(batch, step)
-                state, metrics = train_step(state, batch)
+                if mesh is not None:
+                    batch = shard_batch(batch, mesh)
+                state, metrics = step_fn(state, batch)
                 loss = float(metrics.pop("loss"))  # one host sync per step: exact NaN detection
                 finite = bool(metrics.pop("params_finite"))
                 if not (math.isfinite(loss) and finite):

@@ -40,4 +40,5 @@ def get_config() -> ml_collections.ConfigDict:
     c.checkpoint_every = 500
     c.log_every = 50
     c.progress = True
+    c.data_parallel = False  # True: state replicated, batches split over every local device
     return c
