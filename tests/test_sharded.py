@@ -1,6 +1,6 @@
 """Data-parallel training over 8 virtual CPU devices gives 1-device training's masks and bits
 (GETA, DJPQ); params within 1e-2 (GETA, 24 Adam steps at 1e-3) and 1e-5 (DJPQ); evaluation
-pads to the device count."""
+pads to the device count; FIT's Fisher pass split over the devices equals the 1-device one."""
 
 import os
 import pathlib
@@ -54,6 +54,14 @@ for method in ("geta", "djpq"):
     assert e1["count"] == e8["count"] == 96
     np.testing.assert_allclose(e8["accuracy"], e1["accuracy"])
     np.testing.assert_allclose(e8["loss"], e1["loss"], rtol=1e-5)
+from jaxjpq.methods import fit
+xf, yf = src["inputs"][:40], src["labels"][:40]
+f1 = fit.fisher(model.apply, g, v, [{{"inputs": xf, "labels": yf}}], chunk=16, progress=False)
+f8 = fit.fisher(model.apply, g, v, [{{"inputs": xf, "labels": yf}}], chunk=16, progress=False,
+                mesh=mesh)  # chunks of 16, 16 on 8 devices, the last 8 on 8
+for k in f1.weight:
+    np.testing.assert_allclose(f8.weight[k], f1.weight[k], rtol=1e-4, atol=1e-12)
+    np.testing.assert_allclose(f8.act[k], f1.act[k], rtol=1e-4)
 try:
     train.train(make("geta"), data.batch_stream(src, 12, seed=0), 2, progress=False, mesh=mesh)
 except ValueError as e:

@@ -39,7 +39,7 @@ from jaxjpq.graph import Graph
 from jaxjpq.methods.core import set_bits, with_bits
 from jaxjpq.quant import broadcast_params, effective_params, params_bits, quantize_with
 from jaxjpq.state import CompressionState, check_state, leaf, site_quantizer
-from jaxjpq.train import cross_entropy
+from jaxjpq.train import cross_entropy, replicate, shard_batch
 
 LEVELS = 40  # sparsity levels 1 - logspace(0, -3, LEVELS): 0 ... 0.999
 
@@ -81,6 +81,7 @@ def fisher(
     chunk: int = 64,
     max_samples: int | None = None,
     progress: bool = True,
+    mesh: jax.sharding.Mesh | None = None,
     **call_kwargs: Any,
 ) -> FisherInfo:
     """Empirical Fisher of ``apply_fn`` at ``variables`` from per-sample gradients.
@@ -99,6 +100,8 @@ def fisher(
         one site's weight gradient for ``"batched"``).
       max_samples: stop after this many samples (default: all batches).
       progress: a tqdm bar over the samples.
+      mesh: split each chunk over this mesh's ``"data"`` axis (:func:`jaxjpq.train.data_mesh`;
+        a chunk that does not divide evenly runs on one device).
       **call_kwargs: static keyword arguments of ``apply_fn`` (e.g. ``train=False``).
     Returns:
       :class:`FisherInfo` (host arrays).
@@ -110,11 +113,25 @@ def fisher(
     if method not in ("auto", "batched", "per_sample"):
         raise ValueError(f"method must be 'auto', 'batched' or 'per_sample', got {method!r}.")
     params = variables["params"]
+    if mesh is not None:
+        params = replicate(params, mesh)
 
     def make(m: str) -> Callable:
         return fisher_sums(apply_fn, graph, variables, loss_fn=loss_fn, method=m, **call_kwargs)
 
     fn = None if method == "auto" else make(method)
+    split = None
+    if mesh is not None:
+        # Each device sums its share under shard_map and the sums are added across devices: left
+        # to the SPMD partitioner, the batched per-sample conv weight gradients (a conv with
+        # batch_group_count) come out wrong on a batch-sharded chunk (XLA CPU, jax 0.10).
+        P = jax.sharding.PartitionSpec
+
+        def split(f):
+            return jax.jit(jax.shard_map(
+                lambda p, xs, ys: jax.tree.map(lambda t: jax.lax.psum(t, "data"), f(p, xs, ys)),
+                mesh=mesh, in_specs=(P(), P("data"), P("data")), out_specs=P(),
+                check_vma=False))
     acc_w = {s.name: np.zeros(s.weight_shape, np.float64) for s in graph.sites}
     acc_a = {s.name: 0.0 for s in graph.sites}
     n = 0
@@ -125,8 +142,14 @@ def fisher(
             x, y = x[: max_samples - n], y[: max_samples - n]
         if fn is None and len(x):
             fn = _choose(make, params, x[:4], y[:4])
+        sharded = split(fn) if split is not None else None
         for i in range(0, len(x), chunk):
-            w, a = fn(params, x[i : i + chunk], y[i : i + chunk])
+            xs, ys = x[i : i + chunk], y[i : i + chunk]
+            if sharded is not None and len(xs) % mesh.shape["data"] == 0:
+                xs, ys = shard_batch({"x": xs, "y": ys}, mesh).values()
+                w, a = sharded(params, xs, ys)
+            else:
+                w, a = fn(params, xs, ys)
             for k in acc_w:
                 acc_w[k] += np.asarray(w[k], np.float64)
                 acc_a[k] += float(a[k])
