@@ -11,6 +11,7 @@ exactly) and ``<workdir>/results.json`` (val/test accuracy, steps, wall time, co
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -612,6 +613,57 @@ def _app_main(argv: Sequence[str]) -> None:
           f"-> {Path(workdir) / 'results.json'}")
 
 
+_FIELD_DOC = re.compile(r"^\s*c\.([\w.]+)\s*=.*?#\s*(.+)$")
+
+
+def field_docs(config_file: str | os.PathLike | None = None) -> dict[str, str]:
+    """``{dotted field: its meaning}`` from the comments on the assignments in the config files
+    (``c.method.size = 0.1  # budget: ...``): ``config_file`` first, then the config modules it
+    imports (depth first), then the others; the first that comments a field gives its text."""
+    folder = Path(_DEFAULT_CONFIG).parent
+    order: list[Path] = []
+
+    def visit(f: Path) -> None:
+        if f in order or not f.is_file():
+            return
+        order.append(f)
+        for name in re.findall(r"from experiments\.configs(?:\.(\w+))? import (\w+)",
+                               f.read_text()):
+            visit(folder / f"{name[0] or name[1]}.py")
+
+    if config_file is not None:
+        visit(Path(config_file))
+    for f in sorted(folder.glob("*.py")):
+        visit(f)
+    docs: dict[str, str] = {}
+    for f in order:
+        for line in f.read_text().splitlines():
+            m = _FIELD_DOC.match(line)
+            if m and m.group(1) not in docs:
+                docs[m.group(1)] = m.group(2).strip()
+    return docs
+
+
+def describe_config(cfg: ml_collections.ConfigDict, config_file: str | None = None) -> str:
+    """Every field of ``cfg`` with its value and meaning, one per line (``--help``)."""
+    docs = field_docs(config_file)
+    lines = []
+
+    def walk(node, prefix):
+        for k in sorted(node.keys()):
+            v, name = node[k], f"{prefix}{k}"
+            if isinstance(v, ml_collections.ConfigDict):
+                if name in docs:
+                    lines.append(f"  --config.{name}.*: {docs[name]}")
+                walk(v, name + ".")
+            else:
+                doc = docs.get(name, docs.get(name.rsplit(".", 1)[0], ""))
+                lines.append(f"  --config.{name}={v!r}" + (f"  # {doc}" if doc else ""))
+
+    walk(cfg, "")
+    return "\n".join(["config fields (--config.<field>=<value>):", *lines])
+
+
 def check_args(argv: Sequence[str]) -> None:
     """Raise ``SystemExit`` with one line for a missing config file or an unknown config field
     (naming the valid fields at that level), before absl's flag parsing would print a
@@ -636,6 +688,8 @@ def check_args(argv: Sequence[str]) -> None:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     cfg = module.get_config(*path.split(":", 1)[1:])
+    if "--help" in args or "-h" in args or "--helpfull" in args:
+        print(describe_config(cfg, file) + "\n")
     for key, value in overrides:
         node, done = cfg, []
         for part in key.split("."):

@@ -339,3 +339,25 @@ def test_fisher_and_ajpq_benches_run(capsys):
                      "vmap"])
     out = capsys.readouterr().out
     assert out.count("ratio") == 4 and "(vmap)" in out
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "experiments" / "configs").glob(
+    "*.py") if p.stem not in ("__init__", "paper")))
+def test_help_describes_every_config_field(name):
+    import importlib
+
+    path = ROOT / "experiments" / "configs" / f"{name}.py"
+    cfg = importlib.import_module(f"experiments.configs.{name}").get_config()
+    text = run.describe_config(cfg, str(path))
+    fields = [line for line in text.splitlines()[1:] if ".*:" not in line]
+    assert len(fields) >= 20
+    undocumented = [line.strip() for line in fields if "  # " not in line]
+    assert not undocumented, f"{name}: fields without a meaning: {undocumented}"
+
+
+def test_help_flag_prints_the_config_fields(capsys):
+    with pytest.raises(SystemExit):
+        run.main(["run", "--config", str(ROOT / "experiments" / "configs" / "fit_mnist_cnn.py"),
+                  "--help"])
+    out = capsys.readouterr().out
+    assert "--config.method.size=0.1  # budget: bytes of the saved export directory" in out

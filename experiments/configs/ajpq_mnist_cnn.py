@@ -29,11 +29,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.method.size = 0.2  # budget: bytes of the saved export directory / fp32 model bytes
     c.method.bops = 0.0  # or a BOPs budget (cost.relative_bops) with size = 0
     c.method.episodes = 40  # candidates scored: episodes x agent.population
-    c.method.reward_samples = 2000  # held-out training images of a fixed draw
-    c.method.eval_batch = 500
+    c.method.reward_samples = 2000  # reward set: a fixed draw from the val split (else train)
+    c.method.eval_batch = 500  # reward samples per forward step of the evaluator
     c.method.max_prune = 0.9  # the largest fraction of a layer's channels an action prunes
     c.method.over_penalty = 0.1  # reward penalty per unit of the policy's budget overshoot
-    c.method.agent = ml_collections.ConfigDict(dict(
+    c.method.agent = ml_collections.ConfigDict(dict(  # jaxjpq.ajpq.Hyper fields
         population=8, hidden=300, actor_lr=1e-4, critic_lr=1e-3, sigma=0.5, sigma_decay=0.95,
         sigma_min=0.05, warmup=2, updates=32, batch=64, buffer=4096, baseline_decay=0.9))
     return c

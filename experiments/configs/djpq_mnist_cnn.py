@@ -18,13 +18,13 @@ def get_config() -> ml_collections.ConfigDict:
     c.method = ml_collections.ConfigDict()
     c.method.name = "djpq"
     c.method.target_bops = 0.01  # relative to fp32, met exactly after rounding and thresholding
-    c.method.bits = (2.0, 8.0)
+    c.method.bits = (2.0, 8.0)  # (b_l, b_u) of every learned quantizer
     c.method.power_of_two = False  # True: bits in {2, 4, 8}
-    c.method.init_bits = 8.0
+    c.method.init_bits = 8.0  # bits of the initial steps
     c.method.gamma1 = 1e-3  # weight of the summed KL of the gates
     c.method.gamma2 = 1.0  # initial weight of the relative soft BOPs, adapted during the search
     c.method.gamma2_rate = 0.01  # log-space step of gamma2 per update
     c.method.margin = 0.1  # the search aims at (1 - margin) * target
     c.method.quant_lr = 1e-2  # Adam on log d, log q_m, gate mu and log sigma^2
-    c.method.init_log_sigma2 = -4.0
+    c.method.init_log_sigma2 = -4.0  # initial log variance of the VIB gates
     return c

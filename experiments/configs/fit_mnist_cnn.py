@@ -23,16 +23,16 @@ def get_config() -> ml_collections.ConfigDict:
     c.method = ml_collections.ConfigDict()
     c.method.name = "fit"
     c.method.pretrain_steps = 2000  # 0: pretrain_epochs epochs
-    c.method.pretrain_epochs = 0
-    c.method.pretrain_optim = ml_collections.ConfigDict(
-        {"learning_rate": 2e-3, "warmup_steps": 200})  # the fp32 recipe's
+    c.method.pretrain_epochs = 0  # fp32 pre-training epochs when pretrain_steps = 0
+    c.method.pretrain_optim = ml_collections.ConfigDict(  # optim.* fields of the pre-training
+        {"learning_rate": 2e-3, "warmup_steps": 200})  # (the fp32 recipe's)
     c.method.pretrain_dir = ""  # default <workdir>/pretrain; share it across one seed's runs
     c.method.size = 0.1  # budget: bytes of the saved export directory / fp32 model bytes
     c.method.bops = 0.0  # or a BOPs budget (cost.relative_bops) with size = 0
     c.method.bits = (2.0, 8.0)  # each layer's options: integers from b_u down to b_l
     c.method.levels = 40  # global sparsity levels 1 - logspace(0, -3, levels)
     c.method.criterion = "fit"  # per step: least edge + heuristic; "rate": least edge per size
-    c.method.fisher_samples = 16384
+    c.method.fisher_samples = 16384  # training samples of the empirical Fisher
     c.method.fisher_reduce = "diag"  # F elementwise; "layer_mean": each layer's mean (Tr(F)/n)
     c.method.chunk = 128  # samples per call of the Fisher pass
     c.method.quant_lr = 1e-3  # fine-tune step of the clips

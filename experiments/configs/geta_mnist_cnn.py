@@ -15,11 +15,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.num_epochs = 0
     c.num_steps = 2000
     c.method = ml_collections.ConfigDict()
-    c.method.name = "geta"
+    c.method.name = "geta"  # fp32 geta djpq prune_then_quantize fit uniform_magnitude ajpq(_random)
     c.method.sparsity = 0.5  # fraction of prunable channels removed, met exactly
     c.method.bits = (2.0, 4.0)  # (b_l, b_u) of every learned quantizer
-    c.method.quant_lr = 1e-3
-    c.method.bit_reduction = 2.0
+    c.method.quant_lr = 1e-3  # step size of the quantizer parameters
+    c.method.bit_reduction = 2.0  # bits the projection stage may remove per period
     c.method.cost_power = 0.0  # > 0: saliency / relative unit MACs^p (prune costly units first)
     c.method.allocation = "global"  # or "per_group": the same fraction of every group
     c.method.schedule = (0.1, 0.1, 0.2)  # warm-up, projection, joint (fractions of the steps)

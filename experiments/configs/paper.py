@@ -29,9 +29,9 @@ def geta_config(model: str, dataset: str) -> ml_collections.ConfigDict:
     c.data.data_dir = ""  # required: where the TFDS dataset is prepared
     c.data.augment = dataset == "cifar10"
     if dataset == "imagenet2012":
-        c.data.image_size = 224
+        c.data.image_size = 224  # side of the square crops, pixels
     if dataset == "sst2":
-        c.data.max_len = 64
+        c.data.max_len = 64  # tokens per sentence (padded / truncated)
     c.num_steps = 0
     c.num_epochs = r["num_epochs"]
     c.batch_size = r["batch_size"]

@@ -20,8 +20,8 @@ def get_config() -> ml_collections.ConfigDict:
     c = geta_mnist_cnn.get_config()
     c.method = ml_collections.ConfigDict()
     c.method.name = "prune_then_quantize"
-    c.method.sparsity = 0.5
+    c.method.sparsity = 0.5  # fraction of prunable channels removed, met exactly
     c.method.bits = 4.0  # uniform bits from quantize_at on (GETA's mean learned bits)
     c.method.prune_at = 0.2  # fraction of the steps
-    c.method.quantize_at = 0.3
+    c.method.quantize_at = 0.3  # fraction of the steps at which QAT starts
     return c
