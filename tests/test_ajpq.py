@@ -173,14 +173,6 @@ print("OK")
 
 
 def test_the_population_is_split_over_the_devices():
-    import os
-    import pathlib
-    import subprocess
-    import sys
+    from devices import TESTS, run_on_devices
 
-    tests = str(pathlib.Path(__file__).parent)
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-           "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run([sys.executable, "-c", _SHARDED.format(tests=tests)], env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
+    assert "OK" in run_on_devices(_SHARDED.format(tests=TESTS), 4).stdout

@@ -2,10 +2,10 @@
 (GETA, DJPQ); params within 1e-2 (GETA, 24 Adam steps at 1e-3) and 1e-5 (DJPQ); evaluation
 pads to the device count; FIT's Fisher pass split over the devices equals the 1-device one."""
 
-import os
+import json
 import pathlib
-import subprocess
-import sys
+
+from devices import TESTS, run_on_devices
 
 _SCRIPT = """
 import sys
@@ -73,29 +73,18 @@ print("OK")
 
 
 def test_eight_device_training_matches_one_device():
-    tests = str(pathlib.Path(__file__).parent)
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-           "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run([sys.executable, "-c", _SCRIPT.format(tests=tests)], env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-4000:]
+    assert "OK" in run_on_devices(_SCRIPT.format(tests=TESTS), 8).stdout
 
 
 def test_an_experiment_runs_data_parallel(tmp_path):
-    root = pathlib.Path(__file__).resolve().parents[1]
-    cmd = [sys.executable, "-m", "experiments.run",
-           "--config", str(root / "experiments" / "configs" / "geta_mnist_cnn.py"),
-           "--config.num_steps=20", "--config.data.train_limit=128", "--config.batch_size=32",
-           "--config.progress=False", "--config.model.hidden=8", "--config.data.eval_limit=100",
-           "--config.data_parallel=True", "--config.checkpoint_every=10",
-           "--workdir", str(tmp_path / "w")]
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-           "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "20 steps" in proc.stdout
-    import json
-
+    root = pathlib.Path(TESTS).parent
+    run_on_devices(
+        "", 4, "-m", "experiments.run",
+        "--config", str(root / "experiments" / "configs" / "geta_mnist_cnn.py"),
+        "--config.num_steps=20", "--config.data.train_limit=128", "--config.batch_size=32",
+        "--config.progress=False", "--config.model.hidden=8", "--config.data.eval_limit=100",
+        "--config.data_parallel=True", "--config.checkpoint_every=10",
+        "--workdir", str(tmp_path / "w"))
     saved = json.loads((tmp_path / "w" / "results.json").read_text())
-    assert saved["num_devices"] == 4 and saved["compression"]["export"]["restored_test_accuracy"] \
-        == saved["test_accuracy"]
+    assert saved["num_devices"] == 4 and saved["steps"] == 20
+    assert saved["compression"]["export"]["restored_test_accuracy"] == saved["test_accuracy"]
