@@ -1,9 +1,10 @@
 """FITCompress: per-layer weight bits and a global unstructured mask chosen by Fisher-information
 path planning, to a size (or BOPs) budget; then the shared ``qat`` fine-tune.
 
-1. :func:`fisher`: the empirical Fisher of a trained model from per-sample gradients
-   (``vmap(grad)`` over chunks of a batch, never the squared batch-mean gradient): the diagonal
-   ``F = E[g²]`` of every site weight and the trace ``Tr(F_a) = E[Σ (∂L/∂x)²]`` of every site input.
+1. :func:`fisher`: the empirical Fisher of a trained model from per-sample gradients (formed
+   inside one batched backward pass per chunk, checked against ``vmap(grad)``; never the squared
+   batch-mean gradient): the diagonal ``F = E[g²]`` of every site weight and the trace
+   ``Tr(F_a) = E[Σ (∂L/∂x)²]`` of every site input.
 2. :func:`fit_score`: FIT of a configuration,
    ``Σ_l Σ_i F_i · E[Δ_i²] + Σ_l Tr(F_a,l) · d_a,l² / 12`` with ``E[Δ²] = d_l² / 12`` for a kept
    weight quantized with step ``d_l`` and ``θ_i²`` for a pruned one (without masks: the paper's
