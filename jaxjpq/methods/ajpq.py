@@ -42,7 +42,7 @@ import optax
 from jaxjpq import cost
 from jaxjpq.graph import Graph
 from jaxjpq.methods.core import _shapes, enforce_budget, magnitude, set_bits, with_bits
-from jaxjpq.methods.fit import _extra_bits, fp32_model_bits, relative_model_size
+from jaxjpq.methods.fit import _budget, _extra_bits, fp32_model_bits, relative_model_size
 from jaxjpq.state import CompressionState, check_state
 from jaxjpq.units import rank_in_group, unit_index
 
@@ -85,11 +85,7 @@ def make_env(graph: Graph, state: CompressionState, *, size: float | None = None
     plus ``reserve_bits``, over the fp32 model's) or ``bops`` (:func:`jaxjpq.cost.relative_bops`).
     Raises ``ValueError`` when the budget is not a fraction in (0, 1] or is below the smallest
     reachable figure (every learned site at ``b_l``, every group down to one unit)."""
-    if (size is None) == (bops is None):
-        raise ValueError("give exactly one budget: size= or bops= (a fraction of fp32).")
-    kind, alpha = ("size", float(size)) if size is not None else ("bops", float(bops))
-    if not 0 < alpha <= 1:
-        raise ValueError(f"{kind} budget {alpha} must be a fraction of fp32 in (0, 1].")
+    kind, alpha = _budget(size, bops)
     check_state(graph, state)
     sites = graph.sites
     index = unit_index(graph, _shapes(graph))
@@ -153,11 +149,7 @@ def _floor(graph: Graph, state: CompressionState, env: Env) -> float:
     first = np.zeros(index.num_units, np.float32)
     first[np.asarray(index.offsets[:-1])] = 1.0
     low = low.replace(masks={**low.masks, **index.split(jnp.asarray(first))})
-    with jax.enable_x64(True):
-        table = cost.site_table(graph, low)
-        if env.kind == "bops":
-            return float(sum(r["bops"] for r in table.values()) / cost.fp32_bops(graph))
-        return float(sum(r["size"] for r in table.values()) / cost.fp32_size_bits(graph))
+    return float(_figure(graph, low, env, jnp.float64))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,15 +205,17 @@ def candidate(graph: Graph, state: CompressionState, env: Env, actions: jax.Arra
     return enforce_budget(graph, raw, saliency=saliency, params=params, **kw), fig
 
 
-def _figure(graph: Graph, state: CompressionState, env: Env) -> jax.Array:
-    """The enforce figure (``cost.relative_size`` / ``relative_bops``) of ``state``."""
+def _figure(graph: Graph, state: CompressionState, env: Env, dtype: Any = jnp.float32
+            ) -> jax.Array:
+    """The enforce figure (``cost.relative_size`` / ``relative_bops``) of ``state``, computed in
+    float64 and returned as ``dtype``."""
     with jax.enable_x64(True):
         table = cost.site_table(graph, state)
         if env.kind == "bops":
             f = sum(r["bops"] for r in table.values()) / cost.fp32_bops(graph)
         else:
             f = sum(r["size"] for r in table.values()) / cost.fp32_size_bits(graph)
-        return jnp.asarray(f, jnp.float32)
+        return jnp.asarray(f, dtype)
 
 
 # ---------------------------------------------------------------------------------------------

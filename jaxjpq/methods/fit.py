@@ -121,7 +121,7 @@ def fisher(
         return fisher_sums(apply_fn, graph, variables, loss_fn=loss_fn, method=m, **call_kwargs)
 
     fn = None if method == "auto" else make(method)
-    split = None
+    split = sharded = None
     if mesh is not None:
         # Each device sums its share under shard_map and the sums are added across devices: left
         # to the SPMD partitioner, the batched per-sample conv weight gradients (a conv with
@@ -143,7 +143,8 @@ def fisher(
             x, y = x[: max_samples - n], y[: max_samples - n]
         if fn is None and len(x):
             fn = _choose(make, params, x[:4], y[:4])
-        sharded = split(fn) if split is not None else None
+        if sharded is None and split is not None and fn is not None:
+            sharded = split(fn)  # once: a new shard_map per batch would compile again
         for i in range(0, len(x), chunk):
             xs, ys = x[i : i + chunk], y[i : i + chunk]
             if sharded is not None and len(xs) % mesh.shape["data"] == 0:
