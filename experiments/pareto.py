@@ -73,8 +73,20 @@ def _stat(values: list[float], scale: float = 1.0) -> str:
     return f"{mean:.2f} ({lo:.2f}-{hi:.2f})" if len(values) > 1 else f"{mean:.2f}"
 
 
+def relative_size(result: dict[str, Any]) -> float:
+    """Bytes of the saved export directory / fp32 bytes of the dense model (1 for fp32)."""
+    comp = result.get("compression") or {}
+    exp = comp.get("export")
+    if not exp:
+        return 1.0
+    if "relative_disk" in exp:
+        return float(exp["relative_disk"])
+    return float(exp["disk_bytes"]) / (4.0 * comp["dense_params"])
+
+
 def table(runs: dict[str, list[dict[str, Any]]]) -> str:
-    """Markdown rows: mean (min-max over seeds) of test accuracy and relative BOPs, in %."""
+    """Markdown rows: mean (min-max over seeds) of test accuracy, relative BOPs and relative
+    size (the export directory's bytes over the fp32 model's), in %."""
     rows = [
         "| Method | Seeds | Test acc. % | Rel. BOPs % | Sparsity | Mean bits (w) | Restored % "
         "| Export / fp32 bytes % |",
@@ -85,8 +97,7 @@ def table(runs: dict[str, list[dict[str, Any]]]) -> str:
         acc = [r["test_accuracy"] for r in rs]
         bops = [c.get("rel_bops", 1.0) for c in comp]
         restored = [c["export"]["restored_test_accuracy"] for c in comp if "export" in c]
-        size = [c["export"]["relative_theoretical"] for c in comp
-                if "relative_theoretical" in c.get("export", {})]
+        size = [relative_size(r) for r in rs if (r.get("compression") or {}).get("export")]
         rows.append(
             f"| {label} | {len(rs)} | {_stat(acc, 100)} | {_stat(bops, 100)} | "
             f"{_stat([c.get('sparsity', 0.0) for c in comp])} | "
@@ -97,29 +108,35 @@ def table(runs: dict[str, list[dict[str, Any]]]) -> str:
     return "\n".join(rows)
 
 
-def plot(runs: dict[str, list[dict[str, Any]]], out: Path) -> Path:
-    """Scatter of every run (test accuracy vs relative BOPs, log x), one colour per method."""
+def plot(runs: dict[str, list[dict[str, Any]]], out: Path, size: bool = False) -> Path:
+    """Scatter of every run (test accuracy vs relative BOPs, log x; with ``size`` a second
+    panel vs relative size), one colour per method."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import ScalarFormatter
 
-    fig, ax = plt.subplots(figsize=(10, 4.5))
+    xs_of = {"relative BOPs (% of fp32, log scale)":
+             lambda r: (r.get("compression") or {}).get("rel_bops", 1.0)}
+    if size:
+        xs_of["export bytes (% of fp32, log scale)"] = relative_size
+    fig, axes = plt.subplots(1, len(xs_of), figsize=(6 + 5 * len(xs_of), 4.5), squeeze=False)
     markers = {"fp32": "*", "geta": "o", "djpq": "s", "prune_then_quantize": "^", "fit": "D",
                "uniform_magnitude": "v", "ajpq": "P", "ajpq_random": "X"}
-    for label, rs in runs.items():
-        xs = [100 * (r.get("compression") or {}).get("rel_bops", 1.0) for r in rs]
-        ys = [100 * r["test_accuracy"] for r in rs]
-        ax.scatter(xs, ys, label=label, alpha=0.8, marker=markers.get(label.split()[0], "o"))
-    ax.set_xscale("log")
-    ax.xaxis.set_major_formatter(ScalarFormatter())
-    ax.xaxis.set_minor_formatter(ScalarFormatter())
-    ax.tick_params(axis="x", which="minor", labelsize=7)
-    ax.set_xlabel("relative BOPs (% of fp32, log scale)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    for ax, (xlabel, x_of) in zip(axes[0], xs_of.items(), strict=True):
+        for label, rs in runs.items():
+            xs = [100 * x_of(r) for r in rs]
+            ys = [100 * r["test_accuracy"] for r in rs]
+            ax.scatter(xs, ys, label=label, alpha=0.8, marker=markers.get(label.split()[0], "o"))
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(ScalarFormatter())
+        ax.tick_params(axis="x", which="minor", labelsize=7)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("test accuracy (%)")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)

@@ -385,8 +385,12 @@ def export_and_check(graph, model, state, test_src, batch_size: int, directory: 
 
     model_params, cstate = state.params
     variables = {"params": model_params, **state.model_state}
-    if directory.exists():
+    if directory.exists() and jax.process_index() == 0:
         shutil.rmtree(directory)
+    if jax.process_count() > 1:  # every host takes part in orbax's save; host 0 writes
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"export {directory}")
     export.save(directory, export.pack(graph, variables, cstate))
     restored = export.restore(directory)
     infer = export.inference_fn(restored, model.apply, graph)
@@ -417,6 +421,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     Resumes from the latest checkpoint in ``<workdir>/checkpoints`` if present.
     """
     workdir = Path(workdir).expanduser().absolute()
+    start_distributed(config)
     check_fingerprint(workdir, config)
     t0 = time.perf_counter()
     model = build_model(config)
@@ -441,12 +446,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     resumed_from = manager.latest_step()
     if resumed_from is not None:
         state, _ = train_lib.restore_checkpoint(manager, state)
+    parallel = config.get("data_parallel", False) or config.get("distributed", False)
+    mesh = train_lib.data_mesh() if parallel else None
+    shard = (jax.process_index(), jax.process_count())  # this host's rows of each batch
     stream = data_lib.batch_stream(
         train_src, config.batch_size, seed=config.seed, start_step=int(state.step),
-        augment=augment,
+        augment=augment, shard=shard,
     )
     t_train = time.perf_counter()
-    mesh = train_lib.data_mesh() if config.get("data_parallel", False) else None
     state, last = train_lib.train(
         state,
         stream,
@@ -458,7 +465,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         metrics_fn=method["metrics_fn"],
         mesh=mesh,
     )
-    state = jax.device_get(state) if mesh is not None else state
+    state = train_lib.host_value(state) if mesh is not None else state
     train_seconds = time.perf_counter() - t_train
     manager.close()
 
@@ -467,7 +474,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         metrics[role] = train_lib.evaluate(
             state,
             data_lib.batches(splits[split], config.eval_batch_size, shuffle=False,
-                             drop_remainder=False),
+                             drop_remainder=False, shard=shard),
             config.eval_batch_size,
             mesh=mesh,
         )
@@ -495,7 +502,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             if not compression["budget_met"]:
                 print(f"WARNING: relative BOPs {compression['rel_bops']:.4%} exceed the target "
                       f"{target:.4%} (see report.txt)")
-        (workdir / "report.txt").write_text(compression["report"] + "\n")
+        if jax.process_index() == 0:
+            (workdir / "report.txt").write_text(compression["report"] + "\n")
         compression["export"] = export_and_check(
             graph, model, state, splits[roles["test"]], config.eval_batch_size, workdir / "export"
         )
@@ -517,8 +525,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         "num_devices": jax.device_count(),
         "config": recorded_config(config),
     }
-    train_lib.write_results(workdir / "results.json", results)
+    if jax.process_index() == 0:
+        train_lib.write_results(workdir / "results.json", results)
     return results
+
+
+def start_distributed(config: ml_collections.ConfigDict) -> None:
+    """With ``config.distributed``, join the multi-host job (``jax.distributed.initialize``):
+    detected on TPU pods, SLURM, Open MPI and Kubernetes; elsewhere from the environment,
+    ``JAX_COORDINATOR_ADDRESS`` (host:port of process 0), ``JAX_NUM_PROCESSES`` and
+    ``JAX_PROCESS_ID``. Call before any JAX computation."""
+    if not config.get("distributed", False) or jax.distributed.is_initialized():
+        return
+    env = {k: int(os.environ[v]) for k, v in (("num_processes", "JAX_NUM_PROCESSES"),
+                                               ("process_id", "JAX_PROCESS_ID"))
+           if v in os.environ}
+    jax.distributed.initialize(**env)
 
 
 # Fields that do not change a run's numbers: a resume may change them.

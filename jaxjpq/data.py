@@ -273,13 +273,22 @@ def batches(
     drop_remainder: bool = True,
     augment: Augment | None = None,
     start: int = 0,
+    shard: tuple[int, int] = (0, 1),
 ) -> Iterator[Batch]:
     """One epoch of batches; the order is a pure function of ``(seed, epoch)``.
 
     Each example appears once per epoch (the last partial batch is dropped when
     ``drop_remainder``). ``augment(batch, rng)`` runs per batch with an rng derived from
     ``(seed, epoch, batch index)``. ``start`` skips the first ``start`` batches.
+    ``shard=(i, n)`` (e.g. ``(jax.process_index(), jax.process_count())``) yields host ``i``'s
+    contiguous part of each global batch of ``batch_size`` (``n`` must divide it when
+    ``drop_remainder``): the ``n`` hosts together read each global batch once.
     """
+    index, count = shard
+    if not 0 <= index < count:
+        raise ValueError(f"shard={shard}: give (index, count) with 0 <= index < count.")
+    if drop_remainder and batch_size % count:
+        raise ValueError(f"batch_size {batch_size} does not split over {count} hosts.")
     n = len(source)
     nb = steps_per_epoch(n, batch_size, drop_remainder)
     if nb == 0:
@@ -290,7 +299,9 @@ def batches(
     order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
     for b in range(start, nb):
         idx = order[b * batch_size : (b + 1) * batch_size]
-        rng = np.random.default_rng([seed, epoch, b, 1])
+        if count > 1:
+            idx = np.array_split(idx, count)[index]
+        rng = np.random.default_rng([seed, epoch, b, 1, *((index,) if count > 1 else ())])
         batch = source.get(idx, rng)
         yield augment(batch, rng) if augment is not None else batch
 
@@ -302,17 +313,19 @@ def batch_stream(
     seed: int = 0,
     start_step: int = 0,
     augment: Augment | None = None,
+    shard: tuple[int, int] = (0, 1),
 ) -> Iterator[Batch]:
     """Endless shuffled training batches (``drop_remainder``) starting at global ``start_step``.
 
     Step ``s`` is batch ``s % steps_per_epoch`` of epoch ``s // steps_per_epoch``, so a resumed
-    run continues with exactly the batches an uninterrupted run would use.
+    run continues with exactly the batches an uninterrupted run would use. ``shard``: this
+    host's part of each global batch, as in :func:`batches`.
     """
     nb = steps_per_epoch(len(source), batch_size, True)
     epoch, offset = divmod(start_step, max(nb, 1))
     while True:
         yield from batches(source, batch_size, seed=seed, epoch=epoch, augment=augment,
-                           start=offset)
+                           start=offset, shard=shard)
         epoch, offset = epoch + 1, 0
 
 

@@ -13,6 +13,7 @@ compressed forward that takes ``(params, compression_state)`` as its params) tra
 
 from __future__ import annotations
 
+import collections
 import inspect
 import json
 import math
@@ -342,21 +343,40 @@ def data_mesh(devices: Sequence[Any] | None = None) -> Mesh:
 
 def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
     """A copy of ``tree`` on every device of ``mesh`` (replicated; never aliases ``tree``'s
-    buffers, so donating the copy leaves ``tree`` valid)."""
-    copy = jax.jit(lambda t: jax.tree.map(jnp.copy, t),
-                   out_shardings=NamedSharding(mesh, PartitionSpec()))
+    buffers, so donating the copy leaves ``tree`` valid). On several hosts each passes the same
+    ``tree``."""
+    sharding = NamedSharding(mesh, PartitionSpec())
+    if jax.process_count() > 1:
+        return jax.tree.map(
+            lambda x: jax.make_array_from_process_local_data(sharding, np.array(x)), tree)
+    copy = jax.jit(lambda t: jax.tree.map(jnp.copy, t), out_shardings=sharding)
     return copy(tree)
 
 
+def host_value(tree: PyTree) -> PyTree:
+    """``tree`` as numpy on this host; a replicated array spanning several hosts is read from
+    this host's copy."""
+    def one(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            x = x.addressable_data(0)
+        return x
+
+    return jax.device_get(jax.tree.map(one, tree))
+
+
 def shard_batch(batch: Batch, mesh: Mesh) -> Batch:
-    """``batch`` split along its leading axis over the ``"data"`` axis of ``mesh`` (the batch
-    size must divide evenly)."""
-    n = mesh.shape["data"]
+    """One global batch split along its leading axis over the ``"data"`` axis of ``mesh``,
+    from this process's part ``batch`` (all of it on one host; on several, each host passes its
+    own rows, e.g. from ``data.batches(shard=(jax.process_index(), jax.process_count()))``).
+    The rows must divide evenly over this process's devices of the mesh."""
+    local = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
     sizes = {len(v) for v in batch.values()}
-    if any(b % n for b in sizes):
-        raise ValueError(f"a batch of {sorted(sizes)} examples does not split over the {n} "
+    if any(b % local for b in sizes):
+        raise ValueError(f"a batch of {sorted(sizes)} examples does not split over the {local} "
                          "devices of the data axis; choose a batch size divisible by it.")
-    return jax.device_put(dict(batch), NamedSharding(mesh, PartitionSpec("data")))
+    sharding = NamedSharding(mesh, PartitionSpec("data"))
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+            for k, v in batch.items()}
 
 
 def evaluate(state: TrainState, batches: Iterable[Batch], batch_size: int,
@@ -366,9 +386,9 @@ def evaluate(state: TrainState, batches: Iterable[Batch], batch_size: int,
     Short batches are padded to ``batch_size`` (rounded up to a multiple of ``mesh``'s data
     axis, over which they are split) and masked, so ``eval_step`` compiles once.
     """
-    if mesh is not None:
-        n_dev = mesh.shape["data"]
-        batch_size = -(-batch_size // n_dev) * n_dev
+    if mesh is not None:  # per process: its share of batch_size, a multiple of its devices
+        n_dev = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
+        batch_size = -(-batch_size // (jax.process_count() * n_dev)) * n_dev
         state = replicate(state, mesh)
     totals = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
     for i, batch in enumerate(batches):
@@ -384,7 +404,7 @@ def evaluate(state: TrainState, batches: Iterable[Batch], batch_size: int,
         padded["mask"] = (np.arange(batch_size) < n).astype(np.float32)
         if mesh is not None:
             padded = shard_batch(padded, mesh)
-        out = eval_step(state, padded)
+        out = host_value(eval_step(state, padded))
         for k in totals:
             totals[k] += float(out[k])
     if totals["count"] == 0:
@@ -427,7 +447,7 @@ def tree_checksums(tree: PyTree) -> dict[str, str]:
     import hashlib
 
     out = {}
-    for path, x in jax.tree_util.tree_leaves_with_path(tree):
+    for path, x in jax.tree_util.tree_leaves_with_path(host_value(tree)):
         a = np.asarray(x)
         h = hashlib.sha256(f"{a.dtype.str}{a.shape}".encode())
         h.update(np.ascontiguousarray(a).tobytes())
@@ -440,7 +460,7 @@ def save_checkpoint(
 ) -> int:
     """Saves params, optimizer state, model state, rng and ``extra`` at ``state.step``, with a
     sha256 per leaf that :func:`restore_checkpoint` verifies."""
-    step = int(state.step)
+    step = int(host_value(state.step))
     tree = _saved_tree(state, extra)
     sums = tree_checksums(tree)
     manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(tree),
@@ -510,6 +530,38 @@ def restore_checkpoint(
 # --------------------------------------------------------------------------------------------
 
 
+def _device_feed(batches: Iterator[Batch], start: int, num_steps: int, mesh: Mesh | None,
+                 depth: int) -> Iterator[Batch]:
+    """The batches of steps ``start .. num_steps - 1``, checked and put on the devices (split
+    over ``mesh``'s data axis) ``depth`` steps ahead of their use; an iterator that runs out or
+    a non-finite input raises at the step it concerns, not when it is read."""
+    queue: collections.deque = collections.deque()
+    nxt = start
+
+    def pull() -> Any:
+        nonlocal nxt
+        step, nxt = nxt, nxt + 1
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return ValueError(f"batches ran out at step {step} before num_steps={num_steps}; "
+                              "use an endless iterator such as data.batch_stream.")
+        try:
+            _check_inputs(batch, step)
+        except ValueError as e:
+            return e
+        return shard_batch(batch, mesh) if mesh is not None else jax.device_put(dict(batch))
+
+    for _ in range(start, num_steps):
+        while nxt < num_steps and len(queue) <= depth and not (
+                queue and isinstance(queue[-1], Exception)):
+            queue.append(pull())
+        item = queue.popleft()
+        if isinstance(item, Exception):
+            raise item
+        yield item
+
+
 def train(
     state: TrainState,
     batches: Iterator[Batch],
@@ -522,6 +574,8 @@ def train(
     progress: bool = True,
     metrics_fn: Callable[[TrainState], Mapping[str, Any]] | None = None,
     mesh: Mesh | None = None,
+    sync_every: int | None = None,
+    prefetch: int = 2,
 ) -> tuple[TrainState, dict[str, Any]]:
     """Runs ``train_step`` until ``state.step == num_steps``, consuming one batch per step.
 
@@ -529,61 +583,73 @@ def train(
     devices and each batch split over its ``"data"`` axis; XLA all-reduces the gradients inside
     the one jitted step, whose state buffers are donated.
 
-    ``batches`` must start at ``state.step`` (see ``data.batch_stream(start_step=...)``).
-    Checkpoints every ``checkpoint_every`` steps and at the end when ``manager`` is given.
-    A non-finite loss raises ``NonFiniteLossError`` without saving, so the last good
-    checkpoint stays the latest. ``metrics_fn(state)`` adds figures (e.g. sparsity, mean bits,
-    relative BOPs of a compression method) to the progress bar and the summary at each log.
-    Returns ``(state, {"loss", "accuracy", ...})`` of the last ``log_every`` steps.
+    ``batches`` must start at ``state.step`` (see ``data.batch_stream(start_step=...)``); they
+    are checked for NaN/inf and put on the devices ``prefetch`` steps ahead. The host waits for
+    the devices only every ``sync_every`` steps (default ``log_every``), before each checkpoint
+    and at the end: it then reads the window's losses, so a non-finite loss still raises
+    ``NonFiniteLossError`` naming its exact step, and no checkpoint of a state past it is kept
+    (the last good one stays the latest). ``metrics_fn(state)`` adds figures (e.g. sparsity,
+    mean bits, relative BOPs of a compression method) to the progress bar and the summary at
+    each log. Returns ``(state, {"loss", "accuracy", ...})`` of the last ``log_every`` steps.
     """
     from tqdm.auto import tqdm
 
     start = int(state.step)
     if start > num_steps:
         raise ValueError(f"state is at step {start}, beyond num_steps={num_steps}.")
+    if prefetch < 0:
+        raise ValueError(f"prefetch={prefetch}: give 0 or more steps.")
+    sync_every = max(1, int(sync_every or log_every or 1))
+    log_every = max(1, int(log_every or 1))
     step_fn = train_step
     if mesh is not None:
         state = replicate(state, mesh)
         step_fn = _donated_step
     bar = tqdm(total=num_steps, initial=start, disable=not progress, desc="train", unit="step")
-    window: list[dict[str, jax.Array]] = []
+    pending: list[dict[str, jax.Array]] = []  # device metrics of the steps since the last sync
+    window: list[dict[str, float]] = []
     summary: dict[str, Any] = {}
+
+    def sync(state: TrainState, done: int) -> None:
+        """Read the pending steps' metrics; raise at the first non-finite one."""
+        if not pending:
+            return
+        first = done - len(pending)
+        for i, m in enumerate(host_value(pending)):
+            loss, finite = float(m.pop("loss")), bool(m.pop("params_finite"))
+            if not (math.isfinite(loss) and finite):
+                _chained_check(state)
+                _non_finite(manager, first + i, loss)
+            window.append({**{k: float(v) for k, v in m.items()}, "loss": loss})
+        pending.clear()
+
     with _Signals() as signals:
         try:
+            feed = _device_feed(batches, start, num_steps, mesh, prefetch)
             for step in range(start, num_steps):
                 if signals.caught is not None:
+                    sync(state, step)
                     _interrupt(manager, state, extra, signals.caught)
-                try:
-                    batch = next(batches)
-                except StopIteration as e:
-                    raise ValueError(
-                        f"batches ran out at step {step} before num_steps={num_steps}; use an "
-                        "endless iterator such as data.batch_stream."
-                    ) from e
-                _check_inputs(batch, step)
-                if mesh is not None:
-                    batch = shard_batch(batch, mesh)
-                state, metrics = step_fn(state, batch)
-                loss = float(metrics.pop("loss"))  # one host sync per step: exact NaN detection
-                finite = bool(metrics.pop("params_finite"))
-                if not (math.isfinite(loss) and finite):
-                    _chained_check(state)
-                    _non_finite(manager, step, loss)
-                metrics["loss"] = loss
-                window.append(metrics)
+                state, metrics = step_fn(state, next(feed))
+                pending.append(metrics)
                 done = step + 1
-                if len(window) >= log_every or done == num_steps:
+                save = manager is not None and checkpoint_every and done % checkpoint_every == 0
+                log = done % log_every == 0 or done == num_steps
+                if save or log or done % sync_every == 0:
+                    sync(state, done)
+                if log and window:
                     summary = {k: float(np.mean([m[k] for m in window])) for k in window[0]}
                     if metrics_fn is not None:
                         summary.update({k: float(v) for k, v in metrics_fn(state).items()})
                     bar.set_postfix({k: f"{v:.4g}" for k, v in summary.items()})
-                    window = []
+                    window.clear()
                 bar.update(1)
-                if manager is not None and checkpoint_every and done % checkpoint_every == 0:
+                if save:
                     save_checkpoint(manager, state, extra, wait=False)
+            sync(state, num_steps)
             if signals.caught is not None:
                 _interrupt(manager, state, extra, signals.caught)
-            if manager is not None and manager.latest_step() != int(state.step):
+            if manager is not None and manager.latest_step() != int(host_value(state.step)):
                 save_checkpoint(manager, state, extra, wait=False)
         finally:
             bar.close()
@@ -596,19 +662,20 @@ def _interrupt(manager, state: TrainState, extra: PyTree, signum: int) -> None:
     import signal
 
     name = signal.Signals(signum).name
+    step = int(host_value(state.step))
     where = "no checkpoint manager was given"
     if manager is not None:
-        if manager.latest_step() != int(state.step):
+        if manager.latest_step() != step:
             save_checkpoint(manager, state, extra, wait=True)
-        where = f"checkpointed step {int(state.step)} under {manager.directory}"
-    raise TrainingInterrupted(f"{name} at step {int(state.step)}: {where}; rerun the same "
+        where = f"checkpointed step {step} under {manager.directory}"
+    raise TrainingInterrupted(f"{name} at step {step}: {where}; rerun the same "
                               f"command to resume.") from None
 
 
 def _chained_check(state: TrainState) -> None:
     """Raise the pair methods' ``ChainedTransformError`` when one flagged tampered updates."""
     for path, x in jax.tree_util.tree_leaves_with_path(state.opt_state):
-        if path and getattr(path[-1], "name", None) == "tampered" and bool(np.asarray(x)):
+        if path and getattr(path[-1], "name", None) == "tampered" and bool(host_value(x)):
             from jaxjpq.methods.core import chained_error
 
             raise chained_error()

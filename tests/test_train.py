@@ -213,6 +213,27 @@ def test_nan_loss_stops_and_keeps_a_checkpoint_whose_loss_was_finite(tmp_path, s
         T.train(fresh(), data.batch_stream(train_src, 16), 10, progress=False)
 
 
+def test_host_syncs_every_n_steps_and_still_names_the_exact_step(monkeypatch, small_mnist):
+    train_src, _ = small_mnist
+    model = MnistCNN(features=(8, 16), hidden=32)
+    gets = []
+    real = jax.device_get
+    monkeypatch.setattr(jax, "device_get", lambda x: gets.append(1) or real(x))
+
+    def state(tx):
+        return T.create_train_state(T.flax_forward(model.apply), _init(model, (1, 28, 28, 1)), tx)
+
+    a, _ = T.train(state(optax.adam(1e-3)), data.batch_stream(train_src, 16), 12, log_every=6,
+                   progress=False, prefetch=3)
+    assert len(gets) == 2  # steps 6 and 12, not one per step
+    b, _ = T.train(state(optax.adam(1e-3)), data.batch_stream(train_src, 16), 12, log_every=1,
+                   progress=False, prefetch=0)
+    chex.assert_trees_all_equal(a.params, b.params)  # prefetch and sync change no number
+    with pytest.raises(T.NonFiniteLossError, match=r"at step 4"):
+        T.train(state(_blow_up_at(3)), data.batch_stream(train_src, 16), 12, log_every=10,
+                progress=False)
+
+
 def test_non_finite_inputs_are_an_error_naming_the_batch(small_mnist):
     train_src, _ = small_mnist
 
@@ -244,13 +265,14 @@ def test_sigterm_checkpoints_the_current_step_and_resume_is_exact(tmp_path, smal
             yield b
 
     mgr = T.checkpoint_manager(tmp_path / "ckpt")
-    with pytest.raises(T.TrainingInterrupted, match="SIGTERM at step 6: checkpointed step 6"):
+    # batches are read 2 steps ahead: step 5's at step 3, so the loop stops before step 4
+    with pytest.raises(T.TrainingInterrupted, match="SIGTERM at step 4: checkpointed step 4"):
         T.train(_cnn_state(), stream(), total, manager=mgr, checkpoint_every=100,
-                progress=False)
-    assert mgr.latest_step() == 6
+                progress=False, prefetch=2)
+    assert mgr.latest_step() == 4
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
     resumed, _ = T.restore_checkpoint(T.checkpoint_manager(tmp_path / "ckpt"), _cnn_state())
-    stream2 = data.batch_stream(train_src, 16, seed=3, start_step=6)
+    stream2 = data.batch_stream(train_src, 16, seed=3, start_step=4)
     resumed, _ = T.train(resumed, stream2, total, progress=False)
     chex.assert_trees_all_equal(resumed.params, straight.params)
     chex.assert_trees_all_equal(resumed.opt_state, straight.opt_state)

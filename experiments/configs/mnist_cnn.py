@@ -41,4 +41,5 @@ def get_config() -> ml_collections.ConfigDict:
     c.log_every = 50  # steps per progress-bar update of the metrics
     c.progress = True  # tqdm progress bars
     c.data_parallel = False  # True: state replicated, batches split over every local device
+    c.distributed = False  # True: multi-host (jax.distributed.initialize; each host its rows)
     return c

@@ -1,0 +1,301 @@
+"""Every method on one model at one relative-BOPs budget and the same seeds, then one Markdown
+table and one Pareto chart (test accuracy vs relative BOPs and vs relative size).
+
+    python -m experiments.compare --model mnist_cnn --seeds 0,1,2 --bops 0.005 \\
+        --root runs/compare_mnist_cnn --jobs 2
+    python -m experiments.compare report runs/compare_mnist_cnn [--out chart.png]
+
+A method runs when ``experiments/configs/<prefix>_<model>.py`` exists (``<model>.py`` for
+fp32). DJPQ, FITCompress, its uniform-bits + magnitude baseline and AJPQ take the budget as
+their BOPs target; GETA and prune-then-quantize take a channel sparsity and a bit range (their
+config's, changed with ``--set geta:method.sparsity=0.6``) and the table shows where they land.
+The search methods of one seed share one fp32 pre-training, ``<root>/pretrain_s<seed>``.
+
+Resumable: a point whose ``results.json`` exists is skipped, an interrupted one resumes from its
+checkpoint. ``--reuse DIR`` adopts a result JSON from ``DIR`` whose recorded config equals the
+point's (fields that do not change the numbers aside) instead of running it again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+from tqdm import tqdm
+
+from experiments import pareto
+from jaxjpq.methods.geta import LEGACY_FRACTIONS
+
+CONFIGS = Path(__file__).resolve().parent / "configs"
+# method -> config-file prefix ("" = the model's fp32 config) and whether the budget applies
+METHODS: dict[str, tuple[str, str | None]] = {
+    "fp32": ("", None),
+    "geta": ("geta_", None),
+    "djpq": ("djpq_", "method.target_bops"),
+    "prune_then_quantize": ("ptq_", None),
+    "fit": ("fit_", "method.bops"),
+    "uniform_magnitude": ("uniform_", "method.bops"),
+    "ajpq": ("ajpq_", "method.bops"),
+}
+_PRETRAINED = ("fit", "uniform_magnitude", "ajpq")  # methods that start from a shared fp32 model
+# Fields that do not change a result's numbers: a reused result may differ in them.
+_FREE = ("progress", "log_every", "checkpoint_every", "eval_batch_size", "method.pretrain_dir",
+         "data.cache_dir", "data.data_dir")
+
+
+def config_file(method: str, model: str) -> Path:
+    """``experiments/configs/<prefix><model>.py`` of ``method``."""
+    return CONFIGS / f"{METHODS[method][0]}{model}.py"
+
+
+def load_config(path: Path) -> ml_collections.ConfigDict:
+    spec = importlib.util.spec_from_file_location(f"_cmp_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def overrides(method: str, seed: int, bops: float, root: Path,
+              extra: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The ``--config.<field>`` values of one point, as Python values."""
+    out: dict[str, Any] = {"seed": seed}
+    budget_field = METHODS[method][1]
+    if budget_field is not None:
+        out[budget_field] = bops
+        if budget_field == "method.bops":
+            out["method.size"] = 0.0
+    if method in _PRETRAINED:
+        out["method.pretrain_dir"] = str((root / f"pretrain_s{seed}").absolute())
+    out.update(extra.get(method, {}))
+    return out
+
+
+def apply(cfg: ml_collections.ConfigDict, values: dict[str, Any]) -> dict[str, Any]:
+    """``cfg`` with ``values`` set (dotted keys), as the dict ``results.json`` records."""
+    from experiments.run import recorded_config
+
+    cfg = ml_collections.ConfigDict(cfg.to_dict())
+    for key, value in values.items():
+        *parents, leaf = key.split(".")
+        node = cfg
+        for p in parents:
+            node = node[p]
+        if leaf not in node:
+            raise ValueError(f"--set {key}: the config has no field {leaf!r}.")
+        node[leaf] = value
+    return json.loads(json.dumps(recorded_config(cfg)))
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def same_numbers(recorded: dict[str, Any], config: dict[str, Any], set_keys=()) -> bool:
+    """Whether a result recorded with ``recorded`` has the numbers ``config`` gives: equal
+    fields (the :data:`_FREE` ones aside); a field the record lacks (one added to the configs
+    after it ran) counts as its default unless ``set_keys`` sets it."""
+    fa, fb = _flat(recorded), _flat(config)
+    keys = {k for k in set(fa) | set(fb) if k not in _FREE}
+    return all(fa.get(k) == fb.get(k) for k in keys
+               if k in fa or any(k == s or k.startswith(s + ".") for s in set_keys))
+
+
+def find_reusable(config: dict[str, Any], dirs: list[Path], set_keys=()) -> Path | None:
+    """The first result JSON under ``dirs`` recorded with the numbers of ``config``."""
+    for d in dirs:
+        for f in sorted(d.rglob("*.json")):
+            try:
+                r = json.loads(f.read_text())
+            except (OSError, json.JSONDecodeError):
+                continue
+            if not (isinstance(r, dict) and "test_accuracy" in r and "config" in r):
+                continue
+            recorded = json.loads(json.dumps(r["config"]))
+            method = recorded.get("method", {})
+            if method.get("name") == "geta" and "schedule" not in method:
+                method["schedule"] = list(LEGACY_FRACTIONS)  # what a record without it ran
+            if same_numbers(recorded, config, set_keys):
+                return f
+    return None
+
+
+def _cli_value(v: Any) -> str:
+    return f"({','.join(map(str, v))})" if isinstance(v, tuple | list) else str(v)
+
+
+def run_point(config: Path, values: dict[str, Any], workdir: Path) -> int:
+    """One ``experiments.run`` process (its log in ``<workdir>/run.log``); its exit code."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "experiments.run", f"--config={config}",
+           f"--workdir={workdir}", "--config.progress=False",
+           *(f"--config.{k}={_cli_value(v)}" for k, v in values.items())]
+    with open(workdir / "run.log", "w") as log:
+        return subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=False).returncode
+
+
+def parse_set(specs: list[str]) -> dict[str, dict[str, Any]]:
+    """``["geta:method.sparsity=0.6"]`` → ``{"geta": {"method.sparsity": 0.6}}``."""
+    import ast
+
+    out: dict[str, dict[str, Any]] = {}
+    for spec in specs:
+        method, sep, rest = spec.partition(":")
+        key, eq, value = rest.partition("=")
+        if not sep or not eq or method not in METHODS:
+            raise SystemExit(f"--set {spec!r}: use METHOD:field=value, METHOD one of "
+                             f"{', '.join(METHODS)}.")
+        try:
+            parsed = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            parsed = value
+        out.setdefault(method, {})[key] = parsed
+    return out
+
+
+def plan(model: str, methods: list[str], seeds: list[int], bops: float, root: Path,
+         extra: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """The points to run, pre-training users of a seed after its first one."""
+    missing = [m for m in methods if not config_file(m, model).is_file()]
+    methods = [m for m in methods if m not in missing]
+    if not methods:
+        raise SystemExit(f"no config for model {model!r} in {CONFIGS}.")
+    for m in missing:
+        print(f"{m}: no {config_file(m, model).name}, skipped")
+    pts = []
+    for seed in seeds:
+        for m in methods:
+            values = overrides(m, seed, bops, root, extra)
+            pts.append({"method": m, "seed": seed, "file": config_file(m, model),
+                        "values": values, "workdir": root / f"{m}_s{seed}",
+                        "config": apply(load_config(config_file(m, model)), values)})
+    return pts
+
+
+def execute(pts: list[dict[str, Any]], reuse: list[Path], jobs: int) -> list[str]:
+    """Run (or adopt, or skip) every point; returns the workdirs that failed."""
+    todo = []
+    for p in pts:
+        result = p["workdir"] / "results.json"
+        if result.exists():
+            continue
+        src = find_reusable(p["config"], reuse, tuple(p["values"]))
+        if src is not None:
+            p["workdir"].mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, result)
+            (p["workdir"] / "reused_from.txt").write_text(f"{src}\n")
+            continue
+        todo.append(p)
+    # A seed's pre-training is written by its first search point; the others wait for it.
+    first: dict[int, threading.Event] = {}
+    waits: list[threading.Event | None] = []
+    for p in todo:
+        if p["method"] not in _PRETRAINED:
+            waits.append(None)
+        elif p["seed"] not in first:
+            first[p["seed"]] = threading.Event()
+            waits.append(None)
+        else:
+            waits.append(first[p["seed"]])
+    order = sorted(range(len(todo)), key=lambda i: waits[i] is not None)
+
+    def one(i: int) -> int:
+        p = todo[i]
+        if waits[i] is not None:
+            waits[i].wait()
+        try:
+            return run_point(p["file"], p["values"], p["workdir"])
+        finally:
+            ev = first.get(p["seed"])
+            if p["method"] in _PRETRAINED and waits[i] is None and ev is not None:
+                ev.set()
+
+    failed = []
+    with ThreadPoolExecutor(max(1, jobs)) as pool, \
+            tqdm(total=len(todo), desc="compare") as bar:
+        futures = {pool.submit(one, i): i for i in order}
+        for f, i in futures.items():
+            if f.result() != 0:
+                failed.append(str(todo[i]["workdir"]))
+            bar.update(1)
+    return failed
+
+
+def results_in(directory: Path) -> list[str]:
+    """Every ``results.json`` under ``directory`` (the pre-training folders hold none)."""
+    return sorted(str(f) for f in directory.rglob("results.json"))
+
+
+def report(directory: Path, out: Path | None = None) -> tuple[str, Path]:
+    """Markdown table (written to ``<directory>/table.md``) and chart of a results directory."""
+    files = results_in(directory)
+    if not files:
+        raise SystemExit(f"{directory}: no results.json below it.")
+    runs = pareto.load(files)
+    text = pareto.table(runs)
+    (directory / "table.md").write_text(text + "\n")
+    chart = pareto.plot(runs, out or directory / "pareto.png", size=True)
+    return text, chart
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["report"]:
+        ap = argparse.ArgumentParser(prog="experiments.compare report",
+                                     description="Table and chart of a results directory.")
+        ap.add_argument("directory")
+        ap.add_argument("--out", default=None, help="chart path (default <directory>/pareto.png)")
+        a = ap.parse_args(argv[1:])
+        text, chart = report(Path(a.directory), Path(a.out) if a.out else None)
+        print(text)
+        print(f"chart: {chart}")
+        return
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="\n".join(__doc__.splitlines()[1:]))
+    ap.add_argument("--model", default="mnist_cnn", help="the configs' model name")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--bops", type=float, default=0.005,
+                    help="relative BOPs budget (fraction of fp32) of the methods that take one")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--root", default=None, help="results directory (default runs/compare_<model>)")
+    ap.add_argument("--jobs", type=int, default=1, help="points run at once")
+    ap.add_argument("--reuse", nargs="*", default=[], help="directories of result JSONs to adopt")
+    ap.add_argument("--set", dest="extra", action="append", default=[],
+                    help="METHOD:field=value for every point of METHOD (repeatable)")
+    a = ap.parse_args(argv)
+    if not 0.0 < a.bops <= 1.0:
+        raise SystemExit(f"--bops {a.bops}: give a fraction of the fp32 BOPs in (0, 1].")
+    methods = [m.strip() for m in a.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise SystemExit(f"--methods: unknown {unknown}; known: {', '.join(METHODS)}.")
+    seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
+    root = Path(a.root or f"runs/compare_{a.model}")
+    root.mkdir(parents=True, exist_ok=True)
+    pts = plan(a.model, methods, seeds, a.bops, root, parse_set(a.extra))
+    failed = execute(pts, [Path(d) for d in a.reuse], a.jobs)
+    if failed:
+        print(f"{len(failed)} point(s) failed; see run.log in: {', '.join(failed)}")
+    text, chart = report(root)
+    print(text)
+    print(f"chart: {chart}")
+    if failed:
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()
