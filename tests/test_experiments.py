@@ -361,3 +361,70 @@ def test_help_flag_prints_the_config_fields(capsys):
                   "--help"])
     out = capsys.readouterr().out
     assert "--config.method.size=0.1  # budget: bytes of the saved export directory" in out
+
+
+def test_compare_runs_every_method_once_reuses_and_reports(tmp_path, monkeypatch):
+    import ast
+    import threading
+
+    from experiments import compare
+
+    calls, lock, pretrained = [], threading.Lock(), set()
+
+    def fake_run(cmd, **kwargs):  # writes a result (and a seed's pre-training) instead
+        args = dict(c[2:].split("=", 1) for c in cmd if c.startswith("--") and "=" in c)
+        method = next(m for m in compare.METHODS
+                      if Path(args["config"]).name == compare.config_file(m, "mnist_cnn").name)
+        seed = int(args["config.seed"])
+        if method in ("uniform_magnitude", "ajpq"):  # started after the seed's first search
+            assert seed in pretrained, (method, seed)
+        if method == "fit":
+            pretrained.add(seed)
+        with lock:
+            calls.append((method, seed, args))
+        cfg = compare.apply(compare.load_config(Path(args["config"])), {
+            k[len("config."):]: v if k.endswith("_dir") else ast.literal_eval(v)
+            for k, v in args.items() if k.startswith("config.") and k != "config.progress"})
+        bops = float(args.get("config.method.bops", args.get("config.method.target_bops", 1)))
+        (Path(args["workdir"]) / "results.json").write_text(json.dumps({
+            "test_accuracy": 0.9 + seed / 100, "config": cfg,
+            "compression": {} if method == "fp32" else {
+                "rel_bops": bops, "sparsity": 0.5, "mean_bits": 3.0, "dense_params": 100,
+                "export": {"disk_bytes": 20, "restored_test_accuracy": 0.9 + seed / 100}}}))
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(compare.subprocess, "run", fake_run)
+    # a finished GETA seed-0 run elsewhere, recorded before two config fields existed
+    old = tmp_path / "old"
+    old.mkdir()
+    rec = compare.apply(compare.load_config(compare.config_file("geta", "mnist_cnn")),
+                        {"seed": 0, "method.sparsity": 0.5})
+    rec.pop("distributed")
+    rec["method"].pop("unit_multiple")
+    (old / "geta_s0.json").write_text(json.dumps({"test_accuracy": 0.5, "config": rec,
+                                                  "compression": {"rel_bops": 0.005}}))
+    root = tmp_path / "cmp"
+    argv = ["--seeds", "0,1", "--bops", "0.004", "--root", str(root), "--jobs", "2",
+            "--reuse", str(old), "--set", "geta:method.sparsity=0.5"]
+    compare.main(argv)
+    ran = sorted((m, s) for m, s, _ in calls)
+    assert ran == sorted((m, s) for m in compare.METHODS for s in (0, 1)
+                         if (m, s) != ("geta", 0))  # adopted instead of run
+    assert json.loads((root / "geta_s0" / "results.json").read_text())["test_accuracy"] == 0.5
+    for m, s, args in calls:
+        if m in ("fit", "uniform_magnitude", "ajpq"):
+            assert args["config.method.bops"] == "0.004" and args["config.method.size"] == "0.0"
+            assert args["config.method.pretrain_dir"].endswith(f"pretrain_s{s}")
+        if m == "djpq":
+            assert args["config.method.target_bops"] == "0.004"
+    table = (root / "table.md").read_text()
+    assert table.count("\n") == 2 + len(compare.METHODS) and "| fp32 | 2 |" in table
+    assert (root / "pareto.png").stat().st_size > 0
+    compare.main(argv)  # finished points are skipped
+    assert len(calls) == 2 * len(compare.METHODS) - 1
+    compare.main(["report", str(root), "--out", str(tmp_path / "c.png")])
+    assert (tmp_path / "c.png").exists()
+    with pytest.raises(SystemExit, match="METHOD:field=value"):
+        compare.main(["--set", "nosuch:seed=1", "--root", str(root)])
+    with pytest.raises(SystemExit, match="no config for model"):
+        compare.main(["--model", "nosuch", "--root", str(tmp_path / "x")])
