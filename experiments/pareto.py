@@ -19,11 +19,21 @@ def load(workdirs: list[str]) -> dict[str, list[dict[str, Any]]]:
     """``{method label: [results, ...]}`` from workdirs (their ``results.json``) or ``.json``
     files; the label is the method name plus its sparsity or BOPs target and bits."""
     runs: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    records = []
     for w in workdirs:
         path = Path(w) if str(w).endswith(".json") else Path(w) / "results.json"
         if not path.exists():
             raise FileNotFoundError(f"{path} does not exist: run the experiment first.")
-        r = json.loads(path.read_text())
+        records.append(json.loads(path.read_text()))
+    # a record without the dense parameter count takes it from a run of the same model
+    dense = {json.dumps(r["config"].get("model"), sort_keys=True): r["compression"]["dense_params"]
+             for r in records if "dense_params" in (r.get("compression") or {})}
+    for r in records:
+        comp = r.get("compression") or {}
+        key = json.dumps(r["config"].get("model"), sort_keys=True)
+        if comp and "dense_params" not in comp and key in dense:
+            comp["dense_params"] = dense[key]
+    for r in records:
         m = r["config"].get("method", {"name": "fp32"})
         label = m["name"]
         if label == "fp32":  # a compression config run with method.name=fp32: no budget applies
@@ -67,6 +77,33 @@ def load(workdirs: list[str]) -> dict[str, list[dict[str, Any]]]:
     return dict(runs)
 
 
+def layers(result: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Per layer of a compressed run, from its ``cost.report`` table: ``{layer: {"w_bits",
+    "a_bits", "kept" (fraction of the layer's weights kept: channels x nonzeros), "bops"
+    (share of the model's BOPs, %)}}``; empty for fp32."""
+    text = (result.get("compression") or {}).get("report", "")
+    out: dict[str, dict[str, float]] = {}
+
+    def frac(cell: str) -> float:
+        if cell == "-":
+            return 1.0
+        kept, total = cell.split("/")
+        return int(kept) / int(total)
+
+    for line in text.splitlines():
+        cells = line.split()  # layer, in kept, out kept, w bits, a bits, MACs, [nnz %,] BOPs %
+        if len(cells) not in (7, 8) or cells[0] == "layer":
+            continue
+        try:
+            w, a, share = float(cells[3]), float(cells[4]), float(cells[-1])
+            nnz = float(cells[6]) if len(cells) == 8 else 100.0
+            kept = frac(cells[1]) * frac(cells[2]) * nnz / 100
+        except ValueError:
+            continue
+        out[cells[0]] = {"w_bits": w, "a_bits": a, "kept": kept, "bops": share}
+    return out
+
+
 def _stat(values: list[float], scale: float = 1.0) -> str:
     lo, hi = min(values) * scale, max(values) * scale
     mean = sum(values) / len(values) * scale
@@ -81,6 +118,8 @@ def relative_size(result: dict[str, Any]) -> float:
         return 1.0
     if "relative_disk" in exp:
         return float(exp["relative_disk"])
+    if "dense_params" not in comp:
+        return float("nan")
     return float(exp["disk_bytes"]) / (4.0 * comp["dense_params"])
 
 
@@ -97,7 +136,8 @@ def table(runs: dict[str, list[dict[str, Any]]]) -> str:
         acc = [r["test_accuracy"] for r in rs]
         bops = [c.get("rel_bops", 1.0) for c in comp]
         restored = [c["export"]["restored_test_accuracy"] for c in comp if "export" in c]
-        size = [relative_size(r) for r in rs if (r.get("compression") or {}).get("export")]
+        size = [x for r in rs if (r.get("compression") or {}).get("export")
+                and (x := relative_size(r)) == x]  # NaN: the fp32 size is not known
         rows.append(
             f"| {label} | {len(rs)} | {_stat(acc, 100)} | {_stat(bops, 100)} | "
             f"{_stat([c.get('sparsity', 0.0) for c in comp])} | "
