@@ -1,15 +1,20 @@
-"""Every method on one model at one relative-BOPs budget and the same seeds, then one Markdown
-table and one Pareto chart (test accuracy vs relative BOPs and vs relative size).
+"""Every method on one model at one budget and the same seeds, then one Markdown table and one
+Pareto chart (test accuracy vs relative BOPs and vs relative size).
 
     python -m experiments.compare --model mnist_cnn --seeds 0,1,2 --bops 0.005 \\
         --root runs/compare_mnist_cnn --jobs 2
+    python -m experiments.compare --size 0.04 --root runs/compare_mnist_cnn   # same root
     python -m experiments.compare report runs/compare_mnist_cnn [--out chart.png]
 
 A method runs when ``experiments/configs/<prefix>_<model>.py`` exists (``<model>.py`` for
-fp32). DJPQ, FITCompress, its uniform-bits + magnitude baseline and AJPQ take the budget as
-their BOPs target; GETA and prune-then-quantize take a channel sparsity and a bit range (their
-config's, changed with ``--set geta:method.sparsity=0.6``) and the table shows where they land.
-The search methods of one seed share one fp32 pre-training, ``<root>/pretrain_s<seed>``.
+fp32). A relative-BOPs budget (``--bops``) is the target of DJPQ, FITCompress, its uniform-bits
++ magnitude baseline and AJPQ; a size budget (``--size``: the export directory's bytes over the
+fp32 model's) that of FITCompress, the baseline and AJPQ. The other methods run at their
+config's knobs (GETA and prune-then-quantize: a channel sparsity and a bit range; DJPQ under
+``--size``: its BOPs target), changed with ``--set geta:method.sparsity=0.6``; the table shows
+where they land. Budgeted points are named ``<method>_<budget>_s<seed>``, so several budgets
+share one root, and the search methods of a seed share one fp32 pre-training,
+``<root>/pretrain_s<seed>``.
 
 Resumable: a point whose ``results.json`` exists is skipped, an interrupted one resumes from its
 checkpoint. ``--reuse DIR`` adopts a result JSON from ``DIR`` whose recorded config equals the
@@ -36,15 +41,18 @@ from experiments import pareto
 from jaxjpq.methods.geta import LEGACY_FRACTIONS
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
-# method -> config-file prefix ("" = the model's fp32 config) and whether the budget applies
-METHODS: dict[str, tuple[str, str | None]] = {
-    "fp32": ("", None),
-    "geta": ("geta_", None),
-    "djpq": ("djpq_", "method.target_bops"),
-    "prune_then_quantize": ("ptq_", None),
-    "fit": ("fit_", "method.bops"),
-    "uniform_magnitude": ("uniform_", "method.bops"),
-    "ajpq": ("ajpq_", "method.bops"),
+_SEARCH = {"bops": {"method.bops": "B", "method.size": 0.0},
+           "size": {"method.size": "B", "method.bops": 0.0}}
+# method -> config-file prefix ("" = the model's fp32 config), {budget kind: overrides, "B" =
+# the budget}
+METHODS: dict[str, tuple[str, dict[str, dict[str, Any]]]] = {
+    "fp32": ("", {}),
+    "geta": ("geta_", {}),
+    "djpq": ("djpq_", {"bops": {"method.target_bops": "B"}}),
+    "prune_then_quantize": ("ptq_", {}),
+    "fit": ("fit_", _SEARCH),
+    "uniform_magnitude": ("uniform_", _SEARCH),
+    "ajpq": ("ajpq_", _SEARCH),
 }
 _PRETRAINED = ("fit", "uniform_magnitude", "ajpq")  # methods that start from a shared fp32 model
 # Fields that do not change a result's numbers: a reused result may differ in them.
@@ -64,15 +72,13 @@ def load_config(path: Path) -> ml_collections.ConfigDict:
     return module.get_config()
 
 
-def overrides(method: str, seed: int, bops: float, root: Path,
+def overrides(method: str, seed: int, budget: tuple[str, float], root: Path,
               extra: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """The ``--config.<field>`` values of one point, as Python values."""
     out: dict[str, Any] = {"seed": seed}
-    budget_field = METHODS[method][1]
-    if budget_field is not None:
-        out[budget_field] = bops
-        if budget_field == "method.bops":
-            out["method.size"] = 0.0
+    kind, value = budget
+    for k, v in METHODS[method][1].get(kind, {}).items():
+        out[k] = value if v == "B" else v
     if method in _PRETRAINED:
         out["method.pretrain_dir"] = str((root / f"pretrain_s{seed}").absolute())
     out.update(extra.get(method, {}))
@@ -166,8 +172,15 @@ def parse_set(specs: list[str]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def plan(model: str, methods: list[str], seeds: list[int], bops: float, root: Path,
-         extra: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+def point_name(method: str, seed: int, budget: tuple[str, float]) -> str:
+    """``geta_s0``; ``fit_size0.04_s0`` for a method the budget applies to."""
+    kind, value = budget
+    tag = f"_{kind}{value:g}" if kind in METHODS[method][1] else ""
+    return f"{method}{tag}_s{seed}"
+
+
+def plan(model: str, methods: list[str], seeds: list[int], budget: tuple[str, float],
+         root: Path, extra: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """The points to run, pre-training users of a seed after its first one."""
     missing = [m for m in methods if not config_file(m, model).is_file()]
     methods = [m for m in methods if m not in missing]
@@ -178,9 +191,9 @@ def plan(model: str, methods: list[str], seeds: list[int], bops: float, root: Pa
     pts = []
     for seed in seeds:
         for m in methods:
-            values = overrides(m, seed, bops, root, extra)
+            values = overrides(m, seed, budget, root, extra)
             pts.append({"method": m, "seed": seed, "file": config_file(m, model),
-                        "values": values, "workdir": root / f"{m}_s{seed}",
+                        "values": values, "workdir": root / point_name(m, seed, budget),
                         "config": apply(load_config(config_file(m, model)), values)})
     return pts
 
@@ -268,8 +281,11 @@ def main(argv: list[str] | None = None) -> None:
                                  epilog="\n".join(__doc__.splitlines()[1:]))
     ap.add_argument("--model", default="mnist_cnn", help="the configs' model name")
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--bops", type=float, default=0.005,
-                    help="relative BOPs budget (fraction of fp32) of the methods that take one")
+    group = ap.add_mutually_exclusive_group()
+    group.add_argument("--bops", type=float, default=None,
+                       help="relative BOPs budget (fraction of fp32; default 0.005)")
+    group.add_argument("--size", type=float, default=None,
+                       help="size budget: export bytes / fp32 bytes (fraction)")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--root", default=None, help="results directory (default runs/compare_<model>)")
     ap.add_argument("--jobs", type=int, default=1, help="points run at once")
@@ -277,8 +293,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--set", dest="extra", action="append", default=[],
                     help="METHOD:field=value for every point of METHOD (repeatable)")
     a = ap.parse_args(argv)
-    if not 0.0 < a.bops <= 1.0:
-        raise SystemExit(f"--bops {a.bops}: give a fraction of the fp32 BOPs in (0, 1].")
+    budget = ("size", a.size) if a.size is not None else ("bops", a.bops or 0.005)
+    if not 0.0 < budget[1] <= 1.0:
+        raise SystemExit(f"--{budget[0]} {budget[1]}: give a fraction of fp32's in (0, 1].")
     methods = [m.strip() for m in a.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
@@ -286,7 +303,7 @@ def main(argv: list[str] | None = None) -> None:
     seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
     root = Path(a.root or f"runs/compare_{a.model}")
     root.mkdir(parents=True, exist_ok=True)
-    pts = plan(a.model, methods, seeds, a.bops, root, parse_set(a.extra))
+    pts = plan(a.model, methods, seeds, budget, root, parse_set(a.extra))
     failed = execute(pts, [Path(d) for d in a.reuse], a.jobs)
     if failed:
         print(f"{len(failed)} point(s) failed; see run.log in: {', '.join(failed)}")

@@ -411,6 +411,7 @@ def test_compare_runs_every_method_once_reuses_and_reports(tmp_path, monkeypatch
     assert ran == sorted((m, s) for m in compare.METHODS for s in (0, 1)
                          if (m, s) != ("geta", 0))  # adopted instead of run
     assert json.loads((root / "geta_s0" / "results.json").read_text())["test_accuracy"] == 0.5
+    assert (root / "fit_bops0.004_s1" / "results.json").exists()
     for m, s, args in calls:
         if m in ("fit", "uniform_magnitude", "ajpq"):
             assert args["config.method.bops"] == "0.004" and args["config.method.size"] == "0.0"
@@ -422,6 +423,13 @@ def test_compare_runs_every_method_once_reuses_and_reports(tmp_path, monkeypatch
     assert (root / "pareto.png").stat().st_size > 0
     compare.main(argv)  # finished points are skipped
     assert len(calls) == 2 * len(compare.METHODS) - 1
+    calls.clear()
+    compare.main(["--seeds", "0", "--size", "0.03", "--root", str(root)])  # a second budget
+    # DJPQ has no size target: it runs at its config's BOPs target, a point of its own
+    assert sorted(m for m, _, _ in calls) == ["ajpq", "djpq", "fit", "uniform_magnitude"]
+    assert all(a["config.method.size"] == "0.03" and a["config.method.bops"] == "0.0"
+               for m, _, a in calls if m != "djpq")
+    assert (root / "table.md").read_text().count("size 3 %") == 3
     compare.main(["report", str(root), "--out", str(tmp_path / "c.png")])
     assert (tmp_path / "c.png").exists()
     with pytest.raises(SystemExit, match="METHOD:field=value"):
