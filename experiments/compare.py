@@ -247,19 +247,27 @@ def execute(pts: list[dict[str, Any]], reuse: list[Path], jobs: int) -> list[str
     return failed
 
 
+def _order(label: str) -> tuple:
+    """Rows by method (the order of :data:`METHODS`), then by label."""
+    name = label.split(" ", 1)[0]
+    return (list(METHODS).index(name) if name in METHODS else len(METHODS), label)
+
+
 def results_in(directory: Path) -> list[str]:
     """Every ``results.json`` under ``directory`` (the pre-training folders hold none)."""
     return sorted(str(f) for f in directory.rglob("results.json"))
 
 
 def report(directory: Path, out: Path | None = None) -> tuple[str, Path]:
-    """Markdown table (written to ``<directory>/table.md``) and chart of a results directory."""
+    """Markdown table (written to ``<directory>/table.md``, a three-column one to
+    ``table_compact.md``) and chart of a results directory."""
     files = results_in(directory)
     if not files:
         raise SystemExit(f"{directory}: no results.json below it.")
-    runs = pareto.load(files)
+    runs = dict(sorted(pareto.load(files).items(), key=lambda kv: _order(kv[0])))
     text = pareto.table(runs)
     (directory / "table.md").write_text(text + "\n")
+    (directory / "table_compact.md").write_text(pareto.table(runs, compact=True) + "\n")
     chart = pareto.plot(runs, out or directory / "pareto.png", size=True)
     return text, chart
 

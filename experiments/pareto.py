@@ -123,9 +123,39 @@ def relative_size(result: dict[str, Any]) -> float:
     return float(exp["disk_bytes"]) / (4.0 * comp["dense_params"])
 
 
-def table(runs: dict[str, list[dict[str, Any]]]) -> str:
+def short_label(label: str) -> str:
+    """``"fit (BOPs 0.5 %, bits [2.0, 8.0], 16384 Fisher samples, ...)"`` → the method and its
+    first two settings, ``"fit (BOPs 0.5 %, bits [2.0, 8.0])"``."""
+    name, sep, rest = label.partition(" (")
+    if not sep:
+        return label
+    items, depth, cur = [], 0, ""
+    for ch in rest[:-1]:  # the settings, split at the commas outside brackets
+        depth += (ch == "[") - (ch == "]")
+        if ch == "," and depth == 0:
+            items.append(cur.strip())
+            cur = ""
+        else:
+            cur += ch
+    items.append(cur.strip())
+    return f"{name} ({', '.join(items[:2])})"
+
+
+def table(runs: dict[str, list[dict[str, Any]]], compact: bool = False) -> str:
     """Markdown rows: mean (min-max over seeds) of test accuracy, relative BOPs and relative
-    size (the export directory's bytes over the fp32 model's), in %."""
+    size (the export directory's bytes over the fp32 model's), in %; ``compact``: those three
+    columns only, under :func:`short_label` labels."""
+    if compact:
+        rows = ["| Method | Seeds | Test acc. % | Rel. BOPs % | Export / fp32 bytes % |",
+                "|---|---|---|---|---|"]
+        for label, rs in runs.items():
+            size = [x for r in rs if (x := relative_size(r)) == x]
+            rows.append(
+                f"| {short_label(label)} | {len(rs)} | "
+                f"{_stat([r['test_accuracy'] for r in rs], 100)} | "
+                f"{_stat([(r.get('compression') or {}).get('rel_bops', 1.0) for r in rs], 100)} | "
+                f"{_stat(size, 100) if size else '-'} |")
+        return "\n".join(rows)
     rows = [
         "| Method | Seeds | Test acc. % | Rel. BOPs % | Sparsity | Mean bits (w) | Restored % "
         "| Export / fp32 bytes % |",

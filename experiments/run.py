@@ -238,7 +238,8 @@ def _fit_method(config, model, variables, example, train_src, workdir, held_src=
     else:
         res = fit.uniform_magnitude(graph, state, pretrained, bits=float(method.uniform_bits),
                                     levels=int(method.levels), **budget)
-    info.update(searched_bits=res.bits, searched_sparsity=res.sparsity,
+    info.update(searched_bits=res.bits, searched_act_bits=res.act_bits,
+                searched_sparsity=res.sparsity,
                 searched_relative_size=res.relative_size,
                 searched_relative_bops=res.relative_bops, **_budget_info(budget))
     return graph, jaxjpq.CompressedParams(pretrained["params"], res.state), info

@@ -113,6 +113,30 @@ def test_search_meets_the_budget_exactly_and_the_export_agrees(budget, tmp_path)
     np.testing.assert_allclose(got, fwd(v, r.state, x), rtol=1e-5, atol=1e-5)
 
 
+def test_a_bops_budget_searches_the_input_bits_and_a_size_budget_keeps_them():
+    model, v, g, x, y, st, info = _cnn()
+    learned = [n for n in st.act if n not in st.frozen]
+    tight = fit.search(info, g, st, v, bops=0.01, progress=False)
+    assert any(tight.act_bits[n] < 8.0 for n in learned)
+    assert any("input->" in move for move, _ in tight.path)
+    for n in learned:  # the state holds what the result says, at integer widths in the range
+        b = float(np.round(cost.bits(g, tight.state)[n][1]))
+        assert b == tight.act_bits[n] and 2.0 <= b <= 8.0
+    for n in st.frozen:
+        assert tight.act_bits.get(n, 8.0) == 8.0
+    assert float(cost.relative_bops(g, tight.state)) <= 0.01
+    # an input with no Fisher trace is free to lower: the search takes it before the weights'
+    free = fit.FisherInfo(weight=info.weight, act={**info.act, learned[0]: 0.0},
+                          samples=info.samples)
+    r = fit.search(free, g, st, v, bops=0.05, progress=False)
+    assert r.path[0][0] == f"{learned[0]} input->7b"
+    sized = fit.search(info, g, st, v, size=0.06, progress=False)
+    assert all(sized.act_bits[n] == 8.0 for n in learned)
+    assert not any("input->" in move for move, _ in sized.path)
+    um = fit.uniform_magnitude(g, st, v, bits=4.0, bops=0.02)
+    assert {um.act_bits[n] for n in learned} == {4.0}
+
+
 def test_a_tighter_budget_prunes_or_lowers_more():
     model, v, g, x, y, st, info = _cnn()
     loose = fit.search(info, g, st, v, size=0.2, progress=False)

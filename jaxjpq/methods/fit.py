@@ -38,7 +38,13 @@ from jaxjpq import cost
 from jaxjpq.compress import fisher_apply, probed_apply
 from jaxjpq.graph import Graph
 from jaxjpq.methods.core import set_bits, with_bits
-from jaxjpq.quant import broadcast_params, effective_params, params_bits, quantize_with
+from jaxjpq.quant import (
+    broadcast_params,
+    effective_params,
+    params_bits,
+    quantize_with,
+    step_from_bits,
+)
 from jaxjpq.state import CompressionState, check_state, leaf, site_quantizer
 from jaxjpq.train import cross_entropy, replicate, shard_batch
 
@@ -314,7 +320,8 @@ class _SiteTable:
     kept_err: np.ndarray  # [B, numel + 1] Σ F (θ - q_b)² over the k pruned
     step: np.ndarray  # [B - 1, numel + 1] Σ F (q_b - q_b+1)² over the k pruned
     macs: float  # kept MACs per example of the dense site (for BOPs)
-    a_bits: float  # input bits (32 for float inputs)
+    a_bits: list[float]  # input bit options, highest first ([32] for float inputs)
+    a_step: list[float]  # FIT increase Tr(F_a)·(d_{i+1}² - d_i²)/12 of each lower option
 
     def suffix(self, arr: np.ndarray, k: int) -> float:
         return float(arr[-1] - arr[k])
@@ -325,7 +332,8 @@ class SearchResult(NamedTuple):
 
     Attributes:
       state: the chosen ``CompressionState`` (bits via ``set_bits``, elementwise masks).
-      bits: ``{site: weight bits}``; sparsity: the global sparsity level reached.
+      bits: ``{site: weight bits}``; act_bits: ``{site: input bits}`` (searched under a BOPs
+        budget); sparsity: the global sparsity level reached.
       relative_size: exported model bits / fp32 model bits (:func:`relative_model_size`);
       relative_bops: :func:`jaxjpq.cost.relative_bops`.
       fit: FIT of the chosen configuration (:func:`fit_score`).
@@ -334,6 +342,7 @@ class SearchResult(NamedTuple):
 
     state: CompressionState
     bits: dict[str, float]
+    act_bits: dict[str, float]
     sparsity: float
     relative_size: float
     relative_bops: float
@@ -350,9 +359,30 @@ def _bit_options(state: CompressionState, name: str) -> list[float]:
     return [float(b) for b in range(int(math.floor(hi)), int(math.ceil(lo)) - 1, -1)]
 
 
+def _act_options(info: FisherInfo, state: CompressionState, site, search: bool
+                 ) -> tuple[list[float], list[float]]:
+    """A site's input bit options (highest first) and the FIT increase of each step down:
+    the state's bits alone unless ``search`` and the site has a learned input quantizer."""
+    a = state.act.get(site.name)
+    if a is None:
+        return [32.0], []
+    now = float(np.round(np.max(np.asarray(params_bits(a, site.signed_input)))))
+    if not search or site.name in state.frozen or state.spec is None:
+        return [now], []
+    lo, hi = state.spec.bits
+    options = [float(b) for b in range(int(math.floor(min(hi, now))),
+                                       int(math.ceil(lo)) - 1, -1)]
+    d2 = [float(np.max(np.asarray(step_from_bits(b, a.q_m, a.t, site.signed_input)))) ** 2
+          for b in options]
+    tr = float(info.act.get(site.name, 0.0))
+    return options, [tr * (d2[i + 1] - d2[i]) / 12.0 for i in range(len(options) - 1)]
+
+
 def _tables(info: FisherInfo, graph: Graph, state: CompressionState, variables: Mapping,
-            levels: np.ndarray) -> tuple[list[_SiteTable], np.ndarray]:
-    """Per-site prefix sums and ``k[l, s]``: weights of site ``l`` pruned at level ``s``."""
+            levels: np.ndarray, act_search: bool = False
+            ) -> tuple[list[_SiteTable], np.ndarray]:
+    """Per-site prefix sums and ``k[l, s]``: weights of site ``l`` pruned at level ``s``; with
+    ``act_search``, each learned input quantizer's bit options too."""
     w = _weights(graph, variables)
     imp = _importance(info, w)
     sites = list(graph.sites)
@@ -388,9 +418,7 @@ def _tables(info: FisherInfo, graph: Graph, state: CompressionState, variables: 
         def pre(x):
             return np.concatenate([[0.0], np.cumsum(x)])
 
-        a = state.act.get(s.name)
-        a_bits = 32.0 if a is None else float(np.round(np.asarray(
-            params_bits(a, s.signed_input))))
+        a_bits, a_step = _act_options(info, state, s, act_search)
         tables.append(_SiteTable(
             name=s.name, numel=theta.size, bits=options,
             width=cost.index_width(theta.size), order=mine,
@@ -399,7 +427,7 @@ def _tables(info: FisherInfo, graph: Graph, state: CompressionState, variables: 
             kept_err=np.stack([pre(fo * (th - q) ** 2) for q in qo]),
             step=np.stack([pre(fo * (q1 - q2) ** 2) for q1, q2 in itertools.pairwise(qo)])
             if len(qo) > 1 else np.zeros((0, theta.size + 1)),
-            macs=float(per_example[s.name]), a_bits=a_bits,
+            macs=float(per_example[s.name]), a_bits=a_bits, a_step=a_step,
         ))
     return tables, counts
 
@@ -420,18 +448,27 @@ def relative_model_size(graph: Graph, state: CompressionState) -> float:
     return model_bits(graph, state) / fp32_model_bits(graph)
 
 
+def _parts(tables: list[_SiteTable], node: tuple) -> tuple[tuple, tuple, int]:
+    """A search node ``(weight-bit index per site, [input-bit index per site,] level)`` as
+    ``(weight indices, input indices, level)``; without input indices, each site's first."""
+    n = len(tables)
+    if len(node) == n + 1:
+        return tuple(node[:n]), (0,) * n, int(node[n])
+    return tuple(node[:n]), tuple(node[n:2 * n]), int(node[2 * n])
+
+
 def _figures(tables: list[_SiteTable], counts: np.ndarray, node: tuple, fp32_bits: float,
              fp32_bops: float, extra_bits: float = 0.0) -> tuple[float, float]:
-    """(relative size, relative BOPs) of ``node`` = (bit index per site, level); ``extra_bits``
-    (scales, float leaves) count in the size."""
-    *bi, s = node
+    """(relative size, relative BOPs) of ``node`` (:func:`_parts`); ``extra_bits`` (scales,
+    float leaves) count in the size."""
+    bi, ai, s = _parts(tables, node)
     size, bops = extra_bits, 0.0
-    for t, b, k in zip(tables, bi, counts[:, s], strict=True):
+    for t, b, a, k in zip(tables, bi, ai, counts[:, s], strict=True):
         kept = t.numel - int(k)
         bits = t.bits[b]
         index = 0.0 if k == 0 or kept == 0 else min(float(t.numel), kept * float(t.width))
         size += kept * bits + index
-        bops += t.macs * kept / t.numel * bits * t.a_bits
+        bops += t.macs * kept / t.numel * bits * t.a_bits[a]
     return size / fp32_bits, bops / fp32_bops
 
 
@@ -491,8 +528,11 @@ def search(
 
     ``state`` fixes which sites are quantized, their bit range (``state.spec.bits``: each learned
     site's options are the integers from ``b_u`` down to ``b_l``; frozen sites keep theirs), the
-    activation quantizers (their bits count in BOPs) and per-tensor or per-channel steps. Raises
-    ``ValueError`` naming the smallest reachable figure when the budget is below it.
+    activation quantizers and per-tensor or per-channel steps. Under a BOPs budget a move may
+    also lower one learned input quantizer's bits (within the same range, from its current
+    bits), at edge cost ``√(Tr(F_a)·(d'² - d²)/12)``, the FIT term of the input; under a size
+    budget inputs keep their bits. Raises ``ValueError`` naming the smallest reachable figure
+    when the budget is below it.
     """
     from tqdm.auto import tqdm
 
@@ -501,10 +541,12 @@ def search(
         raise ValueError(f"criterion must be 'fit' or 'rate', got {criterion!r}.")
     check_state(graph, state)
     lv = sparsity_levels(levels)
-    tables, counts = _tables(info, graph, state, variables, lv)
+    tables, counts = _tables(info, graph, state, variables, lv, act_search=kind == "bops")
     figure = _figure_fn(graph, state, tables, counts, kind, reserve_bits)
+    n = len(tables)
 
-    floor_node = (*[len(t.bits) - 1 for t in tables], len(lv) - 1)
+    floor_node = (*[len(t.bits) - 1 for t in tables], *[len(t.a_bits) - 1 for t in tables],
+                  len(lv) - 1)
     floor = figure(floor_node)
     if alpha < floor:
         raise ValueError(
@@ -513,28 +555,32 @@ def search(
         )
 
     def heuristic(node, c):
-        *bi, s = node
+        bi, _, s = _parts(tables, node)
         norm = sum(t.suffix(t.kept_q[b], int(counts[i, s]))
                    for i, (t, b) in enumerate(zip(tables, bi, strict=True)))
         return math.sqrt(max(c - alpha, 0.0) ** 2 * norm)
 
-    node = (*[0] * len(tables), 0)
+    node = (0,) * (2 * n + 1)
     c = figure(node)
     path: list = []
     bar = tqdm(desc=f"fit search ({kind} budget {alpha:.2%})", unit="step", disable=not progress)
     while c > alpha:
-        *bi, s = node
+        bi, ai, s = _parts(tables, node)
         moves = []
         for i, t in enumerate(tables):  # one site one bit option lower
             if bi[i] + 1 < len(t.bits):
-                nxt = (*bi[:i], bi[i] + 1, *bi[i + 1 :], s)
+                nxt = (*bi[:i], bi[i] + 1, *bi[i + 1 :], *ai, s)
                 edge = math.sqrt(max(t.suffix(t.step[bi[i]], int(counts[i, s])), 0.0))
                 moves.append((f"{t.name}->{t.bits[bi[i] + 1]:g}b", nxt, edge))
+            if ai[i] + 1 < len(t.a_bits):  # its input one bit option lower (BOPs budgets)
+                nxt = (*bi, *ai[:i], ai[i] + 1, *ai[i + 1 :], s)
+                edge = math.sqrt(max(t.a_step[ai[i]], 0.0))
+                moves.append((f"{t.name} input->{t.a_bits[ai[i] + 1]:g}b", nxt, edge))
         if s + 1 < len(lv):  # one sparsity level up
             edge = math.sqrt(max(sum(
                 float(t.kept_q[b][counts[i, s + 1]] - t.kept_q[b][counts[i, s]])
                 for i, (t, b) in enumerate(zip(tables, bi, strict=True))), 0.0))
-            moves.append((f"sparsity->{lv[s + 1]:.4f}", (*bi, s + 1), edge))
+            moves.append((f"sparsity->{lv[s + 1]:.4f}", (*bi, *ai, s + 1), edge))
         best = None
         for label, nxt, edge in moves:
             cn = figure(nxt)
@@ -572,9 +618,11 @@ def _figure_fn(graph: Graph, state: CompressionState, tables: list[_SiteTable],
 
 def _result(graph: Graph, tables: list[_SiteTable], lv: np.ndarray, node: tuple,
             out: CompressionState, fit: float, steps: int, path: list) -> SearchResult:
-    *bi, s = node
+    bi, ai, s = _parts(tables, node)
     return SearchResult(
         state=out, bits={t.name: t.bits[b] for t, b in zip(tables, bi, strict=True)},
+        act_bits={t.name: t.a_bits[a] for t, a in zip(tables, ai, strict=True)
+                  if t.a_bits != [32.0]},
         sparsity=float(lv[s]), relative_size=relative_model_size(graph, out),
         relative_bops=float(cost.relative_bops(graph, out)), fit=fit, nodes_expanded=steps,
         path=list(path),
@@ -588,11 +636,11 @@ def _extra_bits(graph: Graph, state: CompressionState) -> float:
 
 def _to_state(graph: Graph, state: CompressionState, tables: list[_SiteTable],
               counts: np.ndarray, node: tuple) -> CompressionState:
-    *bi, s = node
+    bi, ai, s = _parts(tables, node)
     sm = graph.site_map
     masks = dict(state.weight_masks)
     out = state
-    for i, (t, b) in enumerate(zip(tables, bi, strict=True)):
+    for i, (t, b, a) in enumerate(zip(tables, bi, ai, strict=True)):
         k = int(counts[i, s])
         if k:
             m = np.ones(t.numel, np.float32)
@@ -600,6 +648,8 @@ def _to_state(graph: Graph, state: CompressionState, tables: list[_SiteTable],
             masks[t.name] = jnp.asarray(m.reshape(sm[t.name].weight_shape))
         if t.name in state.weight and t.name not in state.frozen:
             out = set_bits(graph, out, t.name, t.bits[b])
+        if len(t.a_bits) > 1:
+            out = set_bits(graph, out, t.name, t.a_bits[a], kind="act")
     return out.replace(weight_masks=masks)
 
 
@@ -614,15 +664,16 @@ def uniform_magnitude(
     levels: int = LEVELS,
     reserve_bits: float = 0.0,
 ) -> SearchResult:
-    """The baseline at the same budget: every learned site at ``bits``, then the lowest global
-    magnitude-pruning level (``|θ|`` over all sites, the same schedule as :func:`search`) whose
-    size / BOPs (plus ``reserve_bits``, as in :func:`search`) is within the budget."""
+    """The baseline at the same budget: every learned site at ``bits`` (under a BOPs budget its
+    learned input quantizer too), then the lowest global magnitude-pruning level (``|θ|`` over
+    all sites, the same schedule as :func:`search`) whose size / BOPs (plus ``reserve_bits``, as
+    in :func:`search`) is within the budget."""
     kind, alpha = _budget(size, bops)
     check_state(graph, state)
     ones = FisherInfo(weight={s.name: np.ones(s.weight_shape, np.float32) for s in graph.sites},
                       act={s.name: 0.0 for s in graph.sites}, samples=1)
     lv = sparsity_levels(levels)
-    tables, counts = _tables(ones, graph, state, variables, lv)
+    tables, counts = _tables(ones, graph, state, variables, lv, act_search=kind == "bops")
     bi = []
     for t in tables:
         if float(bits) in t.bits:
@@ -631,9 +682,11 @@ def uniform_magnitude(
             bi.append(0)
         else:
             raise ValueError(f"bits={bits} is outside site {t.name}'s options {t.bits}.")
+    # inputs at the same bits where that is an option (BOPs budgets), else as they are
+    ai = [t.a_bits.index(float(bits)) if float(bits) in t.a_bits else 0 for t in tables]
     figure = _figure_fn(graph, state, tables, counts, kind, reserve_bits)
     for s in range(len(lv)):
-        node = (*bi, s)
+        node = (*bi, *ai, s)
         if figure(node) <= alpha:
             out = _to_state(graph, state, tables, counts, node)
             return _result(graph, tables, lv, node, out, float("nan"), 0, [])
