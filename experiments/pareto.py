@@ -15,6 +15,13 @@ from typing import Any
 from jaxjpq.methods.geta import DEFAULT_FRACTIONS, LEGACY_FRACTIONS
 
 
+def _bits(b: Any) -> str:
+    """``[2.0, 4.0]`` → ``"[2, 4]"``, ``4.0`` → ``"4"``."""
+    if isinstance(b, list | tuple):
+        return "[" + ", ".join(f"{float(x):g}" for x in b) + "]"
+    return f"{float(b):g}"
+
+
 def load(workdirs: list[str]) -> dict[str, list[dict[str, Any]]]:
     """``{method label: [results, ...]}`` from workdirs (their ``results.json``) or ``.json``
     files; the label is the method name plus its sparsity or BOPs target and bits."""
@@ -55,7 +62,7 @@ def load(workdirs: list[str]) -> dict[str, list[dict[str, Any]]]:
         if m["name"] in ("fit", "uniform_magnitude"):  # a search to a size or BOPs budget
             budget = (f"size {100 * m['size']:g} %" if m.get("size")
                       else f"BOPs {100 * m['bops']:g} %")
-            how = (f"bits {m['bits']}" if m["name"] == "fit"
+            how = (f"bits {_bits(m['bits'])}" if m["name"] == "fit"
                    else f"{m['uniform_bits']:g} bits, magnitude")
             if m.get("criterion", "fit") != "fit":
                 how += f", {m['criterion']} criterion"
@@ -68,11 +75,11 @@ def load(workdirs: list[str]) -> dict[str, list[dict[str, Any]]]:
             budget = (f"size {100 * m['size']:g} %" if m.get("size")
                       else f"BOPs {100 * m['bops']:g} %")
             n = m["episodes"] * m.get("agent", {}).get("population", 8)
-            label += f" ({budget}, bits {m['bits']}, {n} candidates)"
+            label += f" ({budget}, bits {_bits(m['bits'])}, {n} candidates)"
         elif "target_bops" in m:
-            label += f" (target {100 * m['target_bops']:g} % BOPs, bits {m['bits']})"
+            label += f" (target {100 * m['target_bops']:g} % BOPs, bits {_bits(m['bits'])})"
         elif "sparsity" in m:
-            label += f" (sparsity {m['sparsity']:g}, bits {m['bits']}{cost})"
+            label += f" (sparsity {m['sparsity']:g}, bits {_bits(m['bits'])}{cost})"
         runs[label].append(r)
     return dict(runs)
 
@@ -185,7 +192,7 @@ def plot(runs: dict[str, list[dict[str, Any]]], out: Path, size: bool = False) -
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import ScalarFormatter
+    from matplotlib.ticker import LogLocator, ScalarFormatter
 
     xs_of = {"relative BOPs (% of fp32, log scale)":
              lambda r: (r.get("compression") or {}).get("rel_bops", 1.0)}
@@ -201,6 +208,7 @@ def plot(runs: dict[str, list[dict[str, Any]]], out: Path, size: bool = False) -
             ax.scatter(xs, ys, label=label, alpha=0.8, marker=markers.get(label.split()[0], "o"))
         ax.set_xscale("log")
         ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_locator(LogLocator(base=10, subs=(2.0, 5.0)))  # 0.2, 0.5, 2, 5, ...
         ax.xaxis.set_minor_formatter(ScalarFormatter())
         ax.tick_params(axis="x", which="minor", labelsize=7)
         ax.set_xlabel(xlabel)

@@ -436,3 +436,20 @@ def test_compare_runs_every_method_once_reuses_and_reports(tmp_path, monkeypatch
         compare.main(["--set", "nosuch:seed=1", "--root", str(root)])
     with pytest.raises(SystemExit, match="no config for model"):
         compare.main(["--model", "nosuch", "--root", str(tmp_path / "x")])
+
+
+def test_readme_comparison_is_rendered_from_the_committed_results(tmp_path):
+    import shutil
+
+    from experiments import compare
+
+    root = Path(__file__).resolve().parents[1]
+    committed = root / "experiments" / "results" / "compare_mnist_cnn"
+    shutil.copytree(committed, tmp_path / "c")
+    compare.report(tmp_path / "c")
+    table = (tmp_path / "c" / "table_compact.md").read_text().strip()
+    assert table == (committed / "table_compact.md").read_text().strip()
+    readme = (root / "README.md").read_text()
+    assert f"<!-- compare-table -->\n\n{table}\n" in readme
+    methods = {line.split(" ")[1] for line in table.splitlines()[2:]}
+    assert methods == set(compare.METHODS)  # every method is in the comparison
