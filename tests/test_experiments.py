@@ -453,3 +453,15 @@ def test_readme_comparison_is_rendered_from_the_committed_results(tmp_path):
     assert f"<!-- compare-table -->\n\n{table}\n" in readme
     methods = {line.split(" ")[1] for line in table.splitlines()[2:]}
     assert methods == set(compare.METHODS)  # every method is in the comparison
+
+
+def test_readme_example_runs(tmp_path):
+    import re
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = re.search(r"## Example\n\n```python\n(.*?)```", text, re.S).group(1)
+    assert "steps=2000" in code and "runs/demo/export" in code
+    code = code.replace("2000", "20").replace("runs/demo/export", str(tmp_path / "export"))
+    ns: dict = {}
+    exec(compile(code, "README example", "exec"), ns)
+    assert (tmp_path / "export").is_dir() and int(ns["state"].step) == 20
