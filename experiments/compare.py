@@ -38,6 +38,7 @@ import ml_collections
 from tqdm import tqdm
 
 from experiments import pareto
+from experiments.run import _FREE_FIELDS, _flat, recorded_config
 from jaxjpq.methods.geta import LEGACY_FRACTIONS
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
@@ -55,9 +56,9 @@ METHODS: dict[str, tuple[str, dict[str, dict[str, Any]]]] = {
     "ajpq": ("ajpq_", _SEARCH),
 }
 _PRETRAINED = ("fit", "uniform_magnitude", "ajpq")  # methods that start from a shared fp32 model
-# Fields that do not change a result's numbers: a reused result may differ in them.
-_FREE = ("progress", "log_every", "checkpoint_every", "eval_batch_size", "method.pretrain_dir",
-         "data.cache_dir", "data.data_dir")
+# Fields that do not change a result's numbers: a reused result may differ in them (where the
+# data and the pre-training are read from, beyond what a resume may change).
+_FREE = (*_FREE_FIELDS, "method.pretrain_dir", "data.cache_dir", "data.data_dir")
 
 
 def config_file(method: str, model: str) -> Path:
@@ -87,8 +88,6 @@ def overrides(method: str, seed: int, budget: tuple[str, float], root: Path,
 
 def apply(cfg: ml_collections.ConfigDict, values: dict[str, Any]) -> dict[str, Any]:
     """``cfg`` with ``values`` set (dotted keys), as the dict ``results.json`` records."""
-    from experiments.run import recorded_config
-
     cfg = ml_collections.ConfigDict(cfg.to_dict())
     for key, value in values.items():
         *parents, leaf = key.split(".")
@@ -99,15 +98,6 @@ def apply(cfg: ml_collections.ConfigDict, values: dict[str, Any]) -> dict[str, A
             raise ValueError(f"--set {key}: the config has no field {leaf!r}.")
         node[leaf] = value
     return json.loads(json.dumps(recorded_config(cfg)))
-
-
-def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(d, dict):
-        return {prefix: d}
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
-    return out
 
 
 def same_numbers(recorded: dict[str, Any], config: dict[str, Any], set_keys=()) -> bool:
@@ -188,13 +178,15 @@ def plan(model: str, methods: list[str], seeds: list[int], budget: tuple[str, fl
         raise SystemExit(f"no config for model {model!r} in {CONFIGS}.")
     for m in missing:
         print(f"{m}: no {config_file(m, model).name}, skipped")
+    files = {m: config_file(m, model) for m in methods}
+    configs = {m: load_config(f) for m, f in files.items()}
     pts = []
     for seed in seeds:
         for m in methods:
             values = overrides(m, seed, budget, root, extra)
-            pts.append({"method": m, "seed": seed, "file": config_file(m, model),
-                        "values": values, "workdir": root / point_name(m, seed, budget),
-                        "config": apply(load_config(config_file(m, model)), values)})
+            pts.append({"method": m, "seed": seed, "file": files[m], "values": values,
+                        "workdir": root / point_name(m, seed, budget),
+                        "config": apply(configs[m], values)})
     return pts
 
 

@@ -130,21 +130,27 @@ def relative_size(result: dict[str, Any]) -> float:
     return float(exp["disk_bytes"]) / (4.0 * comp["dense_params"])
 
 
+def split_top_level(text: str) -> list[str]:
+    """``text`` split at the commas outside brackets: ``"(2.,3.),(2.,4.)"`` → two parts."""
+    out, depth, cur = [], 0, ""
+    for ch in text:
+        depth += ch in "([{"
+        depth -= ch in ")]}"
+        if ch == "," and depth == 0:
+            out.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    return out + [cur]
+
+
 def short_label(label: str) -> str:
     """``"fit (BOPs 0.5 %, bits [2.0, 8.0], 16384 Fisher samples, ...)"`` → the method and its
     first two settings, ``"fit (BOPs 0.5 %, bits [2.0, 8.0])"``."""
     name, sep, rest = label.partition(" (")
     if not sep:
         return label
-    items, depth, cur = [], 0, ""
-    for ch in rest[:-1]:  # the settings, split at the commas outside brackets
-        depth += (ch == "[") - (ch == "]")
-        if ch == "," and depth == 0:
-            items.append(cur.strip())
-            cur = ""
-        else:
-            cur += ch
-    items.append(cur.strip())
+    items = [i.strip() for i in split_top_level(rest[:-1])]  # the settings
     return f"{name} ({', '.join(items[:2])})"
 
 

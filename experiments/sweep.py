@@ -30,16 +30,7 @@ def _split(values: str) -> list[str]:
     """Split on ``;`` if present, else on the commas outside brackets: ``(2.,3.),(2.,4.)``."""
     if ";" in values:
         return values.split(";")
-    out, depth, cur = [], 0, ""
-    for ch in values:
-        depth += ch in "([{"
-        depth -= ch in ")]}"
-        if ch == "," and depth == 0:
-            out.append(cur)
-            cur = ""
-        else:
-            cur += ch
-    return out + [cur]
+    return pareto.split_top_level(values)
 
 
 def parse_grid(specs: list[str]) -> list[tuple[str, list[str]]]:

@@ -364,12 +364,17 @@ def host_value(tree: PyTree) -> PyTree:
     return jax.device_get(jax.tree.map(one, tree))
 
 
+def _local_devices(mesh: Mesh) -> int:
+    """How many of ``mesh``'s devices belong to this process."""
+    return sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
+
+
 def shard_batch(batch: Batch, mesh: Mesh) -> Batch:
     """One global batch split along its leading axis over the ``"data"`` axis of ``mesh``,
     from this process's part ``batch`` (all of it on one host; on several, each host passes its
     own rows, e.g. from ``data.batches(shard=(jax.process_index(), jax.process_count()))``).
     The rows must divide evenly over this process's devices of the mesh."""
-    local = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
+    local = _local_devices(mesh)
     sizes = {len(v) for v in batch.values()}
     if any(b % local for b in sizes):
         raise ValueError(f"a batch of {sorted(sizes)} examples does not split over the {local} "
@@ -387,7 +392,7 @@ def evaluate(state: TrainState, batches: Iterable[Batch], batch_size: int,
     axis, over which they are split) and masked, so ``eval_step`` compiles once.
     """
     if mesh is not None:  # per process: its share of batch_size, a multiple of its devices
-        n_dev = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
+        n_dev = _local_devices(mesh)
         batch_size = -(-batch_size // (jax.process_count() * n_dev)) * n_dev
         state = replicate(state, mesh)
     totals = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}

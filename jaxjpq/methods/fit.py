@@ -351,12 +351,17 @@ class SearchResult(NamedTuple):
     path: list
 
 
+def _widths(hi: float, lo: float) -> list[float]:
+    """The integer bit widths from ``hi`` down to ``lo``."""
+    return [float(b) for b in range(int(math.floor(hi)), int(math.ceil(lo)) - 1, -1)]
+
+
 def _bit_options(state: CompressionState, name: str) -> list[float]:
     if name in state.frozen or state.spec is None:
         b = params_bits(state.weight[name], True)
         return [float(np.round(np.max(np.asarray(b))))]
     lo, hi = state.spec.bits
-    return [float(b) for b in range(int(math.floor(hi)), int(math.ceil(lo)) - 1, -1)]
+    return _widths(hi, lo)
 
 
 def _act_options(info: FisherInfo, state: CompressionState, site, search: bool
@@ -370,8 +375,7 @@ def _act_options(info: FisherInfo, state: CompressionState, site, search: bool
     if not search or site.name in state.frozen or state.spec is None:
         return [now], []
     lo, hi = state.spec.bits
-    options = [float(b) for b in range(int(math.floor(min(hi, now))),
-                                       int(math.ceil(lo)) - 1, -1)]
+    options = _widths(min(hi, now), lo)
     d2 = [float(np.max(np.asarray(step_from_bits(b, a.q_m, a.t, site.signed_input)))) ** 2
           for b in options]
     tr = float(info.act.get(site.name, 0.0))
