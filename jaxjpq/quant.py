@@ -171,11 +171,16 @@ def _make_quantizer(signed: bool, with_t: bool):
     def fwd(x, d, q_m, *t):
         if not with_t:
             return _quantize_impl(x, d, q_m, None, signed), (x, d, q_m)
-        _, s, _, _, y, r = _fwd_parts(x, d, q_m, t[0], signed)
-        return s * d * r, (x, d, q_m, t[0], y)
+        _, s, _, lm, y, r = _fwd_parts(x, d, q_m, t[0], signed)
+        return s * d * r, (x, d, q_m, t[0], y, lm)
 
     def bwd(res, g):
         x, d, q_m, *rest = res
+        if with_t:
+            tt, y, lm = rest
+            # m^t and log m come from the forward: without the barrier XLA recomputes them from
+            # x, one transcendental pass per consumer
+            x, y, lm = jax.lax.optimization_barrier((x, y, lm))
         ax = jnp.abs(x) if signed else jnp.maximum(x, 0.0)
         inside = ax < q_m
         if signed:
@@ -188,7 +193,6 @@ def _make_quantizer(signed: bool, with_t: bool):
             terms = [jnp.round(v) - v, jnp.where(inside, 0.0, s)]
             return (jnp.where(inside, g, 0.0),
                     *_param_grads(g, terms, (jnp.shape(d), jnp.shape(q_m))))
-        tt, y = rest
         m = jnp.minimum(ax, q_m)
         pos = m > 0
         safe_m = jnp.where(pos, m, 1.0)
@@ -197,7 +201,7 @@ def _make_quantizer(signed: bool, with_t: bool):
         v = y / d
         terms = [s * (jnp.round(v) - v),
                  jnp.where(inside, 0.0, s * tt * jnp.power(q_m, tt - 1.0)),
-                 jnp.where(pos, s * y * jnp.log(safe_m), 0.0)]
+                 jnp.where(pos, s * y * lm, 0.0)]
         return (jnp.where(inside, g * slope, 0.0),
                 *_param_grads(g, terms, (jnp.shape(d), jnp.shape(q_m), jnp.shape(tt))))
 
