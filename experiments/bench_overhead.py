@@ -7,7 +7,8 @@ activations fake-quantized, masks on) ÷ the plain jitted train step, same model
 
 Plain and compressed steps are interleaved in rounds (to cancel machine noise); each round times
 ``--steps`` steps of each with ``block_until_ready``; the ratio of the medians of per-step times
-is reported. The graph comes from ``jaxjpq.trace``.
+is reported. The graph comes from ``jaxjpq.trace``. Models: MNIST CNN, ViT-tiny (MNIST) and
+BERT-tiny (random token ids, sequence 128) by default, any registry name with ``--models``.
 """
 
 from __future__ import annotations
@@ -42,9 +43,13 @@ def bench(
     model = get_model(name)
     spec = input_spec(name, batch)
     key = jax.random.key(0)
-    x = jax.random.uniform(key, spec.shape, spec.dtype)
-    y = jax.random.randint(key, (batch,), 0, 10)
+    if jnp.issubdtype(spec.dtype, jnp.integer):  # token ids
+        x = jax.random.randint(key, spec.shape, 0, model.vocab_size, spec.dtype)
+    else:
+        x = jax.random.uniform(key, spec.shape, spec.dtype)
     variables = model.init(jax.random.key(1), x)
+    classes = jax.eval_shape(model.apply, variables, x).shape[-1]
+    y = jax.random.randint(key, (batch,), 0, classes)
     graph = trace(model.apply, variables, x)
     cfn = compress_apply(model.apply, graph)
     cspec = CompressionSpec(bits=(2, 8), init_bits=4, learn_t=learn_t, **PARTS[part])
@@ -120,7 +125,7 @@ def bench(
 
 def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", default="mnist_cnn,vit_tiny_mnist")
+    ap.add_argument("--models", default="mnist_cnn,vit_tiny_mnist,bert_tiny")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=7)

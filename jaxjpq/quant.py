@@ -147,22 +147,26 @@ def _quantize_impl(x, d, q_m, t, signed):
     return s * d * r
 
 
+def _grad_sums(g: jax.Array, *terms: jax.Array) -> list:
+    """``[Σ g · term]``, one reduction per term."""
+    return [jnp.sum(g * t) for t in terms]
+
+
+def _grad_sums_stacked(g: jax.Array, *terms: jax.Array) -> list:
+    """:func:`_grad_sums` as one pass: the products materialized as one stack, reduced at once.
+
+    XLA:CPU emits a reduction with fused elementwise producers as a slow kernel, one per term;
+    this form costs a fraction of that there (``experiments.bench_overhead``, ViT-tiny).
+    """
+    prods = jax.lax.optimization_barrier(jnp.stack([g * t for t in terms]))
+    return list(jnp.sum(prods.reshape(len(terms), -1), axis=1))
+
+
 def _param_grads(g: jax.Array, terms: Sequence[jax.Array], shapes: Sequence[tuple]) -> list:
     """``Σ g · term`` reduced to each quantizer parameter's shape (numpy broadcasting rules)."""
     if any(tuple(s) != () for s in shapes):
         return [_sum_to(g * t, s) for t, s in zip(terms, shapes, strict=True)]
-
-    def separate(g, *terms):
-        return [jnp.sum(g * t) for t in terms]
-
-    def stacked(g, *terms):
-        # XLA:CPU emits a reduction with fused elementwise producers as a slow kernel and does
-        # one per parameter; the products materialized as one stack and reduced in one pass
-        # cost a fraction of that (bench_overhead, ViT-tiny).
-        prods = jax.lax.optimization_barrier(jnp.stack([g * t for t in terms]))
-        return list(jnp.sum(prods.reshape(len(terms), -1), axis=1))
-
-    return jax.lax.platform_dependent(g, *terms, cpu=stacked, default=separate)
+    return jax.lax.platform_dependent(g, *terms, cpu=_grad_sums_stacked, default=_grad_sums)
 
 
 def _make_quantizer(signed: bool, with_t: bool):

@@ -341,6 +341,15 @@ def test_fisher_and_ajpq_benches_run(capsys):
     assert out.count("ratio") == 4 and "(vmap)" in out
 
 
+def test_overhead_bench_runs_on_image_and_token_models():
+    from experiments import bench_overhead
+
+    rows = bench_overhead.main(["--models", "mnist_cnn,bert_tiny", "--batch", "2", "--steps",
+                                "1", "--rounds", "1", "--learn-t", "no"])
+    assert [r["model"] for r in rows] == ["mnist_cnn", "bert_tiny"]
+    assert all(r["plain_ms"] > 0 and r["compressed_ms"] > 0 for r in rows)
+
+
 @pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "experiments" / "configs").glob(
     "*.py") if p.stem not in ("__init__", "paper")))
 def test_help_describes_every_config_field(name):

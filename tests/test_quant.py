@@ -173,3 +173,37 @@ def test_quantize_jits_once():
     x = jnp.linspace(-2, 2, 9)
     for d in (0.1, 0.2):
         f(x, jnp.float32(d), jnp.float32(1.5), jnp.float32(1.0), True)
+
+
+@SETTINGS
+@given(seed=st.integers(0, 2**31 - 1), signed=st.booleans(), per_channel=st.booleans())
+def test_t1_quantizer_equals_exponent_quantizer_at_t1(seed, signed, per_channel):
+    """The exponent-free quantizer (``t=None``): forward and gradients of the general one at
+    ``t = 1``, clipped values, zeros and (unsigned) negatives included."""
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(-2.0, 2.0, (6, 5)).astype(np.float32)
+    x[0, :2] = 0.0
+    shape = (1, 5) if per_channel else ()
+    q_m = jnp.asarray(rng.uniform(0.5, 1.5, shape), jnp.float32)
+    d = q_m / (2 ** (rng.uniform(3, 6) - 1) - 1)
+    g = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+
+    def loss(t):
+        return lambda x_, d_, q_: jnp.sum(g * quant.quantize(x_, d_, q_, t, signed))
+
+    args = (jnp.asarray(x), d, q_m)
+    np.testing.assert_allclose(quant.quantize(*args, None, signed),
+                               quant.quantize(*args, 1.0, signed), rtol=1e-6, atol=1e-6)
+    got = jax.grad(loss(None), argnums=(0, 1, 2))(*args)
+    want = jax.grad(loss(jnp.float32(1.0)), argnums=(0, 1, 2))(*args)
+    for a, b in zip(got, want, strict=True):
+        chex.assert_shape(a, b.shape)
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_stacked_gradient_sums_equal_separate_ones():
+    """The CPU form of the per-tensor parameter gradients equals one reduction per term."""
+    rng = np.random.default_rng(0)
+    g, a, b = (jnp.asarray(rng.normal(size=(7, 3, 4)), jnp.float32) for _ in range(3))
+    np.testing.assert_allclose(quant._grad_sums_stacked(g, a, b), quant._grad_sums(g, a, b),
+                               rtol=1e-5)
