@@ -139,10 +139,15 @@ def _fwd_parts(x, d, q_m, t, signed):
     return ax, s, m, lm, y, jnp.round(y / d)
 
 
+def _clip(x, q_m, signed):
+    """x clipped to [-q_m, q_m] (signed) or [0, q_m]: sign(x) · min(|x|, q_m) (or its 0 floor)."""
+    return jnp.clip(x, -q_m if signed else 0.0, q_m)
+
+
 def _quantize_impl(x, d, q_m, t, signed):
     if t is None:
         # = sign(x) · d · round(min(|x|, q_m) / d): round is odd, so the clip carries the sign
-        return d * jnp.round(jnp.clip(x, -q_m if signed else 0.0, q_m) / d)
+        return d * jnp.round(_clip(x, q_m, signed) / d)
     _, s, _, _, _, r = _fwd_parts(x, d, q_m, t, signed)
     return s * d * r
 
@@ -193,7 +198,7 @@ def _make_quantizer(signed: bool, with_t: bool):
             s = (x > 0).astype(x.dtype)
             inside = inside & (x >= 0)  # no slope below the unsigned range
         if not with_t:
-            v = jnp.clip(x, -q_m if signed else 0.0, q_m) / d  # = s · min(|x|, q_m) / d
+            v = _clip(x, q_m, signed) / d
             terms = [jnp.round(v) - v, jnp.where(inside, 0.0, s)]
             return (jnp.where(inside, g, 0.0),
                     *_param_grads(g, terms, (jnp.shape(d), jnp.shape(q_m))))

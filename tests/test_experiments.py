@@ -299,6 +299,20 @@ def test_paper_scale_configs_run_on_tiny_data(config_name, tfds_dir, tmp_path):
     assert comp["export"]["restored_test_accuracy"] == pytest.approx(res["test_accuracy"])
 
 
+def _fake_experiment_runs(monkeypatch, module, fake) -> None:
+    """``module``'s ``experiments.run`` subprocesses go to ``fake``; every other subprocess (e.g.
+    matplotlib's font scan on its first import) runs for real. ``module.subprocess`` is the
+    process-wide ``subprocess`` module, so a bare patch would catch those too."""
+    real = subprocess.run
+
+    def run(cmd, *args, **kwargs):
+        if isinstance(cmd, list | tuple) and list(cmd[1:3]) == ["-m", "experiments.run"]:
+            return fake(cmd, **kwargs)
+        return real(cmd, *args, **kwargs)
+
+    monkeypatch.setattr(module.subprocess, "run", run)
+
+
 def test_sweep_grid_runs_every_point_and_skips_finished(tmp_path, monkeypatch):
     from experiments import sweep
 
@@ -321,7 +335,7 @@ def test_sweep_grid_runs_every_point_and_skips_finished(tmp_path, monkeypatch):
             "compression": {"rel_bops": 0.01 * (1 - sp), "sparsity": sp, "mean_bits": 3.0}}))
         return subprocess.CompletedProcess(cmd, 0)
 
-    monkeypatch.setattr(sweep.subprocess, "run", fake_run)
+    _fake_experiment_runs(monkeypatch, sweep, fake_run)
     argv = ["--config", "experiments/configs/geta_mnist_cnn.py", "--grid",
             "method.sparsity=0.4,0.5", "--root", str(tmp_path), "--set", "num_steps=10"]
     dirs = sweep.main(argv)
@@ -402,7 +416,7 @@ def test_compare_runs_every_method_once_reuses_and_reports(tmp_path, monkeypatch
                 "export": {"disk_bytes": 20, "restored_test_accuracy": 0.9 + seed / 100}}}))
         return subprocess.CompletedProcess(cmd, 0)
 
-    monkeypatch.setattr(compare.subprocess, "run", fake_run)
+    _fake_experiment_runs(monkeypatch, compare, fake_run)
     # a finished GETA seed-0 run elsewhere, recorded before two config fields existed
     old = tmp_path / "old"
     old.mkdir()
