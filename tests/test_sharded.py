@@ -1,5 +1,5 @@
 """Each data-parallel training step over 8 virtual CPU devices gives the 1-device step's masks
-and, within 1e-5, its params and quantizer state (GETA, DJPQ, every stage of a 24-step run);
+and, within 1e-5, its params and quantizer state (GETA, DJPQ, every stage of a 12-step run);
 evaluation pads to the device count; FIT's Fisher pass split over the devices equals the
 1-device one."""
 
@@ -20,7 +20,7 @@ import test_geta
 assert len(jax.devices()) == 8
 src = test_geta.random_source(96)
 model, v, g, _, spec, cstate = test_geta._setup()
-steps = 24
+steps = 12
 
 def make(method):
     if method == "geta":
