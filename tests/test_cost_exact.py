@@ -20,8 +20,10 @@ from jaxjpq.slim import slim
 from jaxjpq.state import CompressionSpec, init_state, leaf
 from jaxjpq.trace import trace
 
+# resnet56 and mobilenet_v2 (resnet20's and mobilenet_v2_small's blocks) pass too, left out for
+# suite time
 ZOO = ["resnet20", "mobilenet_v2_small", "vit_tiny_mnist", "lenet5", "mnist_cnn", "vgg7",
-       "bert_tiny", "resnet56", "resnet18", "resnet50", "mobilenet_v2", "vit_tiny"]
+       "bert_tiny", "resnet18", "resnet50", "vit_tiny"]
 
 
 @functools.cache

@@ -54,8 +54,10 @@ def test_slim_nnx():
 
 @pytest.mark.parametrize(
     "name",
+    # resnet56 and mobilenet_v2 pass too: resnet20's and mobilenet_v2_small's blocks, deeper
+    # or wider, left out for suite time
     ["resnet20", "mobilenet_v2_small", "vit_tiny_mnist", "lenet5", "mnist_cnn", "vgg7",
-     "bert_tiny", "resnet56", "resnet18", "resnet50", "mobilenet_v2", "vit_tiny"],
+     "bert_tiny", "resnet18", "resnet50", "vit_tiny"],
 )
 def test_slim_zoo(name):
     from jaxjpq.models.registry import get_model, input_spec
