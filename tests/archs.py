@@ -232,6 +232,28 @@ def build(name: str, seed: int = 0) -> tuple[nn.Module, dict, jax.Array]:
     return m, random_variables(shapes, seed), x
 
 
+# resnet56 and mobilenet_v2 (resnet20's and mobilenet_v2_small's blocks, deeper or wider) pass
+# the zoo checks too, left out for suite time
+ZOO = ["resnet20", "mobilenet_v2_small", "vit_tiny_mnist", "lenet5", "mnist_cnn", "vgg7",
+       "bert_tiny", "resnet18", "resnet50", "vit_tiny"]
+
+
+def build_zoo(name: str) -> tuple[nn.Module, dict, jax.Array]:
+    """(module, random variables, example input of batch 2) for a registry model; ImageNet-size
+    models get 32x32 images (same graph, cheaper), token models ids in [1, 100)."""
+    from jaxjpq.models.registry import get_model, input_spec
+
+    m = get_model(name)
+    spec = input_spec(name, 2)
+    if spec.shape[1:] == (224, 224, 3):
+        spec = jax.ShapeDtypeStruct((2, 32, 32, 3), spec.dtype)
+    if jnp.issubdtype(spec.dtype, jnp.integer):
+        x = jax.random.randint(jax.random.PRNGKey(1), spec.shape, 1, 100, spec.dtype)
+    else:
+        x = jax.random.normal(jax.random.PRNGKey(1), spec.shape, spec.dtype)
+    return m, random_variables(jax.eval_shape(m.init, jax.random.PRNGKey(0), x)), x
+
+
 def random_variables(shapes: dict, seed: int = 0) -> dict:
     """Random variables with the structure of ``shapes`` (no compile: tests stay fast).
 

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from archs import ARCHS, build, random_variables
+from archs import ARCHS, ZOO, build, build_zoo
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -20,28 +20,10 @@ from jaxjpq.slim import slim
 from jaxjpq.state import CompressionSpec, init_state, leaf
 from jaxjpq.trace import trace
 
-# resnet56 and mobilenet_v2 (resnet20's and mobilenet_v2_small's blocks) pass too, left out for
-# suite time
-ZOO = ["resnet20", "mobilenet_v2_small", "vit_tiny_mnist", "lenet5", "mnist_cnn", "vgg7",
-       "bert_tiny", "resnet18", "resnet50", "vit_tiny"]
-
 
 @functools.cache
 def _model(name: str):
-    if name in ARCHS:
-        m, v, x = build(name)
-    else:
-        from jaxjpq.models.registry import get_model, input_spec
-
-        m = get_model(name)
-        spec = input_spec(name, 2)
-        if spec.shape[1:] == (224, 224, 3):  # same graph at 32x32, cheaper
-            spec = jax.ShapeDtypeStruct((2, 32, 32, 3), spec.dtype)
-        if jnp.issubdtype(spec.dtype, jnp.integer):
-            x = jax.random.randint(jax.random.PRNGKey(1), spec.shape, 1, 100, spec.dtype)
-        else:
-            x = jax.random.normal(jax.random.PRNGKey(1), spec.shape, spec.dtype)
-        v = random_variables(jax.eval_shape(m.init, jax.random.PRNGKey(0), x))
+    m, v, x = build(name) if name in ARCHS else build_zoo(name)
     g = trace(m.apply, v, x)
     return m, v, x, g
 

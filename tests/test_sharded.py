@@ -12,7 +12,7 @@ _SCRIPT = """
 import sys
 sys.path.insert(0, {tests!r})
 import chex, jax, numpy as np, optax
-from jaxjpq import data, djpq, train
+from jaxjpq import cost, data, djpq, train
 from jaxjpq.methods.geta import geta
 from jaxjpq.train import CompressedForward
 import test_geta
@@ -46,6 +46,7 @@ for method in ("geta", "djpq"):
         assert len(many.params[0]["Conv_0"]["kernel"].sharding.device_set) == 8
         many = jax.device_get(many)
         chex.assert_trees_all_equal(many.params[1].masks, one.params[1].masks)
+        assert cost.bits(g, many.params[1]) == cost.bits(g, one.params[1]), (method, k)
         chex.assert_trees_all_close(many.params, one.params, atol=1e-5)
         _ = state.params[0]["Conv_0"]["kernel"].block_until_ready()  # not donated away
         state = one

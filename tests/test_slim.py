@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from archs import ARCHS, build, build_nnx, random_variables
+from archs import ARCHS, ZOO, build, build_nnx, build_zoo, random_variables
 
 from jaxjpq.slim import apply_masks, slim
 from jaxjpq.trace import trace
@@ -52,25 +52,9 @@ def test_slim_nnx():
     _check(apply_fn, v, x, g, masks, batches=(None, 5))
 
 
-@pytest.mark.parametrize(
-    "name",
-    # resnet56 and mobilenet_v2 pass too: resnet20's and mobilenet_v2_small's blocks, deeper
-    # or wider, left out for suite time
-    ["resnet20", "mobilenet_v2_small", "vit_tiny_mnist", "lenet5", "mnist_cnn", "vgg7",
-     "bert_tiny", "resnet18", "resnet50", "vit_tiny"],
-)
+@pytest.mark.parametrize("name", ZOO)
 def test_slim_zoo(name):
-    from jaxjpq.models.registry import get_model, input_spec
-
-    m = get_model(name)
-    spec = input_spec(name, 2)
-    if spec.shape[1:] == (224, 224, 3):  # ImageNet-size models: same graph at 32x32, cheaper
-        spec = jax.ShapeDtypeStruct((2, 32, 32, 3), spec.dtype)
-    if jnp.issubdtype(spec.dtype, jnp.integer):  # token ids
-        x = jax.random.randint(jax.random.PRNGKey(1), spec.shape, 1, 100, spec.dtype)
-    else:
-        x = jax.random.normal(jax.random.PRNGKey(1), spec.shape, spec.dtype)
-    v = random_variables(jax.eval_shape(m.init, jax.random.PRNGKey(0), x))
+    m, v, x = build_zoo(name)
     g = trace(m.apply, v, x)
     masks = _random_masks(g, np.random.default_rng(1))
     fn, sv = slim(g, v, masks)
