@@ -23,6 +23,7 @@ jit-compatible.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -458,16 +459,77 @@ def _site_input_runner(apply_fn: Callable, graph: Graph) -> Callable:
     return run
 
 
+def _once_per_tensor(graph: Graph, apply: Callable) -> Callable:
+    """The hook ``apply(site, p, x)`` evaluated once per (activation quantizer, input tensor):
+    a site whose ``act_from`` names an earlier site that read the same ``x`` gets that site's
+    result. Make one per forward call (it holds the values of that call)."""
+    key_of = {s.name: s.act_key for s in graph.sites}
+    memo: dict = {}
+
+    def f(site, p, x):
+        k = (key_of[site], id(x))
+        hit = memo.get(k)
+        if hit is not None and hit[0] is x:
+            return hit[1]
+        out = apply(site, p, x)
+        memo[k] = (x, out)  # x is kept alive, so its id is not reused within the call
+        return out
+
+    return f
+
+
+def shared_inputs(apply_fn: Callable, graph: Graph, variables: Any, *args: Any,
+                  **kwargs: Any) -> dict[str, str]:
+    """``{site: earlier site}`` for every site whose contraction reads the very tensor an
+    earlier site (execution order) reads, with the same signedness: the pairs
+    ``Site.act_from`` records. Stacked (scanned) sites and sites used more than once keep
+    their own input. ``variables`` and array ``args`` may be ``jax.ShapeDtypeStruct``s."""
+    run = _site_input_runner(apply_fn, graph)
+    seen: dict[str, list] = {}
+
+    def record(site, p, x):
+        seen.setdefault(site, []).append(x)
+        return x, None
+
+    hook = _Hook(lambda site: None, record)
+    leaves, treedef = jax.tree.flatten((args, kwargs))
+    dyn = [i for i, x in enumerate(leaves) if is_dynamic(x)]
+
+    def call(v, dyn_vals):
+        full = list(leaves)
+        for i, x in zip(dyn, dyn_vals, strict=True):
+            full[i] = x
+        a, kw = jax.tree.unflatten(treedef, full)
+        return run(v, hook, frozenset(graph.site_map), *a, **kw)[0]
+
+    jax.eval_shape(call, variables, [leaves[i] for i in dyn])
+    out: dict[str, str] = {}
+    first: list[tuple[Any, Any]] = []  # (tensor, owning site) in execution order
+    for site in graph.sites:
+        xs = seen.get(site.name, [])
+        if site.layer_axes or len(xs) != 1:
+            continue
+        owner = next((o for x, o in first if x is xs[0] and o.signed_input == site.signed_input),
+                     None)
+        if owner is None:
+            first.append((xs[0], site))
+        else:
+            out[site.name] = owner.name
+    return out
+
+
 def act_quantized_apply(apply_fn: Callable, graph: Graph, *, check_finite: bool = False
                         ) -> Callable:
     """``fn(variables, act, *args, power_of_two=False, learn_t=True, **kwargs)``: run ``apply_fn``
     with the input of each site in ``act`` (``{site: QuantParams}``, used as given) fake-quantized;
     weights are used as given (already quantized, e.g. dequantized from an export).
+    ``act`` is keyed by ``Site.act_key``: a tensor read by several sites is quantized once.
     ``check_finite`` adds a ``checkify`` check of every site input (see :func:`checked_apply`)."""
     run = _site_input_runner(apply_fn, graph)
     sm = graph.site_map
 
     def fn(variables, act, *args, power_of_two: bool = False, learn_t: bool = True, **kwargs):
+        @functools.partial(_once_per_tensor, graph)
         def apply(site, p, x):
             if check_finite:
                 from jax.experimental import checkify
@@ -478,8 +540,9 @@ def act_quantized_apply(apply_fn: Callable, graph: Graph, *, check_finite: bool 
                 return x, None
             return quantize_with(x, p, sm[site].signed_input, power_of_two, learn_t), None
 
-        sites = frozenset(sm) if check_finite else frozenset(act)
-        return run(variables, _Hook(act.get, apply), sites, *args, **kwargs)[0]
+        sites = frozenset(n for n, x in sm.items() if check_finite or x.act_key in act)
+        return run(variables, _Hook(lambda n: act.get(sm[n].act_key), apply), sites, *args,
+                   **kwargs)[0]
 
     return fn
 
@@ -504,11 +567,13 @@ def probed_apply(apply_fn: Callable, graph: Graph) -> Callable:
     """``fn(variables, probes, *args, **kwargs)``: ``apply_fn`` with each site's input ``x``
     passed through an identity whose cotangent for the float32 scalar ``probes[site]`` is
     ``Σ (∂L/∂x)²``: ``jax.grad`` w.r.t. ``probes`` gives every site's squared input-gradient norm
-    (per sample under ``vmap``: the empirical Fisher trace of the site's input). Weights and
-    inputs are used as given (no quantization)."""
+    (per sample under ``vmap``: the empirical Fisher trace of the site's input). A tensor read by
+    several sites (``Site.act_from``) is probed once, by its first site's probe (the others'
+    get 0). Weights and inputs are used as given (no quantization)."""
     run = _site_input_runner(apply_fn, graph)
 
     def fn(variables, probes, *args, **kwargs):
+        @functools.partial(_once_per_tensor, graph)
         def apply(site, p, x):
             return (x, None) if p is None else (_probe(x, p), None)
 
@@ -521,7 +586,8 @@ def fisher_apply(apply_fn: Callable, graph: Graph) -> Callable:
     """``fn(variables, probes, *args, **kwargs)``: ``apply_fn`` on a batch whose samples are
     independent (axis 0 of every site input), with ``probes[site] = (a, w)`` (float32 scalar,
     float32 ``[weight_shape]`` zeros) whose cotangents under ``jax.grad`` of the *summed*
-    per-sample loss are ``Σ_n ‖∂L_n/∂x_n‖²`` of the site input and ``Σ_n (∂L_n/∂W)²`` of the site
+    per-sample loss are ``Σ_n ‖∂L_n/∂x_n‖²`` of the site input (a tensor read by several sites
+    probed once, as in :func:`probed_apply`) and ``Σ_n (∂L_n/∂W)²`` of the site
     weight: the empirical Fisher of the batch from one batched backward pass (each site's
     per-sample weight gradient is formed from its input and output cotangent only). Weights get
     no gradient. A weight used by several contractions, or whose operand is not its leaf up to a
@@ -530,6 +596,7 @@ def fisher_apply(apply_fn: Callable, graph: Graph) -> Callable:
     run = _site_input_runner(apply_fn, graph)
 
     def fn(variables, probes, *args, **kwargs):
+        @functools.partial(_once_per_tensor, graph)
         def apply(site, p, x):
             return _probe(x, p[0]), None
 
@@ -632,8 +699,10 @@ def compress_apply(apply_fn: Callable, graph: Graph, *, check_finite: bool = Fal
         v = transform_variables(graph, variables, state, gate_key)
 
         def data(site):
-            return site_quantizer(state, "act", site) if site in state.act else None
+            k = sm[site].act_key
+            return site_quantizer(state, "act", k) if k in state.act else None
 
+        @functools.partial(_once_per_tensor, graph)
         def apply(site, p, x):
             e = stat(site, x)
             if p is None:

@@ -200,8 +200,8 @@ def _site_row(graph: Graph, state: CompressionState, site: Site, masks, num: _Nu
         # A mask that keeps or drops whole channels needs no index: 0-bit channels store nothing.
         channelwise = xp.all((per_c == 0) | (per_c == struct_c))
 
-    a = state.act.get(site.name)
-    b_a = FP_BITS if a is None else _bits(site_quantizer(state, "act", site.name),
+    a = state.act.get(site.act_key)
+    b_a = FP_BITS if a is None else _bits(site_quantizer(state, "act", site.act_key),
                                           site.signed_input, state, num)
     if exact_ratio:
         bops = kept_macs * b_w * b_a

@@ -132,6 +132,9 @@ class Site:
         ``out_axes``, ``in_axes`` and ``weight_axes`` then describe the layer's slice.
       layer: this site's index along ``layer_axes``.
       stack_sizes: number of layers along each of ``layer_axes``.
+      act_from: name of the earlier site that reads the same input tensor (e.g. attention's
+        key and value read the query's input): this site uses that site's activation quantizer,
+        so the tensor is quantized once; None when the site's input is its own.
     """
 
     name: str
@@ -150,6 +153,12 @@ class Site:
     layer_axes: tuple[int, ...] = ()
     layer: tuple[int, ...] = ()
     stack_sizes: tuple[int, ...] = ()
+    act_from: str | None = None
+
+    @property
+    def act_key(self) -> str:
+        """Key of this site's activation quantizer in ``CompressionState.act``."""
+        return self.act_from or self.name
 
     @property
     def leaf_shape(self) -> tuple[int, ...]:
@@ -288,6 +297,7 @@ class Graph:
                 f"{s.name:<{ws}}  {s.kind:<4}  {str(s.weight_shape):<16} "
                 f"{s.macs_per_example:>12.0f}  {s.in_group or '-'} -> {s.out_group or '-'}"
                 + ("" if s.signed_input else "  (unsigned input)")
+                + (f"  (input of {s.act_from})" if s.act_from else "")
             )
         return "\n".join(lines)
 

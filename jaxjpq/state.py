@@ -4,8 +4,10 @@ Key scheme: the state holds plain dicts keyed by site name (``weight``, ``act``)
 (``masks``), e.g. ``state.masks["Conv_0/kernel:out"]``. Orbax's ``StandardCheckpointer`` round-trips
 such keys (including ``/`` and ``:``), which ``tests/test_state.py`` checks.
 
-Skipped sites (``spec.skip``, by default the first and the last site) are quantized at a fixed
-``spec.skip_bits`` (default 8): their quantizers live in the state, are listed in
+A site that reads the same input tensor as an earlier site (``Site.act_from``) has no ``act``
+entry of its own: the tensor is quantized once, with the earlier site's quantizer (and its skip
+status). Skipped sites (``spec.skip``, by default the first and the last site) are quantized at a
+fixed ``spec.skip_bits`` (default 8): their quantizers live in the state, are listed in
 ``state.frozen`` and receive no gradient in :func:`jaxjpq.compress.compress_apply`. With
 ``skip_bits=None`` they stay in float (32 bits in the cost model) and have no quantizer.
 """
@@ -129,7 +131,8 @@ class CompressionState:
     Attributes:
       weight: ``{site name: QuantParams}`` weight quantizers; ``d``/``q_m``/``t`` are scalars or,
         per channel, shaped like the weight's output axes (``[c_out]``).
-      act: ``{site name: QuantParams}`` scalar input-activation quantizers.
+      act: ``{site name: QuantParams}`` scalar input-activation quantizers, one per input
+        tensor: a site whose ``act_from`` names an earlier site uses that site's entry.
       masks: ``{group id: float32[size]}`` for every prunable group; 1 = keep, 0 = pruned.
       gates: ``{group id: jaxjpq.gates.Gate}`` VIB gates (DJPQ), or ``{}`` (no gates).
       weight_masks: ``{site name: float32[weight_shape]}`` elementwise (unstructured) keep-masks
@@ -157,8 +160,9 @@ class CompressionState:
 
 
 def site_quantizer(state: CompressionState, kind: str, name: str) -> QuantParams:
-    """The quantizer of site ``name`` (``kind`` = ``"weight"`` or ``"act"``) as the forward uses it:
-    ``t = 1`` when ``state.learn_t`` is False, no gradient for frozen sites."""
+    """The quantizer of site ``name`` (``kind`` = ``"weight"`` or ``"act"``; an activation
+    quantizer by its key, ``Site.act_key``) as the forward uses it: ``t = 1`` when
+    ``state.learn_t`` is False, no gradient for frozen sites."""
     p = (state.weight if kind == "weight" else state.act)[name]
     if not state.learn_t:
         p = p.replace(t=jnp.ones_like(p.t))
@@ -171,7 +175,8 @@ def graph_fingerprint(graph: Graph) -> str:
     for g in graph.groups:
         h.update(f"G|{g.id}|{g.size}|{g.prunable};".encode())
     for s in graph.sites:
-        h.update(f"S|{s.name}|{s.weight}|{s.weight_shape}|{s.out_axes}|{s.in_axes};".encode())
+        h.update(f"S|{s.name}|{s.weight}|{s.weight_shape}|{s.out_axes}|{s.in_axes}"
+                 f"|{s.act_from or ''};".encode())
     return h.hexdigest()[:16]
 
 
@@ -315,7 +320,7 @@ def init_state(
         bits = float(spec.skip_bits) if site.name in skipped else float(spec.init_bits)
         if spec.quantize_weights:
             weight[site.name] = _weight_params(site, spec, bits, variables)
-        if spec.quantize_activations:
+        if spec.quantize_activations and site.act_from is None:
             q_m = jnp.asarray(spec.act_clip, jnp.float32)
             t = jnp.ones((), jnp.float32)
             d = step_from_bits(bits, q_m, t, site.signed_input)

@@ -232,9 +232,13 @@ def test_fused_lstm_kernel_gives_a_site_per_gate():
     fn = jaxjpq.compress_apply(m.apply, g)
     st = jaxjpq.calibrate(fn, v, st, [x])
     y = jax.jit(fn)(v, st, x)
-    # a gate's own input quantizer is used: coarsening one gate's changes the output
-    a = st.act["OptimizedLSTMCell_0/hg"]
-    coarse = st.replace(act={**st.act, "OptimizedLSTMCell_0/hg": a.replace(d=a.d * 8)})
+    # the gates that read h share one input quantizer (the first's), and it is used
+    sm = g.site_map
+    assert all(sm[f"OptimizedLSTMCell_0/{k}{c}"].act_from == f"OptimizedLSTMCell_0/{k}i"
+               for k in "ih" for c in "fgo")
+    assert "OptimizedLSTMCell_0/hg" not in st.act
+    a = st.act["OptimizedLSTMCell_0/hi"]
+    coarse = st.replace(act={**st.act, "OptimizedLSTMCell_0/hi": a.replace(d=a.d * 8)})
     assert float(jnp.max(jnp.abs(fn(v, coarse, x) - y))) > 0
     served = export.inference_fn(export.pack(g, v, st), m.apply, g)
     np.testing.assert_array_equal(np.asarray(served(x)), np.asarray(y))

@@ -66,7 +66,8 @@ def signedness(graph: Graph, state: CompressionState) -> tuple[dict[str, bool], 
 
 def set_bits(graph: Graph, state: CompressionState, site: str, bits: Any,
              kind: str = "weight") -> CompressionState:
-    """``state`` with ``site``'s ``kind`` quantizer at exactly ``bits``.
+    """``state`` with ``site``'s ``kind`` quantizer at exactly ``bits`` (an input read by
+    several sites: its one quantizer, so every one of them).
 
     ``bits`` is a scalar, or for a per-channel weight quantizer one width per output channel
     (``channel_shape``); a channel at 0 bits is pruned: its weights get elementwise mask 0 (and
@@ -76,6 +77,8 @@ def set_bits(graph: Graph, state: CompressionState, site: str, bits: Any,
     if kind not in ("weight", "act"):
         raise ValueError(f"kind must be 'weight' or 'act', got {kind!r}.")
     table = state.weight if kind == "weight" else state.act
+    if kind == "act" and site in graph.site_map:  # a shared input's quantizer (Site.act_key)
+        site = graph.site_map[site].act_key
     if site not in table:
         raise ValueError(f"site {site!r} has no {kind} quantizer in this state "
                          f"(quantized sites: {sorted(table)}).")
@@ -368,6 +371,9 @@ def enforce_budget(
     cands = [("weight", n) for n in state.weight if n not in state.frozen]
     cands += [("act", n) for n in state.act if n not in state.frozen and bops is not None]
     fp_b, fp_s = cost.fp32_bops(graph), cost.fp32_size_bits(graph)
+    readers: dict[str, list[str]] = {}  # activation quantizer -> the sites reading its tensor
+    for s in graph.sites:
+        readers.setdefault(s.act_key, []).append(s.name)
 
     def over(table):
         """Whether the exact figures of ``cost.site_table`` exceed a target (call under x64)."""
@@ -388,7 +394,8 @@ def enforce_budget(
                 bits = r["b_w"] if kind == "weight" else r["b_a"]
                 low = _lower(bits, b_lo, pow2)
                 frac = jnp.where(bits > 0, 1.0 - low / jnp.maximum(bits, 1e-9), 0.0)
-                gain = r["bops"] / fp_b if bops is not None else 0.0
+                rows = [r] if kind == "weight" else [table[m] for m in readers[n]]
+                gain = sum(x["bops"] for x in rows) / fp_b if bops is not None else 0.0
                 if size is not None and kind == "weight":
                     gain = gain + r["size"] / fp_s
                 savings.append(jnp.where(low < bits, gain * frac, -1.0))

@@ -322,6 +322,7 @@ class _SiteTable:
     macs: float  # kept MACs per example of the dense site (for BOPs)
     a_bits: list[float]  # input bit options, highest first ([32] for float inputs)
     a_step: list[float]  # FIT increase Tr(F_a)·(d_{i+1}² - d_i²)/12 of each lower option
+    a_src: int  # table whose input index sets these input bits (itself, or a shared input's)
 
     def suffix(self, arr: np.ndarray, k: int) -> float:
         return float(arr[-1] - arr[k])
@@ -332,8 +333,8 @@ class SearchResult(NamedTuple):
 
     Attributes:
       state: the chosen ``CompressionState`` (bits via ``set_bits``, elementwise masks).
-      bits: ``{site: weight bits}``; act_bits: ``{site: input bits}`` (searched under a BOPs
-        budget); sparsity: the global sparsity level reached.
+      bits: ``{site: weight bits}``; act_bits: ``{activation quantizer (``Site.act_key``): input
+        bits}`` (searched under a BOPs budget); sparsity: the global sparsity level reached.
       relative_size: exported model bits / fp32 model bits (:func:`relative_model_size`);
       relative_bops: :func:`jaxjpq.cost.relative_bops`.
       fit: FIT of the chosen configuration (:func:`fit_score`).
@@ -368,17 +369,18 @@ def _act_options(info: FisherInfo, state: CompressionState, site, search: bool
                  ) -> tuple[list[float], list[float]]:
     """A site's input bit options (highest first) and the FIT increase of each step down:
     the state's bits alone unless ``search`` and the site has a learned input quantizer."""
-    a = state.act.get(site.name)
+    key = site.act_key
+    a = state.act.get(key)
     if a is None:
         return [32.0], []
     now = float(np.round(np.max(np.asarray(params_bits(a, site.signed_input)))))
-    if not search or site.name in state.frozen or state.spec is None:
+    if not search or key in state.frozen or state.spec is None:
         return [now], []
     lo, hi = state.spec.bits
     options = _widths(min(hi, now), lo)
     d2 = [float(np.max(np.asarray(step_from_bits(b, a.q_m, a.t, site.signed_input)))) ** 2
           for b in options]
-    tr = float(info.act.get(site.name, 0.0))
+    tr = float(info.act.get(key, 0.0))
     return options, [tr * (d2[i + 1] - d2[i]) / 12.0 for i in range(len(options) - 1)]
 
 
@@ -401,6 +403,7 @@ def _tables(info: FisherInfo, graph: Graph, state: CompressionState, variables: 
     per_example = cost.macs(graph)
     tables = []
     offsets = np.cumsum([0] + [imp[s.name].size for s in sites])
+    pos = {s.name: i for i, s in enumerate(sites)}
     for i, s in enumerate(sites):
         theta = w[s.name].reshape(-1)
         f = np.asarray(info.weight[s.name], np.float64).reshape(-1)
@@ -432,6 +435,7 @@ def _tables(info: FisherInfo, graph: Graph, state: CompressionState, variables: 
             step=np.stack([pre(fo * (q1 - q2) ** 2) for q1, q2 in itertools.pairwise(qo)])
             if len(qo) > 1 else np.zeros((0, theta.size + 1)),
             macs=float(per_example[s.name]), a_bits=a_bits, a_step=a_step,
+            a_src=pos[s.act_key],
         ))
     return tables, counts
 
@@ -467,12 +471,12 @@ def _figures(tables: list[_SiteTable], counts: np.ndarray, node: tuple, fp32_bit
     float leaves) count in the size."""
     bi, ai, s = _parts(tables, node)
     size, bops = extra_bits, 0.0
-    for t, b, a, k in zip(tables, bi, ai, counts[:, s], strict=True):
+    for t, b, k in zip(tables, bi, counts[:, s], strict=True):
         kept = t.numel - int(k)
         bits = t.bits[b]
         index = 0.0 if k == 0 or kept == 0 else min(float(t.numel), kept * float(t.width))
         size += kept * bits + index
-        bops += t.macs * kept / t.numel * bits * t.a_bits[a]
+        bops += t.macs * kept / t.numel * bits * t.a_bits[ai[t.a_src]]
     return size / fp32_bits, bops / fp32_bops
 
 
@@ -576,7 +580,7 @@ def search(
                 nxt = (*bi[:i], bi[i] + 1, *bi[i + 1 :], *ai, s)
                 edge = math.sqrt(max(t.suffix(t.step[bi[i]], int(counts[i, s])), 0.0))
                 moves.append((f"{t.name}->{t.bits[bi[i] + 1]:g}b", nxt, edge))
-            if ai[i] + 1 < len(t.a_bits):  # its input one bit option lower (BOPs budgets)
+            if t.a_src == i and ai[i] + 1 < len(t.a_bits):  # its input one option lower (BOPs)
                 nxt = (*bi, *ai[:i], ai[i] + 1, *ai[i + 1 :], s)
                 edge = math.sqrt(max(t.a_step[ai[i]], 0.0))
                 moves.append((f"{t.name} input->{t.a_bits[ai[i] + 1]:g}b", nxt, edge))
@@ -625,8 +629,8 @@ def _result(graph: Graph, tables: list[_SiteTable], lv: np.ndarray, node: tuple,
     bi, ai, s = _parts(tables, node)
     return SearchResult(
         state=out, bits={t.name: t.bits[b] for t, b in zip(tables, bi, strict=True)},
-        act_bits={t.name: t.a_bits[a] for t, a in zip(tables, ai, strict=True)
-                  if t.a_bits != [32.0]},
+        act_bits={t.name: t.a_bits[a] for i, (t, a) in enumerate(zip(tables, ai, strict=True))
+                  if t.a_bits != [32.0] and t.a_src == i},
         sparsity=float(lv[s]), relative_size=relative_model_size(graph, out),
         relative_bops=float(cost.relative_bops(graph, out)), fit=fit, nodes_expanded=steps,
         path=list(path),
@@ -652,7 +656,7 @@ def _to_state(graph: Graph, state: CompressionState, tables: list[_SiteTable],
             masks[t.name] = jnp.asarray(m.reshape(sm[t.name].weight_shape))
         if t.name in state.weight and t.name not in state.frozen:
             out = set_bits(graph, out, t.name, t.bits[b])
-        if len(t.a_bits) > 1:
+        if len(t.a_bits) > 1 and t.a_src == i:
             out = set_bits(graph, out, t.name, t.a_bits[a], kind="act")
     return out.replace(weight_masks=masks)
 

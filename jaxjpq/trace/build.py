@@ -3,6 +3,7 @@ slices per leaf axis, sites (one per layer of a scanned stack) with their axes' 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -285,10 +286,18 @@ def trace(
       strict: raise ``ValueError`` at the first primitive / axis the rules cannot follow instead of
         marking the affected groups non-prunable.
     Returns:
-      a :class:`Graph` whose groups' ``reason`` says why a group is not prunable.
+      a :class:`Graph` whose groups' ``reason`` says why a group is not prunable; sites that
+      read one tensor share its activation quantizer (``Site.act_from``).
     """
     traced = trace_jaxpr(apply_fn, variables, example_args, kwargs, strict)
     arrays = [x for x in jax.tree.leaves((example_args, kwargs)) if is_dynamic(x) and np.ndim(x)]
     batch = int(np.shape(arrays[0])[0]) if arrays else 1
     var_avals = jax.tree.map(lambda x: aval(x) if is_dynamic(x) else x, variables)
-    return build_graph(traced, batch, apply_fn, var_avals)
+    graph = build_graph(traced, batch, apply_fn, var_avals)
+    from jaxjpq.compress import shared_inputs  # the compressed forward's walk (imports trace)
+
+    shared = shared_inputs(apply_fn, graph, var_avals, *example_args, **kwargs)
+    if not shared:
+        return graph
+    sites = tuple(dataclasses.replace(s, act_from=shared.get(s.name)) for s in graph.sites)
+    return dataclasses.replace(graph, sites=sites)
