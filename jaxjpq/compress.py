@@ -478,46 +478,6 @@ def _once_per_tensor(graph: Graph, apply: Callable) -> Callable:
     return f
 
 
-def shared_inputs(apply_fn: Callable, graph: Graph, variables: Any, *args: Any,
-                  **kwargs: Any) -> dict[str, str]:
-    """``{site: earlier site}`` for every site whose contraction reads the very tensor an
-    earlier site (execution order) reads, with the same signedness: the pairs
-    ``Site.act_from`` records. Stacked (scanned) sites and sites used more than once keep
-    their own input. ``variables`` and array ``args`` may be ``jax.ShapeDtypeStruct``s."""
-    run = _site_input_runner(apply_fn, graph)
-    seen: dict[str, list] = {}
-
-    def record(site, p, x):
-        seen.setdefault(site, []).append(x)
-        return x, None
-
-    hook = _Hook(lambda site: None, record)
-    leaves, treedef = jax.tree.flatten((args, kwargs))
-    dyn = [i for i, x in enumerate(leaves) if is_dynamic(x)]
-
-    def call(v, dyn_vals):
-        full = list(leaves)
-        for i, x in zip(dyn, dyn_vals, strict=True):
-            full[i] = x
-        a, kw = jax.tree.unflatten(treedef, full)
-        return run(v, hook, frozenset(graph.site_map), *a, **kw)[0]
-
-    jax.eval_shape(call, variables, [leaves[i] for i in dyn])
-    out: dict[str, str] = {}
-    first: list[tuple[Any, Any]] = []  # (tensor, owning site) in execution order
-    for site in graph.sites:
-        xs = seen.get(site.name, [])
-        if site.layer_axes or len(xs) != 1:
-            continue
-        owner = next((o for x, o in first if x is xs[0] and o.signed_input == site.signed_input),
-                     None)
-        if owner is None:
-            first.append((xs[0], site))
-        else:
-            out[site.name] = owner.name
-    return out
-
-
 def act_quantized_apply(apply_fn: Callable, graph: Graph, *, check_finite: bool = False
                         ) -> Callable:
     """``fn(variables, act, *args, power_of_two=False, learn_t=True, **kwargs)``: run ``apply_fn``

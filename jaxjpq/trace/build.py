@@ -3,7 +3,6 @@ slices per leaf axis, sites (one per layer of a scanned stack) with their axes' 
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -205,7 +204,16 @@ def build_graph(traced: Traced, batch_size: int, apply_fn: Callable, var_avals: 
     unit_of = _unit_owner_map(groups, root_group, link)
     gid_of = [g.id for g in out_groups]
     sites = []
+    read: list[tuple[Any, bool, str]] = []  # (operand, signed, first site reading it)
     for name, s, layer in _site_order(ctx):
+        # a site that reads the very value an earlier one reads shares its input quantizer;
+        # stacked sites and weights used by several contractions keep their own
+        act_from = None
+        if not s["layer_axes"] and s["uses"] == 1:
+            act_from = next((o for a, sg, o in read if a is s["act"] and sg == s["signed"]),
+                            None)
+            if act_from is None:
+                read.append((s["act"], s["signed"], name))
         out_gid = in_gid = None
         if s["out_units"]:
             gi = root_group.get(int(roots[s["out_units"][0][0]]))
@@ -244,6 +252,7 @@ def build_graph(traced: Traced, batch_size: int, apply_fn: Callable, var_avals: 
                 layer_axes=la,
                 layer=layer,
                 stack_sizes=tuple(shape[a] for a in la),
+                act_from=act_from,
             )
         )
     from jaxjpq.macs import jaxpr_macs
@@ -293,11 +302,4 @@ def trace(
     arrays = [x for x in jax.tree.leaves((example_args, kwargs)) if is_dynamic(x) and np.ndim(x)]
     batch = int(np.shape(arrays[0])[0]) if arrays else 1
     var_avals = jax.tree.map(lambda x: aval(x) if is_dynamic(x) else x, variables)
-    graph = build_graph(traced, batch, apply_fn, var_avals)
-    from jaxjpq.compress import shared_inputs  # the compressed forward's walk (imports trace)
-
-    shared = shared_inputs(apply_fn, graph, var_avals, *example_args, **kwargs)
-    if not shared:
-        return graph
-    sites = tuple(dataclasses.replace(s, act_from=shared.get(s.name)) for s in graph.sites)
-    return dataclasses.replace(graph, sites=sites)
+    return build_graph(traced, batch, apply_fn, var_avals)

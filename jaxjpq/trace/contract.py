@@ -67,6 +67,7 @@ def record_site(
     if info is not None:
         info["macs"] += macs
         info["terms"].append(term)
+        info["uses"] += 1
         return
     ctx.sites[name] = dict(
         terms=[term],
@@ -79,6 +80,8 @@ def record_site(
         out_units=[w.units[a] for a in w_out],
         signed=not act.nonneg,
         layer_axes=tuple(w.layers),
+        act=act,  # the operand's value: the walk binds one object per jaxpr value
+        uses=1,
     )
     for a, la in zip(w_out, leaf_axes_out, strict=True):
         ctx.producers.append((name, w.leaf, la, w.units[a]))
