@@ -1,14 +1,17 @@
 """Overhead of the compressed forward: jitted train step with ``compress_apply`` (weights and
 activations fake-quantized, masks on) ÷ the plain jitted train step, same model and batch.
 
-    python -m experiments.bench_overhead [--steps 20] [--rounds 7] [--learn-t both]
+    python -m experiments.bench_overhead [--steps 10] [--rounds 16] [--learn-t both]
     python -m experiments.bench_overhead --method geta --learn-t yes   # GETA step vs plain SGD
     python -m experiments.bench_overhead --method djpq --learn-t no    # DJPQ step vs plain SGD
 
 Plain and compressed steps are interleaved in rounds (to cancel machine noise); each round times
-``--steps`` steps of each with ``block_until_ready``; the ratio of the medians of per-step times
-is reported. The graph comes from ``jaxjpq.trace``. Models: MNIST CNN, ViT-tiny (MNIST) and
-BERT-tiny (random token ids, sequence 128) by default, any registry name with ``--models``.
+``--steps`` steps of each with ``block_until_ready``, plain first in even rounds and last in odd
+ones. Reported: the median over rounds of the round's compressed / plain time, with its
+quartiles over rounds; the fastest compressed round / the fastest plain round (the least disturbed
+by other work on a shared machine); the median per-step times. The graph comes from
+``jaxjpq.trace``. Models: MNIST CNN, ViT-tiny (MNIST) and BERT-tiny (random token ids, sequence
+128) by default, any registry name with ``--models``.
 """
 
 from __future__ import annotations
@@ -106,29 +109,39 @@ def bench(
         pq, o_comp, lc = comp_step(pq, o_comp)
     jax.block_until_ready((lp, lc))
 
+    def timed(step, a, o):
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            a, o, loss = step(a, o)
+        jax.block_until_ready(loss)
+        return a, o, (time.perf_counter() - t0) / steps
+
     t_plain, t_comp = [], []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            p_plain, o_plain, lp = plain_step(p_plain, o_plain)
-        jax.block_until_ready(lp)
-        t_plain.append((time.perf_counter() - t0) / steps)
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            pq, o_comp, lc = comp_step(pq, o_comp)
-        jax.block_until_ready(lc)
-        t_comp.append((time.perf_counter() - t0) / steps)
-    mp, mc = statistics.median(t_plain), statistics.median(t_comp)
-    return dict(model=name, batch=batch, sites=len(graph.sites), learn_t=learn_t,
-                part=part, method=method, plain_ms=1e3 * mp, compressed_ms=1e3 * mc, ratio=mc / mp)
+    for i in range(rounds):
+        # the order alternates so that a steady drift of the machine's speed cancels
+        if i % 2:
+            pq, o_comp, tc = timed(comp_step, pq, o_comp)
+            p_plain, o_plain, tp = timed(plain_step, p_plain, o_plain)
+        else:
+            p_plain, o_plain, tp = timed(plain_step, p_plain, o_plain)
+            pq, o_comp, tc = timed(comp_step, pq, o_comp)
+        t_plain.append(tp)
+        t_comp.append(tc)
+    ratios = [c / p for c, p in zip(t_comp, t_plain, strict=True)]
+    q1, _, q3 = statistics.quantiles(ratios, n=4) if rounds > 1 else ratios * 3
+    return dict(model=name, batch=batch, sites=len(graph.sites), learn_t=learn_t, part=part,
+                method=method, plain_ms=1e3 * statistics.median(t_plain),
+                compressed_ms=1e3 * statistics.median(t_comp),
+                ratio=statistics.median(ratios), ratio_q1=q1, ratio_q3=q3,
+                ratio_min=min(t_comp) / min(t_plain))
 
 
 def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="mnist_cnn,vit_tiny_mnist,bert_tiny")
     ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=16)
     ap.add_argument("--learn-t", choices=("yes", "no", "both"), default="both")
     ap.add_argument("--parts", default="all", help="comma list of " + "/".join(PARTS))
     ap.add_argument("--method", choices=("sgd", "geta", "djpq"), default="sgd",
@@ -145,7 +158,9 @@ def main(argv=None) -> list[dict]:
               f"batch={r['batch']} "
               f"sites={r['sites']:<3} "
               f"plain {r['plain_ms']:.2f} ms  compressed {r['compressed_ms']:.2f} ms  "
-              f"ratio {r['ratio']:.3f}x", flush=True)
+              f"ratio {r['ratio']:.3f}x (quartiles {r['ratio_q1']:.3f}-{r['ratio_q3']:.3f}, "
+              f"fastest rounds {r['ratio_min']:.3f}x)",
+              flush=True)
     return out
 
 
