@@ -228,3 +228,29 @@ def test_rate_criterion_meets_the_budget_and_unknown_criteria_are_refused():
     assert r.relative_size <= 0.06 and r.nodes_expanded >= 1
     with pytest.raises(ValueError, match="criterion"):
         fit.search(info, g, st, v, size=0.06, criterion="greedy", progress=False)
+
+
+def _damage(tables, counts, node):
+    """FIT damage of a node from the tables: pruned F θ² plus kept F (θ − q_b)²."""
+    bi, _, s = fit._parts(tables, node)
+    return sum(t.pruned[int(counts[i, s])] + t.suffix(t.kept_err[b], int(counts[i, s]))
+               for i, (t, b) in enumerate(zip(tables, bi, strict=True)))
+
+
+@pytest.mark.parametrize("size", [0.03, 0.06, 0.12])
+def test_least_fit_is_the_exhaustive_optimum_within_the_budget(size):
+    import itertools
+
+    model, v, g, x, y, st, info = _cnn()
+    r = fit.search(info, g, st, v, size=size, criterion="least_fit", progress=False)
+    assert r.relative_size <= size
+    lv = fit.sparsity_levels()
+    tables, counts = fit._tables(info, g, st, v, lv)
+    figure = fit._figure_fn(g, st, tables, counts, "size", 0.0)
+    n = len(tables)
+    best = min(_damage(tables, counts, (*bi, *(0,) * n, s))
+               for bi in itertools.product(*[range(len(t.bits)) for t in tables])
+               for s in range(len(lv)) if figure((*bi, *(0,) * n, s)) <= size)
+    bi = [tables[i].bits.index(r.bits[t.name]) for i, t in enumerate(tables)]
+    s = int(np.argmin(np.abs(lv - r.sparsity)))
+    np.testing.assert_allclose(_damage(tables, counts, (*bi, *(0,) * n, s)), best, rtol=1e-9)

@@ -31,7 +31,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.method.bops = 0.0  # or a BOPs budget (cost.relative_bops) with size = 0
     c.method.bits = (2.0, 8.0)  # each layer's options: integers from b_u down to b_l
     c.method.levels = 40  # global sparsity levels 1 - logspace(0, -3, levels)
-    c.method.criterion = "fit"  # per step: least edge + heuristic; "rate": least edge per size
+    c.method.criterion = "fit"  # path: edge+heuristic; "rate": edge/size; "least_fit": least FIT
     c.method.fisher_samples = 16384  # training samples of the empirical Fisher
     c.method.fisher_reduce = "diag"  # F elementwise; "layer_mean": each layer's mean (Tr(F)/n)
     c.method.chunk = 128  # samples per call of the Fisher pass

@@ -531,8 +531,11 @@ def search(
     relative to the fp32 model's, :func:`relative_model_size`: codes, indices, scales and float
     leaves) or ``bops`` (:func:`jaxjpq.cost.relative_bops`). ``reserve_bits`` count in the size
     on top (e.g. the container's own bytes on disk, so that the saved directory meets ``size``).
-    ``criterion``: ``"fit"`` (each step takes the neighbour of least edge cost + heuristic) or
-    ``"rate"`` (the neighbour of least edge cost per unit of the budget figure it removes).
+    ``criterion``: ``"fit"`` (each step takes the neighbour of least edge cost + heuristic),
+    ``"rate"`` (the neighbour of least edge cost per unit of the budget figure it removes) or
+    ``"least_fit"`` (no path: the node within the budget of least FIT damage
+    ``Σ_l [Σ_pruned F θ² + Σ_kept F (θ − q_b)²]``, per sparsity level by Lagrangian relaxation
+    over the sites' bit options, then the best level; inputs keep their bits).
 
     ``state`` fixes which sites are quantized, their bit range (``state.spec.bits``: each learned
     site's options are the integers from ``b_u`` down to ``b_l``; frozen sites keep theirs), the
@@ -545,8 +548,8 @@ def search(
     from tqdm.auto import tqdm
 
     kind, alpha = _budget(size, bops)
-    if criterion not in ("fit", "rate"):
-        raise ValueError(f"criterion must be 'fit' or 'rate', got {criterion!r}.")
+    if criterion not in ("fit", "rate", "least_fit"):
+        raise ValueError(f"criterion must be 'fit', 'rate' or 'least_fit', got {criterion!r}.")
     check_state(graph, state)
     lv = sparsity_levels(levels)
     tables, counts = _tables(info, graph, state, variables, lv, act_search=kind == "bops")
@@ -571,7 +574,12 @@ def search(
     node = (0,) * (2 * n + 1)
     c = figure(node)
     path: list = []
-    bar = tqdm(desc=f"fit search ({kind} budget {alpha:.2%})", unit="step", disable=not progress)
+    if criterion == "least_fit":
+        node, expanded = _least_fit_node(tables, counts, figure, alpha, len(lv), progress)
+        c = figure(node)
+        path.append(("least_fit", c))
+    bar = tqdm(desc=f"fit search ({kind} budget {alpha:.2%})", unit="step",
+               disable=not progress or criterion == "least_fit")
     while c > alpha:
         bi, ai, s = _parts(tables, node)
         moves = []
@@ -603,7 +611,8 @@ def search(
         bar.update(1)
         bar.set_postfix({kind: f"{c:.4f}"})
     bar.close()
-    expanded = len(path)
+    if criterion != "least_fit":
+        expanded = len(path)
     out = _to_state(graph, state, tables, counts, node)
     exact = (relative_model_size(graph, out) + reserve_bits / fp32_model_bits(graph)
              if kind == "size"
@@ -622,6 +631,75 @@ def _figure_fn(graph: Graph, state: CompressionState, tables: list[_SiteTable],
     extra = _extra_bits(graph, state) + float(reserve_bits)
     pick = 0 if kind == "size" else 1
     return lambda node: _figures(tables, counts, node, fp32_bits, fp32_bops, extra)[pick]
+
+
+def _least_fit_node(tables: list[_SiteTable], counts: np.ndarray,
+                    figure: Callable[[tuple], float], alpha: float, levels: int,
+                    progress: bool) -> tuple[tuple, int]:
+    """The node within ``figure <= alpha`` of least FIT damage, weight bits and sparsity level
+    searched, each input at its first option. Per level, the damage ``D_l(b)`` and budget share
+    ``S_l(b)`` of each site's options are separable, so ``min Σ D s.t. Σ S <= alpha`` is solved
+    by Lagrangian relaxation (per site ``argmin D + λ S``, ``λ`` by bisection; then the freed
+    budget raises the bits of the site that gains the most damage per unit of figure). Returns
+    ``(node, nodes scored)``."""
+    from tqdm.auto import tqdm
+
+    n = len(tables)
+    best, scored = None, 0
+    for s in tqdm(range(levels), desc="least-FIT levels", disable=not progress):
+        ks = [int(counts[i, s]) for i in range(n)]
+        dmg = [np.array([t.pruned[k] + t.suffix(t.kept_err[b], k) for b in range(len(t.bits))])
+               for t, k in zip(tables, ks, strict=True)]
+
+        def node_of(bi, s=s):
+            return (*bi, *(0,) * n, s)
+
+        base = figure(node_of([0] * n))
+        # a site's share of the figure at each option: the figure's change from all-first options
+        share = [np.array([figure(node_of([0] * i + [b] + [0] * (n - i - 1))) - base
+                           for b in range(len(t.bits))]) for i, t in enumerate(tables)]
+        scored += sum(len(t.bits) for t in tables)
+
+        def pick(lam, dmg=dmg, share=share):
+            return [int(np.argmin(d + lam * c)) for d, c in zip(dmg, share, strict=True)]
+
+        lo_bits = [len(t.bits) - 1 for t in tables]
+        if figure(node_of(lo_bits)) > alpha:
+            continue  # this level cannot meet the budget
+        lo, hi = 0.0, 1.0
+        while figure(node_of(pick(hi))) > alpha and hi < 1e300:
+            hi *= 4.0
+        for _ in range(100):  # bisection on λ: the least λ whose choice meets the budget
+            mid = 0.5 * (lo + hi)
+            if figure(node_of(pick(mid))) > alpha:
+                lo = mid
+            else:
+                hi = mid
+        bi = pick(hi)
+        if figure(node_of(bi)) > alpha:
+            bi = lo_bits
+        while True:  # spend what is left: one option up where it buys the most damage
+            c = figure(node_of(bi))
+            ups = []
+            for i in range(n):
+                if bi[i] > 0:
+                    up = bi[:i] + [bi[i] - 1] + bi[i + 1:]
+                    cu = figure(node_of(up))
+                    if cu <= alpha:
+                        gain = dmg[i][bi[i]] - dmg[i][bi[i] - 1]
+                        ups.append((gain / max(cu - c, 1e-300), up))
+            if not ups:
+                break
+            bi = max(ups, key=lambda u: u[0])[1]
+        total = float(sum(d[b] for d, b in zip(dmg, bi, strict=True)))
+        scored += 1
+        if best is None or total < best[0]:
+            best = (total, node_of(bi))
+    if best is None:
+        raise ValueError(f"budget {alpha:.4%} is out of reach with every input at its bits "
+                         "(criterion 'least_fit' searches weight bits and sparsity only); use "
+                         "criterion 'fit' to lower input bits too.")
+    return best[1], scored
 
 
 def _result(graph: Graph, tables: list[_SiteTable], lv: np.ndarray, node: tuple,
