@@ -254,3 +254,11 @@ def test_least_fit_is_the_exhaustive_optimum_within_the_budget(size):
     bi = [tables[i].bits.index(r.bits[t.name]) for i, t in enumerate(tables)]
     s = int(np.argmin(np.abs(lv - r.sparsity)))
     np.testing.assert_allclose(_damage(tables, counts, (*bi, *(0,) * n, s)), best, rtol=1e-9)
+
+
+def test_least_fit_under_a_bops_budget_keeps_the_inputs_at_their_bits():
+    model, v, g, x, y, st, info = _cnn()
+    for bops in (0.05, 0.005):
+        r = fit.search(info, g, st, v, bops=bops, criterion="least_fit", progress=False)
+        assert r.relative_bops <= bops
+        assert all(b == 8.0 for b in r.act_bits.values())
