@@ -314,3 +314,29 @@ def test_model_argument_errors() -> None:
             get_model("bert_tiny", max_length=4).init, jax.random.key(0), jnp.zeros((1, 5), int)
         )
     assert count_macs(lambda: jnp.ones(3), param_argnums=()) == 0
+
+
+@settings(max_examples=12, deadline=None)
+@given(size=st.integers(2, 3), h=st.integers(2, 9), w=st.integers(2, 9), levels=st.integers(1, 4),
+       seed=st.integers(0, 2**16))
+def test_zoo_max_pool_equals_flax_in_values_gradients_and_jvps(size, h, w, levels, seed):
+    """Values on a coarse grid (many tied maxima, post-ReLU zeros), odd sizes cropped."""
+    import flax.linen as nn
+
+    from jaxjpq.models.cnn import max_pool
+
+    h, w = max(h, size), max(w, size)
+    k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
+    x = jax.nn.relu(jnp.round(jax.random.normal(k1, (2, h, w, 3)) * levels) / levels)
+
+    def ref(x):
+        return nn.max_pool(x, (size, size), strides=(size, size))
+
+    y = max_pool(x, size)
+    np.testing.assert_array_equal(y, ref(x))
+    gw = jax.random.normal(k2, y.shape)
+    np.testing.assert_array_equal(jax.grad(lambda x: jnp.sum(max_pool(x, size) * gw))(x),
+                                  jax.grad(lambda x: jnp.sum(ref(x) * gw))(x))
+    t = jax.random.normal(k3, x.shape)
+    np.testing.assert_array_equal(jax.jvp(lambda x: max_pool(x, size), (x,), (t,))[1],
+                                  jax.jvp(ref, (x,), (t,))[1])

@@ -2,8 +2,37 @@
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def max_pool(x: jax.Array, size: int = 2) -> jax.Array:
+    """``nn.max_pool(x, (size, size), strides=(size, size))`` ("VALID") over ``[batch, H, W, C]``:
+    output ``[batch, H // size, W // size, C]``, the same values and the same derivatives (each
+    window's first maximum in row-major order carries it, as ``reduce_window``'s
+    ``select_and_scatter``), written as a reshape, a max and a one-hot: XLA:CPU runs the
+    ``reduce_window`` gradient over ten times slower (MNIST CNN's first pool: 72 vs 5 ms)."""
+    return _windows(x, size).max(axis=-1)
+
+
+def _windows(x: jax.Array, size: int) -> jax.Array:
+    """``[batch, H // size, W // size, C, size * size]``: each window's entries, row-major."""
+    b, h, w, c = x.shape
+    h, w = h // size, w // size
+    x = x[:, : h * size, : w * size].reshape(b, h, size, w, size, c)
+    return x.transpose(0, 1, 3, 5, 2, 4).reshape(b, h, w, c, size * size)
+
+
+@max_pool.defjvp
+def _max_pool_jvp(size, primals, tangents):
+    (x,), (t,) = primals, tangents
+    win = _windows(x, size)
+    first = jax.nn.one_hot(jnp.argmax(win, axis=-1), size * size, dtype=x.dtype)
+    return win.max(axis=-1), jnp.sum(first * _windows(t, size), axis=-1)
 
 
 class MnistCNN(nn.Module):
@@ -21,7 +50,7 @@ class MnistCNN(nn.Module):
         for f in self.features:
             x = nn.Conv(f, (3, 3), padding="SAME")(x)
             x = nn.relu(x)
-            x = nn.max_pool(x, (2, 2), strides=(2, 2))
+            x = max_pool(x)
         x = x.reshape((x.shape[0], -1))
         x = nn.relu(nn.Dense(self.hidden)(x))
         return nn.Dense(self.num_classes)(x)
@@ -42,9 +71,9 @@ class LeNet5(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         x = nn.relu(nn.Conv(self.features[0], (5, 5), padding="SAME")(x))
-        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        x = max_pool(x)
         x = nn.relu(nn.Conv(self.features[1], (5, 5), padding="VALID")(x))
-        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        x = max_pool(x)
         x = x.reshape((x.shape[0], -1))
         for h in self.hidden:
             x = nn.relu(nn.Dense(h)(x))
@@ -73,7 +102,7 @@ class VGG7(nn.Module):
                 if self.use_bn:
                     x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
                 x = nn.relu(x)
-            x = nn.max_pool(x, (2, 2), strides=(2, 2))
+            x = max_pool(x)
         x = x.reshape((x.shape[0], -1))
         x = nn.Dense(self.hidden, use_bias=not self.use_bn)(x)
         if self.use_bn:
