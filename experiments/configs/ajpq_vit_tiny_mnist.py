@@ -10,14 +10,11 @@ quantized layers to a size budget, then the fine-tune of the best policy.
 
 import ml_collections
 
-from experiments.configs import ajpq_mnist_cnn
+from experiments.configs import ajpq_mnist_cnn, fit_vit_tiny_mnist
 
 
 def get_config() -> ml_collections.ConfigDict:
     """The MNIST AJPQ recipe on ``vit_tiny_mnist`` with the transformer's learning rates."""
-    c = ajpq_mnist_cnn.get_config()
-    c.model = ml_collections.ConfigDict({"name": "vit_tiny_mnist"})
-    c.method.pretrain_optim.learning_rate = 1e-3
-    c.optim.learning_rate = 2e-4
+    c = fit_vit_tiny_mnist.on_vit(ajpq_mnist_cnn.get_config())
     c.method.size = 0.1
     return c

@@ -11,11 +11,17 @@ import ml_collections
 from experiments.configs import fit_mnist_cnn
 
 
-def get_config() -> ml_collections.ConfigDict:
-    """The MNIST FIT recipe on ``vit_tiny_mnist``, the transformer's learning rate."""
-    c = fit_mnist_cnn.get_config()
+def on_vit(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """An MNIST search-then-fine-tune recipe moved to ``vit_tiny_mnist``: the transformer's
+    pre-training and fine-tune learning rates."""
     c.model = ml_collections.ConfigDict({"name": "vit_tiny_mnist"})
     c.method.pretrain_optim.learning_rate = 1e-3
     c.optim.learning_rate = 2e-4
+    return c
+
+
+def get_config() -> ml_collections.ConfigDict:
+    """The MNIST FIT recipe on ``vit_tiny_mnist``, the transformer's learning rate."""
+    c = on_vit(fit_mnist_cnn.get_config())
     c.method.size = 0.15
     return c
