@@ -1,6 +1,7 @@
 """AJPQ on ViT-tiny (MNIST-sized: 28x28, patch 7): fp32 pre-training (FIT's ViT recipe), the
-agent's search of per-layer weight bits and pruned output channels over the transformer's 26
-quantized layers to a size budget, then the fine-tune of the best policy.
+agent's search of per-layer weight bits and pruned output channels over the 24 inner layers of
+the transformer's 26 (the first and last at 8 bits) to a size budget, then the fine-tune of the
+best policy.
 
     python -m experiments.run --config experiments/configs/ajpq_vit_tiny_mnist.py \\
         --workdir runs/ajpq_vit
