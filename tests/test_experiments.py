@@ -364,6 +364,14 @@ def test_overhead_bench_runs_on_image_and_token_models():
     assert all(r["plain_ms"] > 0 and r["compressed_ms"] > 0 for r in rows)
 
 
+def test_pool_bench_runs():
+    from experiments import bench_pool
+
+    out = bench_pool.main(["--batch", "2", "--steps", "1", "--rounds", "1"])
+    assert set(out) == {"pool_flax_ms", "pool_zoo_ms", "step_flax_ms", "step_zoo_ms"}
+    assert all(v > 0 for v in out.values())
+
+
 @pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "experiments" / "configs").glob(
     "*.py") if p.stem not in ("__init__", "paper")))
 def test_help_describes_every_config_field(name):
