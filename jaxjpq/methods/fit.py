@@ -545,8 +545,6 @@ def search(
     budget inputs keep their bits. Raises ``ValueError`` naming the smallest reachable figure
     when the budget is below it.
     """
-    from tqdm.auto import tqdm
-
     kind, alpha = _budget(size, bops)
     if criterion not in ("fit", "rate", "least_fit"):
         raise ValueError(f"criterion must be 'fit', 'rate' or 'least_fit', got {criterion!r}.")
@@ -554,8 +552,6 @@ def search(
     lv = sparsity_levels(levels)
     tables, counts = _tables(info, graph, state, variables, lv, act_search=kind == "bops")
     figure = _figure_fn(graph, state, tables, counts, kind, reserve_bits)
-    n = len(tables)
-
     floor_node = (*[len(t.bits) - 1 for t in tables], *[len(t.a_bits) - 1 for t in tables],
                   len(lv) - 1)
     floor = figure(floor_node)
@@ -565,21 +561,41 @@ def search(
             f"({floor:.4%} of fp32: every site at its lowest bits, sparsity {lv[-1]:.3f})."
         )
 
+    if criterion == "least_fit":
+        node, expanded = _least_fit_node(tables, counts, figure, alpha, len(lv), progress)
+        c = figure(node)
+        path = [("least_fit", c)]
+    else:
+        node, c, path = _path(tables, counts, figure, alpha, lv, criterion, kind, progress)
+        expanded = len(path)
+    out = _to_state(graph, state, tables, counts, node)
+    exact = (relative_model_size(graph, out) + reserve_bits / fp32_model_bits(graph)
+             if kind == "size"
+             else float(cost.relative_bops(graph, out)))
+    if exact > alpha + 1e-12:
+        raise AssertionError(f"fit search: the exact {kind} {exact} of the chosen state exceeds "
+                             f"the budget {alpha} (table {c}); please report this.")
+    return _result(graph, tables, lv, node, out, fit_score(info, graph, out, variables),
+                   expanded, path)
+
+
+def _path(tables: list[_SiteTable], counts: np.ndarray, figure: Callable[[tuple], float],
+          alpha: float, lv: np.ndarray, criterion: str, kind: str, progress: bool
+          ) -> tuple[tuple, float, list]:
+    """The best-first walk of :func:`search` (``criterion`` "fit" or "rate") from the all-first
+    node until ``figure <= alpha``: ``(node, its figure, [(move, figure), ...])``."""
+    from tqdm.auto import tqdm
+
     def heuristic(node, c):
         bi, _, s = _parts(tables, node)
         norm = sum(t.suffix(t.kept_q[b], int(counts[i, s]))
                    for i, (t, b) in enumerate(zip(tables, bi, strict=True)))
         return math.sqrt(max(c - alpha, 0.0) ** 2 * norm)
 
-    node = (0,) * (2 * n + 1)
+    node = (0,) * (2 * len(tables) + 1)
     c = figure(node)
     path: list = []
-    if criterion == "least_fit":
-        node, expanded = _least_fit_node(tables, counts, figure, alpha, len(lv), progress)
-        c = figure(node)
-        path.append(("least_fit", c))
-    bar = tqdm(desc=f"fit search ({kind} budget {alpha:.2%})", unit="step",
-               disable=not progress or criterion == "least_fit")
+    bar = tqdm(desc=f"fit search ({kind} budget {alpha:.2%})", unit="step", disable=not progress)
     while c > alpha:
         bi, ai, s = _parts(tables, node)
         moves = []
@@ -611,17 +627,7 @@ def search(
         bar.update(1)
         bar.set_postfix({kind: f"{c:.4f}"})
     bar.close()
-    if criterion != "least_fit":
-        expanded = len(path)
-    out = _to_state(graph, state, tables, counts, node)
-    exact = (relative_model_size(graph, out) + reserve_bits / fp32_model_bits(graph)
-             if kind == "size"
-             else float(cost.relative_bops(graph, out)))
-    if exact > alpha + 1e-12:
-        raise AssertionError(f"fit search: the exact {kind} {exact} of the chosen state exceeds "
-                             f"the budget {alpha} (table {c}); please report this.")
-    return _result(graph, tables, lv, node, out, fit_score(info, graph, out, variables),
-                   expanded, path)
+    return node, c, path
 
 
 def _figure_fn(graph: Graph, state: CompressionState, tables: list[_SiteTable],
