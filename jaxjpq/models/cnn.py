@@ -15,7 +15,7 @@ def max_pool(x: jax.Array, size: int = 2) -> jax.Array:
     output ``[batch, H // size, W // size, C]``, the same values and the same derivatives (each
     window's first maximum in row-major order carries it, as ``reduce_window``'s
     ``select_and_scatter``), written as a reshape, a max and a one-hot: XLA:CPU runs the
-    ``reduce_window`` gradient over ten times slower (MNIST CNN's first pool: 72 vs 5 ms)."""
+    ``reduce_window`` gradient many times slower (``python -m experiments.bench_pool``)."""
     return _windows(x, size).max(axis=-1)
 
 
