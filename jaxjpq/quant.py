@@ -174,21 +174,33 @@ def _param_grads(g: jax.Array, terms: Sequence[jax.Array], shapes: Sequence[tupl
     return jax.lax.platform_dependent(g, *terms, cpu=_grad_sums_stacked, default=_grad_sums)
 
 
-def _make_quantizer(signed: bool, with_t: bool):
-    """A ``custom_vjp`` quantizer ``f(x, d, q_m[, t])`` with straight-through rounding."""
+def _make_quantizer(signed: bool, with_t: bool, remat: bool = False):
+    """A ``custom_vjp`` quantizer ``f(x, d, q_m[, t])`` with straight-through rounding.
+
+    With ``t``, the backward needs ``m^t`` and ``log m``: ``remat=False`` keeps them from the
+    forward, ``remat=True`` recomputes them from ``x`` (one ``log`` and one ``exp`` more per
+    element, two arrays fewer held from the forward to the backward).
+    """
 
     def fwd(x, d, q_m, *t):
         if not with_t:
             return _quantize_impl(x, d, q_m, None, signed), (x, d, q_m)
         _, s, _, lm, y, r = _fwd_parts(x, d, q_m, t[0], signed)
+        if remat:
+            return s * d * r, (x, d, q_m, t[0])
         return s * d * r, (x, d, q_m, t[0], y, lm)
 
     def bwd(res, g):
         x, d, q_m, *rest = res
-        if with_t:
+        # The barriers keep XLA from merging the backward's elementwise terms with the forward's
+        # (common subexpressions): merged, they are written to memory once more to serve both.
+        if not with_t:
+            x = jax.lax.optimization_barrier(x)
+        elif remat:
+            tt, x = rest[0], jax.lax.optimization_barrier(x)
+            _, _, _, lm, y, _ = _fwd_parts(x, d, q_m, tt, signed)
+        else:
             tt, y, lm = rest
-            # m^t and log m come from the forward: without the barrier XLA recomputes them from
-            # x, one transcendental pass per consumer
             x, y, lm = jax.lax.optimization_barrier((x, y, lm))
         ax = jnp.abs(x) if signed else jnp.maximum(x, 0.0)
         inside = ax < q_m
@@ -234,9 +246,10 @@ def _sum_to(g: jax.Array, shape: tuple[int, ...]) -> jax.Array:
 
 
 _QUANTIZERS = {
-    (signed, with_t): _make_quantizer(signed, with_t)
+    (signed, with_t, remat): _make_quantizer(signed, with_t, remat)
     for signed in (True, False)
     for with_t in (True, False)
+    for remat in ((False, True) if with_t else (False,))
 }
 
 
@@ -246,20 +259,23 @@ def quantize(
     q_m: jax.Array | float,
     t: jax.Array | float | None = 1.0,
     signed: bool = True,
+    remat: bool = False,
 ) -> jax.Array:
     """Fake-quantize ``x`` (any shape) with step ``d``, clip ``q_m``, exponent ``t``.
 
     ``d``, ``q_m``, ``t`` broadcast against ``x`` (numpy rules). Gradients flow to all four
     arguments (straight-through rounding, see module docstring). ``t=None`` is the cheaper
-    ``t = 1`` quantizer without exponent (no log/exp). Output has ``x``'s shape and dtype.
+    ``t = 1`` quantizer without exponent (no log/exp). ``remat=True`` recomputes ``|x|^t`` and
+    ``log|x|`` in the backward instead of keeping them from the forward (same values; a speed
+    choice). Output has ``x``'s shape and dtype.
     """
     x = jnp.asarray(x)
     dt = x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.float32
     x = x.astype(dt)
     d, q_m = jnp.asarray(d, dt), jnp.asarray(q_m, dt)
     if t is None:
-        return _QUANTIZERS[(signed, False)](x, d, q_m)
-    return _QUANTIZERS[(signed, True)](x, d, q_m, jnp.asarray(t, dt))
+        return _QUANTIZERS[(signed, False, False)](x, d, q_m)
+    return _QUANTIZERS[(signed, True, remat)](x, d, q_m, jnp.asarray(t, dt))
 
 
 def quantize_with(
@@ -268,6 +284,7 @@ def quantize_with(
     signed: bool = True,
     power_of_two: bool = False,
     learn_t: bool = True,
+    remat: bool = False,
 ) -> jax.Array:
     """:func:`quantize` with a :class:`QuantParams` already shaped to broadcast against ``x``.
 
@@ -276,7 +293,7 @@ def quantize_with(
     if not learn_t:
         p = p.replace(t=jnp.ones_like(p.t))
     p = effective_params(p, signed, power_of_two)
-    return quantize(x, p.d, p.q_m, p.t if learn_t else None, signed)
+    return quantize(x, p.d, p.q_m, p.t if learn_t else None, signed, remat)
 
 
 def channel_shape(shape: Sequence[int], axes: Iterable[int]) -> tuple[int, ...]:
