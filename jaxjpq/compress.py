@@ -78,7 +78,8 @@ def quantize_weights(graph: Graph, variables: Mapping, state: CompressionState) 
         if quantized:
             p = broadcast_params(site_quantizer(state, "weight", site.name), w.ndim, site.out_axes)
             # a weight's m^t and log m are recomputed in the backward rather than held through
-            # the whole forward: faster on the MNIST CNN, even on ViT-tiny (experiments/RESULTS.md)
+            # the whole forward: faster on the MNIST CNN, no slower on ViT-tiny
+            # (experiments/RESULTS.md)
             w = quantize_with(w, p, True, state.power_of_two, state.learn_t, remat=True)
         if masked:
             w = w * jnp.asarray(state.weight_masks[site.name] > 0.5, w.dtype)

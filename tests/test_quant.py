@@ -175,23 +175,30 @@ def test_quantize_jits_once():
         f(x, jnp.float32(d), jnp.float32(1.5), jnp.float32(1.0), True)
 
 
-@SETTINGS
-@given(seed=st.integers(0, 2**31 - 1), signed=st.booleans(), per_channel=st.booleans())
-def test_t1_quantizer_equals_exponent_quantizer_at_t1(seed, signed, per_channel):
-    """The exponent-free quantizer (``t=None``): forward and gradients of the general one at
-    ``t = 1``, clipped values, zeros and (unsigned) negatives included."""
+def _edge_inputs(seed, per_channel):
+    """``rng, x [6, 5], q_m, g, shape``: x in [-2, 2] past the clip, two exact zeros; q_m per
+    tensor or per column; g a cotangent like x."""
     rng = np.random.default_rng(seed)
     x = rng.uniform(-2.0, 2.0, (6, 5)).astype(np.float32)
     x[0, :2] = 0.0
     shape = (1, 5) if per_channel else ()
     q_m = jnp.asarray(rng.uniform(0.5, 1.5, shape), jnp.float32)
-    d = q_m / (2 ** (rng.uniform(3, 6) - 1) - 1)
     g = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+    return rng, jnp.asarray(x), q_m, g, shape
+
+
+@SETTINGS
+@given(seed=st.integers(0, 2**31 - 1), signed=st.booleans(), per_channel=st.booleans())
+def test_t1_quantizer_equals_exponent_quantizer_at_t1(seed, signed, per_channel):
+    """The exponent-free quantizer (``t=None``): forward and gradients of the general one at
+    ``t = 1``, clipped values, zeros and (unsigned) negatives included."""
+    rng, x, q_m, g, _ = _edge_inputs(seed, per_channel)
+    d = q_m / (2 ** (rng.uniform(3, 6) - 1) - 1)
 
     def loss(t):
         return lambda x_, d_, q_: jnp.sum(g * quant.quantize(x_, d_, q_, t, signed))
 
-    args = (jnp.asarray(x), d, q_m)
+    args = (x, d, q_m)
     np.testing.assert_allclose(quant.quantize(*args, None, signed),
                                quant.quantize(*args, 1.0, signed), rtol=1e-6, atol=1e-6)
     got = jax.grad(loss(None), argnums=(0, 1, 2))(*args)
@@ -214,20 +221,15 @@ def test_stacked_gradient_sums_equal_separate_ones():
 def test_remat_quantizer_equals_stored_one(seed, signed, per_channel):
     """``remat=True`` (m^t and log m recomputed in the backward): the same forward and gradients,
     clipped values, zeros and (unsigned) negatives included, jitted as in a train step."""
-    rng = np.random.default_rng(seed)
-    x = rng.uniform(-2.0, 2.0, (6, 5)).astype(np.float32)
-    x[0, :2] = 0.0
-    shape = (1, 5) if per_channel else ()
-    q_m = jnp.asarray(rng.uniform(0.5, 1.5, shape), jnp.float32)
+    rng, x, q_m, g, shape = _edge_inputs(seed, per_channel)
     t = jnp.asarray(rng.uniform(0.6, 1.6, shape), jnp.float32)
     d = q_m**t / (2 ** (rng.uniform(3, 6) - 1) - 1)
-    g = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
 
     def loss(remat):
         return jax.jit(jax.value_and_grad(
             lambda *a: jnp.sum(g * quant.quantize(*a, signed, remat)), argnums=(0, 1, 2, 3)))
 
-    args = (jnp.asarray(x), d, q_m, t)
+    args = (x, d, q_m, t)
     (v0, g0), (v1, g1) = loss(False)(*args), loss(True)(*args)
     assert v0 == v1
     for a, b in zip(g1, g0, strict=True):
