@@ -32,7 +32,14 @@ from jaxjpq import gates as gates_lib
 from jaxjpq.compress import act_quantized_apply, apply_masks
 from jaxjpq.graph import Graph, stack_layers
 from jaxjpq.quant import QuantParams, broadcast_params, codes, effective_params
-from jaxjpq.state import CompressionState, check_state, graph_fingerprint, leaf, site_quantizer
+from jaxjpq.state import (
+    CompressionState,
+    check_state,
+    check_variables,
+    graph_fingerprint,
+    leaf,
+    site_quantizer,
+)
 
 FORMAT = "jaxjpq-packed-v2"
 _WORDS = {8: np.int8, 16: np.int16, 32: np.int32}
@@ -268,6 +275,7 @@ def pack(graph: Graph, variables: Mapping, state: CompressionState) -> PackedMod
     (``state.gates``) are folded into the weights first (their test-time ``μ``), as the
     deterministic compressed forward applies them."""
     check_state(graph, state)
+    check_variables(graph, variables)
     if state.gates:
         variables = gates_lib.fold(graph, variables, state.gates)
     masked = apply_masks(graph, variables, state.masks)
@@ -507,12 +515,27 @@ class CorruptExportError(ValueError):
 
 
 def restore(directory: str | os.PathLike) -> PackedModel:
-    """Load a model written by :func:`save` (arrays as numpy)."""
-    r = _checkpointer().restore(
-        os.path.abspath(directory),
-        args=ocp.args.Composite(arrays=ocp.args.PyTreeRestore(), meta=ocp.args.JsonRestore()),
-    )
-    meta = dict(r["meta"])
+    """Load a model written by :func:`save` (arrays as numpy).
+
+    Raises ``FileNotFoundError`` when ``directory`` does not exist and :class:`CorruptExportError`
+    (naming the array or file) when anything in it fails to read or verify."""
+    path = os.path.abspath(directory)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"no exported model at {directory}.")
+    try:
+        r = _checkpointer().restore(
+            path,
+            args=ocp.args.Composite(arrays=ocp.args.PyTreeRestore(), meta=ocp.args.JsonRestore()),
+        )
+        meta = dict(r["meta"] or {})
+    except Exception as e:  # noqa: BLE001 - orbax/tensorstore/json errors of a damaged export
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise CorruptExportError(
+            f"{directory}: the export does not read back ({type(e).__name__}: {first}); a file "
+            "is missing, truncated or edited. Export the model again.") from e
+    if "format" not in meta:
+        raise CorruptExportError(f"{directory}: the export's metadata (meta/) is missing or "
+                                 "empty. Export the model again.")
     _check_meta(meta)
     if meta.get("meta_digest") != _meta_digest(meta):
         raise CorruptExportError(

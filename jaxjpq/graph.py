@@ -347,3 +347,43 @@ def put_layers(w: Any, pieces: Sequence[tuple[Site, Any]], xp: Any) -> Any:
               else dataclasses.replace(first, layer=idx).take(w)
               for idx in np.ndindex(*first.stack_sizes)]
     return stack_layers(slices, first.layer_axes, first.stack_sizes, xp)
+
+
+def check_variables(graph: Graph, variables: Mapping) -> None:
+    """Raise ``ValueError`` naming the first leaf whose shape differs from the traced one (a
+    clear message instead of an index error deep in the forward). Needs a traced graph;
+    leaves the graph does not know are ignored."""
+    if not isinstance(variables, Mapping):
+        return
+    info = graph.trace_info
+    shapes = dict(info["leaf_shapes"]) if info is not None else {}
+    for site in graph.sites:
+        shapes.setdefault(site.weight, site.leaf_shape)
+    for key, shape in shapes.items():
+        node: Any = variables
+        for k in key:
+            if not isinstance(node, Mapping) or k not in node:
+                node = None
+                break
+            node = node[k]
+        if node is None or not hasattr(node, "shape"):
+            continue
+        if tuple(node.shape) != tuple(shape):
+            raise ValueError(
+                f"variables: {'/'.join(key)} has shape {tuple(node.shape)}, but the graph was "
+                f"traced with {tuple(shape)}; pass the variables of the traced model (or "
+                "re-trace the graph for these variables)."
+            )
+
+
+def leaf(variables: Mapping, key: Sequence[str]) -> Any:
+    """The leaf at ``key`` (``(collection, *path)``); a clear ``ValueError`` if absent."""
+    node = variables
+    for k in key:
+        if not isinstance(node, Mapping) or k not in node:
+            raise ValueError(
+                f"variables have no leaf {'/'.join(key)}; pass the variables the graph was "
+                "traced with."
+            )
+        node = node[k]
+    return node

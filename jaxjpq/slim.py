@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxjpq.graph import Graph, Slice
+from jaxjpq.graph import Graph, Slice, check_variables
 from jaxjpq.jaxprs import aval, cached, is_dynamic, key_of, sub_jaxpr
 from jaxjpq.trace import Traced, rule_for, trace_jaxpr, walk_jaxpr
 
@@ -48,6 +48,7 @@ def apply_masks(graph: Graph, variables: Any, masks: Mapping[str, Any]) -> Any:
     Dependents are untouched. jit-compatible (indices are static; the masks may be traced).
     Returns a pytree with the structure of ``variables``.
     """
+    check_variables(graph, variables)
     gm = graph.group_map
     masks = mask_dict(graph, masks)
     by_key: dict[tuple, list[tuple[Slice, Any]]] = {}
@@ -265,6 +266,7 @@ def slim(graph: Graph, variables: Any, state_or_masks: Any) -> tuple[Callable, A
     info = graph.trace_info
     if info is None:
         raise ValueError("slim needs a graph made by jaxjpq.trace (it carries the apply function).")
+    check_variables(graph, variables)
     keep = _keep_arrays(graph, mask_dict(graph, state_or_masks))
     base: Traced = info["traced"]
     base_plan = _Plan(graph, base, keep)

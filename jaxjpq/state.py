@@ -16,17 +16,33 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 
-from jaxjpq.graph import Graph, Site
+from jaxjpq.graph import Graph, Site, check_variables, leaf  # noqa: F401 (re-exported)
 from jaxjpq.quant import QuantParams, channel_shape, check_bits, init_from_tensor, step_from_bits
 
 BUDGET_KINDS = ("sparsity", "bops", "size")
+
+
+def check_budget(kind: str, value: Any) -> float:
+    """``value`` as a float if it is a valid ``kind`` budget (``sparsity`` in [0, 1), ``bops`` and
+    ``size`` in (0, 1], fractions of the fp32 model); else ``ValueError`` naming the range."""
+    if kind not in BUDGET_KINDS:
+        raise ValueError(f"unknown budget kind {kind!r}; use one of {BUDGET_KINDS}.")
+    v = float(value)
+    lo_ok = v >= 0 if kind == "sparsity" else v > 0
+    hi_ok = v < 1 if kind == "sparsity" else v <= 1
+    if not (lo_ok and hi_ok):
+        raise ValueError(
+            f"budget {kind}={value} must be a fraction of the fp32 model "
+            f"({'[0, 1)' if kind == 'sparsity' else '(0, 1]'})."
+        )
+    return v
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +79,7 @@ class CompressionSpec:
     act_clip: float = 6.0
 
     def __post_init__(self):
-        if len(tuple(self.bits)) != 2:
+        if isinstance(self.bits, str | bytes) or len(tuple(self.bits)) != 2:
             raise ValueError(f"bits must be a pair (b_l, b_u), got {self.bits!r}.")
         b_l, b_u = (float(b) for b in self.bits)
         check_bits((b_l, b_u), "bits")
@@ -91,15 +107,7 @@ class CompressionSpec:
             budget = tuple(budget.items())
         budget = tuple(sorted((str(k), float(v)) for k, v in budget))
         for kind, v in budget:
-            if kind not in BUDGET_KINDS:
-                raise ValueError(f"unknown budget kind {kind!r}; use one of {BUDGET_KINDS}.")
-            lo_ok = v >= 0 if kind == "sparsity" else v > 0
-            hi_ok = v < 1 if kind == "sparsity" else v <= 1
-            if not (lo_ok and hi_ok):
-                raise ValueError(
-                    f"budget {kind}={v} must be a fraction of the fp32 model "
-                    f"({'[0, 1)' if kind == 'sparsity' else '(0, 1]'})."
-                )
+            check_budget(kind, v)
         object.__setattr__(self, "budget", budget)
         if isinstance(self.skip, str):
             if self.skip != "first_last":
@@ -209,46 +217,6 @@ def check_state(graph: Graph, state: CompressionState) -> None:
                     f"state.gates has no [{g.size}] gate for group {g.id}; build the gates with "
                     "jaxjpq.gates.init(graph) (or leave state.gates empty)."
                 )
-
-
-def check_variables(graph: Graph, variables: Mapping) -> None:
-    """Raise ``ValueError`` naming the first leaf whose shape differs from the traced one (a
-    clear message instead of an index error deep in the forward). Needs a traced graph;
-    leaves the graph does not know are ignored."""
-    if not isinstance(variables, Mapping):
-        return
-    info = graph.trace_info
-    shapes = dict(info["leaf_shapes"]) if info is not None else {}
-    for site in graph.sites:
-        shapes.setdefault(site.weight, site.leaf_shape)
-    for key, shape in shapes.items():
-        node: Any = variables
-        for k in key:
-            if not isinstance(node, Mapping) or k not in node:
-                node = None
-                break
-            node = node[k]
-        if node is None or not hasattr(node, "shape"):
-            continue
-        if tuple(node.shape) != tuple(shape):
-            raise ValueError(
-                f"variables: {'/'.join(key)} has shape {tuple(node.shape)}, but the graph was "
-                f"traced with {tuple(shape)}; pass the variables of the traced model (or "
-                "re-trace the graph for these variables)."
-            )
-
-
-def leaf(variables: Mapping, key: Sequence[str]) -> Any:
-    """The leaf at ``key`` (``(collection, *path)``); a clear ``ValueError`` if absent."""
-    node = variables
-    for k in key:
-        if not isinstance(node, Mapping) or k not in node:
-            raise ValueError(
-                f"variables have no leaf {'/'.join(key)}; pass the variables the graph was "
-                "traced with."
-            )
-        node = node[k]
-    return node
 
 
 def _weight_params(site: Site, spec: CompressionSpec, bits: float, variables) -> QuantParams:

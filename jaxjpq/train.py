@@ -80,7 +80,8 @@ def _check_inputs(batch: Batch, step: int, what: str = "the batch of step") -> N
     if x is None:
         return
     x = np.asarray(x)
-    if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
+    # jnp.issubdtype knows the ml_dtypes floats (bfloat16, float8), np.issubdtype does not
+    if jnp.issubdtype(x.dtype, jnp.floating) and not np.isfinite(x).all():
         bad = int(np.sum(~np.isfinite(x).reshape(x.shape[0], -1).all(axis=1)))
         raise ValueError(
             f"{what} {step} has NaN/inf inputs ({bad} of {x.shape[0]} examples); "
@@ -271,6 +272,27 @@ def _accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return jnp.mean(jnp.argmax(logits, -1) == labels)
 
 
+def _label_range(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """int32 ``[3]``: (min label, max label, classes) for integer class labels ``[B]`` against
+    logits ``[B, K]``; ``(0, 0, 1)`` where the labels are not class indices of the logits."""
+    labels = jnp.asarray(labels)
+    if not (jnp.issubdtype(labels.dtype, jnp.integer) and jnp.ndim(logits) == labels.ndim + 1
+            and labels.size):
+        return jnp.asarray([0, 0, 1], jnp.int32)
+    return jnp.stack([jnp.min(labels), jnp.max(labels),
+                      jnp.asarray(jnp.shape(logits)[-1])]).astype(jnp.int32)
+
+
+def _check_labels(label_range: Any, what: str) -> None:
+    """Raise ``ValueError`` when a :func:`_label_range` (host values) leaves ``[0, classes)``."""
+    lo, hi, k = (int(v) for v in np.asarray(label_range))
+    if lo < 0 or hi >= k:
+        raise ValueError(
+            f"{what} has labels in [{lo}, {hi}], but the model outputs {k} classes: labels must "
+            f"be integers in [0, {k}). Check the data's label encoding (or the model's number "
+            "of classes).")
+
+
 def _all_finite(tree: PyTree) -> jax.Array:
     """bool scalar: every floating leaf of ``tree`` is free of NaN/inf."""
     leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(jnp.result_type(x), jnp.floating)]
@@ -308,6 +330,7 @@ def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, j
         "loss": value,
         "accuracy": _accuracy(logits, batch["labels"]),
         "params_finite": _all_finite((new.params, new.model_state)),
+        "label_range": _label_range(logits, batch["labels"]),
     }
     if state.penalty_fn is not None:
         metrics["penalty"] = penalty
@@ -333,6 +356,8 @@ def eval_step(state: TrainState, batch: Batch) -> dict[str, jax.Array]:
         "loss_sum": jnp.sum(per_example * mask),
         "correct": jnp.sum((jnp.argmax(logits, -1) == labels) * mask),
         "count": jnp.sum(mask),
+        # padding rows hold label 0, which is always in range
+        "label_range": _label_range(logits, labels),
     }
 
 
@@ -410,6 +435,7 @@ def evaluate(state: TrainState, batches: Iterable[Batch], batch_size: int,
         if mesh is not None:
             padded = shard_batch(padded, mesh)
         out = host_value(eval_step(state, padded))
+        _check_labels(out["label_range"], f"evaluation batch {i}")
         for k in totals:
             totals[k] += float(out[k])
     if totals["count"] == 0:
@@ -479,6 +505,24 @@ class CorruptCheckpointError(ValueError):
     """No checkpoint step restores with matching checksums."""
 
 
+def _set_aside(manager: ocp.CheckpointManager, step: int) -> Path | None:
+    """Move step ``step``'s directory to ``<directory>.corrupt/<step>[-n]`` and reload the
+    manager; None when it has no directory of its own."""
+    root = Path(manager.directory)
+    src = root / str(step)
+    if not src.is_dir():
+        return None
+    dst_root = root.with_name(root.name + ".corrupt")
+    dst_root.mkdir(parents=True, exist_ok=True)
+    dst, n = dst_root / str(step), 0
+    while dst.exists():
+        n += 1
+        dst = dst_root / f"{step}-{n}"
+    src.rename(dst)
+    manager.reload()
+    return dst
+
+
 def restore_checkpoint(
     manager: ocp.CheckpointManager,
     state: TrainState,
@@ -490,9 +534,10 @@ def restore_checkpoint(
     ``state`` / ``extra``.
 
     Every leaf is checked against the sha256 stored with it; without ``step``, a step that does
-    not restore or verify is skipped (with a warning naming it and why) for the next older one.
-    Returns ``(state, extra)``; raises ``FileNotFoundError`` when there is no checkpoint and
-    :class:`CorruptCheckpointError` when none verifies.
+    not restore or verify is moved aside to ``<directory>.corrupt/<step>`` (with a warning naming
+    it and why, nothing deleted) and the next older one is tried, so training resumes and can
+    write that step again. Returns ``(state, extra)``; raises ``FileNotFoundError`` when there is
+    no checkpoint and :class:`CorruptCheckpointError` when none verifies.
     """
     import warnings
 
@@ -512,7 +557,10 @@ def restore_checkpoint(
             if bad:
                 raise CorruptCheckpointError(f"checksum mismatch in {', '.join(bad[:3])}")
         except Exception as e:  # noqa: BLE001 - any failure to read one step: try the next
-            skipped.append(f"step {s}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+            why = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+            where = _set_aside(manager, s) if step is None else None
+            skipped.append(f"step {s}: {type(e).__name__}: {why}"
+                           + (f" (moved to {where})" if where else ""))
             continue
         if skipped:
             warnings.warn(f"restored checkpoint step {s} of {manager.directory}; skipped "
@@ -621,6 +669,7 @@ def train(
             return
         first = done - len(pending)
         for i, m in enumerate(host_value(pending)):
+            _check_labels(m.pop("label_range"), f"the batch of step {first + i}")
             loss, finite = float(m.pop("loss")), bool(m.pop("params_finite"))
             if not (math.isfinite(loss) and finite):
                 _chained_check(state)

@@ -30,6 +30,9 @@ def test_set_bits_is_exact_per_site_and_per_channel():
     bits = np.asarray([0, 2, 4, 8, 2, 2, 4, 0], np.float32)
     pc = core.set_bits(g, pc, "Conv_1", bits)
     np.testing.assert_array_equal(cost.channel_bits(g, pc, "Conv_1"), bits)
+    for bad in (1.0, 40.0, -1.0, np.asarray([0, 2, 4, 8, 2, 2, 4, 33], np.float32)):
+        with pytest.raises(ValueError, match=r"outside \[2, 32\].*0 prunes"):
+            core.set_bits(g, pc, "Conv_1", bad)
     # jit gives the same state
     pj = jax.jit(lambda s: core.set_bits(g, s, "Conv_1", bits))(
         jaxjpq.init_state(g, CompressionSpec(per_channel=True), v))
@@ -54,6 +57,9 @@ def test_enforce_budget_meets_exact_budget_lowering_bits_first(kind):
         c, v["params"])
     assert fig(g, out) <= target
     assert core.within_budget(g, out, **{kind: target})
+    for bad in (0.0, -1.0, 1.5):
+        with pytest.raises(ValueError, match=rf"budget {kind}={bad} must be a fraction"):
+            core.enforce_budget(g, c, **{kind: bad}, params=v["params"])
     assert any(float(np.min(m)) == 0.0 for m in out.masks.values())
     index = unit_index(g, v)
     m = np.asarray(index.flat_masks(out.masks))

@@ -145,7 +145,7 @@ def test_save_restore_keeps_every_array_exactly(tmp_path):
         np.testing.assert_array_equal(back.arrays[k], a)
 
 
-@pytest.mark.parametrize("fault", ["array", "meta"])
+@pytest.mark.parametrize("fault", ["array", "meta", "truncated", "no_meta", "bad_json"])
 def test_corrupt_export_is_an_error_naming_what(tmp_path, fault):
     import json
     from pathlib import Path
@@ -160,6 +160,19 @@ def test_corrupt_export_is_an_error_naming_what(tmp_path, fault):
         blob[len(blob) // 2] ^= 0x01
         f.write_bytes(bytes(blob))
         match = r"array \w+ does not match its checksum"
+    elif fault == "truncated":
+        files = [p for p in Path(tmp_path / "m" / "arrays").rglob("*") if p.is_file()]
+        f = max(files, key=lambda p: p.stat().st_size)
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+        match = "m: the export does not read back|array \\w+ (is truncated|does not match)"
+    elif fault == "no_meta":
+        import shutil
+
+        shutil.rmtree(tmp_path / "m" / "meta")
+        match = "m: the export('s metadata| does not read back)"
+    elif fault == "bad_json":
+        (tmp_path / "m" / "meta" / "metadata").write_text("{not json")
+        match = "m: the export does not read back"
     else:
         f = tmp_path / "m" / "meta" / "metadata"
         meta = json.loads(f.read_text())
@@ -169,3 +182,5 @@ def test_corrupt_export_is_an_error_naming_what(tmp_path, fault):
         match = "metadata .* does not match its checksum"
     with pytest.raises(export.CorruptExportError, match=match):
         export.restore(tmp_path / "m")
+    with pytest.raises(FileNotFoundError, match="no exported model"):
+        export.restore(tmp_path / "absent")

@@ -124,6 +124,23 @@ def test_errors():
         fn(v, x)
 
 
+def test_variables_of_another_shape_are_refused_naming_the_leaf():
+    from jaxjpq import export
+    from jaxjpq.state import CompressionSpec, init_state
+
+    m, v, x = build("flatten")
+    g = trace(m.apply, v, x)
+    other = jax.tree.map(lambda a: jnp.concatenate([a, a], axis=-1), v)  # every leaf 2x wider
+    masks = _random_masks(g, np.random.default_rng(0))
+    match = r"variables: params/\w+/\w+ has shape .* traced with"
+    with pytest.raises(ValueError, match=match):
+        slim(g, other, masks)
+    with pytest.raises(ValueError, match=match):
+        apply_masks(g, other, masks)
+    with pytest.raises(ValueError, match=match):
+        export.pack(g, other, init_state(g, CompressionSpec(), v))
+
+
 def test_apply_masks_jit_and_identity():
     m, v, x = build("resbn")
     g = trace(m.apply, v, x)

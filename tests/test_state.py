@@ -110,6 +110,8 @@ def test_spec_options_change_state():
         (dict(bits=(0, 4)), r"\[1, 32\]"),
         (dict(bits=(2, 40)), r"\[1, 32\]"),
         (dict(bits=(2,)), "pair"),
+        (dict(bits="24"), "pair"),
+        (dict(budget={"bops": 0.0}), "fraction"),
         (dict(init_bits=64), r"\[1, 32\]"),
         (dict(budget={"flops": 0.5}), "unknown budget"),
         (dict(budget={"bops": 1.5}), "fraction"),

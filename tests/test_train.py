@@ -249,6 +249,40 @@ def test_non_finite_inputs_are_an_error_naming_the_batch(small_mnist):
         T.train(_cnn_state(), stream(), 10, progress=False)
 
 
+def test_bfloat16_non_finite_inputs_are_an_error_too(small_mnist):
+    _, val_src = small_mnist
+    x = np.full((16, 28, 28, 1), np.nan, jnp.bfloat16)
+    batch = {"inputs": x, "labels": np.asarray(val_src.arrays["labels"][:16])}
+    with pytest.raises(ValueError, match=r"evaluation batch 0 has NaN/inf inputs \(16 of 16"):
+        T.evaluate(_cnn_state(), [batch], 16)
+    with pytest.raises(ValueError, match=r"batch of step 0 has NaN/inf inputs"):
+        T.train(_cnn_state(), iter([batch] * 2), 2, progress=False)
+
+
+@pytest.mark.parametrize("bad", [-1, 10])
+def test_labels_outside_the_classes_are_an_error_naming_the_step(small_mnist, bad):
+    train_src, val_src = small_mnist
+
+    def stream():
+        for i, b in enumerate(data.batch_stream(train_src, 16)):
+            if i == 3:
+                y = np.array(b["labels"])
+                y[5] = bad
+                b = {**b, "labels": y}
+            yield b
+
+    lo, hi = min(bad, 0), max(bad, 9)
+    match = (rf"step 3 has labels in \[{lo}, {hi}\], but the model outputs 10 classes: labels "
+             r"must be integers in \[0, 10\)")
+    with pytest.raises(ValueError, match=match):
+        T.train(_cnn_state(), stream(), 8, log_every=8, progress=False)
+    y = np.array(val_src.arrays["labels"][:16])
+    y[0] = bad
+    batch = {"inputs": val_src.arrays["inputs"][:16], "labels": y}
+    with pytest.raises(ValueError, match=r"evaluation batch 0 has labels"):
+        T.evaluate(_cnn_state(), [batch], 16)
+
+
 def test_sigterm_checkpoints_the_current_step_and_resume_is_exact(tmp_path, small_mnist):
     import os
     import signal
@@ -379,22 +413,49 @@ def _largest_file(root):
     return max(files, key=lambda p: p.stat().st_size)
 
 
-@pytest.mark.parametrize("fault", ["flip", "truncate"])
-def test_corrupt_newest_checkpoint_falls_back_to_one_that_verifies(tmp_path, small_mnist, fault):
-    train_src, _ = small_mnist
-    mgr = T.checkpoint_manager(tmp_path / "ckpt", max_to_keep=None)
-    T.train(_cnn_state(), data.batch_stream(train_src, 16), 4, manager=mgr, checkpoint_every=2,
-            progress=False)
-    assert sorted(mgr.all_steps()) == [2, 4]
-    f = _largest_file(tmp_path / "ckpt" / "4")
+def _corrupt_step(step_dir, fault):
+    """Damage one checkpoint step directory the way a crash or a bad disk would."""
+    import shutil
+    from pathlib import Path
+
+    step_dir = Path(step_dir)
+    if fault == "removed_state":
+        shutil.rmtree(step_dir / "state")
+        return
+    if fault == "empty_metadata":
+        f = next(p for p in step_dir.rglob("_METADATA") if p.is_file())
+        f.write_bytes(b"")
+        return
+    f = _largest_file(step_dir)
     blob = bytearray(f.read_bytes())
     if fault == "flip":
         blob[len(blob) // 2] ^= 0x10
     else:
         blob = blob[: len(blob) // 3]
     f.write_bytes(bytes(blob))
-    with pytest.warns(UserWarning, match="restored checkpoint step 2.*skipped step 4"):
-        state, _ = T.restore_checkpoint(T.checkpoint_manager(tmp_path / "ckpt"), _cnn_state())
-    assert int(state.step) == 2
+
+
+@pytest.mark.parametrize("fault", ["flip", "truncate", "removed_state", "empty_metadata"])
+def test_corrupt_newest_checkpoint_is_set_aside_and_the_rerun_finishes(tmp_path, small_mnist,
+                                                                         fault):
+    train_src, _ = small_mnist
+    mgr = T.checkpoint_manager(tmp_path / "ckpt", max_to_keep=None)
+    T.train(_cnn_state(), data.batch_stream(train_src, 16), 4, manager=mgr, checkpoint_every=2,
+            progress=False)
+    assert sorted(mgr.all_steps()) == [2, 4]
+    _corrupt_step(tmp_path / "ckpt" / "4", fault)
+    # an explicit step is not moved, only refused
     with pytest.raises(T.CorruptCheckpointError, match="step 4"):
         T.restore_checkpoint(T.checkpoint_manager(tmp_path / "ckpt"), _cnn_state(), step=4)
+    assert (tmp_path / "ckpt" / "4").is_dir()
+    mgr = T.checkpoint_manager(tmp_path / "ckpt", max_to_keep=None)
+    with pytest.warns(UserWarning, match="restored checkpoint step 2.*skipped step 4.*moved to"):
+        state, _ = T.restore_checkpoint(mgr, _cnn_state())
+    assert int(state.step) == 2
+    assert (tmp_path / "ckpt.corrupt" / "4").is_dir() and not (tmp_path / "ckpt" / "4").exists()
+    # the rerun passes step 4 again and writes it anew
+    state, _ = T.train(state, data.batch_stream(train_src, 16, start_step=2), 6, manager=mgr,
+                       checkpoint_every=2, progress=False)
+    assert int(state.step) == 6 and sorted(mgr.all_steps()) == [2, 4, 6]
+    again, _ = T.restore_checkpoint(T.checkpoint_manager(tmp_path / "ckpt"), _cnn_state())
+    assert int(again.step) == 6

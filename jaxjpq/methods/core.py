@@ -29,8 +29,15 @@ from flax import traverse_util
 
 from jaxjpq import cost
 from jaxjpq.graph import Graph, put_layers
-from jaxjpq.quant import QuantParams, bits_from_step, clip_sgd_step, pow2_bits_hard, step_from_bits
-from jaxjpq.state import CompressionState, check_state
+from jaxjpq.quant import (
+    MAX_BITS,
+    QuantParams,
+    bits_from_step,
+    clip_sgd_step,
+    pow2_bits_hard,
+    step_from_bits,
+)
+from jaxjpq.state import CompressionState, check_budget, check_state
 from jaxjpq.units import UnitIndex, hold_zero, rank_in_group, unit_index, unit_sum
 
 # ---------------------------------------------------------------------------------------------
@@ -89,8 +96,17 @@ def set_bits(graph: Graph, state: CompressionState, site: str, bits: Any,
     if bits.ndim and bits.shape != jnp.shape(p.d):
         raise ValueError(f"{site}: {bits.shape} bits for a quantizer of shape {jnp.shape(p.d)} "
                          "(per-channel widths need CompressionSpec(per_channel=True)).")
-    dead = bits <= 0
     floor = 2.0 if signed else 1.0
+    if not isinstance(bits, jax.core.Tracer):
+        b = np.asarray(bits, np.float64)
+        live = b[b != 0]
+        if live.size and not (np.all(np.isfinite(live)) and live.min() >= floor
+                              and live.max() <= MAX_BITS):
+            raise ValueError(
+                f"set_bits({site!r}, {kind}): bits {b.tolist()} outside [{floor:g}, "
+                f"{MAX_BITS:g}] ({'signed' if signed else 'unsigned'} quantizer); 0 prunes a "
+                "channel.")
+    dead = bits <= 0
     new = with_bits(p, jnp.where(dead, floor, bits), signed)
     out = state.replace(**{kind: {**table, site: new}})
     if kind == "weight" and (bits.ndim or isinstance(bits, jax.core.Tracer) or bool(dead)):
@@ -361,9 +377,28 @@ def enforce_budget(
     (static loop bounds); exact costs in float64. Returns the state with the new steps and masks;
     check :func:`within_budget` for the result (the minimum reachable state may still exceed it).
     """
-    check_state(graph, state)
     if bops is None and size is None:
         raise ValueError("enforce_budget needs a target: bops=... and/or size=... (fractions).")
+    for kind, v in (("bops", bops), ("size", size)):
+        if v is not None and not isinstance(v, jax.core.Tracer):
+            check_budget(kind, v)
+    return _enforce(graph, state, bops, size, saliency, params, unit_multiple)
+
+
+def smallest_state(graph: Graph, state: CompressionState, *, kind: str = "bops",
+                   saliency: jax.Array | None = None, params: Mapping | None = None
+                   ) -> CompressionState:
+    """The state :func:`enforce_budget` reaches for a ``kind`` (``"bops"`` or ``"size"``)
+    target of 0: every learned quantizer at ``b_l`` and every group down to one unit, in the
+    order :func:`enforce_budget` takes; its figure is the smallest reachable budget."""
+    if kind not in ("bops", "size"):
+        raise ValueError(f"kind must be 'bops' or 'size', got {kind!r}.")
+    return _enforce(graph, state, 0.0 if kind == "bops" else None,
+                    0.0 if kind == "size" else None, saliency, params, 1)
+
+
+def _enforce(graph, state, bops, size, saliency, params, unit_multiple) -> CompressionState:
+    check_state(graph, state)
     spec = state.spec
     b_lo = spec.bits[0] if spec is not None else 2.0
     pow2 = bool(state.power_of_two)

@@ -248,7 +248,7 @@ def djpq(
     def init(model_params, c):
         target, *_ = config(c)
         if not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((model_params, c))):
-            floor = core.enforce_budget(graph, c, bops=0.0, saliency=jnp.zeros(
+            floor = core.smallest_state(graph, c, saliency=jnp.zeros(
                 (sum(g.size for g in graph.prunable_groups),)), params=model_params)
             reachable = float(cost.relative_bops(graph, floor))
             if target < reachable:
