@@ -10,6 +10,8 @@ exactly) and ``<workdir>/results.json`` (val/test accuracy, steps, wall time, co
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import re
 import sys
@@ -423,6 +425,44 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     """
     workdir = Path(workdir).expanduser().absolute()
     start_distributed(config)
+    with workdir_lock(workdir) if jax.process_index() == 0 else contextlib.nullcontext():
+        return _train_and_evaluate(config, workdir)
+
+
+class WorkdirError(ValueError):
+    """The workdir cannot be used: a file, or in use by another run."""
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: Path):
+    """Hold an exclusive lock on ``<workdir>/.lock`` (``fcntl.flock``, released when the process
+    ends, however it ends) for the duration; :class:`WorkdirError` when another process holds it
+    or ``workdir`` is not a directory."""
+    import fcntl
+
+    if workdir.exists() and not workdir.is_dir():
+        raise WorkdirError(f"--workdir {workdir} is a file; give a directory (new or a run's).")
+    workdir.mkdir(parents=True, exist_ok=True)
+    with open(workdir / ".lock", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            owner = f.read().strip() or "unknown"
+            raise WorkdirError(
+                f"{workdir} is in use by another run (pid {owner}); wait for it to finish or use "
+                "another --workdir.") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path) -> dict:
     check_fingerprint(workdir, config)
     t0 = time.perf_counter()
     model = build_model(config)
@@ -615,18 +655,20 @@ def recorded_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return record
 
 
-def _app_main(argv: Sequence[str]) -> None:
+def _app_main(argv: Sequence[str], config_file: str) -> None:
     from absl import flags, logging
 
     del argv
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     cfg = flags.FLAGS.config
-    workdir = flags.FLAGS.workdir or default_workdir(flags.FLAGS["config"].config_filename, cfg)
+    workdir = flags.FLAGS.workdir or default_workdir(config_file, cfg)
     if not flags.FLAGS.workdir:
         print(f"workdir: {workdir}")
     try:
         res = train_and_evaluate(cfg, workdir)
+    except (WorkdirError, train_lib.CheckpointWriteError) as e:
+        raise SystemExit(f"jaxjpq-run: {e}") from None
     except ValueError as e:
         if "holds a run with another configuration" not in str(e):
             raise
@@ -687,8 +729,9 @@ def describe_config(cfg: ml_collections.ConfigDict, config_file: str | None = No
     return "\n".join(["config fields (--config.<field>=<value>):", *lines])
 
 
-def check_args(argv: Sequence[str]) -> None:
-    """Raise ``SystemExit`` with one line for a missing config file or an unknown config field
+def check_args(argv: Sequence[str]) -> tuple[ml_collections.ConfigDict, str]:
+    """``(config, its path)`` from ``argv`` (the config file executed once, overrides not yet
+    applied); ``SystemExit`` with one line for a missing config file or an unknown config field
     (naming the valid fields at that level), before absl's flag parsing would print a
     traceback."""
     import importlib.util
@@ -727,6 +770,7 @@ def check_args(argv: Sequence[str]) -> None:
             # ml_collections would read "24" as the tuple ("2", "4")
             raise SystemExit(f"jaxjpq-run: --config.{key}={value}: this field is a tuple "
                              f"(now {node!r}); give every entry, e.g. --config.{key}=\"(2,4)\".")
+    return cfg, path
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -734,15 +778,22 @@ def main(argv: Sequence[str] | None = None) -> None:
     from absl import app, flags
     from ml_collections import config_flags
 
-    check_args(sys.argv[1:] if argv is None else list(argv)[1:])
-
-    if "config" not in flags.FLAGS:
-        config_flags.DEFINE_config_file(
-            "config", _DEFAULT_CONFIG, "Path to an ml_collections config file."
-        )
+    argv = list(sys.argv if argv is None else argv)
+    cfg, path = check_args(argv[1:])
+    # the config file ran once above; the flag holds its result and parses the overrides
+    rest, skip = [argv[0]], False
+    for a in argv[1:]:
+        if skip or a == "--config" or a.startswith("--config="):
+            skip = a == "--config"
+            continue
+        rest.append(a)
+    if "config" in flags.FLAGS:
+        delattr(flags.FLAGS, "config")
+    config_flags.DEFINE_config_dict("config", cfg, f"The config of {path}.", sys_argv=rest)
+    if "workdir" not in flags.FLAGS:
         flags.DEFINE_string("workdir", None, "Directory for checkpoints and results "
                             "(default: runs/<config>-<hash of the configuration>).")
-    app.run(_app_main, argv=list(argv) if argv is not None else None)
+    app.run(functools.partial(_app_main, config_file=path), argv=rest)
 
 
 if __name__ == "__main__":

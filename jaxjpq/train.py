@@ -457,9 +457,14 @@ def checkpoint_manager(
 ) -> ocp.CheckpointManager:
     """An orbax ``CheckpointManager`` rooted at ``directory`` (absolute path created as needed)."""
     path = Path(directory).expanduser().absolute()
-    return ocp.CheckpointManager(
-        path, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
-    )
+    try:
+        return ocp.CheckpointManager(
+            path, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+        )
+    except OSError as e:
+        raise CheckpointWriteError(
+            f"cannot create the checkpoint directory {path}: {e.strerror or e}; make it "
+            "writable or choose another directory.") from None
 
 
 def _saved_tree(state: TrainState, extra: PyTree) -> dict[str, PyTree]:
@@ -486,19 +491,66 @@ def tree_checksums(tree: PyTree) -> dict[str, str]:
     return out
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint cannot be written (read-only or full disk); the older ones are intact."""
+
+
+# Room asked for beyond a checkpoint's array bytes: orbax's metadata files and the checksums.
+_CHECKPOINT_OVERHEAD = 1 << 20
+
+
+def check_writable(directory: str | os.PathLike, need_bytes: int = 0) -> None:
+    """Raise :class:`CheckpointWriteError` unless a file can be created in ``directory`` and
+    its disk has ``need_bytes`` free."""
+    import shutil
+    import tempfile
+
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=directory)
+        os.close(fd)
+        os.remove(probe)
+        free = shutil.disk_usage(directory).free
+    except OSError as e:
+        raise CheckpointWriteError(
+            f"cannot write checkpoints to {directory}: {e.strerror or e}; make it writable or "
+            "choose another directory.") from None
+    if free < need_bytes:
+        raise CheckpointWriteError(
+            f"cannot write a checkpoint to {directory}: {free / 2**20:.1f} MiB free, a checkpoint "
+            f"needs about {need_bytes / 2**20:.1f} MiB; free some space or choose another "
+            "directory (earlier checkpoints are kept).")
+
+
 def save_checkpoint(
     manager: ocp.CheckpointManager, state: TrainState, extra: PyTree = None, *, wait: bool = True
 ) -> int:
     """Saves params, optimizer state, model state, rng and ``extra`` at ``state.step``, with a
-    sha256 per leaf that :func:`restore_checkpoint` verifies."""
+    sha256 per leaf that :func:`restore_checkpoint` verifies. Raises
+    :class:`CheckpointWriteError` (one line: the step, the directory, the cause) when the
+    directory cannot take it, checked before writing."""
     step = int(host_value(state.step))
     tree = _saved_tree(state, extra)
+    nbytes = sum(np.asarray(x).nbytes for x in jax.tree.leaves(host_value(tree)))
+    check_writable(manager.directory, nbytes + _CHECKPOINT_OVERHEAD)
     sums = tree_checksums(tree)
-    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(tree),
-                                               checksums=ocp.args.JsonSave(sums)), force=True)
-    if wait:
-        manager.wait_until_finished()
+    try:
+        manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(tree),
+                                                   checksums=ocp.args.JsonSave(sums)), force=True)
+        if wait:
+            manager.wait_until_finished()
+    except Exception as e:  # noqa: BLE001 - orbax/tensorstore write errors, reported in one line
+        raise _write_error(manager, step, e) from e
     return step
+
+
+def _write_error(manager: ocp.CheckpointManager, step: int | str, e: BaseException
+                 ) -> CheckpointWriteError:
+    if isinstance(e, CheckpointWriteError):
+        return e
+    first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+    return CheckpointWriteError(
+        f"writing checkpoint step {step} to {manager.directory} failed: {first}; free some space "
+        "or make the directory writable (earlier checkpoints are kept).")
 
 
 class CorruptCheckpointError(ValueError):
@@ -654,6 +706,8 @@ def train(
         raise ValueError(f"prefetch={prefetch}: give 0 or more steps.")
     sync_every = max(1, int(sync_every or log_every or 1))
     log_every = max(1, int(log_every or 1))
+    if manager is not None:
+        check_writable(manager.directory)  # before any step: a read-only directory loses no work
     step_fn = train_step
     if mesh is not None:
         state = replicate(state, mesh)
@@ -708,7 +762,10 @@ def train(
         finally:
             bar.close()
             if manager is not None:
-                manager.wait_until_finished()
+                try:
+                    manager.wait_until_finished()
+                except Exception as e:  # noqa: BLE001 - a failed background save
+                    raise _write_error(manager, "in flight", e) from e
     return state, summary
 
 

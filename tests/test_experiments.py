@@ -75,12 +75,25 @@ def test_command_line_errors_are_one_line(tmp_path):
         (["--config", "experiments/configs/geta_mnist_cnn.py", "--config.method.bits=24"],
          "this field is a tuple"),
     ]
-    for args, want in cases:
-        proc = subprocess.run(base + args, cwd=ROOT, capture_output=True, text=True, env=env,
-                              timeout=120)
-        assert proc.returncode != 0
-        lines = [ln for ln in proc.stderr.strip().splitlines() if "Warning" not in ln]
-        assert len(lines) == 1 and want in lines[0], proc.stderr[-2000:]
+    geta = ["--config", "experiments/configs/geta_mnist_cnn.py"]
+    (tmp_path / "afile").write_text("")
+    cases.append((geta + ["--workdir", str(tmp_path / "afile")], "afile is a file; give a dir"))
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    cases.append((geta + ["--workdir", str(busy)], f"{busy} is in use by another run (pid"))
+    import fcntl
+
+    with open(busy / ".lock", "a+") as held:  # another run's lock on that workdir
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write(f"{os.getpid()}\n")
+        held.flush()
+        for args, want in cases:
+            proc = subprocess.run(base + args, cwd=ROOT, capture_output=True, text=True, env=env,
+                                  timeout=120)
+            assert proc.returncode != 0
+            lines = [ln for ln in proc.stderr.strip().splitlines() if "Warning" not in ln]
+            assert len(lines) == 1 and want in lines[0], proc.stderr[-2000:]
+    assert not (busy / "fingerprint.json").exists()  # the refused run wrote nothing
 
 
 def test_default_workdir_is_unique_per_configuration():
@@ -115,8 +128,11 @@ def test_unknown_names_are_clear_errors(tmp_path):
 
 @pytest.mark.slow
 def test_command_line(tmp_path):
-    cmd = [sys.executable, "-m", "experiments.run",
-           "--config", str(ROOT / "experiments" / "configs" / "mnist_cnn.py"),
+    counted = tmp_path / "counted.py"  # the recipe, counting how often the file is executed
+    counted.write_text(
+        "import pathlib\nfrom experiments.configs.mnist_cnn import get_config  # noqa: F401\n"
+        f"with open({str(tmp_path / 'runs.txt')!r}, 'a') as f:\n    f.write('x')\n")
+    cmd = [sys.executable, "-m", "experiments.run", "--config", str(counted),
            "--config.num_steps=4", "--config.data.train_limit=128", "--config.batch_size=32",
            "--config.progress=False", "--config.model.hidden=8", "--config.data.eval_limit=200",
            "--workdir", str(tmp_path / "w")]
@@ -126,6 +142,7 @@ def test_command_line(tmp_path):
     assert "4 steps" in proc.stdout and "test_accuracy" in proc.stdout
     saved = json.loads((tmp_path / "w" / "results.json").read_text())
     assert saved["steps"] == 4 and saved["config"]["model"]["hidden"] == 8
+    assert (tmp_path / "runs.txt").read_text() == "x"  # the config file ran once
 
 
 def test_geta_config_meets_sparsity_and_reports_compression(tmp_path):

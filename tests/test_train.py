@@ -459,3 +459,44 @@ def test_corrupt_newest_checkpoint_is_set_aside_and_the_rerun_finishes(tmp_path,
     assert int(state.step) == 6 and sorted(mgr.all_steps()) == [2, 4, 6]
     again, _ = T.restore_checkpoint(T.checkpoint_manager(tmp_path / "ckpt"), _cnn_state())
     assert int(again.step) == 6
+
+
+def test_a_full_disk_stops_with_one_line_before_writing_and_keeps_the_checkpoints(
+        tmp_path, small_mnist, monkeypatch):
+    import shutil
+
+    train_src, _ = small_mnist
+    mgr = T.checkpoint_manager(tmp_path / "ckpt")
+    state, _ = T.train(_cnn_state(), data.batch_stream(train_src, 16), 2, manager=mgr,
+                       checkpoint_every=2, progress=False)
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage",
+                        lambda p: real(p)._replace(free=300_000))  # less than a checkpoint
+    with pytest.raises(T.CheckpointWriteError,
+                       match=r"cannot write a checkpoint to .*ckpt: 0\.3 MiB free, a checkpoint "
+                             r"needs about \d+\.\d MiB"):
+        T.train(state, data.batch_stream(train_src, 16, start_step=2), 4, manager=mgr,
+                checkpoint_every=2, progress=False)
+    assert sorted(mgr.all_steps()) == [2]
+    assert not list((tmp_path / "ckpt").glob("*tmp*"))  # nothing half written
+
+
+def test_an_unwritable_checkpoint_directory_fails_before_the_first_step(tmp_path, small_mnist,
+                                                                        monkeypatch):
+    import errno
+    import tempfile
+
+    train_src, _ = small_mnist
+    mgr = T.checkpoint_manager(tmp_path / "ckpt")
+
+    def read_only(*a, **k):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    steps = []
+    stream = (steps.append(b) or b for b in data.batch_stream(train_src, 16))
+    with pytest.raises(T.CheckpointWriteError, match="cannot write checkpoints to .*ckpt: "
+                                                     "Read-only file system"):
+        T.train(_cnn_state(), stream, 4, manager=mgr, checkpoint_every=2, progress=False)
+    assert not steps  # no batch was read, so no step was trained
+
