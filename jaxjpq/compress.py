@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxjpq import gates as gates_lib
-from jaxjpq.graph import Graph, put_layers
+from jaxjpq.graph import Graph, check_inputs, put_layers
 from jaxjpq.jaxprs import aval, cached, is_dynamic, key_of, sub_jaxpr
 from jaxjpq.quant import (
     QuantParams,
@@ -651,6 +651,7 @@ def compress_apply(apply_fn: Callable, graph: Graph, *, check_finite: bool = Fal
     sm = graph.site_map
 
     def fn(variables, state: CompressionState, *args, gate_key=None, **kwargs):
+        check_inputs(graph, args)
         v = transform_variables(graph, variables, state, gate_key)
         act = {s: site_quantizer(state, "act", s) for s in state.act}
         return inner(

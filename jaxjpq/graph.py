@@ -12,6 +12,7 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 
 Path = tuple[str, ...]
@@ -387,3 +388,21 @@ def leaf(variables: Mapping, key: Sequence[str]) -> Any:
             )
         node = node[k]
     return node
+
+
+def check_inputs(graph: Graph, args: Sequence[Any]) -> None:
+    """Raise ``ValueError`` when a data argument is an integer array where the graph was traced
+    on floats (e.g. uint8 pixels in 0-255 for a model traced on floats in [0, 1)): the
+    quantizers' clips and the trained weights assume the traced range. Static (dtypes only), so
+    free under jit; graphs without trace info are not checked."""
+    info = graph.trace_info
+    traced = info.get("input_dtypes", ()) if info is not None else ()
+    for i, (arg, want) in enumerate(zip(args, traced, strict=False)):
+        dtype = getattr(arg, "dtype", None)
+        if dtype is None:
+            continue
+        if jnp.issubdtype(want, jnp.floating) and not jnp.issubdtype(dtype, jnp.inexact):
+            raise ValueError(
+                f"input {i} is {jnp.dtype(dtype).name} but the graph was traced on {want} inputs; "
+                "convert it to the traced dtype and range (e.g. x / 255.0 for 0-255 pixels).")
+

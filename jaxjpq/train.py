@@ -203,6 +203,34 @@ class CompressedForward:
         fwd = FlaxForward(apply, options=self.options, **self.call_kwargs)
         return fwd(model_params, model_state, inputs, rng, train)
 
+    def budget_shortfall(self, params: PyTree) -> str | None:
+        """What of the budget in the compression state's spec the pair ``params`` misses, or
+        None: sparsity below its target by more than the per-group rounding of units, relative
+        BOPs or size above theirs (exact figures, :mod:`jaxjpq.cost`)."""
+        from jaxjpq import cost
+
+        c = host_value(params[1])
+        spec = getattr(c, "spec", None)
+        if spec is None or not spec.budget:
+            return None
+        groups = self.graph.prunable_groups
+        figures = {
+            "sparsity": lambda: float(cost.sparsity(self.graph, c)),
+            "bops": lambda: float(cost.relative_bops(self.graph, c)),
+            "size": lambda: float(cost.relative_size(self.graph, c)),
+        }
+        misses = []
+        for kind, target in spec.budget:
+            got = figures[kind]()
+            if kind == "sparsity":
+                slack = (len(groups) + 0.5) / max(sum(g.size for g in groups), 1)
+                missed = got < target - slack
+            else:
+                missed = got > target * (1 + 1e-6)
+            if missed:
+                misses.append(f"{kind} {got:.4g} against a budget of {target:.4g}")
+        return "; ".join(misses) or None
+
 
 def flax_forward(apply_fn: Callable[..., Any]) -> Forward:
     """Wraps a Flax ``module.apply`` as a ``Forward`` (see ``FlaxForward``)."""
@@ -759,6 +787,7 @@ def train(
                 _interrupt(manager, state, extra, signals.caught)
             if manager is not None and manager.latest_step() != int(host_value(state.step)):
                 save_checkpoint(manager, state, extra, wait=False)
+            _warn_budget(state, num_steps)
         finally:
             bar.close()
             if manager is not None:
@@ -767,6 +796,20 @@ def train(
                 except Exception as e:  # noqa: BLE001 - a failed background save
                     raise _write_error(manager, "in flight", e) from e
     return state, summary
+
+
+def _warn_budget(state: TrainState, num_steps: int) -> None:
+    """Warn when a compressed run ends outside the budget its spec states."""
+    import warnings
+
+    shortfall = getattr(state.forward, "budget_shortfall", None)
+    missed = shortfall(state.params) if shortfall is not None else None
+    if missed:
+        warnings.warn(
+            f"after {num_steps} steps the compression state misses its budget: {missed}. The "
+            "method's schedule did not run to its end (trained for fewer steps than its "
+            "`steps`, or wrapped in optax.MultiSteps, which calls it once per k steps), or "
+            "the method does not enforce this budget.", stacklevel=3)
 
 
 def _interrupt(manager, state: TrainState, extra: PyTree, signum: int) -> None:

@@ -246,3 +246,19 @@ def test_checked_forward_names_the_site_that_saw_a_nan():
     np.testing.assert_allclose(fn(v, st, x), compress_apply(model.apply, g)(v, st, x))
     with pytest.raises(checkify.JaxRuntimeError, match="non-finite input .* at site Conv_0"):
         fn(v, st, x.at[0, 0, 0, 0].set(jnp.nan))
+
+
+def test_integer_inputs_to_a_model_traced_on_floats_are_refused():
+    import jaxjpq
+    from jaxjpq.compress import compress_apply
+
+    model, v, _, x = small_cnn()
+    g = jaxjpq.trace(model.apply, v, x)
+    st = init_state(g, CompressionSpec(), v)
+    fn = compress_apply(model.apply, g)
+    pixels = (np.asarray(x) * 255).astype(np.uint8)
+    with pytest.raises(ValueError, match=r"input 0 is uint8 but the graph was traced on float32 "
+                                         r"inputs.*x / 255\.0"):
+        jax.jit(fn)(v, st, pixels)
+    fn(v, st, jnp.asarray(x, jnp.bfloat16))  # another float dtype is fine
+

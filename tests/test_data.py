@@ -167,6 +167,25 @@ def test_corrupt_cache_gives_clear_error(tmp_path):
         data.load_mnist(tmp_path)
 
 
+def test_an_empty_source_says_so_whatever_drop_remainder():
+    empty = data.ArraySource({"inputs": np.zeros((0, 2), np.float32),
+                              "labels": np.zeros((0,), np.int32)})
+    for drop in (True, False):
+        with pytest.raises(ValueError, match="the source has no examples"):
+            list(data.batches(empty, 4, drop_remainder=drop))
+
+
+def test_an_edited_cache_is_refused(tmp_path):
+    real = data.cache_dir() / "mnist_v1.npz"
+    data.load_mnist()  # builds the real cache where it is missing
+    with np.load(real) as f:
+        arrays = {k: f[k] for k in f.files}
+    arrays["train_y"] = np.zeros_like(arrays["train_y"])  # every label 0
+    np.savez_compressed(tmp_path / "mnist_v1.npz", **arrays)
+    with pytest.raises(ValueError, match="does not match its pinned sha256.*delete it"):
+        data.load_mnist(tmp_path)
+
+
 # --------------------------------------------------------------------------------------------
 # Batching
 # --------------------------------------------------------------------------------------------

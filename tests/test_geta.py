@@ -305,3 +305,28 @@ def test_per_group_allocation_prunes_every_group_by_the_same_fraction():
     _, cs, _, _ = _run(model, v, g, x, spec, cstate, steps, tx)
     kept = {k: int((m > 0.5).sum()) for k, m in cs.masks.items()}
     assert list(kept.values()) == [2, 4, 8]  # half of 4, 8, 16
+
+
+def test_a_geta_run_cut_short_by_multisteps_warns_with_the_sparsity_it_reached():
+    import warnings
+
+    from jaxjpq import cost, data, train
+    from jaxjpq.train import CompressedForward
+
+    model, v, g, _, spec, cstate = _setup(sparsity=0.5)
+    src, steps = random_source(64), 12
+
+    def run(tx):
+        st = train.create_train_state(CompressedForward(model.apply, g),
+                                      {"params": (v["params"], cstate)}, tx)
+        return train.train(st, data.batch_stream(src, 16, seed=0), steps, progress=False)[0]
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the whole schedule meets the target: no warning
+        whole = run(geta(optax.adam(1e-3), g, steps=steps))
+    units = sum(grp.size for grp in g.prunable_groups)
+    assert abs(float(cost.sparsity(g, whole.params[1])) - 0.5) <= 0.5 / units
+    with pytest.warns(UserWarning, match=r"after 12 steps the compression state misses its "
+                                         r"budget: sparsity 0\.\d+ against a budget of 0\.5\..*"
+                                         r"MultiSteps"):
+        run(optax.MultiSteps(geta(optax.adam(1e-3), g, steps=steps), every_k_schedule=2))

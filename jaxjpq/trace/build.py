@@ -264,6 +264,9 @@ def build_graph(traced: Traced, batch_size: int, apply_fn: Callable, var_avals: 
         missed=tuple(sorted(ctx.missed, key=lambda m: -m[1])),
         apply_fn=apply_fn,
         var_avals=var_avals,
+        # dtypes of the traced data arguments, in order (what the compressed forward checks)
+        input_dtypes=tuple(str(a.dtype) for a, i in zip(traced.closed.in_avals, traced.dyn_pos,
+                                                        strict=True) if i >= traced.n_var),
         leaf_shapes=dict(ctx.leaf_shapes),
         reps={
             grp.id: np.asarray([int(ctx.leaf_units[g["key"]][g["axis"]][0]) for _ in g["units"]])
