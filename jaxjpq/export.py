@@ -424,11 +424,18 @@ def inference_fn(packed: PackedModel, apply_fn: Callable, graph: Graph) -> Calla
     act = act_params(packed)
     run = act_quantized_apply(apply_fn, graph)
     p2, lt = packed.meta["power_of_two"], packed.meta["learn_t"]
+    traced = _traced_kwargs(graph)
 
     def fn(*args, **kwargs):
-        return run(variables, act, *args, power_of_two=p2, learn_t=lt, **kwargs)
+        return run(variables, act, *args, power_of_two=p2, learn_t=lt, **{**traced, **kwargs})
 
     return fn
+
+
+def _traced_kwargs(graph: Graph) -> dict:
+    """The static keyword options the graph was traced with (e.g. ``train=False``)."""
+    info = graph.trace_info
+    return dict(info.get("static_kwargs", {})) if info is not None else {}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -591,8 +598,9 @@ def export_model(
 ) -> jax.export.Exported:
     """``jax.export`` the integer-weight model for ``example_args``' shapes: the packed codes are
     embedded as constants and unpacked / dequantized inside the exported computation; ``kwargs``
-    are static keyword arguments of the model (e.g. ``train=False``). Call the result with
-    ``.call(*args)``."""
+    are static keyword arguments of the model, by default those the graph was traced with (e.g.
+    ``train=False``). Call the result with ``.call(*args)``."""
+    kwargs = {**_traced_kwargs(graph), **kwargs}
     variables_np = {k: np.asarray(v) for k, v in packed.arrays.items()}
     pk = PackedModel(arrays=variables_np, meta=packed.meta)
     act = act_params(pk)

@@ -184,3 +184,25 @@ def test_corrupt_export_is_an_error_naming_what(tmp_path, fault):
         export.restore(tmp_path / "m")
     with pytest.raises(FileNotFoundError, match="no exported model"):
         export.restore(tmp_path / "absent")
+
+
+def test_export_serves_a_batchnorm_model_with_the_options_it_was_traced_with():
+    import flax.linen as nn
+
+    import jaxjpq
+
+    class TrainsByDefault(nn.Module):  # a user's model whose `train` defaults to True
+        @nn.compact
+        def __call__(self, x, train: bool = True):
+            x = nn.relu(nn.BatchNorm(not train)(nn.Conv(8, (3, 3))(x)))
+            return nn.Dense(10)(x.mean(axis=(1, 2)))
+
+    m = TrainsByDefault()
+    x = jax.random.normal(jax.random.key(1), (2, 8, 8, 3))
+    v = m.init(jax.random.key(0), x, train=False)
+    g = jaxjpq.trace(m.apply, v, x, train=False)
+    packed = export.pack(g, v, init_state(g, CompressionSpec(), v))
+    want = export.inference_fn(packed, m.apply, g)(x, train=False)
+    np.testing.assert_allclose(export.inference_fn(packed, m.apply, g)(x), want)
+    exp = export.export_model(packed, m.apply, g, x)  # no train=False needed
+    np.testing.assert_allclose(exp.call(x), want, rtol=1e-5, atol=1e-6)

@@ -305,4 +305,8 @@ def trace(
     arrays = [x for x in jax.tree.leaves((example_args, kwargs)) if is_dynamic(x) and np.ndim(x)]
     batch = int(np.shape(arrays[0])[0]) if arrays else 1
     var_avals = jax.tree.map(lambda x: aval(x) if is_dynamic(x) else x, variables)
-    return build_graph(traced, batch, apply_fn, var_avals)
+    graph = build_graph(traced, batch, apply_fn, var_avals)
+    # the static options of the trace (e.g. train=False): what export serves the model with
+    graph.trace_info["static_kwargs"] = {
+        k: v for k, v in kwargs.items() if not any(is_dynamic(x) for x in jax.tree.leaves(v))}
+    return graph
