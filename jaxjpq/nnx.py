@@ -7,7 +7,9 @@ mutable=False, **kwargs)`` runs the module in train or eval mode and, with ``mut
 returns the updated statistics ``{"batch_stats": ...}``. So ``jaxjpq.trace``, ``jaxjpq.init``,
 the train loop (which updates the statistics as statistics, never as weights), ``slim`` and
 ``export`` take an nnx module unchanged; ``merge(model, variables)`` gives the module back with
-trained values.
+trained values. A module with RNG streams (``nnx.Dropout(rate, rngs=...)``) draws in training
+from the key of ``rngs={"dropout": key}`` (the train loop's key of the step), and is
+deterministic in eval.
 """
 
 from __future__ import annotations
@@ -35,13 +37,15 @@ def _templates(module: Any):
     from flax import nnx
 
     graphdef, params, stats, rest = nnx.split(module, nnx.Param, nnx.BatchStat, ...)
-    if jax.tree.leaves(nnx.state(module, nnx.RngState)):
-        raise ValueError(
-            "this nnx module holds RNG state (e.g. nnx.Dropout with rngs): its functional apply "
-            "would reuse the same random numbers every step. Build it without stateful RNG "
-            "(e.g. Dropout rate 0 or deterministic=True) for jaxjpq.nnx.split."
-        )
     return graphdef, params, stats, rest
+
+
+def _streams(module: Any) -> tuple[str, ...]:
+    """Names of the RNG streams ``module`` holds (e.g. ``("default",)`` for nnx.Dropout given
+    ``nnx.Rngs(0)``)."""
+    from flax import nnx
+
+    return tuple(sorted({n.tag for _, n in nnx.iter_graph(module) if isinstance(n, nnx.RngStream)}))
 
 
 def _str_keys(d: Any) -> Any:
@@ -63,6 +67,7 @@ def split(module: Any) -> NnxModel:
     from flax import nnx
 
     graphdef, params, stats, rest = _templates(module)
+    streams = _streams(module)
     pure_p, pure_s = nnx.to_pure_dict(params), nnx.to_pure_dict(stats)
     variables = {"params": _str_keys(pure_p)}
     has_stats = bool(jax.tree.leaves(stats))
@@ -75,14 +80,17 @@ def split(module: Any) -> NnxModel:
         s = jax.tree.map(lambda a: a, stats)
         if has_stats:
             nnx.replace_by_pure_dict(s, _like(variables["batch_stats"], pure_s))
-        return nnx.merge(graphdef, p, s, rest)
+        return nnx.merge(graphdef, p, s, jax.tree.map(lambda a: a, rest))
 
     def apply(variables: Mapping, *args: Any, train: bool = False, mutable: Any = False,
               rngs: Any = None, **kwargs: Any) -> Any:
-        del rngs  # the module holds no RNG state (checked in split)
         model = build(variables)
         if train:
             model.train()
+            if streams:
+                key = _train_key(rngs)
+                nnx.reseed(model, **{n: jax.random.fold_in(key, i)
+                                     for i, n in enumerate(streams)})
         else:
             model.eval()
         out = model(*args, **kwargs)
@@ -93,6 +101,19 @@ def split(module: Any) -> NnxModel:
 
     apply.build = build
     return NnxModel(apply, variables)
+
+
+def _train_key(rngs: Any) -> jax.Array:
+    """The key an nnx module's RNG streams are reseeded from in a training call: ``rngs`` as
+    linen takes it (``{"dropout": key}``, the train loop's per-step key) or one key."""
+    if isinstance(rngs, Mapping) and rngs:
+        return rngs["dropout"] if "dropout" in rngs else next(iter(rngs.values()))
+    if rngs is not None:
+        return rngs
+    raise ValueError(
+        "this nnx module draws random numbers in training (e.g. nnx.Dropout with rngs): pass "
+        "rngs={'dropout': key} to apply with train=True (jaxjpq.train passes a fresh key each "
+        "step), so no two steps reuse one mask.")
 
 
 def merge(model: NnxModel, variables: Mapping) -> Any:

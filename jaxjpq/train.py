@@ -247,9 +247,12 @@ class TrainState:
       opt_state: optax state of ``tx``.
       model_state: non-trainable collections (e.g. ``{"batch_stats": ...}``), maybe ``{}``.
       rng: uint32 [2] PRNG key; per-step keys are ``fold_in(rng, step)``.
-      forward, tx, loss_fn, penalty_fn: static (not traced, not checkpointed).
+      forward, tx, loss_fn, penalty_fn, logits_fn: static (not traced, not checkpointed).
         ``penalty_fn(params) -> scalar`` (optional) is added to the loss, e.g. a sparsity or
-        BOPs term of a compression method.
+        BOPs term of a compression method. ``loss_fn`` takes the model's output as it is;
+        ``logits_fn(output) -> logits [B, K]`` picks the class logits that accuracy,
+        :func:`evaluate` and the default ``cross_entropy`` read (default
+        :func:`output_logits`).
     """
 
     step: jax.Array
@@ -263,6 +266,27 @@ class TrainState:
     penalty_fn: Callable[[PyTree], jax.Array] | None = struct.field(
         pytree_node=False, default=None
     )
+    logits_fn: Callable[[Any], jax.Array] | None = struct.field(pytree_node=False, default=None)
+
+
+def output_logits(output: Any) -> jax.Array:
+    """The class logits in a model's output: the output itself when it is an array, its
+    ``"logits"`` entry when it is a mapping, its first entry when it is a tuple or list;
+    ``ValueError`` otherwise (give ``create_train_state(..., logits_fn=...)``)."""
+    if isinstance(output, Mapping) and "logits" in output:
+        return output["logits"]
+    if isinstance(output, tuple | list) and output:
+        return output_logits(output[0])
+    if hasattr(output, "shape") and not isinstance(output, Mapping):
+        return output
+    raise ValueError(
+        f"cannot find class logits in a model output of type {type(output).__name__} "
+        f"({jax.tree.structure(output)}); pass create_train_state(..., logits_fn=lambda out: "
+        "...) returning the [B, K] logits.")
+
+
+def _logits(state: TrainState, output: Any) -> jax.Array:
+    return (state.logits_fn or output_logits)(output)
 
 
 def create_train_state(
@@ -273,8 +297,13 @@ def create_train_state(
     rng: jax.Array | int = 0,
     loss_fn: LossFn = cross_entropy,
     penalty_fn: Callable[[PyTree], jax.Array] | None = None,
+    logits_fn: Callable[[Any], jax.Array] | None = None,
 ) -> TrainState:
-    """A fresh ``TrainState`` from initialised ``variables`` (must contain ``"params"``)."""
+    """A fresh ``TrainState`` from initialised ``variables`` (must contain ``"params"``).
+
+    A model whose output is not the logits array (a dict, a tuple) trains with a ``loss_fn``
+    that reads that output; ``logits_fn`` picks the logits for accuracy and evaluation (default
+    :func:`output_logits`: ``out["logits"]`` or ``out[0]``)."""
     if "params" not in variables:
         raise ValueError(
             f"variables must contain 'params', got keys {sorted(variables)}; pass the dict "
@@ -293,6 +322,7 @@ def create_train_state(
         tx=tx,
         loss_fn=loss_fn,
         penalty_fn=penalty_fn,
+        logits_fn=logits_fn,
     )
 
 
@@ -340,13 +370,16 @@ def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, j
         logits, new_model_state = state.forward(
             params, state.model_state, batch["inputs"], rng, True
         )
-        value = state.loss_fn(logits, batch["labels"])
+        # the default loss reads the logits of any output; a loss of the user's, the output
+        value = state.loss_fn(_logits(state, logits) if state.loss_fn is cross_entropy
+                              else logits, batch["labels"])
         penalty = state.penalty_fn(params) if state.penalty_fn is not None else 0.0
         return value + penalty, (logits, new_model_state, penalty)
 
-    (value, (logits, new_model_state, penalty)), grads = jax.value_and_grad(
+    (value, (output, new_model_state, penalty)), grads = jax.value_and_grad(
         loss, has_aux=True
     )(state.params)
+    logits = _logits(state, output)
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
     new = state.replace(
         step=state.step + 1,
@@ -374,9 +407,10 @@ def eval_step(state: TrainState, batch: Batch) -> dict[str, jax.Array]:
 
     ``batch["mask"]`` [B] is optional (1 = real example, 0 = padding).
     """
-    logits, _ = state.forward(
+    output, _ = state.forward(
         state.params, state.model_state, batch["inputs"], state.rng, False
     )
+    logits = _logits(state, output)
     labels = batch["labels"]
     mask = batch.get("mask", jnp.ones(labels.shape, jnp.float32))
     per_example = optax.softmax_cross_entropy_with_integer_labels(logits, labels)

@@ -90,17 +90,32 @@ def test_nnx_resnet_trains_slims_and_exports():
     np.testing.assert_allclose(back(x), model.apply(trained, x), rtol=1e-6)
 
 
-def test_nnx_module_with_stateful_rng_is_refused():
+def test_nnx_dropout_draws_from_the_step_key_in_training_and_is_off_in_eval():
     class Drop(nnx.Module):
         def __init__(self, rngs):
-            self.lin = nnx.Linear(4, 3, rngs=rngs)
+            self.lin = nnx.Linear(8 * 8, 32, rngs=rngs)
             self.drop = nnx.Dropout(0.5, rngs=rngs)
+            self.out = nnx.Linear(32, 10, rngs=rngs)
 
         def __call__(self, x):
-            return self.drop(self.lin(x))
+            return self.out(self.drop(nnx.relu(self.lin(x.reshape(x.shape[0], -1)))))
 
-    with pytest.raises(ValueError, match="RNG state"):
-        jaxjpq.nnx.split(Drop(nnx.Rngs(0)))
+    model = jaxjpq.nnx.split(Drop(nnx.Rngs(0)))
+    v, x = model.variables, _source().arrays["inputs"][:4]
+    k1, k2 = jax.random.key(1), jax.random.key(2)
+    a = model.apply(v, x, train=True, rngs={"dropout": k1})
+    np.testing.assert_array_equal(a, model.apply(v, x, train=True, rngs={"dropout": k1}))
+    assert not np.allclose(a, model.apply(v, x, train=True, rngs={"dropout": k2}))
+    np.testing.assert_array_equal(model.apply(v, x), model.apply(v, x))  # eval: no dropout
+    with pytest.raises(ValueError, match="draws random numbers in training.*rngs="):
+        model.apply(v, x, train=True)
+    g = jaxjpq.trace(model.apply, v, x)
+    pair = jaxjpq.init(g, jaxjpq.CompressionSpec(bits=(4, 4), budget={"sparsity": 0.25}), v)
+    st = train.create_train_state(jaxjpq.CompressedForward(model.apply, g), {"params": pair},
+                                  jaxjpq.geta(optax.adam(1e-3), g, steps=12))
+    st, summary = train.train(st, data.batch_stream(_source(), 8, seed=0), 12, progress=False)
+    assert np.isfinite(summary["loss"])
+    assert float(jaxjpq.cost.sparsity(g, st.params.compression)) == pytest.approx(0.25, abs=0.03)
 
 
 def test_readme_nnx_snippet_runs():

@@ -500,3 +500,34 @@ def test_an_unwritable_checkpoint_directory_fails_before_the_first_step(tmp_path
         T.train(_cnn_state(), stream, 4, manager=mgr, checkpoint_every=2, progress=False)
     assert not steps  # no batch was read, so no step was trained
 
+
+@pytest.mark.parametrize("kind", ["tuple", "dict"])
+def test_a_model_returning_a_tuple_or_dict_trains_compressed_and_evaluates(kind):
+    import jaxjpq
+
+    class Heads(nn.Module):
+        @nn.compact
+        def __call__(self, x, train: bool = False):
+            h = nn.relu(nn.Dense(16)(x.reshape(x.shape[0], -1)))
+            logits = nn.Dense(10)(h)
+            return (logits, x.mean()) if kind == "tuple" else {"aux": x.mean(), "logits": logits}
+
+    rng = np.random.default_rng(0)
+    src = data.ArraySource({"inputs": rng.random((32, 4, 4, 1)).astype(np.float32),
+                            "labels": rng.integers(0, 10, 32).astype(np.int32)})
+    m, x = Heads(), src.arrays["inputs"][:2]
+    v = m.init(jax.random.key(0), x)
+    g = jaxjpq.trace(m.apply, v, x)
+    pair = jaxjpq.init(g, jaxjpq.CompressionSpec(bits=(4, 4), budget={"sparsity": 0.25}), v)
+    # the tuple model trains with the default loss, the dict model with a loss of its own
+    loss = {} if kind == "tuple" else {"loss_fn": lambda out, y: T.cross_entropy(
+        out["logits"], y) + 0.0 * out["aux"]}
+    st = T.create_train_state(jaxjpq.CompressedForward(m.apply, g), {"params": pair},
+                              jaxjpq.geta(optax.adam(1e-3), g, steps=12), **loss)
+    st, summary = T.train(st, data.batch_stream(src, 8), 12, progress=False)
+    assert np.isfinite(summary["loss"]) and 0 <= summary["accuracy"] <= 1
+    ev = T.evaluate(st, data.batches(src, 8, shuffle=False), 8)
+    assert ev["count"] == 32 and np.isfinite(ev["loss"])
+    with pytest.raises(ValueError, match="cannot find class logits.*logits_fn="):
+        T.output_logits({"scores": jnp.zeros((2, 3))})
+
