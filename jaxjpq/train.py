@@ -367,14 +367,14 @@ def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, j
     rng = jax.random.fold_in(state.rng, state.step)
 
     def loss(params):
-        logits, new_model_state = state.forward(
+        output, new_model_state = state.forward(
             params, state.model_state, batch["inputs"], rng, True
         )
         # the default loss reads the logits of any output; a loss of the user's, the output
-        value = state.loss_fn(_logits(state, logits) if state.loss_fn is cross_entropy
-                              else logits, batch["labels"])
+        value = state.loss_fn(_logits(state, output) if state.loss_fn is cross_entropy
+                              else output, batch["labels"])
         penalty = state.penalty_fn(params) if state.penalty_fn is not None else 0.0
-        return value + penalty, (logits, new_model_state, penalty)
+        return value + penalty, (output, new_model_state, penalty)
 
     (value, (output, new_model_state, penalty)), grads = jax.value_and_grad(
         loss, has_aux=True
