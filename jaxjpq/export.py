@@ -30,16 +30,9 @@ import orbax.checkpoint as ocp
 from jaxjpq import cost
 from jaxjpq import gates as gates_lib
 from jaxjpq.compress import act_quantized_apply, apply_masks
-from jaxjpq.graph import Graph, stack_layers
+from jaxjpq.graph import Graph, check_variables, stack_layers
 from jaxjpq.quant import QuantParams, broadcast_params, codes, effective_params
-from jaxjpq.state import (
-    CompressionState,
-    check_state,
-    check_variables,
-    graph_fingerprint,
-    leaf,
-    site_quantizer,
-)
+from jaxjpq.state import CompressionState, check_state, graph_fingerprint, leaf, site_quantizer
 
 FORMAT = "jaxjpq-packed-v2"
 _WORDS = {8: np.int8, 16: np.int16, 32: np.int32}

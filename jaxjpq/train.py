@@ -592,7 +592,7 @@ def save_checkpoint(
     directory cannot take it, checked before writing."""
     step = int(host_value(state.step))
     tree = _saved_tree(state, extra)
-    nbytes = sum(np.asarray(x).nbytes for x in jax.tree.leaves(host_value(tree)))
+    nbytes = sum(np.size(x) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
     check_writable(manager.directory, nbytes + _CHECKPOINT_OVERHEAD)
     sums = tree_checksums(tree)
     try:
@@ -609,7 +609,7 @@ def _write_error(manager: ocp.CheckpointManager, step: int | str, e: BaseExcepti
                  ) -> CheckpointWriteError:
     if isinstance(e, CheckpointWriteError):
         return e
-    first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+    first = _first_line(e, 300) or type(e).__name__
     return CheckpointWriteError(
         f"writing checkpoint step {step} to {manager.directory} failed: {first}; free some space "
         "or make the directory writable (earlier checkpoints are kept).")
@@ -617,6 +617,12 @@ def _write_error(manager: ocp.CheckpointManager, step: int | str, e: BaseExcepti
 
 class CorruptCheckpointError(ValueError):
     """No checkpoint step restores with matching checksums."""
+
+
+def _first_line(e: BaseException, n: int) -> str:
+    """The first line of ``e``'s message, at most ``n`` characters ("" for none)."""
+    text = str(e).strip()
+    return text.splitlines()[0][:n] if text else ""
 
 
 def _set_aside(manager: ocp.CheckpointManager, step: int) -> Path | None:
@@ -671,9 +677,8 @@ def restore_checkpoint(
             if bad:
                 raise CorruptCheckpointError(f"checksum mismatch in {', '.join(bad[:3])}")
         except Exception as e:  # noqa: BLE001 - any failure to read one step: try the next
-            why = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
             where = _set_aside(manager, s) if step is None else None
-            skipped.append(f"step {s}: {type(e).__name__}: {why}"
+            skipped.append(f"step {s}: {type(e).__name__}: {_first_line(e, 200)}"
                            + (f" (moved to {where})" if where else ""))
             continue
         if skipped:
