@@ -1,24 +1,26 @@
 """jaxjpq: joint structured pruning and mixed-precision quantization for JAX/Flax.
 
-The core: ``trace`` a model into a :class:`Graph` (QADG), ``init`` the pair
-:class:`CompressedParams` ``(model params, CompressionState)`` from a :class:`CompressionSpec`,
-run the compressed forward from ``compress_apply``, measure it with ``cost``, ``slim`` it and
-``export`` it. Methods (``geta``, ``djpq``, ``prune_then_quantize``, ``qat``) are optax
-transforms over the pair, built on :mod:`jaxjpq.methods.core`; ``fit`` and ``ajpq`` search a
-state for the ``qat`` fine-tune.
+The core: ``init`` traces a model into a :class:`Graph` (QADG, :mod:`jaxjpq.trace`) and returns
+the pair :class:`CompressedParams` ``(model params, CompressionState)``; the state carries its
+graph, so the compressed forward (``compress_apply``), the figures (``cost``), ``slim`` and
+``export`` take the state alone. Methods (``geta``, ``djpq``, ``prune_then_quantize``, ``qat``)
+are factories of optax transforms over the pair, built on :mod:`jaxjpq.methods.core`; ``fit``
+and ``ajpq`` search a state for the ``qat`` fine-tune; :mod:`jaxjpq.methods.registry` builds
+any of them by name.
 """
 
-from jaxjpq import cost, data, djpq, export, gates, macs, models, nnx, quant, train
+from jaxjpq import cost, data, export, gates, macs, models, nnx, quant, trace, train
 from jaxjpq.compress import calibrate, compress_apply
 from jaxjpq.graph import AxisUnits, Graph, Group, MacTerm, Site, Slice
 from jaxjpq.macs import MacCount, count_macs, count_macs_split, eqn_macs
 from jaxjpq.methods import ajpq, fit
 from jaxjpq.methods.baselines import prune_then_quantize
 from jaxjpq.methods.core import enforce_budget, qat, set_bits, within_budget
+from jaxjpq.methods.djpq import djpq
 from jaxjpq.methods.geta import geta
 from jaxjpq.slim import apply_masks, slim
 from jaxjpq.state import CompressedParams, CompressionSpec, CompressionState, init, init_state
-from jaxjpq.trace import Rule, register_rule, trace
+from jaxjpq.trace import Rule, register_rule
 from jaxjpq.train import CompressedForward
 
 __all__ = [

@@ -1,6 +1,7 @@
 """The compressed forward: masked, fake-quantized weights and fake-quantized site inputs.
 
-``compress_apply(apply_fn, graph)`` returns ``fn(variables, state, *args, **kwargs)``:
+``compress_apply(apply_fn)`` returns ``fn(variables, state, *args, **kwargs)`` (the graph is the
+state's, ``state.graph``):
 
 1. weights become ``mask ⊙ M ⊙ Q(W)`` as a parameter tree (site weight leaves quantized with the
    state's weight quantizers and multiplied by their elementwise masks ``M``, then every prunable
@@ -30,6 +31,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import checkify
 
 from jaxjpq import gates as gates_lib
 from jaxjpq.graph import Graph, check_inputs, put_layers
@@ -42,7 +44,14 @@ from jaxjpq.quant import (
     step_from_bits,
 )
 from jaxjpq.slim import apply_masks
-from jaxjpq.state import CompressionState, check_state, check_variables, leaf, site_quantizer
+from jaxjpq.state import (
+    CompressedParams,
+    CompressionState,
+    check_state,
+    check_variables,
+    leaf,
+    site_quantizer,
+)
 from jaxjpq.trace.registry import eqn_macs, rule_for, walk_jaxpr
 
 # ---------------------------------------------------------------------------------------------
@@ -63,14 +72,14 @@ def _set(tree: dict, key: tuple[str, ...], value: Any) -> None:
     node[key[-1]] = value
 
 
-def quantize_weights(graph: Graph, variables: Mapping, state: CompressionState) -> dict:
+def quantize_weights(variables: Mapping, state: CompressionState) -> dict:
     """Replace each site's weight by ``M ⊙ Q(W)``: ``Q`` its weight quantizer (per-channel
     params broadcast along the site's ``out_axes``; none: identity), ``M`` its elementwise mask
     (``state.weight_masks``; none: ones); a stacked leaf is written layer by layer. Returns a new
     nested dict."""
     out = _copy_tree(variables)
     pieces: dict = {}
-    for site in graph.sites:
+    for site in state.graph.sites:
         quantized, masked = site.name in state.weight, site.name in state.weight_masks
         if not (quantized or masked):
             continue
@@ -78,8 +87,7 @@ def quantize_weights(graph: Graph, variables: Mapping, state: CompressionState) 
         if quantized:
             p = broadcast_params(site_quantizer(state, "weight", site.name), w.ndim, site.out_axes)
             # a weight's m^t and log m are recomputed in the backward rather than held through
-            # the whole forward: faster on the MNIST CNN, no slower on ViT-tiny
-            # (experiments/RESULTS.md)
+            # the whole forward: a weight-sized residual less per site for one elementwise pass
             w = quantize_with(w, p, True, state.power_of_two, state.learn_t, remat=True)
         if masked:
             w = w * jnp.asarray(state.weight_masks[site.name] > 0.5, w.dtype)
@@ -90,18 +98,18 @@ def quantize_weights(graph: Graph, variables: Mapping, state: CompressionState) 
 
 
 def transform_variables(
-    graph: Graph, variables: Mapping, state: CompressionState, gate_key: jax.Array | None = None
+    variables: Mapping, state: CompressionState, gate_key: jax.Array | None = None
 ) -> dict:
     """``mask ⊙ M ⊙ Q(z ⊙ W)`` for the whole variable tree (what the compressed forward runs
     with; ``M`` the elementwise masks).
 
     ``z`` are the VIB gates of ``state.gates`` (none: 1): sampled with ``gate_key``, else ``μ``.
     """
-    check_state(graph, state)
+    graph = check_state(state)
     check_variables(graph, variables)
     if state.gates:
         variables = apply_masks(graph, variables, gates_lib.values(state.gates, gate_key))
-    return apply_masks(graph, quantize_weights(graph, variables, state), state.masks)
+    return apply_masks(graph, quantize_weights(variables, state), state.masks)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -495,8 +503,6 @@ def act_quantized_apply(apply_fn: Callable, graph: Graph, *, check_finite: bool 
         @functools.partial(_once_per_tensor, graph)
         def apply(site, p, x):
             if check_finite:
-                from jax.experimental import checkify
-
                 checkify.check(jnp.all(jnp.isfinite(x)),
                                f"non-finite input (NaN/inf) at site {site}")
             if p is None:
@@ -619,14 +625,12 @@ def _tap(f: Callable, x: jax.Array, w: jax.Array, p: jax.Array) -> jax.Array:
     return tapped(x, w, p)
 
 
-def checked_apply(apply_fn: Callable, graph: Graph) -> Callable:
+def checked_apply(apply_fn: Callable) -> Callable:
     """:func:`compress_apply` that checks every site input for NaN/inf (opt-in: the check costs
     a reduction per site). ``fn(variables, state, *args, **kwargs)`` raises
     ``jax.experimental.checkify.JaxRuntimeError`` naming the first site that saw a non-finite
     value (a NaN would otherwise be quantized to a finite code); jit-compatible."""
-    from jax.experimental import checkify
-
-    inner = compress_apply(apply_fn, graph, check_finite=True)
+    inner = compress_apply(apply_fn, check_finite=True)
     checked = checkify.checkify(inner, errors=checkify.user_checks)
 
     def fn(*args, **kwargs):
@@ -637,30 +641,51 @@ def checked_apply(apply_fn: Callable, graph: Graph) -> Callable:
     return fn
 
 
-def compress_apply(apply_fn: Callable, graph: Graph, *, check_finite: bool = False) -> Callable:
-    """The compressed forward ``fn(variables, state, *args, **kwargs) -> apply_fn's output``.
+@dataclasses.dataclass(frozen=True)
+class _Forward:
+    """What the compressed forward of one graph needs, made once per graph."""
+
+    inner: Callable
+    run: Callable
+
+
+def compress_apply(apply_fn: Callable, *, check_finite: bool = False) -> Callable:
+    """The compressed forward ``fn(variables, state, *args, **kwargs) -> apply_fn's output``, or
+    ``fn(pair, *args, **kwargs)`` for a :class:`~jaxjpq.state.CompressedParams` (variables
+    ``{"params": pair.model}``).
 
     Weights are ``mask ⊙ Q(z ⊙ W)`` (see :func:`transform_variables`; pass ``gate_key=`` to
-    sample the gates ``z`` in training), site inputs are fake-quantized with ``state.act``.
-    ``fn.site_stats(variables, state, *args, stat=..., **kwargs)`` returns ``(output, {site:
-    stat(site, un-quantized input)})`` (a scalar per site; the max over repeated uses and loop
-    iterations) for calibration. Close over ``graph``; jit ``fn``.
+    sample the gates ``z`` in training), site inputs are fake-quantized with ``state.act``; the
+    graph is ``state.graph``. ``fn.site_stats(variables, state, *args, stat=..., **kwargs)``
+    returns ``(output, {site: stat(site, un-quantized input)})`` (a scalar per site; the max over
+    repeated uses and loop iterations) for calibration. jit ``fn``.
     """
-    inner = act_quantized_apply(apply_fn, graph, check_finite=check_finite)
-    run = _site_input_runner(apply_fn, graph)
-    sm = graph.site_map
+    made: dict[int, tuple[Graph, _Forward]] = {}  # per graph: the jaxpr caches live in here
+
+    def forward(graph: Graph) -> _Forward:
+        hit = made.get(id(graph))
+        if hit is None or hit[0] is not graph:
+            hit = (graph, _Forward(act_quantized_apply(apply_fn, graph, check_finite=check_finite),
+                                   _site_input_runner(apply_fn, graph)))
+            made[id(graph)] = hit
+        return hit[1]
 
     def fn(variables, state: CompressionState, *args, gate_key=None, **kwargs):
+        if isinstance(variables, CompressedParams):  # fn(pair, *args)
+            variables, state, args = variables.variables, variables.compression, (state, *args)
+        graph = check_state(state)
         check_inputs(graph, args)
-        v = transform_variables(graph, variables, state, gate_key)
+        v = transform_variables(variables, state, gate_key)
         act = {s: site_quantizer(state, "act", s) for s in state.act}
-        return inner(
+        return forward(graph).inner(
             v, act, *args, power_of_two=state.power_of_two, learn_t=state.learn_t, **kwargs
         )
 
     def site_stats(variables, state: CompressionState, *args, stat: Callable, gate_key=None,
                    **kwargs):
-        v = transform_variables(graph, variables, state, gate_key)
+        graph = check_state(state)
+        sm = graph.site_map
+        v = transform_variables(variables, state, gate_key)
 
         def data(site):
             k = sm[site].act_key
@@ -674,10 +699,9 @@ def compress_apply(apply_fn: Callable, graph: Graph, *, check_finite: bool = Fal
             return quantize_with(x, p, sm[site].signed_input, state.power_of_two,
                                  state.learn_t), e
 
-        return run(v, _Hook(data, apply), frozenset(sm), *args, **kwargs)
+        return forward(graph).run(v, _Hook(data, apply), frozenset(sm), *args, **kwargs)
 
     fn.site_stats = site_stats
-    fn.graph = graph
     return fn
 
 
@@ -696,10 +720,9 @@ def calibrate(
     """
     if not hasattr(fn, "site_stats"):
         raise ValueError(
-            "calibrate expects the function returned by compress_apply(apply_fn, graph)."
+            "calibrate expects the function returned by compress_apply(apply_fn)."
         )
-    graph: Graph = fn.graph
-    check_state(graph, state)
+    graph = check_state(state)
     sm = graph.site_map
 
     def stat(s, x):

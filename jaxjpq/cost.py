@@ -164,7 +164,8 @@ def _channel_counts(site: Site, vecs: list, wm: Any, num: _Num) -> tuple[Any, An
     return struct_c, xp.sum(keep, axis=red)
 
 
-def _site_row(graph: Graph, state: CompressionState, site: Site, masks, num: _Num) -> dict:
+def _site_row(state: CompressionState, site: Site, masks, num: _Num) -> dict:
+    graph = state.graph
     """Exact or soft cost figures of one site (per example)."""
     xp = num.xp
     axes = weight_axes(graph, site)
@@ -219,21 +220,21 @@ def _site_row(graph: Graph, state: CompressionState, site: Site, masks, num: _Nu
                 b_w=mean_bits, b_a=b_a, bops=bops)
 
 
-def _rows(graph: Graph, state: CompressionState, soft: bool) -> tuple[list[dict], _Num]:
-    check_state(graph, state)
+def _rows(state: CompressionState, soft: bool) -> tuple[list[dict], _Num]:
+    graph = check_state(state)
     num = _Num(state, soft)
     masks = _unit_masks(state, num)
-    return [_site_row(graph, state, s, masks, num) for s in graph.sites], num
+    return [_site_row(state, s, masks, num) for s in graph.sites], num
 
 
 def _exact(fn):
     """Run an exact-cost computation with float64 enabled (a no-op for numpy and soft)."""
 
-    def wrapped(graph, state, *args, soft=False, **kwargs):
+    def wrapped(state, *args, soft=False, **kwargs):
         if soft:
-            return fn(graph, state, *args, soft=soft, **kwargs)
+            return fn(state, *args, soft=soft, **kwargs)
         with jax.enable_x64(True):
-            return fn(graph, state, *args, soft=soft, **kwargs)
+            return fn(state, *args, soft=soft, **kwargs)
 
     wrapped.__name__ = fn.__name__
     wrapped.__doc__ = fn.__doc__
@@ -256,37 +257,38 @@ def macs(graph: Graph) -> dict[str, float]:
 
 
 @_exact
-def kept_macs(graph: Graph, state: CompressionState, *, soft: bool = False) -> dict[str, Any]:
+def kept_macs(state: CompressionState, *, soft: bool = False) -> dict[str, Any]:
     """``{site: MACs per example of the slim model}`` (structured pruning; dense kernels)."""
-    rows, num = _rows(graph, state, soft)
+    rows, num = _rows(state, soft)
     return {r["site"].name: _out(r["kept_macs"], num) for r in rows}
 
 
 @_exact
-def bits(graph: Graph, state: CompressionState, *, soft: bool = False) -> dict[str, tuple]:
+def bits(state: CompressionState, *, soft: bool = False) -> dict[str, tuple]:
     """``{site: (b_w, b_a)}``: weight bits (mean over kept nonzero weights for per-channel or
     sparse sites) and input-activation bits; 32 = float."""
-    rows, num = _rows(graph, state, soft)
+    rows, num = _rows(state, soft)
     return {r["site"].name: (_out(r["b_w"], num), _out(r["b_a"], num)) for r in rows}
 
 
 @_exact
-def channel_bits(graph: Graph, state: CompressionState, site: str, *, soft: bool = False) -> Any:
+def channel_bits(state: CompressionState, site: str, *, soft: bool = False) -> Any:
     """Bits of each output channel of ``site``'s weight (``channel_shape`` of its out axes, or a
     scalar per tensor); exact: storage bits, 0 for a channel with no kept weight."""
-    check_state(graph, state)
+    check_state(state)
     num = _Num(state, soft)
     if site not in state.weight:
         return FP_BITS
     b = _bits(site_quantizer(state, "weight", site), True, state, num)
     if np.ndim(b) == 0 or soft:
         return _out(b, num) if np.ndim(b) == 0 else b
-    return b * (live_channels(graph, state, site) > 0)
+    return b * (live_channels(state, site) > 0)
 
 
-def live_channels(graph: Graph, state: CompressionState, site: str) -> Any:
+def live_channels(state: CompressionState, site: str) -> Any:
     """Kept nonzero weights per output channel of ``site`` (exact; channel shape)."""
     num = _Num(state, False)
+    graph = check_state(state)
     s = graph.site_map[site]
     masks = _unit_masks(state, num)
     vecs = [_keep_vector(a, masks, num) for a in weight_axes(graph, s)]
@@ -294,10 +296,10 @@ def live_channels(graph: Graph, state: CompressionState, site: str) -> Any:
 
 
 @_exact
-def site_table(graph: Graph, state: CompressionState, *, soft: bool = False) -> dict[str, dict]:
+def site_table(state: CompressionState, *, soft: bool = False) -> dict[str, dict]:
     """``{site: {"kept_macs", "bops", "size", "b_w", "b_a"}}`` per example; ``size`` = weight
     bits plus sparse index bits (no scales)."""
-    rows, num = _rows(graph, state, soft)
+    rows, num = _rows(state, soft)
     return {r["site"].name: dict(
         kept_macs=_out(r["kept_macs"], num), bops=_out(r["bops"], num),
         size=_out(r["weight_bits"] + r["index_bits"], num), b_w=_out(r["b_w"], num),
@@ -305,16 +307,16 @@ def site_table(graph: Graph, state: CompressionState, *, soft: bool = False) -> 
 
 
 @_exact
-def site_bops(graph: Graph, state: CompressionState, *, soft: bool = False) -> dict[str, Any]:
+def site_bops(state: CompressionState, *, soft: bool = False) -> dict[str, Any]:
     """``{site: BOPs per example}`` (see module doc)."""
-    rows, num = _rows(graph, state, soft)
+    rows, num = _rows(state, soft)
     return {r["site"].name: _out(r["bops"], num) for r in rows}
 
 
 @_exact
-def bops(graph: Graph, state: CompressionState, *, soft: bool = False) -> Any:
+def bops(state: CompressionState, *, soft: bool = False) -> Any:
     """Total BOPs per example: soft = differentiable float32, exact = float64 (see module doc)."""
-    rows, num = _rows(graph, state, soft)
+    rows, num = _rows(state, soft)
     return _out(sum(r["bops"] for r in rows), num)
 
 
@@ -324,14 +326,15 @@ def fp32_bops(graph: Graph) -> float:
 
 
 @_exact
-def relative_bops(graph: Graph, state: CompressionState, *, soft: bool = False) -> Any:
+def relative_bops(state: CompressionState, *, soft: bool = False) -> Any:
     """``bops / fp32_bops`` in (0, 1]."""
-    return bops.__wrapped__(graph, state, soft=soft) / fp32_bops(graph)
+    return bops.__wrapped__(state, soft=soft) / fp32_bops(state.graph)
 
 
-def other_bits(graph: Graph, state: CompressionState) -> float:
+def other_bits(state: CompressionState) -> float:
     """Bits of every variable leaf that is not a site weight (biases, norms, statistics) as
     float32, pruned entries removed (exact; needs a traced graph)."""
+    graph = check_state(state)
     if graph.trace_info is None:
         raise ValueError("other_bits needs a graph made by jaxjpq.trace (it has leaf shapes).")
     removed = graph.removed_positions({k: np.asarray(m) for k, m in state.masks.items()})
@@ -347,7 +350,7 @@ def other_bits(graph: Graph, state: CompressionState) -> float:
 
 @_exact
 def size_bits(
-    graph: Graph, state: CompressionState, *, soft: bool = False, include_scales: bool = False,
+    state: CompressionState, *, soft: bool = False, include_scales: bool = False,
     include_other: bool = False,
 ) -> Any:
     """Bits of the site weights: ``Σ nnz · b_w`` plus the sparse sites' indices.
@@ -357,8 +360,8 @@ def size_bits(
     quantizer. ``include_other`` adds :func:`other_bits` (concrete state only): with both, the
     figure is the export's payload.
     """
-    rows, num = _rows(graph, state, soft)
-    total = other_bits(graph, state) if include_other else 0.0
+    rows, num = _rows(state, soft)
+    total = other_bits(state) if include_other else 0.0
     for r in rows:
         total = total + r["weight_bits"] + r["index_bits"]
         if include_scales:
@@ -377,40 +380,42 @@ def fp32_size_bits(graph: Graph) -> float:
 
 
 @_exact
-def relative_size(graph: Graph, state: CompressionState, *, soft: bool = False) -> Any:
+def relative_size(state: CompressionState, *, soft: bool = False) -> Any:
     """``size_bits / fp32_size_bits`` (site weights and sparse indices, no scales)."""
-    return size_bits.__wrapped__(graph, state, soft=soft) / fp32_size_bits(graph)
+    return size_bits.__wrapped__(state, soft=soft) / fp32_size_bits(state.graph)
 
 
-def sparsity(graph: Graph, state: CompressionState) -> Any:
+def sparsity(state: CompressionState) -> Any:
     """Fraction of the prunable units whose mask is 0 (exact)."""
+    graph = check_state(state)
     sizes = sum(g.size for g in graph.prunable_groups)
     pruned = sum(jnp.sum(jnp.asarray(state.masks[g.id]) < 0.5) for g in graph.prunable_groups)
     return pruned / max(sizes, 1)
 
 
-def metrics(graph: Graph, state: CompressionState) -> dict[str, jax.Array]:
+def metrics(state: CompressionState) -> dict[str, jax.Array]:
     """Exact figures of ``state`` as float32 arrays (jit-compatible): ``sparsity`` (fraction of
     prunable units pruned), ``mean_bits`` (mean weight bits over the learned, non-frozen sites),
     ``rel_bops`` and ``rel_size`` (fractions of the fp32 model)."""
     learned = [n for n in state.weight if n not in state.frozen]
-    b = bits(graph, state)
+    b = bits(state)
     f32 = lambda x: jnp.asarray(x).astype(jnp.float32)  # noqa: E731
     mean_bits = (jnp.mean(jnp.stack([f32(b[n][0]) for n in learned])) if learned
                  else jnp.asarray(32.0))
     return {
-        "sparsity": f32(sparsity(graph, state)),
+        "sparsity": f32(sparsity(state)),
         "mean_bits": mean_bits,
-        "rel_bops": f32(relative_bops(graph, state)),
-        "rel_size": f32(relative_size(graph, state)),
+        "rel_bops": f32(relative_bops(state)),
+        "rel_size": f32(relative_size(state)),
     }
 
 
-def report(graph: Graph, state: CompressionState) -> str:
+def report(state: CompressionState) -> str:
     """Per-layer table of the exact costs: kept channels, bits w/a, kept MACs, BOPs share."""
     if not _is_concrete(state):
         raise ValueError("report needs a concrete state (call it outside jit).")
-    rows, _ = _rows(graph, state, soft=False)
+    rows, _ = _rows(state, soft=False)
+    graph = state.graph
     total = float(sum(r["bops"] for r in rows)) or 1.0
     size = float(sum(r["weight_bits"] + r["index_bits"] for r in rows))
 

@@ -1,7 +1,7 @@
 """Integer export: packed weight codes at each site's learned bit width, orbax save/restore,
 an integer-weight inference function and ``jax.export`` serialization.
 
-``pack(graph, variables, state)`` drops every pruned unit (from all ``params`` and ``dependents``
+``pack(variables, state)`` drops every pruned unit (from all ``params`` and ``dependents``
 slices of groups whose mask is 0), stores each quantized site weight as integer codes
 ``sign(W)·round(min(|W|, q_m)^t / d)`` in two's complement, each output channel at its own width
 ``ceil(bits)`` (int8 for 8, two codes per byte for 4, general little-endian bit packing otherwise;
@@ -32,7 +32,14 @@ from jaxjpq import gates as gates_lib
 from jaxjpq.compress import act_quantized_apply, apply_masks
 from jaxjpq.graph import Graph, check_variables, stack_layers
 from jaxjpq.quant import QuantParams, broadcast_params, codes, effective_params
-from jaxjpq.state import CompressionState, check_state, graph_fingerprint, leaf, site_quantizer
+from jaxjpq.state import (
+    CompressedParams,
+    CompressionState,
+    check_state,
+    graph_fingerprint,
+    leaf,
+    site_quantizer,
+)
 
 FORMAT = "jaxjpq-packed-v2"
 _WORDS = {8: np.int8, 16: np.int16, 32: np.int32}
@@ -126,8 +133,9 @@ def _flat_leaves(variables: Mapping) -> list[tuple[tuple[str, ...], Any]]:
     return out
 
 
-def _keep_per_axis(graph: Graph, state: CompressionState, key, shape) -> dict[int, np.ndarray]:
+def _keep_per_axis(state: CompressionState, key, shape) -> dict[int, np.ndarray]:
     """``{axis: bool[n]}`` of kept positions of leaf ``key`` (only axes that lose something)."""
+    graph = state.graph
     keep: dict[int, np.ndarray] = {}
     for g in graph.prunable_groups:
         m = np.asarray(state.masks[g.id]) > 0.5
@@ -259,15 +267,19 @@ def _dequantize(i: int, arrays: Mapping, e: Mapping, shape: tuple[int, ...], xp)
 CODECS: dict[str, Callable[..., Any]] = {"codes": _dequantize, "float": _decode_float}
 
 
-def pack(graph: Graph, variables: Mapping, state: CompressionState) -> PackedModel:
+def pack(variables: Mapping, state: CompressionState | None = None) -> PackedModel:
     """Pack ``mask ⊙ M ⊙ Q(W)`` of every quantized site as integer codes; see module docstring.
+
+    ``variables`` and ``state``, or a :class:`~jaxjpq.state.CompressedParams` pair alone.
 
     Every output channel is stored at its own exact width (:func:`jaxjpq.cost.channel_bits`; a
     channel with no kept weight takes no bits). A site with elementwise masks stores its kept
     positions (bitmap or list) and the codes of the kept nonzero weights only. VIB gates
     (``state.gates``) are folded into the weights first (their test-time ``μ``), as the
     deterministic compressed forward applies them."""
-    check_state(graph, state)
+    if state is None and isinstance(variables, CompressedParams):
+        variables, state = variables.variables, variables.compression
+    graph = check_state(state)
     check_variables(graph, variables)
     if state.gates:
         variables = gates_lib.fold(graph, variables, state.gates)
@@ -297,7 +309,7 @@ def pack(graph: Graph, variables: Mapping, state: CompressionState) -> PackedMod
                                  state.power_of_two)
             c = _select(np.asarray(all_codes[site.name]), keep)
             out_axes = sorted(a % x.ndim for a in site.out_axes)
-            bits = np.asarray(cost.channel_bits(graph, state, site.name))
+            bits = np.asarray(cost.channel_bits(state, site.name))
             ch_keep = [keep.get(a, np.ones(x.shape[a], bool)) for a in out_axes]
             if bits.ndim:
                 bits = bits[np.ix_(*ch_keep)]
@@ -326,7 +338,7 @@ def pack(graph: Graph, variables: Mapping, state: CompressionState) -> PackedMod
 
     for key, value in _flat_leaves(masked):
         x = np.asarray(value)
-        keep = _keep_per_axis(graph, state, key, x.shape)
+        keep = _keep_per_axis(state, key, x.shape)
         sites = sites_of.get(key, [])
         if sites and sites[0].layer_axes:  # a stacked leaf: one entry per layer
             la = sites[0].layer_axes
@@ -346,7 +358,7 @@ def pack(graph: Graph, variables: Mapping, state: CompressionState) -> PackedMod
             for s in act_sites
         ])
     meta = dict(format=FORMAT, leaves=leaves_meta, act_sites=act_sites, learn_t=state.learn_t,
-                power_of_two=bool(state.power_of_two), fingerprint=state.fingerprint)
+                power_of_two=bool(state.power_of_two), fingerprint=graph_fingerprint(graph))
     return PackedModel(arrays=arrays, meta=meta)
 
 

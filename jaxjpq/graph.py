@@ -9,11 +9,14 @@ argument.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 Path = tuple[str, ...]
 
@@ -244,6 +247,15 @@ class Graph:
                 out.setdefault(sl.key, {}).setdefault(sl.axis, set()).update(idx.tolist())
         return out
 
+    def abstract_variables(self) -> dict:
+        """The variables' shapes as a nested dict of float32 ``jax.ShapeDtypeStruct`` (needs a
+        traced graph)."""
+        if self.trace_info is None:
+            raise ValueError("a hand-built graph has no leaf shapes; pass the variables.")
+        return traverse_util.unflatten_dict(
+            {k: jax.ShapeDtypeStruct(s, jnp.float32)
+             for k, s in self.trace_info["leaf_shapes"].items()})
+
     def param_count(
         self, masks: Mapping[str, Any] | None = None, collections: tuple[str, ...] = ("params",)
     ) -> int:
@@ -406,3 +418,13 @@ def check_inputs(graph: Graph, args: Sequence[Any]) -> None:
                 f"input {i} is {jnp.dtype(dtype).name} but the graph was traced on {want} inputs; "
                 "convert it to the traced dtype and range (e.g. x / 255.0 for 0-255 pixels).")
 
+
+def graph_fingerprint(graph: Graph) -> str:
+    """Short hash of group ids/sizes/prunability and site names/weights/shapes/axes."""
+    h = hashlib.sha1()
+    for g in graph.groups:
+        h.update(f"G|{g.id}|{g.size}|{g.prunable};".encode())
+    for s in graph.sites:
+        h.update(f"S|{s.name}|{s.weight}|{s.weight_shape}|{s.out_axes}|{s.in_axes}"
+                 f"|{s.act_from or ''};".encode())
+    return h.hexdigest()[:16]

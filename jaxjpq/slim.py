@@ -1,4 +1,4 @@
-"""Remove pruned channels physically: ``slim(graph, variables, masks) -> (slim_fn, slim_vars)``.
+"""Remove pruned channels physically: ``slim(variables, state) -> (slim_fn, slim_vars)``.
 
 Slimming works at the jaxpr level, so it needs no per-model code. For each call signature,
 ``apply_fn`` is traced with the *original* (abstract) variable shapes and walked by
@@ -24,6 +24,22 @@ import numpy as np
 from jaxjpq.graph import Graph, Slice, check_variables
 from jaxjpq.jaxprs import aval, cached, is_dynamic, key_of, sub_jaxpr
 from jaxjpq.trace import Traced, rule_for, trace_jaxpr, walk_jaxpr
+
+
+def graph_of(state_or_masks: Any, graph: Graph | None, fn: str) -> Graph:
+    """The graph of a ``CompressionState`` (its ``graph`` field), else ``graph``; ``ValueError``
+    when neither is there."""
+    own = getattr(state_or_masks, "graph", None)
+    if own is not None:
+        if graph is not None and graph is not own:
+            raise ValueError(f"{fn}: the state carries its graph; leave graph= out.")
+        return own
+    if not isinstance(graph, Graph):
+        raise ValueError(
+            f"{fn}: plain masks need graph= (the traced Graph); a CompressionState carries its "
+            "own."
+        )
+    return graph
 
 
 def mask_dict(graph: Graph, state_or_masks: Any) -> dict[str, Any]:
@@ -250,19 +266,27 @@ def _keep_arrays(graph: Graph, masks: Mapping[str, Any]) -> dict[str, np.ndarray
     return keep
 
 
-def slim(graph: Graph, variables: Any, state_or_masks: Any) -> tuple[Callable, Any]:
+def slim(
+    variables: Any, state_or_masks: Any = None, *, graph: Graph | None = None
+) -> tuple[Callable, Any]:
     """Remove pruned units everywhere they appear (params, running statistics, consumer rows).
 
     Args:
-      graph: from :func:`jaxjpq.trace` for the model that ``variables`` belong to.
-      variables: the original (dense) variables, same structure as at trace time.
-      state_or_masks: ``{group.id: bool[size]}`` (True = keep; floats > 0.5 keep) or an object
-        with such a ``.masks`` dict (a ``CompressionState``). Absent groups are kept whole.
+      variables: the original (dense) variables, same structure as at trace time; or a
+        :class:`~jaxjpq.state.CompressedParams` pair alone (``{"params": pair.model}`` and its
+        state).
+      state_or_masks: a ``CompressionState`` (its graph and masks), or keep-masks
+        ``{group.id: bool[size]}`` (True = keep; floats > 0.5 keep) with ``graph=``. Absent
+        groups are kept whole.
+      graph: the traced graph, for plain masks only.
     Returns:
       ``(slim_fn, slim_variables)``: ``slim_fn(slim_variables, *args, **kwargs)`` equals
       ``apply_fn(apply_masks(graph, variables, masks), *args, **kwargs)`` up to float rounding,
       at any batch size / input signature (re-traced once per signature; jit-compatible).
     """
+    if state_or_masks is None and hasattr(variables, "compression"):
+        variables, state_or_masks = variables.variables, variables.compression
+    graph = graph_of(state_or_masks, graph, "slim")
     info = graph.trace_info
     if info is None:
         raise ValueError("slim needs a graph made by jaxjpq.trace (it carries the apply function).")

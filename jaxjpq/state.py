@@ -15,16 +15,22 @@ fixed ``spec.skip_bits`` (default 8): their quantizers live in the state, are li
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 
-from jaxjpq.graph import Graph, Site, check_variables, leaf  # noqa: F401 (re-exported)
+from jaxjpq.graph import (  # noqa: F401 (re-exported)
+    Graph,
+    Site,
+    check_variables,
+    graph_fingerprint,
+    leaf,
+)
 from jaxjpq.quant import QuantParams, channel_shape, check_bits, init_from_tensor, step_from_bits
+from jaxjpq.trace.build import trace
 
 BUDGET_KINDS = ("sparsity", "bops", "size")
 
@@ -146,8 +152,9 @@ class CompressionState:
       weight_masks: ``{site name: float32[weight_shape]}`` elementwise (unstructured) keep-masks
         of site weights, 1 = keep; sites without an entry are dense. A channel whose weights are
         all masked holds 0 bits.
+      graph: static; the :class:`~jaxjpq.graph.Graph` the state belongs to. Every function that
+        reads a state (cost, slim, export, the methods) takes the graph from here.
       spec: static; the :class:`CompressionSpec` the state was made from (None if hand-built).
-      fingerprint: static hash of the graph's groups and sites (see :func:`graph_fingerprint`).
       power_of_two: static; forward rounds bits to {2, 4, 8}.
       frozen: static; site names whose quantizers are fixed (no gradient).
       learn_t: static; False = exponent ``t`` fixed at 1 (use :func:`site_quantizer` to read).
@@ -159,8 +166,8 @@ class CompressionState:
     masks: dict[str, jax.Array]
     gates: dict[str, Any] = flax.struct.field(default_factory=dict)
     weight_masks: dict[str, jax.Array] = flax.struct.field(default_factory=dict)
+    graph: Graph | None = flax.struct.field(pytree_node=False, default=None)
     spec: CompressionSpec | None = flax.struct.field(pytree_node=False, default=None)
-    fingerprint: str = flax.struct.field(pytree_node=False, default="")
     power_of_two: bool = flax.struct.field(pytree_node=False, default=False)
     frozen: tuple[str, ...] = flax.struct.field(pytree_node=False, default=())
     learn_t: bool = flax.struct.field(pytree_node=False, default=True)
@@ -177,28 +184,19 @@ def site_quantizer(state: CompressionState, kind: str, name: str) -> QuantParams
     return jax.lax.stop_gradient(p) if name in state.frozen else p
 
 
-def graph_fingerprint(graph: Graph) -> str:
-    """Short hash of group ids/sizes/prunability and site names/weights/shapes/axes."""
-    h = hashlib.sha1()
-    for g in graph.groups:
-        h.update(f"G|{g.id}|{g.size}|{g.prunable};".encode())
-    for s in graph.sites:
-        h.update(f"S|{s.name}|{s.weight}|{s.weight_shape}|{s.out_axes}|{s.in_axes}"
-                 f"|{s.act_from or ''};".encode())
-    return h.hexdigest()[:16]
-
-
-def check_state(graph: Graph, state: CompressionState) -> None:
-    """Raise ``ValueError`` if ``state`` was not initialised for ``graph``."""
+def check_state(state: CompressionState) -> Graph:
+    """``state.graph`` after checking ``state`` against it; ``ValueError`` for anything else than
+    a :class:`CompressionState` made by :func:`init` (or :func:`init_state`), or for elementwise
+    masks / gates of another shape than the graph's."""
     if not isinstance(state, CompressionState):
         raise ValueError(
             f"expected a CompressionState, got {type(state).__name__}; build one with jaxjpq.init."
         )
-    fp = graph_fingerprint(graph)
-    if state.fingerprint != fp:
+    graph = state.graph
+    if not isinstance(graph, Graph):
         raise ValueError(
-            f"this CompressionState belongs to another graph (fingerprint {state.fingerprint!r}, "
-            f"graph has {fp!r}); call jaxjpq.init(graph, spec, variables) for this graph."
+            "this CompressionState carries no graph; build it with jaxjpq.init or "
+            "jaxjpq.init_state (or state.replace(graph=graph) for a hand-built one)."
         )
     sm = graph.site_map
     for name, m in state.weight_masks.items():
@@ -217,6 +215,7 @@ def check_state(graph: Graph, state: CompressionState) -> None:
                     f"state.gates has no [{g.size}] gate for group {g.id}; build the gates with "
                     "jaxjpq.gates.init(graph) (or leave state.gates empty)."
                 )
+    return graph
 
 
 def _weight_params(site: Site, spec: CompressionSpec, bits: float, variables) -> QuantParams:
@@ -247,13 +246,53 @@ class CompressedParams(NamedTuple):
     model: Any
     compression: CompressionState
 
+    @property
+    def variables(self) -> dict:
+        """``{"params": model}``: the variables a Flax ``apply`` takes."""
+        return {"params": self.model}
 
-def init(graph: Graph, spec: CompressionSpec, variables: Mapping) -> CompressedParams:
-    """``CompressedParams(variables["params"], init_state(graph, spec, variables))``.
 
-    ``variables`` are the model's variables as traced (``{"params": ..., "batch_stats": ...}``);
-    the non-param collections stay with the caller (e.g. the train loop's model state).
+def init(
+    model: Callable | Graph,
+    variables: Mapping,
+    *example_args: Any,
+    spec: CompressionSpec | None = None,
+    strict: bool = False,
+    model_kwargs: Mapping[str, Any] | None = None,
+    **spec_fields: Any,
+) -> CompressedParams:
+    """Trace ``model`` and return ``CompressedParams(variables["params"], state)``.
+
+    Args:
+      model: the model's apply function (``model.apply``), traced as
+        ``model(variables, *example_args, **model_kwargs)`` (see :func:`jaxjpq.trace.trace`),
+        or a :class:`Graph` traced before (then no ``example_args``).
+      variables: the model's variables as traced (``{"params": ..., "batch_stats": ...}``); the
+        non-param collections stay with the caller (e.g. the train loop's model state).
+      *example_args: example inputs, e.g. ``x`` of shape ``[batch, ...]``.
+      spec: a :class:`CompressionSpec`; or give its fields as keywords (``bits=(2, 4)``,
+        ``budget={"sparsity": 0.5}``, ...), not both.
+      strict, model_kwargs: passed to the tracer (``model_kwargs``: static options such as
+        ``{"train": False}``).
+    Returns:
+      the pair; ``pair.compression.graph`` is the traced graph.
     """
+    if isinstance(model, Graph):
+        if example_args or model_kwargs:
+            raise ValueError("init got a Graph and example inputs; give one or the other.")
+        graph = model
+    elif callable(model):
+        if isinstance(variables, CompressionSpec):
+            raise ValueError("init(graph_or_apply_fn, variables, *example_args, spec=...): the "
+                             "spec goes by keyword (spec=... or bits=..., budget=...).")
+        graph = trace(model, variables, *example_args, strict=strict, **(model_kwargs or {}))
+    else:
+        raise ValueError(
+            f"init expects model.apply (or a jaxjpq Graph), got {type(model).__name__}."
+        )
+    if spec is not None and spec_fields:
+        raise ValueError(f"init got spec= and spec fields {sorted(spec_fields)}; give one.")
+    spec = spec if spec is not None else CompressionSpec(**spec_fields)
     if not isinstance(variables, Mapping) or "params" not in variables:
         raise ValueError(
             "init needs the model's variables with a 'params' collection, e.g. "
@@ -299,7 +338,7 @@ def init_state(
         act=act,
         masks=masks,
         spec=spec,
-        fingerprint=graph_fingerprint(graph),
+        graph=graph,
         power_of_two=bool(spec.power_of_two),
         frozen=frozen,
         learn_t=bool(spec.learn_t),

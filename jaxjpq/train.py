@@ -167,25 +167,24 @@ class FlaxForward:
 class CompressedForward:
     """``Forward`` whose params are the pair ``(model_params, CompressionState)``.
 
-    Runs the masked, fake-quantized forward of ``apply_fn`` (a Flax-style apply) for ``graph``;
-    non-param collections and the dropout rng are handled as in :class:`FlaxForward`; VIB gates
-    (DJPQ) are sampled in training only, from a key independent of dropout's. Equal when built
-    from equal ``apply_fn`` and the same graph, so jitted steps are reused. ``TrainState.params``
-    is then the pair, so orbax checkpoints carry the model params, the optimizer state and the
-    compression state together, and a resumed run continues exactly.
+    Runs the masked, fake-quantized forward of ``apply_fn`` (a Flax-style apply) for the graph
+    of the pair's state; non-param collections and the dropout rng are handled as in
+    :class:`FlaxForward`; VIB gates (DJPQ) are sampled in training only, from a key independent
+    of dropout's. Equal when built from equal ``apply_fn``, so jitted steps are reused.
+    ``TrainState.params`` is then the pair, so orbax checkpoints carry the model params, the
+    optimizer state and the compression state together, and a resumed run continues exactly.
     """
 
-    def __init__(self, apply_fn: Callable[..., Any], graph: Any, **call_kwargs: Any):
+    def __init__(self, apply_fn: Callable[..., Any], **call_kwargs: Any):
         from jaxjpq.compress import compress_apply
 
         self.apply_fn = apply_fn
-        self.graph = graph
-        self.fn = compress_apply(apply_fn, graph)
+        self.fn = compress_apply(apply_fn)
         self.options = call_options(apply_fn)
         self.call_kwargs = call_kwargs
 
     def _key(self) -> Any:
-        return (FlaxForward(self.apply_fn, **self.call_kwargs), id(self.graph))
+        return FlaxForward(self.apply_fn, **self.call_kwargs)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, CompressedForward) and self._key() == other._key()
@@ -213,11 +212,11 @@ class CompressedForward:
         spec = getattr(c, "spec", None)
         if spec is None or not spec.budget:
             return None
-        groups = self.graph.prunable_groups
+        groups = c.graph.prunable_groups
         figures = {
-            "sparsity": lambda: float(cost.sparsity(self.graph, c)),
-            "bops": lambda: float(cost.relative_bops(self.graph, c)),
-            "size": lambda: float(cost.relative_size(self.graph, c)),
+            "sparsity": lambda: float(cost.sparsity(c)),
+            "bops": lambda: float(cost.relative_bops(c)),
+            "size": lambda: float(cost.relative_size(c)),
         }
         misses = []
         for kind, target in spec.budget:
@@ -866,12 +865,18 @@ def _interrupt(manager, state: TrainState, extra: PyTree, signum: int) -> None:
 
 
 def _chained_check(state: TrainState) -> None:
-    """Raise the pair methods' ``ChainedTransformError`` when one flagged tampered updates."""
-    for path, x in jax.tree_util.tree_leaves_with_path(state.opt_state):
-        if path and getattr(path[-1], "name", None) == "tampered" and bool(host_value(x)):
-            from jaxjpq.methods.core import chained_error
+    """Raise the error an optimizer state reports through the fault protocol: a node with a
+    ``fault() -> Exception | None`` method (the pair methods' state reports a transform chained
+    after it, :class:`jaxjpq.methods.core.ChainedTransformError`)."""
+    for node in jax.tree.leaves(state.opt_state, is_leaf=_reports_fault):
+        if _reports_fault(node):
+            err = node.fault()
+            if err is not None:
+                raise err
 
-            raise chained_error()
+
+def _reports_fault(x: Any) -> bool:
+    return callable(getattr(type(x), "fault", None))
 
 
 def _non_finite(manager, step: int, loss: float) -> None:

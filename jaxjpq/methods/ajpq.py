@@ -40,9 +40,10 @@ import numpy as np
 import optax
 
 from jaxjpq import cost
-from jaxjpq.graph import Graph
-from jaxjpq.methods.core import _shapes, enforce_budget, magnitude, set_bits, with_bits
+from jaxjpq.compress import compress_apply
+from jaxjpq.methods.core import enforce_budget, magnitude, set_bits, with_bits
 from jaxjpq.methods.fit import _budget, _extra_bits, fp32_model_bits, relative_model_size
+from jaxjpq.quant import params_bits
 from jaxjpq.state import CompressionState, check_state
 from jaxjpq.units import rank_in_group, unit_index
 
@@ -78,7 +79,7 @@ class Env(NamedTuple):
     target: float
 
 
-def make_env(graph: Graph, state: CompressionState, *, size: float | None = None,
+def make_env(state: CompressionState, *, size: float | None = None,
              bops: float | None = None, reserve_bits: float = 0.0) -> Env:
     """The environment of ``graph`` from ``state`` (which sites are quantized and learned, the
     bit range) and one budget: ``size`` (the exported model's bits, :func:`relative_model_size`,
@@ -86,9 +87,9 @@ def make_env(graph: Graph, state: CompressionState, *, size: float | None = None
     Raises ``ValueError`` when the budget is not a fraction in (0, 1] or is below the smallest
     reachable figure (every learned site at ``b_l``, every group down to one unit)."""
     kind, alpha = _budget(size, bops)
-    check_state(graph, state)
+    graph = check_state(state)
     sites = graph.sites
-    index = unit_index(graph, _shapes(graph))
+    index = unit_index(graph, graph.abstract_variables())
     pos = {g: j for j, g in enumerate(index.group_ids)}
     group, taken = [], set()
     for s in sites:
@@ -114,13 +115,13 @@ def make_env(graph: Graph, state: CompressionState, *, size: float | None = None
     share = share / share.sum()
     if kind == "size":
         fp_sites = cost.fp32_size_bits(graph)
-        spare = alpha * fp32_model_bits(graph) - float(reserve_bits) - _extra_bits(graph, state)
+        spare = alpha * fp32_model_bits(graph) - float(reserve_bits) - _extra_bits(state)
         target = spare / fp_sites
     else:
         target = alpha
     env = Env(tuple(s.name for s in sites), learned, act_learned, np.asarray(group, np.int64),
               features, share, kind, alpha, float(target))
-    floor = _floor(graph, state, env)
+    floor = _floor(state, env)
     if target <= 0 or floor > target * (1 + 1e-9):
         smallest = (floor if kind == "bops" else (floor * cost.fp32_size_bits(graph) + alpha
                                                   * fp32_model_bits(graph) - target
@@ -134,22 +135,23 @@ def make_env(graph: Graph, state: CompressionState, *, size: float | None = None
     return env
 
 
-def _floor(graph: Graph, state: CompressionState, env: Env) -> float:
+def _floor(state: CompressionState, env: Env) -> float:
     """The enforce figure at every learned quantizer's lowest bits and one unit per group."""
+    graph = state.graph
     low = state
     b_lo = state.spec.bits[0]
     for n in state.weight:
         if n not in state.frozen:
-            low = set_bits(graph, low, n, b_lo)
+            low = set_bits(low, n, b_lo)
     if env.kind == "bops":
         for n in state.act:
             if n not in state.frozen:
-                low = set_bits(graph, low, n, b_lo, kind="act")
-    index = unit_index(graph, _shapes(graph))
+                low = set_bits(low, n, b_lo, kind="act")
+    index = unit_index(graph, graph.abstract_variables())
     first = np.zeros(index.num_units, np.float32)
     first[np.asarray(index.offsets[:-1])] = 1.0
     low = low.replace(masks={**low.masks, **index.split(jnp.asarray(first))})
-    return float(_figure(graph, low, env, jnp.float64))
+    return float(_figure(low, env, jnp.float64))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -163,12 +165,13 @@ def action_bits(a: jax.Array, bits: tuple[float, float]) -> jax.Array:
     return jnp.clip(jnp.round(b_l - 0.5 + a * (b_u - b_l + 1.0)), b_l, b_u)
 
 
-def policy_state(graph: Graph, state: CompressionState, env: Env, actions: jax.Array,
+def policy_state(state: CompressionState, env: Env, actions: jax.Array,
                  saliency: jax.Array, *, max_prune: float = 0.9) -> CompressionState:
     """``state`` with the policy ``actions`` (``[L, 3]``) applied, before budget enforcement:
     learned weight (and, for BOPs, activation) bits from ``a₀`` (``a₁``) and, per decided group,
     its ``⌊a₂ · max_prune · size⌋`` least salient units (``saliency`` ``[U]``) masked.
     jit- and vmap-compatible."""
+    graph = state.graph
     bits = state.spec.bits
     sm = graph.site_map
     weight, act = dict(state.weight), dict(state.act)
@@ -179,7 +182,7 @@ def policy_state(graph: Graph, state: CompressionState, env: Env, actions: jax.A
             act[name] = with_bits(act[name], action_bits(actions[i, 1], bits),
                                   sm[name].signed_input)
     out = state.replace(weight=weight, act=act)
-    index = unit_index(graph, _shapes(graph))
+    index = unit_index(graph, graph.abstract_variables())
     if index.num_units == 0:
         return out
     sizes = np.diff(np.asarray(index.offsets))
@@ -194,23 +197,24 @@ def policy_state(graph: Graph, state: CompressionState, env: Env, actions: jax.A
     return out.replace(masks=index.split(keep))
 
 
-def candidate(graph: Graph, state: CompressionState, env: Env, actions: jax.Array,
+def candidate(state: CompressionState, env: Env, actions: jax.Array,
               saliency: jax.Array, params: Mapping, *, max_prune: float = 0.9
               ) -> tuple[CompressionState, jax.Array]:
     """``(enforced state, the policy's figure before enforcement)`` of ``actions``; the
     enforced state meets ``env``'s budget exactly (``enforce_budget``). jit/vmap-compatible."""
-    raw = policy_state(graph, state, env, actions, saliency, max_prune=max_prune)
-    fig = _figure(graph, raw, env)
+    raw = policy_state(state, env, actions, saliency, max_prune=max_prune)
+    fig = _figure(raw, env)
     kw = {env.kind: env.target}
-    return enforce_budget(graph, raw, saliency=saliency, params=params, **kw), fig
+    return enforce_budget(raw, saliency=saliency, params=params, **kw), fig
 
 
-def _figure(graph: Graph, state: CompressionState, env: Env, dtype: Any = jnp.float32
+def _figure(state: CompressionState, env: Env, dtype: Any = jnp.float32
             ) -> jax.Array:
     """The enforce figure (``cost.relative_size`` / ``relative_bops``) of ``state``, computed in
     float64 and returned as ``dtype``."""
+    graph = state.graph
     with jax.enable_x64(True):
-        table = cost.site_table(graph, state)
+        table = cost.site_table(state)
         if env.kind == "bops":
             f = sum(r["bops"] for r in table.values()) / cost.fp32_bops(graph)
         else:
@@ -223,7 +227,7 @@ def _figure(graph: Graph, state: CompressionState, env: Env, dtype: Any = jnp.fl
 # ---------------------------------------------------------------------------------------------
 
 
-def make_evaluator(apply_fn: Callable, graph: Graph, state: CompressionState, variables: Mapping,
+def make_evaluator(apply_fn: Callable, state: CompressionState, variables: Mapping,
                    env: Env, inputs: np.ndarray, labels: np.ndarray, *, eval_batch: int = 500,
                    max_prune: float = 0.9, over_penalty: float = 0.1, population: str = "auto",
                    **call_kwargs: Any) -> Callable:
@@ -236,9 +240,8 @@ def make_evaluator(apply_fn: Callable, graph: Graph, state: CompressionState, va
     several devices, else ``"map"`` on CPU (where a ``vmap`` over per-candidate kernels becomes a
     slow grouped convolution) and ``"vmap"`` elsewhere. ``evaluate.reference`` is the accuracy
     of ``state`` itself."""
-    from jaxjpq.compress import compress_apply
-
-    fwd = compress_apply(apply_fn, graph)
+    graph = state.graph
+    fwd = compress_apply(apply_fn)
     params = variables["params"]
     index = unit_index(graph, variables)
     saliency = magnitude(index, params) if index.num_units else jnp.zeros((0,), jnp.float32)
@@ -277,17 +280,17 @@ def make_evaluator(apply_fn: Callable, graph: Graph, state: CompressionState, va
             spec = jax.sharding.PartitionSpec("population")
             actions = jax.lax.with_sharding_constraint(
                 actions, jax.sharding.NamedSharding(mesh, spec))
-        states, raw = jax.vmap(lambda a: candidate(graph, state, env, a, saliency, params,
+        states, raw = jax.vmap(lambda a: candidate(state, env, a, saliency, params,
                                                    max_prune=max_prune))(actions)
         accs = (jax.vmap(accuracy) if over_models == "vmap" else
                 lambda s: jax.lax.map(accuracy, s))(states)
         over = jnp.maximum(raw / env.target - 1.0, 0.0)
         return {"reward": 0.1 * 100.0 * (accs - ref) - over_penalty * over, "accuracy": accs,
-                "figure": jax.vmap(lambda st: _figure(graph, st, env))(states),
+                "figure": jax.vmap(lambda st: _figure(st, env))(states),
                 "policy_figure": raw}
 
     evaluate.reference = ref
-    evaluate.state_of = lambda actions: candidate(graph, state, env, jnp.asarray(actions),
+    evaluate.state_of = lambda actions: candidate(state, env, jnp.asarray(actions),
                                                   saliency, params, max_prune=max_prune)[0]
     return evaluate
 
@@ -516,7 +519,7 @@ class SearchResult(NamedTuple):
     compiles: int
 
 
-def search(apply_fn: Callable, graph: Graph, state: CompressionState, variables: Mapping,
+def search(apply_fn: Callable, state: CompressionState, variables: Mapping,
            inputs: np.ndarray, labels: np.ndarray, *, size: float | None = None,
            bops: float | None = None, episodes: int = 30, hp: Hyper | None = None,
            random_search: bool = False, seed: int = 0, reserve_bits: float = 0.0,
@@ -532,8 +535,8 @@ def search(apply_fn: Callable, graph: Graph, state: CompressionState, variables:
     hp = Hyper() if hp is None else hp
     if episodes < 1:
         raise ValueError(f"episodes must be >= 1, got {episodes}.")
-    env = make_env(graph, state, size=size, bops=bops, reserve_bits=reserve_bits)
-    evaluate = make_evaluator(apply_fn, graph, state, variables, env, inputs, labels,
+    env = make_env(state, size=size, bops=bops, reserve_bits=reserve_bits)
+    evaluate = make_evaluator(apply_fn, state, variables, env, inputs, labels,
                               eval_batch=eval_batch, max_prune=max_prune,
                               over_penalty=over_penalty, **call_kwargs)
     bits = tuple(state.spec.bits)
@@ -556,22 +559,21 @@ def search(apply_fn: Callable, graph: Graph, state: CompressionState, variables:
     bar.close()
     best = np.asarray(ag.best_actions)
     st = jax.jit(evaluate.state_of)(best)
-    return _result(graph, env, st, best, ag, evaluate.reference, history,
+    return _result(env, st, best, ag, evaluate.reference, history,
                    episodes * hp.population, step._cache_size())
 
 
-def _result(graph: Graph, env: Env, st: CompressionState, best: np.ndarray, ag: AgentState,
+def _result(env: Env, st: CompressionState, best: np.ndarray, ag: AgentState,
             reference: float, history: list, evaluations: int, compiles: int) -> SearchResult:
-    from jaxjpq.quant import params_bits
-
-    index = unit_index(graph, _shapes(graph))
+    graph = st.graph
+    index = unit_index(graph, graph.abstract_variables())
     kept = {g: int(np.sum(np.asarray(st.masks[g]) > 0.5)) for g in index.group_ids}
     sm = graph.site_map
     bits = {n: float(params_bits(p, True)) for n, p in st.weight.items() if n in sm}
     return SearchResult(
         state=st, actions=best, bits=bits, kept=kept, reward=float(ag.best_reward),
         accuracy=float(ag.best_metrics["accuracy"]), reference=reference,
-        relative_size=relative_model_size(graph, st),
-        relative_bops=float(cost.relative_bops(graph, st)), history=history,
+        relative_size=relative_model_size(st),
+        relative_bops=float(cost.relative_bops(st)), history=history,
         evaluations=evaluations, compiles=compiles,
     )

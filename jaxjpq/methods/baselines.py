@@ -25,7 +25,6 @@ import numpy as np
 import optax
 from flax import traverse_util
 
-from jaxjpq.graph import Graph
 from jaxjpq.methods import core
 from jaxjpq.quant import init_from_tensor
 from jaxjpq.units import UnitIndex, rank_in_group, unit_index
@@ -52,7 +51,6 @@ def magnitude_masks(index: UnitIndex, params, counts: np.ndarray) -> jax.Array:
 
 def prune_then_quantize(
     inner: optax.GradientTransformation,
-    graph: Graph,
     *,
     steps: int,
     sparsity: float,
@@ -66,7 +64,6 @@ def prune_then_quantize(
 
     Args:
       inner: optimizer of the model params.
-      graph: the traced graph; the compression state must come from ``jaxjpq.init(graph, ...)``.
       steps: total updates; ``0 <= prune_step <= quantize_step <= steps``.
       sparsity: fraction of prunable units removed (0 = quantize-only).
       bits: uniform bit width of every learned (non-frozen) quantizer from ``quantize_step`` on;
@@ -85,21 +82,22 @@ def prune_then_quantize(
 
     def init(model_params, cstate):
         if sparsity > 0:
-            core.require_prunable(graph, "prune_then_quantize")
-        core.per_group_counts(unit_index(graph, {"params": model_params}), sparsity,
+            core.require_prunable(cstate.graph, "prune_then_quantize")
+        core.per_group_counts(unit_index(cstate.graph, {"params": model_params}), sparsity,
                               unit_multiple)
         return StagedState(jnp.zeros((), jnp.int32), inner.init(model_params))
 
     def update(g_p, g_c, p, c, state):
+        graph = c.graph
         index = unit_index(graph, {"params": p})
         counts = core.per_group_counts(index, sparsity, unit_multiple)
         s = state.step
         u_p, inner_state = inner.update(g_p, state.inner_state, p)
         masks = index.flat_masks(c.masks)
         new_masks = jnp.where(s == prune_step, magnitude_masks(index, p, counts), masks)
-        u_p = core.hold(graph, index, u_p, p, new_masks < 0.5, c)
+        u_p = core.hold(index, u_p, p, new_masks < 0.5, c)
         quantize, start = s >= quantize_step, s == quantize_step
-        w_signed, a_signed = core.signedness(graph, c)
+        w_signed, a_signed = core.signedness(c)
         flat = traverse_util.flatten_dict({"params": p})
         sm = graph.site_map
         lr = jnp.asarray(quant_lr, jnp.float32)
@@ -128,4 +126,4 @@ def prune_then_quantize(
         )
         return u_p, c_new, StagedState(s + 1, inner_state)
 
-    return core.pair_transform(graph, "prune_then_quantize", init, update)
+    return core.pair_transform("prune_then_quantize", init, update)

@@ -28,6 +28,7 @@ import optax
 from flax import traverse_util
 
 from jaxjpq import cost
+from jaxjpq.compress import quantize_weights
 from jaxjpq.graph import Graph, put_layers
 from jaxjpq.quant import (
     MAX_BITS,
@@ -65,14 +66,14 @@ def projected(p: QuantParams, signed: bool, b_lo: Any, b_upper: Any) -> QuantPar
     return p.replace(d=jnp.clip(p.d, lo, hi))
 
 
-def signedness(graph: Graph, state: CompressionState) -> tuple[dict[str, bool], dict[str, bool]]:
+def signedness(state: CompressionState) -> tuple[dict[str, bool], dict[str, bool]]:
     """``({site: True}, {site: signed_input})`` for the weight and activation quantizers."""
-    sm = graph.site_map
+    sm = state.graph.site_map
     return {n: True for n in state.weight}, {n: bool(sm[n].signed_input) for n in state.act}
 
 
-def set_bits(graph: Graph, state: CompressionState, site: str, bits: Any,
-             kind: str = "weight") -> CompressionState:
+def set_bits(state: CompressionState, site: str, bits: Any, kind: str = "weight"
+             ) -> CompressionState:
     """``state`` with ``site``'s ``kind`` quantizer at exactly ``bits`` (an input read by
     several sites: its one quantizer, so every one of them).
 
@@ -80,7 +81,7 @@ def set_bits(graph: Graph, state: CompressionState, site: str, bits: Any,
     (``channel_shape``); a channel at 0 bits is pruned: its weights get elementwise mask 0 (and
     its step the smallest valid width, so ``d`` stays finite). jit-compatible.
     """
-    check_state(graph, state)
+    graph = check_state(state)
     if kind not in ("weight", "act"):
         raise ValueError(f"kind must be 'weight' or 'act', got {kind!r}.")
     table = state.weight if kind == "weight" else state.act
@@ -302,7 +303,7 @@ def magnitude(index: UnitIndex, params: Mapping) -> jax.Array:
     return jnp.sqrt(unit_sum(index, lambda x: x * x, params))
 
 
-def hold(graph: Graph, index: UnitIndex, updates: Mapping, params: Mapping, pruned: jax.Array,
+def hold(index: UnitIndex, updates: Mapping, params: Mapping, pruned: jax.Array,
          state: CompressionState) -> dict:
     """``updates`` with pruned units (bool ``[U]``) and elementwise-masked weights replaced by
     ``-params``, so that after ``optax.apply_updates`` they are exactly zero."""
@@ -311,7 +312,7 @@ def hold(graph: Graph, index: UnitIndex, updates: Mapping, params: Mapping, prun
         return u
     flat_u = traverse_util.flatten_dict(dict(u))
     flat_p = traverse_util.flatten_dict(dict(params))
-    sm = graph.site_map
+    sm = state.graph.site_map
     pieces: dict = {}
     for name, m in state.weight_masks.items():
         pieces.setdefault(sm[name].weight[1:], []).append((sm[name], m > 0.5))
@@ -321,18 +322,15 @@ def hold(graph: Graph, index: UnitIndex, updates: Mapping, params: Mapping, prun
     return traverse_util.unflatten_dict(flat_u)
 
 
-def prune_dead_units(graph: Graph, state: CompressionState, variables: Mapping
-                     ) -> CompressionState:
+def prune_dead_units(state: CompressionState, variables: Mapping) -> CompressionState:
     """``state`` with mask 0 for every unit whose ``params`` slices are all exactly zero in the
     compressed forward's weights (elementwise masks and 0-bit channels applied, biases and
     norms included): their outputs are zero, so slim and export remove them exactly. Every
     group keeps at least one unit. jit-compatible."""
-    from jaxjpq.compress import quantize_weights
-
-    index = unit_index(graph, variables)
+    index = unit_index(check_state(state), variables)
     if index.num_units == 0:
         return state
-    w = quantize_weights(graph, variables, state)["params"]
+    w = quantize_weights(variables, state)["params"]
     dead = unit_sum(index, jnp.abs, w) == 0
     m = index.flat_masks(state.masks)
     live = (m > 0.5) & ~dead
@@ -356,7 +354,6 @@ def _lower(b: Any, b_lo: float, pow2: bool) -> Any:
 
 
 def enforce_budget(
-    graph: Graph,
     state: CompressionState,
     *,
     bops: float | None = None,
@@ -382,10 +379,10 @@ def enforce_budget(
     for kind, v in (("bops", bops), ("size", size)):
         if v is not None and not isinstance(v, jax.core.Tracer):
             check_budget(kind, v)
-    return _enforce(graph, state, bops, size, saliency, params, unit_multiple)
+    return _enforce(state, bops, size, saliency, params, unit_multiple)
 
 
-def smallest_state(graph: Graph, state: CompressionState, *, kind: str = "bops",
+def smallest_state(state: CompressionState, *, kind: str = "bops",
                    saliency: jax.Array | None = None, params: Mapping | None = None
                    ) -> CompressionState:
     """The state :func:`enforce_budget` reaches for a ``kind`` (``"bops"`` or ``"size"``)
@@ -393,16 +390,16 @@ def smallest_state(graph: Graph, state: CompressionState, *, kind: str = "bops",
     order :func:`enforce_budget` takes; its figure is the smallest reachable budget."""
     if kind not in ("bops", "size"):
         raise ValueError(f"kind must be 'bops' or 'size', got {kind!r}.")
-    return _enforce(graph, state, 0.0 if kind == "bops" else None,
+    return _enforce(state, 0.0 if kind == "bops" else None,
                     0.0 if kind == "size" else None, saliency, params, 1)
 
 
-def _enforce(graph, state, bops, size, saliency, params, unit_multiple) -> CompressionState:
-    check_state(graph, state)
+def _enforce(state, bops, size, saliency, params, unit_multiple) -> CompressionState:
+    graph = check_state(state)
     spec = state.spec
     b_lo = spec.bits[0] if spec is not None else 2.0
     pow2 = bool(state.power_of_two)
-    w_signed, a_signed = signedness(graph, state)
+    w_signed, a_signed = signedness(state)
     cands = [("weight", n) for n in state.weight if n not in state.frozen]
     cands += [("act", n) for n in state.act if n not in state.frozen and bops is not None]
     fp_b, fp_s = cost.fp32_bops(graph), cost.fp32_size_bits(graph)
@@ -421,7 +418,7 @@ def _enforce(graph, state, bops, size, saliency, params, unit_multiple) -> Compr
 
     def lower_body(_, c):
         with jax.enable_x64(True):
-            table = cost.site_table(graph, c)
+            table = cost.site_table(c)
             o = over(table)
             savings = []
             for kind, n in cands:
@@ -453,7 +450,8 @@ def _enforce(graph, state, bops, size, saliency, params, unit_multiple) -> Compr
         span = 2 if pow2 else int(np.ceil(top - b_lo))
         state = jax.lax.fori_loop(0, len(cands) * span, lower_body, state)
 
-    index = unit_index(graph, {"params": params} if params is not None else _shapes(graph))
+    index = unit_index(graph, {"params": params} if params is not None
+                       else graph.abstract_variables())
     if index.num_units == 0:
         return state
     if saliency is None:
@@ -466,7 +464,7 @@ def _enforce(graph, state, bops, size, saliency, params, unit_multiple) -> Compr
 
     def prune_body(_, c):
         with jax.enable_x64(True):
-            o = over(cost.site_table(graph, c))
+            o = over(cost.site_table(c))
         m = index.flat_masks(c.masks)
         live = m > 0.5
         n_live = jax.ops.segment_sum(live.astype(jnp.int32), seg, index.num_groups)
@@ -482,23 +480,14 @@ def _enforce(graph, state, bops, size, saliency, params, unit_multiple) -> Compr
     return jax.lax.fori_loop(0, index.num_units - index.num_groups, prune_body, state)
 
 
-def _shapes(graph: Graph) -> dict:
-    info = graph.trace_info
-    if info is None:
-        raise ValueError("enforce_budget needs params= for a hand-built graph.")
-    return traverse_util.unflatten_dict(
-        {k: jax.ShapeDtypeStruct(s, jnp.float32) for k, s in info["leaf_shapes"].items()}
-    )
-
-
-def within_budget(graph: Graph, state: CompressionState, *, bops: float | None = None,
+def within_budget(state: CompressionState, *, bops: float | None = None,
                   size: float | None = None) -> Any:
     """True where the exact relative BOPs / size are at most the given fractions."""
     ok = True
     if bops is not None:
-        ok = ok & (cost.relative_bops(graph, state) <= bops)
+        ok = ok & (cost.relative_bops(state) <= bops)
     if size is not None:
-        ok = ok & (cost.relative_size(graph, state) <= size)
+        ok = ok & (cost.relative_size(state) <= size)
     return ok
 
 
@@ -515,9 +504,11 @@ def _pair_like(params: Any, model: Any, compression: Any) -> Any:
 
 
 def _digest_leaves(c: CompressionState) -> tuple[jax.Array, jax.Array]:
-    """Per-leaf weighted sums of ``c``'s leaves and their magnitudes (float32 ``[L]``)."""
+    """Per-leaf weighted sums of ``c``'s quantizers, masks and gates and their magnitudes
+    (float32 ``[L]``). Elementwise masks are left out: no method updates them, so a chained
+    transform that moves them also moves a quantizer, and they are weight-sized."""
     vals, mags = [], []
-    for i, x in enumerate(jax.tree.leaves(c)):
+    for i, x in enumerate(jax.tree.leaves(c.replace(weight_masks={}))):
         x = jnp.asarray(x, jnp.float32).reshape(-1)
         w = 1.0 + 0.5 * jnp.cos(jnp.arange(x.size, dtype=jnp.float32) * 0.7548 + i)
         vals.append(jnp.sum(w * x))
@@ -565,17 +556,20 @@ class PairState(NamedTuple):
       method: the method's own state (e.g. ``GetaState``).
       expect: digest of the compression state its last update produced.
       tampered: bool scalar, sticky: a transform chained after the method changed its updates
-        (the updates are then NaN; :func:`jaxjpq.train.train` raises
-        :class:`ChainedTransformError`).
+        (the updates are then NaN).
     """
 
     method: Any
     expect: Digest
     tampered: jax.Array
 
+    def fault(self) -> ChainedTransformError | None:
+        """The error to raise for this state (host side), or None: the fault protocol
+        :func:`jaxjpq.train.train` reads when a step's values turn non-finite."""
+        return chained_error() if bool(jax.device_get(self.tampered)) else None
+
 
 def pair_transform(
-    graph: Graph,
     name: str,
     init: Callable[[Any, CompressionState], Any],
     update: Callable[..., tuple[Any, CompressionState, Any]],
@@ -583,18 +577,23 @@ def pair_transform(
     """An optax transform over ``(model params, CompressionState)`` from a method's two steps.
 
     ``init(model_params, cstate) -> method_state``; ``update(model_grads, comp_grads,
-    model_params, cstate, method_state) -> (model_updates, new_cstate, new_method_state)``. The
-    skeleton checks the state against ``graph``, turns ``new_cstate`` into the ``new - old``
-    update that ``optax.apply_updates`` adds, returns updates in the container type of the params
-    (tuple or :class:`jaxjpq.state.CompressedParams`), and when the compression state it is given
-    is not the one it produced (a transform chained after it changed the updates) it makes every
-    update NaN and sets ``state.tampered``, which costs one fused check per step instead of a host
-    callback; the train loop then raises :class:`ChainedTransformError`.
+    model_params, cstate, method_state) -> (model_updates, new_cstate, new_method_state)``.
+
+    The skeleton checks the state (:func:`jaxjpq.state.check_state`), turns ``new_cstate`` into
+    the ``new - old`` update that ``optax.apply_updates`` adds and returns updates in the
+    container type of the params (tuple or :class:`jaxjpq.state.CompressedParams`).
+
+    Contract: the transform is the last one applied to the compression updates (anything
+    chained after it acts on the model params only). The skeleton checks the contract at every
+    update at the cost of a weighted sum over the quantizers, masks and gates (not the
+    weights): when the compression state it is given is not the one it produced, it makes every
+    update NaN and sets :attr:`PairState.tampered`; :func:`jaxjpq.train.train` then raises
+    :class:`ChainedTransformError` (:meth:`PairState.fault`).
     """
 
     def init_fn(params):
         p, c = params
-        check_state(graph, c)
+        check_state(c)
         return PairState(init(p, c), digest(c), jnp.zeros((), bool))
 
     def update_fn(updates, state, params=None):
@@ -602,7 +601,7 @@ def pair_transform(
             raise ValueError(f"{name} needs params: call update(updates, state, params).")
         g_p, g_c = updates
         p, c = params
-        check_state(graph, c)
+        check_state(c)
         bad = tampered(c, state.expect) | state.tampered
         poison = jnp.where(bad, jnp.nan, 0.0)
         u_p, c_new, m_state = update(g_p, g_c, p, c, state.method)
@@ -630,7 +629,6 @@ class QatState(NamedTuple):
 
 def qat(
     inner: optax.GradientTransformation,
-    graph: Graph,
     *,
     quant_lr: float = 1e-3,
     train_clips: bool = True,
@@ -648,10 +646,10 @@ def qat(
         return QatState(inner.init(p))
 
     def update(g_p, g_c, p, c, s):
-        index = unit_index(graph, {"params": p})
+        index = unit_index(c.graph, {"params": p})
         u_p, inner_state = inner.update(g_p, s.inner_state, p)
-        u_p = hold(graph, index, u_p, p, index.flat_masks(c.masks) < 0.5, c)
-        w_signed, a_signed = signedness(graph, c)
+        u_p = hold(index, u_p, p, index.flat_masks(c.masks) < 0.5, c)
+        w_signed, a_signed = signedness(c)
         b_lo, b_hi = c.spec.bits if c.spec is not None else (1.0, 32.0)
         kw = dict(lr=jnp.asarray(quant_lr, jnp.float32), b_lo=b_lo, b_hi=b_hi,
                   train_clips=train_clips)
@@ -661,4 +659,4 @@ def qat(
         )
         return u_p, new, QatState(inner_state)
 
-    return pair_transform(graph, "qat", init, update)
+    return pair_transform("qat", init, update)

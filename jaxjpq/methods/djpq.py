@@ -90,29 +90,40 @@ def init_state(
     )
 
 
-def init(graph: Graph, spec: CompressionSpec, variables: Mapping, **kwargs: Any
-         ) -> CompressedParams:
-    """``CompressedParams(variables["params"], init_state(graph, spec, variables, **kwargs))``."""
-    base = init_pair(graph, dataclasses.replace(spec, learn_t=False), variables)
-    return base._replace(compression=init_state(graph, spec, variables, **kwargs))
+def init(
+    model: Any,
+    variables: Mapping,
+    *example_args: Any,
+    key: jax.Array | None = None,
+    threshold: float = 0.0,
+    mu: float = 1.0,
+    log_sigma2: float = -4.0,
+    **init_kwargs: Any,
+) -> CompressedParams:
+    """:func:`jaxjpq.init` (same arguments: ``model.apply`` or a graph, the variables, example
+    inputs, ``spec=`` or spec fields) with the state of :func:`init_state`: ``t = 1`` and a VIB
+    gate per prunable unit."""
+    base = init_pair(model, variables, *example_args, **init_kwargs)
+    c = base.compression
+    return base._replace(compression=init_state(
+        c.graph, c.spec, variables, key=key, threshold=threshold, mu=mu, log_sigma2=log_sigma2))
 
 
-def penalty(graph: Graph, cstate: CompressionState, gamma1: Any, gamma2: Any) -> jax.Array:
+def penalty(cstate: CompressionState, gamma1: Any, gamma2: Any) -> jax.Array:
     """``γ₁ · Σ_c KL_c + γ₂ · BOPs_soft / BOPs_fp32`` (scalar, differentiable in ``cstate``)."""
     return gamma1 * gates_lib.total_kl(cstate.gates) + gamma2 * cost.relative_bops(
-        graph, cstate, soft=True
+        cstate, soft=True
     )
 
 
 def loss(
-    logits: jax.Array, labels: jax.Array, graph: Graph, cstate: CompressionState, gamma1: Any,
-    gamma2: Any,
+    logits: jax.Array, labels: jax.Array, cstate: CompressionState, gamma1: Any, gamma2: Any,
 ) -> jax.Array:
     """The full DJPQ objective for a batch: mean cross-entropy + :func:`penalty`.
 
     For a hand-written loop at fixed ``γ``; :func:`djpq` adds the penalty's gradient itself.
     """
-    return cross_entropy(logits, labels) + penalty(graph, cstate, gamma1, gamma2)
+    return cross_entropy(logits, labels) + penalty(cstate, gamma1, gamma2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,7 +190,6 @@ def _prune_masks(c: CompressionState) -> dict[str, jax.Array]:
 
 def djpq(
     inner: optax.GradientTransformation,
-    graph: Graph,
     *,
     steps: int,
     target_bops: float | None = None,
@@ -198,7 +208,6 @@ def djpq(
 
     Args:
       inner: optimizer of the model params.
-      graph: the traced graph of the model.
       steps: total updates. ``warmup`` (default 10 %) and ``search_end`` (default 70 %) split them.
       target_bops: relative BOPs target.
       gamma1: weight of ``Σ KL`` (nats per unit, summed).
@@ -225,13 +234,14 @@ def djpq(
         """(target, b_l, b_u, power_of_two) from the state's spec; validates the state."""
         spec = c.spec
         if spec is None:
-            raise ValueError("djpq needs a state made by jaxjpq.djpq.init (it carries the spec).")
+            raise ValueError("djpq needs a state made by jaxjpq.methods.djpq.init (it carries "
+                             "the spec).")
         if not c.gates:
             raise ValueError("djpq needs VIB gates in the state: build it with "
-                             "jaxjpq.djpq.init(graph, spec, variables).")
+                             "jaxjpq.methods.djpq.init(model.apply, variables, x, ...).")
         if c.learn_t:
             raise ValueError("djpq uses the t = 1 quantizer: build the state with "
-                             "jaxjpq.djpq.init (or CompressionSpec(learn_t=False)).")
+                             "jaxjpq.methods.djpq.init (or CompressionSpec(learn_t=False)).")
         target = spec.budget_for("bops") if target_bops is None else float(target_bops)
         if target is None or not 0.0 < target <= 1.0:
             raise ValueError(
@@ -248,9 +258,9 @@ def djpq(
     def init(model_params, c):
         target, *_ = config(c)
         if not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((model_params, c))):
-            floor = core.smallest_state(graph, c, saliency=jnp.zeros(
-                (sum(g.size for g in graph.prunable_groups),)), params=model_params)
-            reachable = float(cost.relative_bops(graph, floor))
+            floor = core.smallest_state(c, saliency=jnp.zeros(
+                (sum(g.size for g in c.graph.prunable_groups),)), params=model_params)
+            reachable = float(cost.relative_bops(floor))
             if target < reachable:
                 raise ValueError(
                     f"djpq: target_bops={target:.4%} is below the smallest reachable relative "
@@ -263,7 +273,7 @@ def djpq(
             inner_state=inner.init(model_params),
             comp_state=adam.init(_free(c)),
             gamma2=jnp.asarray(gamma2, jnp.float32),
-            rel_bops=jnp.asarray(cost.relative_bops(graph, c), jnp.float32),
+            rel_bops=jnp.asarray(cost.relative_bops(c), jnp.float32),
         )
 
     def update(g_p, g_c, p, c, state):
@@ -282,12 +292,12 @@ def djpq(
         g_tot = jax.lax.cond(
             penalised,
             lambda: jax.tree.map(
-                jnp.add, g_c, jax.grad(lambda cc: penalty(graph, cc, gamma1, state.gamma2))(c)
+                jnp.add, g_c, jax.grad(lambda cc: penalty(cc, gamma1, state.gamma2))(c)
             ),
             lambda: g_c,
         )
         free_u, comp_state = adam.update(_free_grads(c, g_tot), state.comp_state)
-        w_signed, a_signed = core.signedness(graph, c)
+        w_signed, a_signed = core.signedness(c)
         new_w = _quant_table(c.weight, free_u["weight"], w_signed, c.frozen, b_lo, b_hi, search,
                              finalize, pow2)
         new_a = _quant_table(c.act, free_u["act"], a_signed, c.frozen, b_lo, b_hi, search,
@@ -307,12 +317,13 @@ def djpq(
         c_new = c_new.replace(masks=jax.tree.map(
             lambda a, b: jnp.where(search, a, b), _prune_masks(c_new), c.masks))
 
+        graph = c.graph
         index = unit_index(graph, {"params": p})
 
         def fold(args):
             p, c_new = args
             ratio = index.flat_masks({g: gates_lib.log_ratio(gt) for g, gt in c_new.gates.items()})
-            c_fin = core.enforce_budget(graph, c_new, bops=target, saliency=-ratio, params=p)
+            c_fin = core.enforce_budget(c_new, bops=target, saliency=-ratio, params=p)
             folded = gates_lib.fold(graph, {"params": p}, c_fin.gates)
             p_new = apply_masks(graph, folded, c_fin.masks)["params"]
             c_fin = c_fin.replace(gates=gates_lib.folded(c_fin.gates))
@@ -320,8 +331,8 @@ def djpq(
 
         u_p, c_new = jax.lax.cond(finalize, fold, lambda a: (u_p, a[1]), (p, c_new))
         # Pruned units stay exactly zero (their momentum would otherwise move them).
-        u_p = core.hold(graph, index, u_p, p, index.flat_masks(c_new.masks) < 0.5, c_new)
-        rel = jnp.asarray(cost.relative_bops(graph, c_new)).astype(jnp.float32)
+        u_p = core.hold(index, u_p, p, index.flat_masks(c_new.masks) < 0.5, c_new)
+        rel = jnp.asarray(cost.relative_bops(c_new)).astype(jnp.float32)
         step_g = gamma2_rate * jnp.clip((rel - aim) / aim, -1.0, 1.0)
         log_g2 = jnp.clip(jnp.log(state.gamma2) + jnp.where(in_search, step_g, 0.0),
                           *_LOG_GAMMA2_RANGE)
@@ -334,7 +345,7 @@ def djpq(
         )
         return u_p, c_new, new_state
 
-    return core.pair_transform(graph, "djpq", init, update)
+    return core.pair_transform("djpq", init, update)
 
 
 transform = djpq  # ``jaxjpq.djpq.transform(...)``, the name the design uses

@@ -265,12 +265,12 @@ def _weights(graph: Graph, variables: Mapping) -> dict[str, np.ndarray]:
             for s in graph.sites}
 
 
-def fit_score(info: FisherInfo, graph: Graph, state: CompressionState,
+def fit_score(info: FisherInfo, state: CompressionState,
               variables: Mapping) -> float:
     """FIT of ``state`` (bits, elementwise masks) at ``variables``: the expected loss increase
     ``Σ_l [Σ_kept F_i d_l²/12 + Σ_pruned F_i θ_i²] + Σ_l Tr(F_a,l) d_a,l²/12`` (``d`` the
     quantizers' effective steps; a float site or input adds nothing)."""
-    check_state(graph, state)
+    graph = check_state(state)
     w = _weights(graph, variables)
     total = 0.0
     for s in graph.sites:
@@ -384,11 +384,12 @@ def _act_options(info: FisherInfo, state: CompressionState, site, search: bool
     return options, [tr * (d2[i + 1] - d2[i]) / 12.0 for i in range(len(options) - 1)]
 
 
-def _tables(info: FisherInfo, graph: Graph, state: CompressionState, variables: Mapping,
+def _tables(info: FisherInfo, state: CompressionState, variables: Mapping,
             levels: np.ndarray, act_search: bool = False
             ) -> tuple[list[_SiteTable], np.ndarray]:
     """Per-site prefix sums and ``k[l, s]``: weights of site ``l`` pruned at level ``s``; with
     ``act_search``, each learned input quantizer's bit options too."""
+    graph = state.graph
     w = _weights(graph, variables)
     imp = _importance(info, w)
     sites = list(graph.sites)
@@ -440,10 +441,10 @@ def _tables(info: FisherInfo, graph: Graph, state: CompressionState, variables: 
     return tables, counts
 
 
-def model_bits(graph: Graph, state: CompressionState) -> float:
+def model_bits(state: CompressionState) -> float:
     """Bits of the exported model: site codes, sparse indices, scales and the float leaves
     (``cost.size_bits(include_scales=True, include_other=True)``)."""
-    return float(cost.size_bits(graph, state, include_scales=True, include_other=True))
+    return float(cost.size_bits(state, include_scales=True, include_other=True))
 
 
 def fp32_model_bits(graph: Graph) -> float:
@@ -451,9 +452,10 @@ def fp32_model_bits(graph: Graph) -> float:
     return 32.0 * graph.param_count()
 
 
-def relative_model_size(graph: Graph, state: CompressionState) -> float:
+def relative_model_size(state: CompressionState) -> float:
     """Exported model bits / fp32 model bits: the size budget :func:`search` meets."""
-    return model_bits(graph, state) / fp32_model_bits(graph)
+    graph = state.graph
+    return model_bits(state) / fp32_model_bits(graph)
 
 
 def _parts(tables: list[_SiteTable], node: tuple) -> tuple[tuple, tuple, int]:
@@ -480,22 +482,23 @@ def _figures(tables: list[_SiteTable], counts: np.ndarray, node: tuple, fp32_bit
     return size / fp32_bits, bops / fp32_bops
 
 
-def size_floor(graph: Graph, state: CompressionState, levels: int = LEVELS) -> float:
+def size_floor(state: CompressionState, levels: int = LEVELS) -> float:
     """A lower bound of the relative size any :func:`search` node reaches, from shapes alone
     (no Fisher needed): the scales and float leaves plus the weights left at the last sparsity
     level, each at the lowest bits any site allows, without indices."""
+    graph = state.graph
     lowest = min((_bit_options(state, n)[-1] for n in state.weight), default=32.0)
     if any(s.name not in state.weight for s in graph.sites):
         lowest = min(lowest, 32.0)
     n = sum(math.prod(s.weight_shape) for s in graph.sites)
     kept = n - int(round(sparsity_levels(levels)[-1] * n))
-    return (_extra_bits(graph, state) + kept * lowest) / fp32_model_bits(graph)
+    return (_extra_bits(state) + kept * lowest) / fp32_model_bits(graph)
 
 
-def check_size_budget(graph: Graph, state: CompressionState, size: float,
+def check_size_budget(state: CompressionState, size: float,
                       levels: int = LEVELS) -> None:
     """Raise ``ValueError`` before any work when ``size`` is below :func:`size_floor`."""
-    floor = size_floor(graph, state, levels)
+    floor = size_floor(state, levels)
     if size < floor:
         raise ValueError(
             f"size budget {size:.4%} is below the smallest reachable configuration (at least "
@@ -516,7 +519,6 @@ def _budget(size: float | None, bops: float | None) -> tuple[str, float]:
 
 def search(
     info: FisherInfo,
-    graph: Graph,
     state: CompressionState,
     variables: Mapping,
     *,
@@ -548,10 +550,10 @@ def search(
     kind, alpha = _budget(size, bops)
     if criterion not in ("fit", "rate", "least_fit"):
         raise ValueError(f"criterion must be 'fit', 'rate' or 'least_fit', got {criterion!r}.")
-    check_state(graph, state)
+    graph = check_state(state)
     lv = sparsity_levels(levels)
-    tables, counts = _tables(info, graph, state, variables, lv, act_search=kind == "bops")
-    figure = _figure_fn(graph, state, tables, counts, kind, reserve_bits)
+    tables, counts = _tables(info, state, variables, lv, act_search=kind == "bops")
+    figure = _figure_fn(state, tables, counts, kind, reserve_bits)
     floor_node = (*[len(t.bits) - 1 for t in tables], *[len(t.a_bits) - 1 for t in tables],
                   len(lv) - 1)
     floor = figure(floor_node)
@@ -568,14 +570,14 @@ def search(
     else:
         node, c, path = _path(tables, counts, figure, alpha, lv, criterion, kind, progress)
         expanded = len(path)
-    out = _to_state(graph, state, tables, counts, node)
-    exact = (relative_model_size(graph, out) + reserve_bits / fp32_model_bits(graph)
+    out = _to_state(state, tables, counts, node)
+    exact = (relative_model_size(out) + reserve_bits / fp32_model_bits(graph)
              if kind == "size"
-             else float(cost.relative_bops(graph, out)))
+             else float(cost.relative_bops(out)))
     if exact > alpha + 1e-12:
         raise AssertionError(f"fit search: the exact {kind} {exact} of the chosen state exceeds "
                              f"the budget {alpha} (table {c}); please report this.")
-    return _result(graph, tables, lv, node, out, fit_score(info, graph, out, variables),
+    return _result(tables, lv, node, out, fit_score(info, out, variables),
                    expanded, path)
 
 
@@ -630,11 +632,12 @@ def _path(tables: list[_SiteTable], counts: np.ndarray, figure: Callable[[tuple]
     return node, c, path
 
 
-def _figure_fn(graph: Graph, state: CompressionState, tables: list[_SiteTable],
+def _figure_fn(state: CompressionState, tables: list[_SiteTable],
                counts: np.ndarray, kind: str, reserve_bits: float) -> Callable[[tuple], float]:
     """``node -> relative size (kind "size", reserve_bits included) or relative BOPs``."""
+    graph = state.graph
     fp32_bits, fp32_bops = fp32_model_bits(graph), cost.fp32_bops(graph)
-    extra = _extra_bits(graph, state) + float(reserve_bits)
+    extra = _extra_bits(state) + float(reserve_bits)
     pick = 0 if kind == "size" else 1
     return lambda node: _figures(tables, counts, node, fp32_bits, fp32_bops, extra)[pick]
 
@@ -708,26 +711,27 @@ def _least_fit_node(tables: list[_SiteTable], counts: np.ndarray,
     return best[1], scored
 
 
-def _result(graph: Graph, tables: list[_SiteTable], lv: np.ndarray, node: tuple,
+def _result(tables: list[_SiteTable], lv: np.ndarray, node: tuple,
             out: CompressionState, fit: float, steps: int, path: list) -> SearchResult:
     bi, ai, s = _parts(tables, node)
     return SearchResult(
         state=out, bits={t.name: t.bits[b] for t, b in zip(tables, bi, strict=True)},
         act_bits={t.name: t.a_bits[a] for i, (t, a) in enumerate(zip(tables, ai, strict=True))
                   if t.a_bits != [32.0] and t.a_src == i},
-        sparsity=float(lv[s]), relative_size=relative_model_size(graph, out),
-        relative_bops=float(cost.relative_bops(graph, out)), fit=fit, nodes_expanded=steps,
+        sparsity=float(lv[s]), relative_size=relative_model_size(out),
+        relative_bops=float(cost.relative_bops(out)), fit=fit, nodes_expanded=steps,
         path=list(path),
     )
 
 
-def _extra_bits(graph: Graph, state: CompressionState) -> float:
+def _extra_bits(state: CompressionState) -> float:
     """The model bits that no search move changes: scales and float leaves."""
-    return model_bits(graph, state) - float(cost.size_bits(graph, state))
+    return model_bits(state) - float(cost.size_bits(state))
 
 
-def _to_state(graph: Graph, state: CompressionState, tables: list[_SiteTable],
+def _to_state(state: CompressionState, tables: list[_SiteTable],
               counts: np.ndarray, node: tuple) -> CompressionState:
+    graph = state.graph
     bi, ai, s = _parts(tables, node)
     sm = graph.site_map
     masks = dict(state.weight_masks)
@@ -739,14 +743,13 @@ def _to_state(graph: Graph, state: CompressionState, tables: list[_SiteTable],
             m[t.order[:k]] = 0.0
             masks[t.name] = jnp.asarray(m.reshape(sm[t.name].weight_shape))
         if t.name in state.weight and t.name not in state.frozen:
-            out = set_bits(graph, out, t.name, t.bits[b])
+            out = set_bits(out, t.name, t.bits[b])
         if len(t.a_bits) > 1 and t.a_src == i:
-            out = set_bits(graph, out, t.name, t.a_bits[a], kind="act")
+            out = set_bits(out, t.name, t.a_bits[a], kind="act")
     return out.replace(weight_masks=masks)
 
 
 def uniform_magnitude(
-    graph: Graph,
     state: CompressionState,
     variables: Mapping,
     *,
@@ -761,7 +764,7 @@ def uniform_magnitude(
     all sites, the same schedule as :func:`search`) whose size / BOPs (plus ``reserve_bits``, as
     in :func:`search`) is within the budget."""
     kind, alpha = _budget(size, bops)
-    check_state(graph, state)
+    graph = check_state(state)
     ones = FisherInfo(weight={s.name: np.ones(s.weight_shape, np.float32) for s in graph.sites},
                       act={s.name: 0.0 for s in graph.sites}, samples=1)
     lv = sparsity_levels(levels)
@@ -776,11 +779,11 @@ def uniform_magnitude(
             raise ValueError(f"bits={bits} is outside site {t.name}'s options {t.bits}.")
     # inputs at the same bits where that is an option (BOPs budgets), else as they are
     ai = [t.a_bits.index(float(bits)) if float(bits) in t.a_bits else 0 for t in tables]
-    figure = _figure_fn(graph, state, tables, counts, kind, reserve_bits)
+    figure = _figure_fn(state, tables, counts, kind, reserve_bits)
     for s in range(len(lv)):
         node = (*bi, *ai, s)
         if figure(node) <= alpha:
-            out = _to_state(graph, state, tables, counts, node)
-            return _result(graph, tables, lv, node, out, float("nan"), 0, [])
+            out = _to_state(state, tables, counts, node)
+            return _result(tables, lv, node, out, float("nan"), 0, [])
     raise ValueError(f"uniform {bits:g} bits cannot reach the budget {alpha:.4%} even at "
                      f"sparsity {lv[-1]:.3f}; lower the bits.")

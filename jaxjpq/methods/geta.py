@@ -15,9 +15,9 @@ Four stages over a fixed step budget, chosen inside one jitted ``update`` from t
    stay frozen, the remaining weights keep training.
 
 Use it as the last transform of a chain over the pair, e.g.
-``optax.chain(optax.clip_by_global_norm(1.0), jaxjpq.geta(optax.sgd(0.1), graph, steps=...))``;
+``optax.chain(optax.clip_by_global_norm(1.0), jaxjpq.geta(optax.sgd(0.1), steps=...))``;
 ``params`` must be given to ``update``. The model params are the ``params`` collection of the
-variables the graph was traced with.
+variables the state's graph was traced with.
 """
 
 from __future__ import annotations
@@ -42,10 +42,8 @@ SCORES = ("magnitude", "cosine", "taylor1", "taylor2", "quant_error")
 _EPS = 1e-12
 # Fractions of the steps for warm-up, projection and joint stage (cool-down: the rest). The joint
 # stage ends at 40 % so that the pruned model recovers while a decaying learning rate is still
-# large (experiments/RESULTS.md).
+# large.
 DEFAULT_FRACTIONS = (0.1, 0.1, 0.2)
-# The split recorded runs without a ``schedule`` field used.
-LEGACY_FRACTIONS = (0.1, 0.1, 0.5)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,7 +210,6 @@ def _sgd_projected(table, grads, signed, frozen, lr, b_lo, b_upper):
 
 def geta(
     inner: optax.GradientTransformation,
-    graph: Graph,
     *,
     steps: int,
     sparsity: float | None = None,
@@ -232,7 +229,6 @@ def geta(
 
     Args:
       inner: optimizer of the model params (e.g. ``optax.sgd(0.1, momentum=0.9)``).
-      graph: the traced graph of the model whose ``params`` collection is trained.
       steps: total number of updates; stages from ``schedule`` or :func:`make_schedule`.
       sparsity: fraction of the prunable units to remove, in [0, 1).
       quant_lr: SGD learning rate of the quantizer params (injectable with
@@ -287,15 +283,15 @@ def geta(
         b_lo, b_hi = spec.bits
         return target, b_lo, b_hi, max(float(spec.init_bits), b_hi)
 
-    def units(model_params) -> UnitIndex:
+    def units(c: CompressionState, model_params) -> UnitIndex:
         # Static metadata from leaf shapes: rebuilt at trace time, never at run time.
-        return unit_index(graph, {"params": model_params})
+        return unit_index(c.graph, {"params": model_params})
 
     def init(model_params, cstate):
         target, *_ = config(cstate)
         if target > 0:
-            core.require_prunable(graph, "geta")
-        index = units(model_params)
+            core.require_prunable(cstate.graph, "geta")
+        index = units(cstate, model_params)
         core.period_counts(index, target, sched.joint_periods)  # validates the target early
         u = index.num_units
         return GetaState(
@@ -311,7 +307,7 @@ def geta(
         proj_upper = jnp.maximum(
             b_hi, start_bits - bit_reduction * jnp.arange(1, max(sched.projection_periods, 1) + 1)
         )
-        index = units(p)
+        index = units(c, p)
         counts = jnp.asarray(core.period_counts(index, target, sched.joint_periods), jnp.int32)
         g_counts = jnp.asarray(core.group_period_counts(index, target, sched.joint_periods,
                                                         unit_multiple), jnp.int32)
@@ -327,13 +323,13 @@ def geta(
 
         mask_units = index.flat_masks(c.masks)
         pruned = mask_units < 0.5
-        qp = quantize_weights(graph, {"params": p}, c)["params"]
+        qp = quantize_weights({"params": p}, c)["params"]
 
         def choose(_):
             imp = saliency(index, p, g_p, qp, ~pruned, saliency_weights)
             # x**0 == 1 exactly, so the default keeps the paper's rule; traced under
             # inject_hyperparams, hence no Python branch.
-            imp = imp / jnp.asarray(unit_costs(graph, index), jnp.float32) ** cost_power
+            imp = imp / jnp.asarray(unit_costs(c.graph, index), jnp.float32) ** cost_power
             if allocation == "per_group":
                 return core.select_per_group(index, imp, pruned, g_counts[period]), imp
             return core.select_units(index, imp, pruned, counts[period], unit_multiple), imp
@@ -346,7 +342,7 @@ def geta(
         u_p = jax.tree.map(lambda u, q, r: u - gamma * r * q, u_p, qp, shrink)
         period_end = in_joint & (k == sched.period_steps - 1)
         pruned_new = pruned | (redundant & period_end)
-        u_p = core.hold(graph, index, u_p, p, pruned_new, c)
+        u_p = core.hold(index, u_p, p, pruned_new, c)
         new_masks = index.split(jnp.where(pruned_new, 0.0, mask_units))
 
         b_upper = jnp.where(
@@ -356,7 +352,7 @@ def geta(
                                                    0, proj_upper.shape[0] - 1)], b_hi),
         )
         lr = jnp.asarray(quant_lr, jnp.float32)
-        w_signed, a_signed = core.signedness(graph, c)
+        w_signed, a_signed = core.signedness(c)
 
         def quant(table, grads, signed):
             train = _sgd_projected(table, grads, signed, c.frozen, lr, b_lo, b_upper)
@@ -377,4 +373,4 @@ def geta(
         )
         return u_p, c_new, new_state
 
-    return core.pair_transform(graph, "geta", init, update)
+    return core.pair_transform("geta", init, update)
