@@ -26,9 +26,9 @@ def bench(name: str, samples: int, population: int, rounds: int, size: float,
     model, x, y, v, g = traced_model(name, samples)
     rng = np.random.default_rng(0)
     st = jaxjpq.init_state(g, jaxjpq.CompressionSpec(bits=(2, 8)), v)
-    st = jaxjpq.calibrate(jaxjpq.compress_apply(model.apply, g), v, st, [x[:128]])
-    env = ajpq.make_env(g, st, size=size)
-    evaluate = jax.jit(ajpq.make_evaluator(model.apply, g, st, v, env, x, y, population=mode))
+    st = jaxjpq.calibrate(jaxjpq.compress_apply(model.apply), v, st, [x[:128]])
+    env = ajpq.make_env(st, size=size)
+    evaluate = jax.jit(ajpq.make_evaluator(model.apply, st, v, env, x, y, population=mode))
     acts = rng.random((population, len(env.sites), ajpq.ACTION_DIM)).astype(np.float32)
 
     def one_at_a_time():

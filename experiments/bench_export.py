@@ -24,7 +24,7 @@ def main() -> None:
     x = jax.random.uniform(jax.random.key(1), (8, 28, 28, 1))
     v = model.init(jax.random.key(0), x)
     graph = trace(model.apply, v, x)
-    fn = compress_apply(model.apply, graph)
+    fn = compress_apply(model.apply)
     st = calibrate(fn, v, init_state(graph, CompressionSpec(), v), [x])
     bits = {"Conv_0": 8, "Conv_1": 3, "Dense_0": 2, "Dense_1": 5}  # mixed 2-8 bits
     rng = np.random.default_rng(0)
@@ -37,12 +37,12 @@ def main() -> None:
             for k, m in st.masks.items()
         },
     )  # 50 % of channels pruned
-    packed = export.pack(graph, v, st)
+    packed = export.pack(v, st)
     d = os.path.join(tempfile.mkdtemp(), "model")
     export.save(d, packed)
     th = export.theoretical_bytes(packed)
-    model_bytes = cost.size_bits(graph, st, include_scales=True, include_other=True) / 8
-    print(cost.report(graph, st))
+    model_bytes = cost.size_bits(st, include_scales=True, include_other=True) / 8
+    print(cost.report(st))
     print(f"fp32 weights+biases: {sum(a.size for a in jax.tree.leaves(v)) * 4} B")
     print(
         f"theoretical: codes {th['codes']:.0f} B + scales {th['scales']:.0f} B + float leaves "

@@ -54,7 +54,7 @@ def bench(
     classes = jax.eval_shape(model.apply, variables, x).shape[-1]
     y = jax.random.randint(key, (batch,), 0, classes)
     graph = trace(model.apply, variables, x)
-    cfn = compress_apply(model.apply, graph)
+    cfn = compress_apply(model.apply)
     cspec = CompressionSpec(bits=(2, 8), init_bits=4, learn_t=learn_t, **PARTS[part])
     state = init_state(graph, cspec, variables)
     state = calibrate(cfn, variables, state, [x])
@@ -69,7 +69,7 @@ def bench(
     if method == "geta":
         from jaxjpq.methods.geta import geta
 
-        comp_opt = geta(opt, graph, steps=100_000, sparsity=0.5)
+        comp_opt = geta(opt, steps=100_000, sparsity=0.5)
     if method == "djpq":
         # The search stage, the costliest: gates sampled (fixed key: same work), penalty gradient
         # every step (warm-up 0; the state stays above the target).
@@ -78,7 +78,7 @@ def bench(
         dspec = dataclasses.replace(cspec, learn_t=False)
         state = djpq.init_state(graph, dspec, variables, key=key).replace(masks=state.masks,
                                                                           act=state.act)
-        comp_opt = djpq.djpq(opt, graph, steps=100_000, target_bops=0.01, warmup=0)
+        comp_opt = djpq.djpq(opt, steps=100_000, target_bops=0.01, warmup=0)
         gate_key = jax.random.key(7)
 
     def ce(logits):

@@ -50,7 +50,7 @@ def main() -> None:
         k = np.zeros(grp.size, bool)
         k[: max(1, int(round(grp.size * a.keep)))] = True
         masks[grp.id] = k
-    fn, sv = slim(g, v, masks)
+    fn, sv = slim(v, masks, graph=g)
     calls = {"dense": (jax.jit(m.apply), (v, x)), "slim": (jax.jit(fn), (sv, x))}
     widths = getattr(m, "widths", None)
     if widths is not None:

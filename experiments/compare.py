@@ -38,24 +38,32 @@ import ml_collections
 from tqdm import tqdm
 
 from experiments import pareto
-from experiments.run import _FREE_FIELDS, _flat, recorded_config
-from jaxjpq.methods.geta import LEGACY_FRACTIONS
+from experiments.run import _FREE_FIELDS, LEGACY_FRACTIONS, _flat, recorded_config
+from jaxjpq.methods import registry
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
-_SEARCH = {"bops": {"method.bops": "B", "method.size": 0.0},
-           "size": {"method.size": "B", "method.bops": 0.0}}
-# method -> config-file prefix ("" = the model's fp32 config), {budget kind: overrides, "B" =
-# the budget}
+
+
+def _overrides(entry: registry.MethodEntry) -> dict[str, dict[str, Any]]:
+    """``{budget kind: {config field: value}}`` a budget point sets ("B" = the budget); a search
+    method's other budget kind is switched off."""
+    out = {}
+    for kind, fld in entry.budget_fields.items():
+        out[kind] = {f"method.{fld}": "B"}
+        out[kind].update({f"method.{f}": 0.0 for k, f in entry.budget_fields.items()
+                          if k != kind and entry.family == "search"})
+    return out
+
+
+# method -> config-file prefix ("" = the model's fp32 config), {budget kind: overrides}; built
+# from the method registry (random search is run by its own comparison, bench_ajpq)
 METHODS: dict[str, tuple[str, dict[str, dict[str, Any]]]] = {
     "fp32": ("", {}),
-    "geta": ("geta_", {}),
-    "djpq": ("djpq_", {"bops": {"method.target_bops": "B"}}),
-    "prune_then_quantize": ("ptq_", {}),
-    "fit": ("fit_", _SEARCH),
-    "uniform_magnitude": ("uniform_", _SEARCH),
-    "ajpq": ("ajpq_", _SEARCH),
+    **{name: (e.config_prefix, _overrides(e)) for name, e in registry.METHODS.items()
+       if name != "ajpq_random"},
 }
-_PRETRAINED = ("fit", "uniform_magnitude", "ajpq")  # methods that start from a shared fp32 model
+# methods that start from a shared fp32 model
+_PRETRAINED = tuple(n for n, e in registry.METHODS.items() if e.family == "search")
 # Fields that do not change a result's numbers: a reused result may differ in them (where the
 # data and the pre-training are read from, beyond what a resume may change).
 _FREE = (*_FREE_FIELDS, "method.pretrain_dir", "data.cache_dir", "data.data_dir")

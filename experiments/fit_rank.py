@@ -51,16 +51,16 @@ def main(argv=None) -> dict:
     ex = np.asarray(train_src.get(np.arange(1), np.random.default_rng(0))["inputs"])
     variables = jax.jit(model.init)(jax.random.PRNGKey(c.seed), ex)
     v = run._pretrain(c, model, variables, train_src, None)
-    g = jaxjpq.trace(model.apply, v, ex)
+    g = jaxjpq.trace.trace(model.apply, v, ex)
     st = jaxjpq.init_state(g, jaxjpq.CompressionSpec(bits=tuple(c.method.bits)), v)
     rng = np.random.default_rng(a.seed)
     calib = [np.asarray(train_src.get(rng.integers(0, len(train_src), 128), rng)["inputs"])
              for _ in range(4)]
-    fwd = jaxjpq.compress_apply(model.apply, g)
+    fwd = jaxjpq.compress_apply(model.apply)
     st = jaxjpq.calibrate(fwd, v, st, calib)
     for n in st.act:
         if n not in st.frozen:
-            st = jaxjpq.set_bits(g, st, n, float(c.method.bits[1]), kind="act")
+            st = jaxjpq.set_bits(st, n, float(c.method.bits[1]), kind="act")
     info = fit.fisher(model.apply, g, v, data_lib.batches(train_src, 128, seed=a.seed + 2000),
                       chunk=32, max_samples=a.fisher_samples, progress=False)
     xv = val.arrays["inputs"][: a.eval_samples]
@@ -76,13 +76,13 @@ def main(argv=None) -> dict:
 
     base = val_loss(st.replace(weight=dict(st.weight)))
     lv = fit.sparsity_levels(int(c.method.levels))
-    tables, counts = fit._tables(info, g, st, v, lv)
+    tables, counts = fit._tables(info, st, v, lv)
     fits, damage, rows = [], [], []
     for _ in range(a.configs):
         node = (*[int(rng.integers(0, len(t.bits))) for t in tables],
                 int(rng.integers(0, a.max_level + 1)))
-        cand = fit._to_state(g, st, tables, counts, node)
-        f = fit.fit_score(info, g, cand, v)
+        cand = fit._to_state(st, tables, counts, node)
+        f = fit.fit_score(info, cand, v)
         d = val_loss(cand) - base
         fits.append(f)
         damage.append(d)

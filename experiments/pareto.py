@@ -12,7 +12,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from jaxjpq.methods.geta import DEFAULT_FRACTIONS, LEGACY_FRACTIONS
+from experiments.run import LEGACY_FRACTIONS
+from jaxjpq.methods.geta import DEFAULT_FRACTIONS
 
 
 def _bits(b: Any) -> str:
@@ -51,7 +52,7 @@ def load(workdirs: list[str]) -> dict[str, list[dict[str, Any]]]:
         cost = f", cost power {m['cost_power']:g}" if m.get("cost_power") else ""
         if m.get("allocation", "global") != "global":
             cost += f", {m['allocation']}"
-        # GETA runs recorded before the schedule field existed used LEGACY_FRACTIONS.
+        # a GETA record without a schedule field ran LEGACY_FRACTIONS
         schedule = tuple(m.get("schedule", LEGACY_FRACTIONS))
         if m["name"] == "geta" and schedule != DEFAULT_FRACTIONS:
             cost += f", schedule {schedule}"

@@ -159,7 +159,7 @@ def _container_bytes(graph, variables, state) -> int:
 
     from jaxjpq import export
 
-    packed = export.pack(graph, variables, state)
+    packed = export.pack(variables, state)
     with tempfile.TemporaryDirectory() as tmp:
         export.save(Path(tmp) / "m", packed)
         return int(export.disk_bytes(Path(tmp) / "m") - export.theoretical_bytes(packed)["total"])
@@ -167,28 +167,28 @@ def _container_bytes(graph, variables, state) -> int:
 
 def _searched_start(config, model, variables, example, train_src, workdir, floor_check
                     ) -> tuple[Any, dict, Any, dict]:
-    """What the search methods share: trace, the early budget check ``floor_check(graph,
-    state)``, pre-training, a calibrated state with activations at ``b_u``, and the budget
-    (``size`` with the export container's bytes reserved, or ``bops``).
+    """What the search methods share: trace, the early budget check ``floor_check(state)``,
+    pre-training, a calibrated state with activations at ``b_u``, and the budget (``size``
+    with the export container's bytes reserved, or ``bops``).
     Returns ``(graph, pretrained variables, state, budget kwargs)``."""
     import jaxjpq
 
     method = config.method
-    graph = jaxjpq.trace(model.apply, variables, example)  # shapes only: holds after training
+    graph = jaxjpq.trace.trace(model.apply, variables, example)  # shapes only: holds after training
     spec = jaxjpq.CompressionSpec(bits=tuple(method.bits))
     budget = {k: method.get(k) for k in ("size", "bops") if method.get(k)}
     if len(budget) != 1:
         raise ValueError("config.method: give exactly one of size= or bops= (a fraction of fp32).")
-    floor_check(graph, jaxjpq.init_state(graph, spec))  # before any training
+    floor_check(jaxjpq.init_state(graph, spec))  # before any training
     pretrained = _pretrain(config, model, variables, train_src, workdir)
     state = jaxjpq.init_state(graph, spec, pretrained)
     rng = np.random.default_rng(config.seed)
     calib = [np.asarray(train_src.get(rng.integers(0, len(train_src), config.batch_size), rng)
                         ["inputs"]) for _ in range(4)]
-    state = jaxjpq.calibrate(jaxjpq.compress_apply(model.apply, graph), pretrained, state, calib)
+    state = jaxjpq.calibrate(jaxjpq.compress_apply(model.apply), pretrained, state, calib)
     for name in state.act:  # activations at b_u; a search picks the weight bits
         if name not in state.frozen:
-            state = jaxjpq.set_bits(graph, state, name, float(method.bits[1]), kind="act")
+            state = jaxjpq.set_bits(state, name, float(method.bits[1]), kind="act")
     if "size" in budget:  # the saved directory meets the budget: reserve the container's bytes
         budget["reserve_bits"] = 8.0 * (_container_bytes(graph, pretrained, state) + 1024)
     return graph, pretrained, state, budget
@@ -199,95 +199,41 @@ def _budget_info(budget: dict) -> dict:
             "reserved_bytes": budget.get("reserve_bits", 0.0) / 8}
 
 
-def _fit_method(config, model, variables, example, train_src, workdir, held_src=None
-                ) -> tuple[Any, Any, dict]:
-    """FITCompress or its uniform-bits + magnitude-pruning baseline: pretrain, Fisher, search.
-    Returns ``(graph, pair, info)``."""
+def _searched_method(config, model, variables, example, train_src, workdir, held_src=None
+                     ) -> tuple[Any, Any, dict]:
+    """A search method (FIT, uniform + magnitude, AJPQ, random search): pretrain, search
+    (:mod:`jaxjpq.methods.registry`). AJPQ's reward set is ``method.reward_samples`` samples of
+    a fixed draw from ``held_src`` (the validation split where the dataset has one), else from
+    the training split. Returns ``(graph, pair, info)``."""
     import jaxjpq
-    from jaxjpq.methods import fit
+    from jaxjpq.methods import registry
 
     method = config.method
-
-    def floor_check(graph, state):
-        if method.get("size"):  # an unreachable size is an error before any training
-            fit.check_size_budget(graph, state, float(method.size), int(method.levels))
-
-    graph, pretrained, state, budget = _searched_start(config, model, variables, example,
-                                                       train_src, workdir, floor_check)
+    entry = registry.get(method.name)
+    cfg = method.to_dict()
+    graph, pretrained, state, budget = _searched_start(
+        config, model, variables, example, train_src, workdir,
+        lambda st: entry.check(st, cfg))
+    held = None
+    if method.get("reward_samples"):
+        src = train_src if held_src is None else held_src
+        n = int(method.reward_samples)
+        if n > len(src):
+            raise ValueError(f"config.method.reward_samples={n} exceeds the {len(src)} samples "
+                             "of the reward split.")
+        rng = np.random.default_rng(config.seed + 3000)
+        got = src.get(np.sort(rng.choice(len(src), n, replace=False)), rng)
+        held = (np.asarray(got["inputs"]), np.asarray(got["labels"]))
+    inputs = registry.SearchInputs(
+        variables=pretrained, held=held, budget=budget, seed=config.seed,
+        progress=config.progress,
+        batches=lambda: data_lib.batches(train_src, config.batch_size, seed=config.seed + 2000))
     t0 = time.perf_counter()
-    info: dict[str, Any] = {}
-    if method.name == "fit":
-        n = int(method.fisher_samples)
-        fisher = fit.fisher(
-            model.apply, graph, pretrained,
-            data_lib.batches(train_src, config.batch_size, seed=config.seed + 2000),
-            chunk=int(method.chunk), max_samples=n, progress=config.progress,
-        )
-        reduce = method.get("fisher_reduce", "diag")
-        if reduce not in ("diag", "layer_mean"):
-            raise ValueError(f"config.method.fisher_reduce must be 'diag' or 'layer_mean', got "
-                             f"{reduce!r}.")
-        if reduce == "layer_mean":
-            fisher = fisher.layer_mean()
-        info["fisher_seconds"] = time.perf_counter() - t0
-        t1 = time.perf_counter()
-        res = fit.search(fisher, graph, state, pretrained, levels=int(method.levels),
-                         criterion=method.get("criterion", "fit"), progress=config.progress,
-                         **budget)
-        info["search_seconds"] = time.perf_counter() - t1
-        info["nodes_expanded"] = res.nodes_expanded
-        info["fit"] = res.fit
-    else:
-        res = fit.uniform_magnitude(graph, state, pretrained, bits=float(method.uniform_bits),
-                                    levels=int(method.levels), **budget)
-    info.update(searched_bits=res.bits, searched_act_bits=res.act_bits,
-                searched_sparsity=res.sparsity,
-                searched_relative_size=res.relative_size,
-                searched_relative_bops=res.relative_bops, **_budget_info(budget))
-    return graph, jaxjpq.CompressedParams(pretrained["params"], res.state), info
-
-
-def _ajpq_method(config, model, variables, example, train_src, workdir, held_src=None
-                 ) -> tuple[Any, Any, dict]:
-    """AJPQ (or random search with the same evaluations): pretrain, search, the best policy.
-    The reward set is ``method.reward_samples`` samples of a fixed draw from ``held_src`` (the
-    validation split where the dataset has one), else from the training split.
-    Returns ``(graph, pair, info)``."""
-    import jaxjpq
-    from jaxjpq.methods import ajpq
-
-    method = config.method
-
-    def floor_check(graph, state):  # make_env names the smallest reachable figure
-        kw = {k: float(method.get(k)) for k in ("size", "bops") if method.get(k)}
-        ajpq.make_env(graph, state, **kw)
-
-    graph, pretrained, state, budget = _searched_start(config, model, variables, example,
-                                                       train_src, workdir, floor_check)
-    src = train_src if held_src is None else held_src
-    n = int(method.reward_samples)
-    if n > len(src):
-        raise ValueError(f"config.method.reward_samples={n} exceeds the {len(src)} samples of "
-                         "the reward split.")
-    rng = np.random.default_rng(config.seed + 3000)
-    held = src.get(np.sort(rng.choice(len(src), n, replace=False)), rng)
-    hp = ajpq.Hyper(**method.agent.to_dict())
-    t0 = time.perf_counter()
-    res = ajpq.search(model.apply, graph, state, pretrained, np.asarray(held["inputs"]),
-                      np.asarray(held["labels"]), episodes=int(method.episodes), hp=hp,
-                      random_search=method.name == "ajpq_random", seed=config.seed,
-                      eval_batch=int(method.eval_batch), max_prune=float(method.max_prune),
-                      over_penalty=float(method.over_penalty), progress=config.progress,
-                      **budget)
-    info = dict(search_seconds=time.perf_counter() - t0, evaluations=res.evaluations,
-                reward_split="train" if held_src is None else "val",
-                compiles=res.compiles, best_reward=res.reward,
-                searched_accuracy=res.accuracy, reference_accuracy=res.reference,
-                searched_bits=res.bits, searched_kept=res.kept,
-                searched_relative_size=res.relative_size,
-                searched_relative_bops=res.relative_bops,
-                history=res.history, **_budget_info(budget))
-    return graph, jaxjpq.CompressedParams(pretrained["params"], res.state), info
+    state, info = entry.search(model.apply, state, cfg, inputs)
+    info = {"search_seconds": time.perf_counter() - t0, **info, **_budget_info(budget)}
+    if held is not None:
+        info["reward_split"] = "train" if held_src is None else "val"
+    return graph, jaxjpq.CompressedParams(pretrained["params"], state), info
 
 
 def build_method(config, model, variables, example, num_steps: int, train_src=None,
@@ -307,70 +253,34 @@ def build_method(config, model, variables, example, num_steps: int, train_src=No
     if method.name == "fp32":
         return dict(forward=train_lib.flax_forward(model.apply), variables=variables, tx=tx,
                     metrics_fn=None, graph=None)
-    searched = {"fit": _fit_method, "uniform_magnitude": _fit_method,
-                "ajpq": _ajpq_method, "ajpq_random": _ajpq_method}
-    if method.name not in ("geta", "prune_then_quantize", "djpq", *searched):
-        raise ValueError(
-            f"Unknown method '{method.name}'; use 'fp32', 'geta', 'djpq', 'fit', "
-            "'uniform_magnitude', 'ajpq', 'ajpq_random' or 'prune_then_quantize'."
-        )
     import jaxjpq
-    from jaxjpq.methods.geta import DEFAULT_FRACTIONS, make_schedule
+    from jaxjpq.methods import registry
 
+    entry = registry.get(method.name)
     info: dict[str, Any] = {}
-    if method.name in searched:
+    if entry.family == "search":
         if train_src is None:
             raise ValueError(f"method '{method.name}' needs the training split (train_src=).")
-        graph, pair, info = searched[method.name](config, model, variables, example, train_src,
-                                                  workdir, held_src)
+        graph, pair, info = _searched_method(config, model, variables, example, train_src,
+                                             workdir, held_src)
         variables = {"params": pair.model, **{k: v for k, v in variables.items()
                                               if k != "params"}}
-        tx = jaxjpq.qat(tx, graph, quant_lr=method.quant_lr)
     else:
-        graph = jaxjpq.trace(model.apply, variables, example)
-    key = jax.random.PRNGKey(config.seed)
-    if method.name == "djpq":
-        spec = jaxjpq.CompressionSpec(
-            bits=tuple(method.bits), budget={"bops": method.target_bops},
-            power_of_two=method.power_of_two, init_bits=method.init_bits, learn_t=False,
-        )
-        tx = jaxjpq.djpq(
-            tx, graph, steps=num_steps, gamma1=method.gamma1, gamma2=method.gamma2,
-            gamma2_rate=method.gamma2_rate, margin=method.margin, quant_lr=method.quant_lr,
-        )
-        pair = jaxjpq.djpq.init(graph, spec, variables, key=key,
-                                log_sigma2=method.init_log_sigma2)
-    elif method.name == "geta":
-        spec = jaxjpq.CompressionSpec(bits=tuple(method.bits),
-                                      budget={"sparsity": method.sparsity})
-        schedule = make_schedule(num_steps, fractions=method.get("schedule", DEFAULT_FRACTIONS))
-        tx = jaxjpq.geta(tx, graph, steps=num_steps, quant_lr=method.quant_lr,
-                         bit_reduction=method.bit_reduction,
-                         cost_power=method.get("cost_power", 0.0),
-                         allocation=method.get("allocation", "global"), schedule=schedule,
-                         cooldown_clips=method.get("cooldown_clips", False),
-                         unit_multiple=method.get("unit_multiple", 1))
-        pair = jaxjpq.init(graph, spec, variables)
-    elif method.name == "prune_then_quantize":
-        quantize = method.quantize_at < 1.0
-        spec = jaxjpq.CompressionSpec(quantize_weights=quantize, quantize_activations=quantize)
-        tx = jaxjpq.prune_then_quantize(
-            tx, graph, steps=num_steps, sparsity=method.sparsity, bits=method.bits,
-            prune_step=int(method.prune_at * num_steps),
-            quantize_step=int(method.quantize_at * num_steps),
-        )
-        pair = jaxjpq.init(graph, spec, variables)
+        pair = entry.init(model.apply, variables, example, method.to_dict(),
+                          jax.random.PRNGKey(config.seed))
+        graph = pair.compression.graph
+    tx = entry.transform(tx, num_steps, method.to_dict())
     rest = {k: v for k, v in variables.items() if k != "params"}
 
     def metrics_fn(st):
-        out = jaxjpq.cost.metrics(graph, st.params[1])
+        out = jaxjpq.cost.metrics(st.params[1])
         gamma2 = optax.tree_utils.tree_get(st.opt_state, "gamma2", None)
         if gamma2 is not None:
             out["gamma2"] = gamma2
         return out
 
     return dict(
-        forward=jaxjpq.CompressedForward(model.apply, graph),
+        forward=jaxjpq.CompressedForward(model.apply),
         variables={"params": pair, **rest},
         tx=tx,
         metrics_fn=metrics_fn,
@@ -394,7 +304,7 @@ def export_and_check(graph, model, state, test_src, batch_size: int, directory: 
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(f"export {directory}")
-    export.save(directory, export.pack(graph, variables, cstate))
+    export.save(directory, export.pack(variables, cstate))
     restored = export.restore(directory)
     infer = export.inference_fn(restored, model.apply, graph)
     eval_state = train_lib.create_train_state(
@@ -526,14 +436,14 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path) -> dic
 
         graph, cstate = method["graph"], state.params[1]
         compression = {
-            **{k: float(v) for k, v in cost.metrics(graph, cstate).items()},
+            **{k: float(v) for k, v in cost.metrics(cstate).items()},
             "kept_units": {g: int((m > 0.5).sum()) for g, m in cstate.masks.items()},
             # Parameters left after slimming (pruned units removed everywhere) vs dense.
             "slim_params": graph.param_count(boolean_masks(cstate)),
             "dense_params": graph.param_count(),
-            "bits": {n: [float(np.max(b)) for b in wa] for n, wa in cost.bits(graph,
+            "bits": {n: [float(np.max(b)) for b in wa] for n, wa in cost.bits(
                                                                              cstate).items()},
-            "report": cost.report(graph, cstate),
+            "report": cost.report(cstate),
         }
         compression.update(method.get("info") or {})
         target = config.method.get("target_bops")
@@ -642,10 +552,14 @@ def default_workdir(config_path: str, config: ml_collections.ConfigDict) -> Path
     return Path("runs") / f"{stem}-{hashlib.sha256(blob).hexdigest()[:8]}"
 
 
+# The GETA stage fractions of a recorded result whose config has no ``schedule`` field.
+LEGACY_FRACTIONS = (0.1, 0.1, 0.5)
+
+
 def recorded_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """``config`` as a dict for ``results.json``, with the GETA stage fractions that ran filled in
     where the config leaves them to the default (readers take a missing field as the legacy
-    split, :data:`jaxjpq.methods.geta.LEGACY_FRACTIONS`)."""
+    split, :data:`LEGACY_FRACTIONS`)."""
     record = config.to_dict()
     method = record.get("method", {})
     if method.get("name") == "geta" and "schedule" not in method:

@@ -306,7 +306,7 @@ def small_cnn(n: int, calib: int | None = None) -> tuple:
     x = rng.random((n, 28, 28, 1), np.float32)
     y = rng.integers(0, 10, n).astype(np.int32)
     v = model.init(jax.random.PRNGKey(0), x[:1])
-    g = jaxjpq.trace(model.apply, v, x[:2])
+    g = jaxjpq.trace.trace(model.apply, v, x[:2])
     st = jaxjpq.init_state(g, jaxjpq.CompressionSpec(bits=(2, 8)), v)
-    st = jaxjpq.calibrate(jaxjpq.compress_apply(model.apply, g), v, st, [x[:calib]])
+    st = jaxjpq.calibrate(jaxjpq.compress_apply(model.apply), v, st, [x[:calib]])
     return model, v, g, x, y, st

@@ -21,37 +21,37 @@ def _cnn():
 
 def test_env_walks_every_site_and_each_group_is_decided_once():
     _, _, g, _, _, st = _cnn()
-    env = ajpq.make_env(g, st, size=0.3)
+    env = ajpq.make_env(st, size=0.3)
     assert env.sites == tuple(s.name for s in g.sites)
     assert list(env.learned) == [False, True, True, False]  # first / last layer frozen at 8
     assert not env.act_learned.any()  # a size budget does not search activation bits
     decided = env.group[env.group >= 0]
     assert len(decided) == len(set(decided)) == len(g.prunable_groups)
     assert env.features.min() >= 0 and env.features.max() <= 1
-    assert ajpq.make_env(g, st, bops=0.05).act_learned.tolist() == [False, True, True, False]
+    assert ajpq.make_env(st, bops=0.05).act_learned.tolist() == [False, True, True, False]
 
 
 def test_budget_below_the_smallest_reachable_is_an_error_naming_it():
     _, _, g, _, _, st = _cnn()
     with pytest.raises(ValueError, match=r"below the smallest reachable configuration \(\d"):
-        ajpq.make_env(g, st, bops=1e-6)
+        ajpq.make_env(st, bops=1e-6)
     with pytest.raises(ValueError, match="exactly one budget"):
-        ajpq.make_env(g, st)
+        ajpq.make_env(st)
     with pytest.raises(ValueError, match=r"fraction of fp32 in \(0, 1\]"):
-        ajpq.make_env(g, st, size=1.5)
+        ajpq.make_env(st, size=1.5)
 
 
 def test_actions_map_to_bits_and_pruned_fractions():
     _, v, g, _, _, st = _cnn()
-    env = ajpq.make_env(g, st, size=0.5)
+    env = ajpq.make_env(st, size=0.5)
     assert ajpq.action_bits(jnp.asarray([0.0, 0.5, 1.0]), (2, 8)).tolist() == [2.0, 5.0, 8.0]
     index = jaxjpq.units.unit_index(g, v)
     sal = jaxjpq.methods.core.magnitude(index, v["params"])
     a = np.zeros((4, 3), np.float32)
     a[:, 0] = 0.0  # lowest bits
     a[:, 2] = 1.0  # the most pruning an action can ask for
-    out = ajpq.policy_state(g, st, env, jnp.asarray(a), sal, max_prune=0.5)
-    assert cost.bits(g, out)["Conv_1"][0] == 2.0 and cost.bits(g, out)["Conv_0"][0] == 8.0
+    out = ajpq.policy_state(st, env, jnp.asarray(a), sal, max_prune=0.5)
+    assert cost.bits(out)["Conv_1"][0] == 2.0 and cost.bits(out)["Conv_0"][0] == 8.0
     for grp in g.prunable_groups:
         kept = np.asarray(out.masks[grp.id]) > 0.5
         assert kept.sum() == grp.size - grp.size // 2
@@ -64,28 +64,28 @@ def test_actions_map_to_bits_and_pruned_fractions():
 def test_every_policy_meets_the_budget_exactly(budget):
     model, v, g, x, y, st = _cnn()
     reserve = 8.0 * 2000 if "size" in budget else 0.0
-    env = ajpq.make_env(g, st, reserve_bits=reserve, **budget)
+    env = ajpq.make_env(st, reserve_bits=reserve, **budget)
     index = jaxjpq.units.unit_index(g, v)
     sal = jaxjpq.methods.core.magnitude(index, v["params"])
     rng = np.random.default_rng(1)
     acts = jnp.asarray(rng.random((6, 4, 3)), jnp.float32)
     acts = acts.at[0].set(1.0).at[0, :, 2].set(0.0)  # 8 bits, dense: over budget
-    states, raw = jax.jit(jax.vmap(lambda a: ajpq.candidate(g, st, env, a, sal, v["params"])))(
+    states, raw = jax.jit(jax.vmap(lambda a: ajpq.candidate(st, env, a, sal, v["params"])))(
         acts)
     assert float(raw[0]) > env.target  # enforcement had work to do
     for i in range(len(acts)):
         s = jax.tree.map(lambda leaf, i=i: leaf[i], states)
         if "size" in budget:
-            assert fit.relative_model_size(g, s) + reserve / fit.fp32_model_bits(g) <= 0.25
+            assert fit.relative_model_size(s) + reserve / fit.fp32_model_bits(g) <= 0.25
         else:
-            assert float(cost.relative_bops(g, s)) <= 0.02
+            assert float(cost.relative_bops(s)) <= 0.02
 
 
 def test_population_evaluation_equals_one_at_a_time_and_map_equals_vmap():
     model, v, g, x, y, st = _cnn()
-    env = ajpq.make_env(g, st, size=0.3)
+    env = ajpq.make_env(st, size=0.3)
     acts = jnp.asarray(np.random.default_rng(2).random((3, 4, 3)), jnp.float32)
-    raw = {m: ajpq.make_evaluator(model.apply, g, st, v, env, x, y, eval_batch=40, population=m)
+    raw = {m: ajpq.make_evaluator(model.apply, st, v, env, x, y, eval_batch=40, population=m)
            for m in ("map", "vmap")}
     assert 0.0 <= raw["map"].reference <= 1.0
     ev = {m: jax.jit(f) for m, f in raw.items()}
@@ -100,18 +100,18 @@ def test_population_evaluation_equals_one_at_a_time_and_map_equals_vmap():
 
 def test_the_episode_compiles_once():
     model, v, g, x, y, st = _cnn()
-    env = ajpq.make_env(g, st, size=0.3)
-    evaluate = ajpq.make_evaluator(model.apply, g, st, v, env, x, y, eval_batch=60)
+    env = ajpq.make_env(st, size=0.3)
+    evaluate = ajpq.make_evaluator(model.apply, st, v, env, x, y, eval_batch=60)
     hp = ajpq.Hyper(population=3, hidden=16, updates=4, batch=8, buffer=64, warmup=1)
     step = jax.jit(chex.assert_max_traces(ajpq.make_episode(env, evaluate, (2, 8), hp), n=1))
     ag = ajpq.init_agent(env, jax.random.PRNGKey(0), hp)
     for e in range(4):  # random warm-up, then the actor; the buffer wraps around
         ag, m = step(ag, jax.random.PRNGKey(e))
     assert int(ag.count) == 4 * 3 * 4 and np.isfinite(float(ag.best_reward))
-    r = ajpq.search(model.apply, g, st, v, x, y, size=0.3, episodes=3, hp=hp, eval_batch=60,
+    r = ajpq.search(model.apply, st, v, x, y, size=0.3, episodes=3, hp=hp, eval_batch=60,
                     progress=False)
     assert r.compiles == 1 and r.evaluations == 9
-    assert fit.relative_model_size(g, r.state) <= 0.3
+    assert fit.relative_model_size(r.state) <= 0.3
     assert r.reward == pytest.approx(max(h["best_reward"] for h in r.history))
 
 
@@ -119,7 +119,7 @@ def test_the_agent_beats_random_search_on_a_toy_reward():
     """On a reward peaked at a known action, the agent's best beats random search's with the
     same number of evaluations (seeded: deterministic)."""
     _, _, g, _, _, st = _cnn()
-    env = ajpq.make_env(g, st, size=0.3)
+    env = ajpq.make_env(st, size=0.3)
     target = jnp.asarray([0.8, 0.3, 0.6])
 
     def evaluate(actions):
@@ -149,7 +149,7 @@ def test_readme_example_runs():
     ns = {"jaxjpq": jaxjpq, "model": model, "graph": g, "trained": v, "x_calib": x[:32],
           "x_val": x[:100], "y_val": y[:100]}
     exec(compile(m.group(1), "README AJPQ example", "exec"), ns)
-    assert fit.relative_model_size(g, ns["pair"].compression) <= 0.1
+    assert fit.relative_model_size(ns["pair"].compression) <= 0.1
     assert ns["res"].evaluations == 320 and ns["res"].compiles == 1
 
 
@@ -160,9 +160,9 @@ import jax, jax.numpy as jnp, numpy as np
 import archs
 from jaxjpq.methods import ajpq
 model, v, g, x, y, st = archs.small_cnn(80, calib=32)
-env = ajpq.make_env(g, st, size=0.3)
+env = ajpq.make_env(st, size=0.3)
 acts = jnp.asarray(np.random.default_rng(2).random((4, 4, 3)), jnp.float32)
-out = {{m: jax.jit(ajpq.make_evaluator(model.apply, g, st, v, env, x, y, eval_batch=40,
+out = {{m: jax.jit(ajpq.make_evaluator(model.apply, st, v, env, x, y, eval_batch=40,
                                       population=m))(acts) for m in ("auto", "map")}}
 assert len(jax.devices()) == 4
 assert len(out["auto"]["reward"].sharding.device_set) == 4

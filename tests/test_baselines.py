@@ -75,7 +75,7 @@ def test_magnitude_masks_remove_the_smallest_units_of_each_group():
 
 def test_prune_then_quantize_end_to_end():
     model, v, g, x, spec, cstate = _setup()
-    tx = prune_then_quantize(optax.adam(1e-3), g, steps=12, sparsity=0.5, bits=3.0,
+    tx = prune_then_quantize(optax.adam(1e-3), steps=12, sparsity=0.5, bits=3.0,
                              prune_step=4, quantize_step=8)
     params, cs, _, hist = _run(model, v, g, x, spec, cstate, 12, tx)
     index = unit_index(g, v)
@@ -96,10 +96,10 @@ def test_prune_then_quantize_end_to_end():
 def test_prune_then_quantize_rejects_bad_stages():
     _, _, g, _ = small_cnn()
     with pytest.raises(ValueError, match="prune_step"):
-        prune_then_quantize(optax.sgd(0.1), g, steps=10, sparsity=0.5, bits=4, prune_step=6,
+        prune_then_quantize(optax.sgd(0.1), steps=10, sparsity=0.5, bits=4, prune_step=6,
                             quantize_step=3)
     with pytest.raises(ValueError, match="sparsity"):
-        prune_then_quantize(optax.sgd(0.1), g, steps=10, sparsity=1.0, bits=4, prune_step=1,
+        prune_then_quantize(optax.sgd(0.1), steps=10, sparsity=1.0, bits=4, prune_step=1,
                             quantize_step=3)
 
 
@@ -107,7 +107,7 @@ def test_prune_then_quantize_clip_step_stays_on_its_scale():
     # Regression: the ViT-tiny baseline (seed 1, QAT from 30 %) stopped with a NaN loss when an
     # SGD step took a per-tensor clip q_m to the old absolute 1e-8 floor.
     _, v, g, _, _, cstate = _setup()
-    tx = prune_then_quantize(optax.sgd(0.0), g, steps=4, sparsity=0.0, bits=3.0, prune_step=0,
+    tx = prune_then_quantize(optax.sgd(0.0), steps=4, sparsity=0.0, bits=3.0, prune_step=0,
                              quantize_step=0)
     params = (v["params"], cstate)
     state = tx.init(params)

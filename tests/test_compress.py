@@ -52,9 +52,9 @@ def _random_state(g, v, seed, **spec_kw):
 def test_forward_matches_hand_written_quantized_model(per_channel):
     model, v, g, x = small_cnn()
     st = _random_state(g, v, seed=int(per_channel), per_channel=per_channel)
-    fn = jax.jit(compress_apply(model.apply, g))
+    fn = jax.jit(compress_apply(model.apply))
     y = fn(v, st, x)
-    vq = transform_variables(g, v, st)
+    vq = transform_variables(v, st)
     sm = g.site_map
     y_ref = _manual_forward(vq, x, lambda s, a: quantize_with(a, st.act[s], sm[s].signed_input))
     np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
@@ -72,7 +72,7 @@ def test_forward_matches_hand_written_quantized_model(per_channel):
 def test_high_bits_and_full_masks_match_plain_model():
     model, v, g, x = small_cnn()
     st = init_state(g, CompressionSpec(skip=(), init_bits=24), v)
-    fn = compress_apply(model.apply, g)
+    fn = compress_apply(model.apply)
     st = calibrate(fn, v, st, [x])
     np.testing.assert_allclose(jax.jit(fn)(v, st, x), model.apply(v, x), rtol=1e-4, atol=1e-5)
 
@@ -80,7 +80,7 @@ def test_high_bits_and_full_masks_match_plain_model():
 def test_pruned_units_do_not_affect_output():
     model, v, g, x = small_cnn()
     st = _random_state(g, v, seed=3)
-    fn = jax.jit(compress_apply(model.apply, g))
+    fn = jax.jit(compress_apply(model.apply))
     mask = np.asarray(st.masks["Conv_0/kernel:out"]).astype(bool)
     assert (~mask).any()
     v2 = jax.tree.map(lambda a: a, v)
@@ -92,7 +92,7 @@ def test_pruned_units_do_not_affect_output():
 def test_gradients_reach_params_and_unfrozen_quantizers():
     model, v, g, x = small_cnn()
     st = init_state(g, CompressionSpec(init_bits=4), v)
-    fn = compress_apply(model.apply, g)
+    fn = compress_apply(model.apply)
     st = calibrate(fn, v, st, [x])
     loss = lambda v, s: jnp.sum(fn(v, s, x) ** 2)
     gv, gs = jax.jit(jax.grad(loss, argnums=(0, 1)))(v, st)
@@ -108,7 +108,7 @@ def test_gradients_reach_params_and_unfrozen_quantizers():
 
 def test_jit_traces_once_across_states():
     model, v, g, x = small_cnn()
-    fn = jax.jit(chex.assert_max_traces(compress_apply(model.apply, g), n=1))
+    fn = jax.jit(chex.assert_max_traces(compress_apply(model.apply), n=1))
     for seed in range(3):
         fn(v, _random_state(g, v, seed), x).block_until_ready()
 
@@ -117,7 +117,7 @@ def test_state_from_other_graph_is_refused():
     model, v, g, x = small_cnn()
     _, v2, g2, _ = small_cnn(hidden=8)
     with pytest.raises(ValueError, match="another graph"):
-        compress_apply(model.apply, g)(v, init_state(g2, CompressionSpec(), v2), x)
+        compress_apply(model.apply)(v, init_state(g2, CompressionSpec(), v2), x)
 
 
 def _one_site_graph(shape=(3, 3)):
@@ -144,7 +144,7 @@ def test_site_found_through_jit_custom_vjp_and_transpose():
     a = QuantParams(d=jnp.float32(1.0), q_m=jnp.float32(10.0), t=jnp.float32(1.0))
     st = st.replace(act={"w": a})
     x = jnp.array([[0.2, 1.4, -2.6]])
-    y = jax.jit(compress_apply(apply_fn, g))(v, st, x)
+    y = jax.jit(compress_apply(apply_fn))(v, st, x)
     np.testing.assert_allclose(y, [[0.0, 1.0, 0.0]])  # relu then round to integer steps
 
 
@@ -171,8 +171,8 @@ def test_site_inside_scan_is_quantized_at_every_step():
     # round(0.3)=0, round(1.6)=2, round(-2.6)=-3; halve; round again
     want = np.asarray([[0.0, 0.5, -1.0]])
     for f in (scanned, looped):
-        np.testing.assert_allclose(jax.jit(compress_apply(f, g))(v, st, x), want)
-    np.testing.assert_allclose(compress_apply(branched, g)(v, st, x), [[0.0, 2.0, -3.0]])
+        np.testing.assert_allclose(jax.jit(compress_apply(f))(v, st, x), want)
+    np.testing.assert_allclose(compress_apply(branched)(v, st, x), [[0.0, 2.0, -3.0]])
 
 
 def test_site_without_matmul_raises():
@@ -186,11 +186,11 @@ def test_site_without_matmul_raises():
 def test_calibrate_sets_activation_ranges():
     model, v, g, x = small_cnn()
     st = init_state(g, CompressionSpec(skip=()), v)
-    fn = compress_apply(model.apply, g)
+    fn = compress_apply(model.apply)
     st2 = calibrate(fn, v, st, [x, x * 0.5])
     np.testing.assert_allclose(st2.act["Conv_0"].q_m, 0.75 * jnp.max(jnp.abs(x)), rtol=1e-6)
     seen = {}
-    _manual_forward(transform_variables(g, v, st), x, lambda s, a: seen.setdefault(s, a))
+    _manual_forward(transform_variables(v, st), x, lambda s, a: seen.setdefault(s, a))
     st1 = calibrate(fn, v, st, [x])
     np.testing.assert_allclose(st1.act["Dense_1"].q_m, jnp.max(seen["Dense_1"]), rtol=1e-3)
     np.testing.assert_allclose(st2.act["Conv_1"].d / st.act["Conv_1"].d,
@@ -213,12 +213,12 @@ def test_traced_graph_gives_the_same_forward():
     t = trace(model.apply, v, x)
     st = _random_state(g, v, seed=7)
     chex.assert_trees_all_equal(jax.jit(compress_apply(model.apply, t))(v, st, x),
-                                jax.jit(compress_apply(model.apply, g))(v, st, x))
+                                jax.jit(compress_apply(model.apply))(v, st, x))
 
 
 def test_calibrate_refuses_non_finite_statistics():
     model, v, g, x = small_cnn()
-    fn = compress_apply(model.apply, g)
+    fn = compress_apply(model.apply)
     st = init_state(g, CompressionSpec(), v)
     bad = x.at[1, 2, 3, 0].set(jnp.inf)
     with pytest.raises(ValueError, match="calibration batch 1 gives non-finite"):
@@ -227,7 +227,7 @@ def test_calibrate_refuses_non_finite_statistics():
 
 def test_variables_of_another_shape_are_a_clear_error():
     model, v, g, x = small_cnn()
-    fn = compress_apply(model.apply, g)
+    fn = compress_apply(model.apply)
     st = init_state(g, CompressionSpec(), v)
     p = dict(v["params"])
     p["Dense_0"] = {**p["Dense_0"], "kernel": jnp.zeros((3, 3))}
@@ -242,8 +242,8 @@ def test_checked_forward_names_the_site_that_saw_a_nan():
 
     model, v, g, x = small_cnn()
     st = init_state(g, CompressionSpec(), v)
-    fn = checked_apply(model.apply, g)
-    np.testing.assert_allclose(fn(v, st, x), compress_apply(model.apply, g)(v, st, x))
+    fn = checked_apply(model.apply)
+    np.testing.assert_allclose(fn(v, st, x), compress_apply(model.apply)(v, st, x))
     with pytest.raises(checkify.JaxRuntimeError, match="non-finite input .* at site Conv_0"):
         fn(v, st, x.at[0, 0, 0, 0].set(jnp.nan))
 
@@ -253,9 +253,9 @@ def test_integer_inputs_to_a_model_traced_on_floats_are_refused():
     from jaxjpq.compress import compress_apply
 
     model, v, _, x = small_cnn()
-    g = jaxjpq.trace(model.apply, v, x)
+    g = jaxjpq.trace.trace(model.apply, v, x)
     st = init_state(g, CompressionSpec(), v)
-    fn = compress_apply(model.apply, g)
+    fn = compress_apply(model.apply)
     pixels = (np.asarray(x) * 255).astype(np.uint8)
     with pytest.raises(ValueError, match=r"input 0 is uint8 but the graph was traced on float32 "
                                          r"inputs.*x / 255\.0"):

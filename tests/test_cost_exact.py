@@ -46,13 +46,13 @@ def _check(name: str, seed: int, keep: float) -> None:
     st0 = init_state(g, CompressionSpec(quantize_weights=False, quantize_activations=False))
     state = st0.replace(masks={k: jnp.asarray(masks.get(k, np.ones_like(v0)), jnp.float32)
                                for k, v0 in st0.masks.items()})
-    fn, sv = slim(g, v, masks)
+    fn, sv = slim(v, masks, graph=g)
     want = count_macs(fn, sv, x, only_params=True)
-    got = sum(cost.kept_macs(g, state).values()) * g.batch_size
+    got = sum(cost.kept_macs(state).values()) * g.batch_size
     assert got == want, (name, got, want)
     numel = sum(math.prod(np.shape(leaf(sv, k))) for k in {s.weight for s in g.sites})
-    assert cost.size_bits(g, state) == 32.0 * numel
-    assert cost.bops(g, state) == 32.0 * 32.0 * want / g.batch_size
+    assert cost.size_bits(state) == 32.0 * numel
+    assert cost.bops(state) == 32.0 * 32.0 * want / g.batch_size
 
 
 @pytest.mark.parametrize("name", sorted(ARCHS))
@@ -95,10 +95,10 @@ def test_exact_figures_equal_under_jit(soft):
         weight={k: p.replace(d=step_from_bits(float(rng.integers(2, 9)), p.q_m, p.t))
                 for k, p in st0.weight.items()},
     )
-    host = cost.bops(g, state, soft=soft)
-    jit = float(jax.jit(lambda s: cost.bops(g, s, soft=soft))(state))
+    host = cost.bops(state, soft=soft)
+    jit = float(jax.jit(lambda s: cost.bops(s, soft=soft))(state))
     if soft:
         np.testing.assert_allclose(jit, host, rtol=1e-6)
     else:  # float64 on both sides: the same integer
         assert jit == host and host == round(host)
-        assert float(jax.jit(lambda s: cost.size_bits(g, s))(state)) == cost.size_bits(g, state)
+        assert float(jax.jit(lambda s: cost.size_bits(s))(state)) == cost.size_bits(state)

@@ -64,13 +64,13 @@ def test_mnist_cnn_mixed_bits_half_pruned_disk_size_and_outputs(tmp_path):
     model, g = MnistCNN(), mnist_cnn_graph()
     x = jax.random.uniform(jax.random.key(1), (4, 28, 28, 1))
     v = model.init(jax.random.key(0), x)
-    fn = compress_apply(model.apply, g)
+    fn = compress_apply(model.apply)
     bits = {"Conv_0": 8, "Conv_1": 3, "Dense_0": 2, "Dense_1": 5}
     st = _mixed_state(g, v, x, fn, bits)
-    packed = export.pack(g, v, st)
+    packed = export.pack(v, st)
     theory = export.theoretical_bytes(packed)
     # the packed codes are exactly the cost model's size (same kept params, same bits)
-    assert theory["codes"] == cost.size_bits(g, st) / 8
+    assert theory["codes"] == cost.size_bits(st) / 8
     export.save(tmp_path / "m", packed)
     on_disk = export.disk_bytes(tmp_path / "m")
     # uncompressed payload plus orbax's files and the JSON metadata (a few KB, fixed)
@@ -85,17 +85,17 @@ def test_mnist_cnn_mixed_bits_half_pruned_disk_size_and_outputs(tmp_path):
 @pytest.mark.parametrize("per_channel, power_of_two", [(True, False), (False, True)])
 def test_restored_model_matches_fake_quant_forward(tmp_path, per_channel, power_of_two):
     model, v, g, x = small_cnn()
-    fn = compress_apply(model.apply, g)
+    fn = compress_apply(model.apply)
     bits = {"Conv_0": 8, "Conv_1": 5, "Dense_0": 3, "Dense_1": 7}
     st = _mixed_state(g, v, x, fn, bits, per_channel, power_of_two, seed=1)
-    packed = export.pack(g, v, st)
+    packed = export.pack(v, st)
     export.save(tmp_path / "m", packed)
     restored = export.restore(tmp_path / "m")
     for e in restored.meta["leaves"]:
         if e["kind"] == "codes":  # each kept channel at its exact width
             site = e["path"][1]
             widths = [w for w, n in e["widths"] for _ in range(n)]
-            want = np.asarray(cost.channel_bits(g, st, site))
+            want = np.asarray(cost.channel_bits(st, site))
             if want.ndim:
                 want = want[np.asarray(st.masks.get(f"{site}/kernel:out", 1.0 + want)) > 0.5]
             else:
@@ -111,10 +111,10 @@ def test_restored_model_matches_fake_quant_forward(tmp_path, per_channel, power_
 
 def test_jax_export_matches_fake_quant_forward():
     model, v, g, x = small_cnn()
-    fn = compress_apply(model.apply, g)
+    fn = compress_apply(model.apply)
     bits = {"Conv_0": 8, "Conv_1": 4, "Dense_0": 2, "Dense_1": 6}
     st = _mixed_state(g, v, x, fn, bits, seed=2)
-    packed = export.pack(g, v, st)
+    packed = export.pack(v, st)
     exp = export.export_model(packed, model.apply, g, x)
     np.testing.assert_allclose(exp.call(x), jax.jit(fn)(v, st, x), rtol=1e-6, atol=1e-6)
     if importlib.util.find_spec("flatbuffers") is not None:  # jax.export serialization needs it
@@ -124,7 +124,7 @@ def test_jax_export_matches_fake_quant_forward():
 
 def test_packed_model_from_other_graph_is_refused():
     model, v, g, x = small_cnn()
-    packed = export.pack(g, v, init_state(g, CompressionSpec(), v))
+    packed = export.pack(v, init_state(g, CompressionSpec(), v))
     with pytest.raises(ValueError, match="another graph"):
         export.inference_fn(packed, model.apply, mnist_cnn_graph(4, 8, 32))
     with pytest.raises(ValueError, match="another graph"):
@@ -151,7 +151,7 @@ def test_corrupt_export_is_an_error_naming_what(tmp_path, fault):
     from pathlib import Path
 
     model, v, g, x = small_cnn()
-    packed = export.pack(g, v, init_state(g, CompressionSpec(), v))
+    packed = export.pack(v, init_state(g, CompressionSpec(), v))
     export.save(tmp_path / "m", packed)
     if fault == "array":
         files = [p for p in Path(tmp_path / "m" / "arrays").rglob("*") if p.is_file()]
@@ -200,8 +200,8 @@ def test_export_serves_a_batchnorm_model_with_the_options_it_was_traced_with():
     m = TrainsByDefault()
     x = jax.random.normal(jax.random.key(1), (2, 8, 8, 3))
     v = m.init(jax.random.key(0), x, train=False)
-    g = jaxjpq.trace(m.apply, v, x, train=False)
-    packed = export.pack(g, v, init_state(g, CompressionSpec(), v))
+    g = jaxjpq.trace.trace(m.apply, v, x, train=False)
+    packed = export.pack(v, init_state(g, CompressionSpec(), v))
     want = export.inference_fn(packed, m.apply, g)(x, train=False)
     np.testing.assert_allclose(export.inference_fn(packed, m.apply, g)(x), want)
     exp = export.export_model(packed, m.apply, g, x)  # no train=False needed

@@ -19,7 +19,7 @@ def _cnn():
     model, v, g, x, y, st = archs.small_cnn(24)
     for n in st.act:
         if n not in st.frozen:
-            st = jaxjpq.set_bits(g, st, n, 8.0, kind="act")
+            st = jaxjpq.set_bits(st, n, 8.0, kind="act")
     info = fit.fisher(model.apply, g, v, [{"inputs": x, "labels": y}], chunk=5, progress=False)
     return model, v, g, x, y, st, info
 
@@ -53,7 +53,7 @@ def test_batched_fisher_equals_the_per_sample_pass(arch):
     model, v, x = archs.build(arch)
     x = np.concatenate([np.asarray(x)] * 3)
     y = np.arange(len(x)) % 3
-    g = jaxjpq.trace(model.apply, v, x[:2])
+    g = jaxjpq.trace.trace(model.apply, v, x[:2])
     fast, exact = (fit.fisher_sums(model.apply, g, v, method=m)(v["params"], x, y)
                    for m in ("batched", "per_sample"))
     for k in exact[0]:
@@ -67,7 +67,7 @@ def test_auto_fisher_falls_back_where_the_batched_pass_is_wrong(arch):
     # the per-sample sum; a fused LSTM kernel has no per-site contraction
     model, v, x = archs.build(arch)
     y = np.arange(len(x)) % 3
-    g = jaxjpq.trace(model.apply, v, x[:2])
+    g = jaxjpq.trace.trace(model.apply, v, x[:2])
     batch = [{"inputs": np.asarray(x), "labels": y}]
     with pytest.warns(UserWarning, match="per-sample vmap"):
         info = fit.fisher(model.apply, g, v, batch, progress=False)
@@ -85,21 +85,21 @@ def test_fit_without_masks_is_the_papers_formula():
         want += tr[s.name] * d ** 2 / 12
         d_a = float(jaxjpq.quant.effective_params(st.act[s.name], s.signed_input).d)
         want += info.act[s.name] * d_a ** 2 / 12
-    assert fit.fit_score(info, g, st, v) == pytest.approx(want, rel=1e-6)
+    assert fit.fit_score(info, st, v) == pytest.approx(want, rel=1e-6)
 
 
 @pytest.mark.parametrize("budget", [dict(size=0.2), dict(size=0.06), dict(bops=0.05)])
 def test_search_meets_the_budget_exactly_and_the_export_agrees(budget, tmp_path):
     model, v, g, x, y, st, info = _cnn()
-    r = fit.search(info, g, st, v, progress=False, **budget)
+    r = fit.search(info, st, v, progress=False, **budget)
     (kind, alpha), = budget.items()
     if kind == "size":
         assert r.relative_size <= alpha
-        packed = export.pack(g, v, r.state)
+        packed = export.pack(v, r.state)
         theo = export.theoretical_bytes(packed)["total"]
         assert theo <= alpha * 4 * g.param_count() + 8 * len(packed.arrays)
     else:
-        assert r.relative_bops <= alpha and float(cost.relative_bops(g, r.state)) <= alpha
+        assert r.relative_bops <= alpha and float(cost.relative_bops(r.state)) <= alpha
     # every learned weight site at an integer width in the spec's range, the rest untouched
     for n, b in r.bits.items():
         if n in st.frozen:
@@ -107,8 +107,8 @@ def test_search_meets_the_budget_exactly_and_the_export_agrees(budget, tmp_path)
         else:
             assert 2.0 <= b <= 8.0 and b == int(b)
     assert r.nodes_expanded >= 1 and np.isfinite(r.fit)
-    fwd = jaxjpq.compress_apply(model.apply, g)
-    export.save(tmp_path / "m", export.pack(g, v, r.state))
+    fwd = jaxjpq.compress_apply(model.apply)
+    export.save(tmp_path / "m", export.pack(v, r.state))
     got = export.inference_fn(export.restore(tmp_path / "m"), model.apply, g)(x)
     np.testing.assert_allclose(got, fwd(v, r.state, x), rtol=1e-5, atol=1e-5)
 
@@ -116,31 +116,31 @@ def test_search_meets_the_budget_exactly_and_the_export_agrees(budget, tmp_path)
 def test_a_bops_budget_searches_the_input_bits_and_a_size_budget_keeps_them():
     model, v, g, x, y, st, info = _cnn()
     learned = [n for n in st.act if n not in st.frozen]
-    tight = fit.search(info, g, st, v, bops=0.01, progress=False)
+    tight = fit.search(info, st, v, bops=0.01, progress=False)
     assert any(tight.act_bits[n] < 8.0 for n in learned)
     assert any("input->" in move for move, _ in tight.path)
     for n in learned:  # the state holds what the result says, at integer widths in the range
-        b = float(np.round(cost.bits(g, tight.state)[n][1]))
+        b = float(np.round(cost.bits(tight.state)[n][1]))
         assert b == tight.act_bits[n] and 2.0 <= b <= 8.0
     for n in st.frozen:
         assert tight.act_bits.get(n, 8.0) == 8.0
-    assert float(cost.relative_bops(g, tight.state)) <= 0.01
+    assert float(cost.relative_bops(tight.state)) <= 0.01
     # an input with no Fisher trace is free to lower: the search takes it before the weights'
     free = fit.FisherInfo(weight=info.weight, act={**info.act, learned[0]: 0.0},
                           samples=info.samples)
-    r = fit.search(free, g, st, v, bops=0.05, progress=False)
+    r = fit.search(free, st, v, bops=0.05, progress=False)
     assert r.path[0][0] == f"{learned[0]} input->7b"
-    sized = fit.search(info, g, st, v, size=0.06, progress=False)
+    sized = fit.search(info, st, v, size=0.06, progress=False)
     assert all(sized.act_bits[n] == 8.0 for n in learned)
     assert not any("input->" in move for move, _ in sized.path)
-    um = fit.uniform_magnitude(g, st, v, bits=4.0, bops=0.02)
+    um = fit.uniform_magnitude(st, v, bits=4.0, bops=0.02)
     assert {um.act_bits[n] for n in learned} == {4.0}
 
 
 def test_a_tighter_budget_prunes_or_lowers_more():
     model, v, g, x, y, st, info = _cnn()
-    loose = fit.search(info, g, st, v, size=0.2, progress=False)
-    tight = fit.search(info, g, st, v, size=0.06, progress=False)
+    loose = fit.search(info, st, v, size=0.2, progress=False)
+    tight = fit.search(info, st, v, size=0.06, progress=False)
     assert tight.relative_size < loose.relative_size
     assert tight.fit > loose.fit
 
@@ -148,22 +148,22 @@ def test_a_tighter_budget_prunes_or_lowers_more():
 def test_budget_below_the_smallest_reachable_is_an_error_naming_it():
     model, v, g, x, y, st, info = _cnn()
     with pytest.raises(ValueError, match=r"below the smallest reachable configuration \(\d"):
-        fit.search(info, g, st, v, size=1e-4, progress=False)
+        fit.search(info, st, v, size=1e-4, progress=False)
     with pytest.raises(ValueError, match="exactly one budget"):
-        fit.search(info, g, st, v, progress=False)
+        fit.search(info, st, v, progress=False)
     # before any work: from shapes alone, a lower bound of every node's size
-    floor = fit.size_floor(g, st)
-    tables, counts = fit._tables(info, g, st, v, fit.sparsity_levels())
+    floor = fit.size_floor(st)
+    tables, counts = fit._tables(info, st, v, fit.sparsity_levels())
     node = (*[len(t.bits) - 1 for t in tables], len(fit.sparsity_levels()) - 1)
-    assert floor <= fit.relative_model_size(g, fit._to_state(g, st, tables, counts, node))
+    assert floor <= fit.relative_model_size(fit._to_state(st, tables, counts, node))
     with pytest.raises(ValueError, match="below the smallest reachable configuration"):
-        fit.check_size_budget(g, st, floor * 0.99)
-    fit.check_size_budget(g, st, floor)
+        fit.check_size_budget(st, floor * 0.99)
+    fit.check_size_budget(st, floor)
 
 
 def test_uniform_magnitude_baseline_meets_the_budget_at_uniform_bits():
     model, v, g, x, y, st, info = _cnn()
-    r = fit.uniform_magnitude(g, st, v, bits=4.0, size=0.1)
+    r = fit.uniform_magnitude(st, v, bits=4.0, size=0.1)
     assert r.relative_size <= 0.1
     assert {b for n, b in r.bits.items() if n not in st.frozen} == {4.0}
     # magnitude pruning: every pruned weight is no larger than every kept one, over all sites
@@ -203,19 +203,19 @@ def test_fit_ranks_damage_like_the_measured_loss():
 
     for _ in range(300):
         v, opt = step(v, opt)
-    g = jaxjpq.trace(m.apply, v, x[:2])
+    g = jaxjpq.trace.trace(m.apply, v, x[:2])
     st = jaxjpq.init_state(g, jaxjpq.CompressionSpec(bits=(2, 8), skip=(),
                                                      quantize_activations=False), v)
     info = fit.fisher(m.apply, g, v, [{"inputs": x, "labels": y}], chunk=64, progress=False)
-    fwd = jax.jit(jaxjpq.compress_apply(m.apply, g))
+    fwd = jax.jit(jaxjpq.compress_apply(m.apply))
     base = float(_loss(m, v, x, y))
     lv = fit.sparsity_levels()
-    tables, counts = fit._tables(info, g, st, v, lv)
+    tables, counts = fit._tables(info, st, v, lv)
     fits, damage = [], []
     for _ in range(30):
         node = (*[int(rng.integers(0, len(t.bits))) for t in tables], int(rng.integers(0, 30)))
-        cand = fit._to_state(g, st, tables, counts, node)
-        fits.append(fit.fit_score(info, g, cand, v))
+        cand = fit._to_state(st, tables, counts, node)
+        fits.append(fit.fit_score(info, cand, v))
         logits = fwd(v, cand, x)
         damage.append(float(optax.softmax_cross_entropy_with_integer_labels(logits, y).mean())
                       - base)
@@ -224,10 +224,10 @@ def test_fit_ranks_damage_like_the_measured_loss():
 
 def test_rate_criterion_meets_the_budget_and_unknown_criteria_are_refused():
     model, v, g, x, y, st, info = _cnn()
-    r = fit.search(info, g, st, v, size=0.06, criterion="rate", progress=False)
+    r = fit.search(info, st, v, size=0.06, criterion="rate", progress=False)
     assert r.relative_size <= 0.06 and r.nodes_expanded >= 1
     with pytest.raises(ValueError, match="criterion"):
-        fit.search(info, g, st, v, size=0.06, criterion="greedy", progress=False)
+        fit.search(info, st, v, size=0.06, criterion="greedy", progress=False)
 
 
 def _damage(tables, counts, node):
@@ -242,11 +242,11 @@ def test_least_fit_is_the_exhaustive_optimum_within_the_budget(size):
     import itertools
 
     model, v, g, x, y, st, info = _cnn()
-    r = fit.search(info, g, st, v, size=size, criterion="least_fit", progress=False)
+    r = fit.search(info, st, v, size=size, criterion="least_fit", progress=False)
     assert r.relative_size <= size
     lv = fit.sparsity_levels()
-    tables, counts = fit._tables(info, g, st, v, lv)
-    figure = fit._figure_fn(g, st, tables, counts, "size", 0.0)
+    tables, counts = fit._tables(info, st, v, lv)
+    figure = fit._figure_fn(st, tables, counts, "size", 0.0)
     n = len(tables)
     best = min(_damage(tables, counts, (*bi, *(0,) * n, s))
                for bi in itertools.product(*[range(len(t.bits)) for t in tables])
@@ -259,6 +259,6 @@ def test_least_fit_is_the_exhaustive_optimum_within_the_budget(size):
 def test_least_fit_under_a_bops_budget_keeps_the_inputs_at_their_bits():
     model, v, g, x, y, st, info = _cnn()
     for bops in (0.05, 0.005):
-        r = fit.search(info, g, st, v, bops=bops, criterion="least_fit", progress=False)
+        r = fit.search(info, st, v, bops=bops, criterion="least_fit", progress=False)
         assert r.relative_bops <= bops
         assert all(b == 8.0 for b in r.act_bits.values())

@@ -83,7 +83,7 @@ def test_select_units_respects_pruned_and_keeps_one_per_group():
 
 
 def _run(model, v, g, x, spec, cstate, steps, tx):
-    fn = compress_apply(model.apply, g)
+    fn = compress_apply(model.apply)
     y = jnp.arange(x.shape[0]) % 10
     rest = {k: val for k, val in v.items() if k != "params"}
 
@@ -111,7 +111,7 @@ def _run(model, v, g, x, spec, cstate, steps, tx):
 def test_geta_meets_sparsity_exactly_and_bits_in_range():
     model, v, g, x, spec, cstate = _setup()
     steps = 40
-    tx = geta(optax.sgd(0.05, momentum=0.9), g, steps=steps)
+    tx = geta(optax.sgd(0.05, momentum=0.9), steps=steps)
     params, cs, opt_state, _ = _run(model, v, g, x, spec, cstate, steps, tx)
     index = unit_index(g, v)
     masks = index.flat_masks(cs.masks)
@@ -141,7 +141,7 @@ def test_forget_rate_drives_redundant_units_to_zero_within_a_period():
     sched = make_schedule(12, warmup=0, projection_periods=1, projection_steps=1,
                           joint_periods=1, period_steps=8)
     # No gradient step: only the forget-rate shrink moves the redundant units.
-    tx = geta(optax.sgd(0.0), g, steps=12, schedule=sched, quant_lr=0.0)
+    tx = geta(optax.sgd(0.0), steps=12, schedule=sched, quant_lr=0.0)
     _, _, _, hist = _run(model, v, g, x, spec, cstate, 12, tx)
     index = unit_index(g, v)
     # Redundant set chosen at the joint start; its unit norms shrink every step to exactly 0.
@@ -202,8 +202,8 @@ def test_cooldown_keeps_rounded_bits_and_trains_clips_only_when_asked(cooldown_c
 def test_geta_rejects_bad_input():
     _, v, g, _, spec, cstate = _setup()
     with pytest.raises(ValueError, match="sparsity"):
-        geta(optax.sgd(0.1), g, steps=10).init((v["params"], init_state(g, CompressionSpec(), v)))
-    tx = geta(optax.sgd(0.1), g, steps=40)
+        geta(optax.sgd(0.1), steps=10).init((v["params"], init_state(g, CompressionSpec(), v)))
+    tx = geta(optax.sgd(0.1), steps=40)
     state = tx.init((v["params"], cstate))
     with pytest.raises(ValueError, match="params"):
         tx.update((v["params"], cstate), state)
@@ -250,15 +250,14 @@ def test_geta_resume_from_checkpoint_matches_uninterrupted_run(tmp_path):
 
     def make_state():
         model, v, g, _, spec, cstate = _setup()
-        tx = geta(optax.adam(1e-3), g, steps=steps)
-        return train.create_train_state(CompressedForward(model.apply, g),
+        tx = geta(optax.adam(1e-3), steps=steps)
+        return train.create_train_state(CompressedForward(model.apply),
                                         {"params": (v["params"], cstate)}, tx)
 
-    g = _setup()[2]
     # Interrupted at step 10 (checkpoint at 10), then resumed from the checkpoint in a new state.
     _, summary, _ = interrupted_and_full(
         make_state, random_source(64), 16, steps, 10, tmp_path / "ckpt",
-        metrics_fn=lambda s: compression_metrics(g, s.params[1]), log_every=8,
+        metrics_fn=lambda s: compression_metrics(s.params[1]), log_every=8,
     )
     assert summary["sparsity"] == pytest.approx(0.5, abs=0.02)
     assert 0.0 < summary["rel_bops"] < 1.0
@@ -301,7 +300,7 @@ def test_per_group_allocation_prunes_every_group_by_the_same_fraction():
         chosen = np.asarray(imp[lo:hi])[sel[lo:hi]]
         assert chosen.max() <= np.sort(np.asarray(imp[lo:hi])[live])[n - 1]
     steps = 40
-    tx = geta(optax.sgd(0.05, momentum=0.9), g, steps=steps, allocation="per_group")
+    tx = geta(optax.sgd(0.05, momentum=0.9), steps=steps, allocation="per_group")
     _, cs, _, _ = _run(model, v, g, x, spec, cstate, steps, tx)
     kept = {k: int((m > 0.5).sum()) for k, m in cs.masks.items()}
     assert list(kept.values()) == [2, 4, 8]  # half of 4, 8, 16
@@ -317,16 +316,16 @@ def test_a_geta_run_cut_short_by_multisteps_warns_with_the_sparsity_it_reached()
     src, steps = random_source(64), 12
 
     def run(tx):
-        st = train.create_train_state(CompressedForward(model.apply, g),
+        st = train.create_train_state(CompressedForward(model.apply),
                                       {"params": (v["params"], cstate)}, tx)
         return train.train(st, data.batch_stream(src, 16, seed=0), steps, progress=False)[0]
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the whole schedule meets the target: no warning
-        whole = run(geta(optax.adam(1e-3), g, steps=steps))
+        whole = run(geta(optax.adam(1e-3), steps=steps))
     units = sum(grp.size for grp in g.prunable_groups)
-    assert abs(float(cost.sparsity(g, whole.params[1])) - 0.5) <= 0.5 / units
+    assert abs(float(cost.sparsity(whole.params[1])) - 0.5) <= 0.5 / units
     with pytest.warns(UserWarning, match=r"after 12 steps the compression state misses its "
                                          r"budget: sparsity 0\.\d+ against a budget of 0\.5\..*"
                                          r"MultiSteps"):
-        run(optax.MultiSteps(geta(optax.adam(1e-3), g, steps=steps), every_k_schedule=2))
+        run(optax.MultiSteps(geta(optax.adam(1e-3), steps=steps), every_k_schedule=2))

@@ -20,7 +20,8 @@ sys.path.insert(0, {tests!r})
 import jax
 jax.distributed.initialize()
 import chex, numpy as np, optax
-from jaxjpq import cost, data, djpq, train
+from jaxjpq import cost, data, train
+from jaxjpq.methods import djpq
 from jaxjpq.state import CompressionSpec
 from jaxjpq.train import CompressedForward
 import test_geta
@@ -32,10 +33,10 @@ model, v, g, _, spec, cstate = test_geta._setup()
 steps = 12
 
 def make():
-    tx = djpq.djpq(optax.adam(1e-3), g, steps=steps, target_bops=0.02, warmup=0)
-    pair = djpq.init(g, CompressionSpec(bits=(2.0, 8.0), learn_t=False), v,
+    tx = djpq.djpq(optax.adam(1e-3), steps=steps, target_bops=0.02, warmup=0)
+    pair = djpq.init(g, v, spec=CompressionSpec(bits=(2.0, 8.0), learn_t=False),
                      key=jax.random.PRNGKey(3))
-    return train.create_train_state(CompressedForward(model.apply, g), {{"params": pair}}, tx)
+    return train.create_train_state(CompressedForward(model.apply), {{"params": pair}}, tx)
 
 one, _ = train.train(make(), data.batch_stream(src, 16, seed=0), steps, progress=False)
 mesh = train.data_mesh()
@@ -43,7 +44,7 @@ many, _ = train.train(make(), data.batch_stream(src, 16, seed=0, shard=(pid, n))
                       progress=False, mesh=mesh)
 many = train.host_value(many)
 chex.assert_trees_all_equal(many.params[1].masks, one.params[1].masks)
-assert cost.bits(g, many.params[1]) == cost.bits(g, one.params[1])
+assert cost.bits(many.params[1]) == cost.bits(one.params[1])
 chex.assert_trees_all_close(many.params[0], one.params[0], atol=1e-5)
 full = train.evaluate(one, data.batches(src, 20, shuffle=False, drop_remainder=False), 20)
 part = train.evaluate(one, data.batches(src, 20, shuffle=False, drop_remainder=False,

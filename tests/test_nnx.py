@@ -60,11 +60,11 @@ def test_nnx_resnet_trains_slims_and_exports():
     assert set(v) == {"params", "batch_stats"}
     src = _source()
     x = src.arrays["inputs"][:4]
-    g = jaxjpq.trace(model.apply, v, x)
+    g = jaxjpq.trace.trace(model.apply, v, x)
     assert g.prunable_groups and g.coverage == 1.0
-    pair = jaxjpq.init(g, jaxjpq.CompressionSpec(bits=(4, 4), budget={"sparsity": 0.25}), v)
-    tx = jaxjpq.geta(optax.adam(1e-3), g, steps=12)
-    st = train.create_train_state(jaxjpq.CompressedForward(model.apply, g),
+    pair = jaxjpq.init(g, v, spec=jaxjpq.CompressionSpec(bits=(4, 4), budget={"sparsity": 0.25}))
+    tx = jaxjpq.geta(optax.adam(1e-3), steps=12)
+    st = train.create_train_state(jaxjpq.CompressedForward(model.apply),
                                   {"params": pair, "batch_stats": v["batch_stats"]}, tx)
     st, _ = train.train(st, data.batch_stream(src, 8, seed=0), 12, progress=False)
     # statistics moved as statistics; the params (and the optimizer) never see them
@@ -73,16 +73,16 @@ def test_nnx_resnet_trains_slims_and_exports():
     assert max(jax.tree.leaves(moved)) > 0
     assert "batch_stats" not in st.params.model and "mean" not in str(
         jax.tree_util.tree_structure(st.params.model))
-    assert float(jaxjpq.cost.sparsity(g, st.params.compression)) == pytest.approx(0.25, abs=0.03)
+    assert float(jaxjpq.cost.sparsity(st.params.compression)) == pytest.approx(0.25, abs=0.03)
     trained = {"params": st.params.model, **st.model_state}
-    fwd = jaxjpq.compress_apply(model.apply, g)
+    fwd = jaxjpq.compress_apply(model.apply)
     want = fwd(trained, st.params.compression, x)
     masks = jaxjpq.state.boolean_masks(st.params.compression)
-    slim_fn, slim_vars = jaxjpq.slim(g, trained, masks)
+    slim_fn, slim_vars = jaxjpq.slim(trained, masks, graph=g)
     np.testing.assert_allclose(slim_fn(slim_vars, x),
                                model.apply(jaxjpq.apply_masks(g, trained, masks), x),
                                rtol=1e-4, atol=1e-5)
-    packed = export.pack(g, trained, st.params.compression)
+    packed = export.pack(trained, st.params.compression)
     np.testing.assert_allclose(export.inference_fn(packed, model.apply, g)(x), want,
                                rtol=1e-5, atol=1e-5)
     back = jaxjpq.nnx.merge(model, trained)
@@ -109,13 +109,13 @@ def test_nnx_dropout_draws_from_the_step_key_in_training_and_is_off_in_eval():
     np.testing.assert_array_equal(model.apply(v, x), model.apply(v, x))  # eval: no dropout
     with pytest.raises(ValueError, match="draws random numbers in training.*rngs="):
         model.apply(v, x, train=True)
-    g = jaxjpq.trace(model.apply, v, x)
-    pair = jaxjpq.init(g, jaxjpq.CompressionSpec(bits=(4, 4), budget={"sparsity": 0.25}), v)
-    st = train.create_train_state(jaxjpq.CompressedForward(model.apply, g), {"params": pair},
-                                  jaxjpq.geta(optax.adam(1e-3), g, steps=12))
+    g = jaxjpq.trace.trace(model.apply, v, x)
+    pair = jaxjpq.init(g, v, spec=jaxjpq.CompressionSpec(bits=(4, 4), budget={"sparsity": 0.25}))
+    st = train.create_train_state(jaxjpq.CompressedForward(model.apply), {"params": pair},
+                                  jaxjpq.geta(optax.adam(1e-3), steps=12))
     st, summary = train.train(st, data.batch_stream(_source(), 8, seed=0), 12, progress=False)
     assert np.isfinite(summary["loss"])
-    assert float(jaxjpq.cost.sparsity(g, st.params.compression)) == pytest.approx(0.25, abs=0.03)
+    assert float(jaxjpq.cost.sparsity(st.params.compression)) == pytest.approx(0.25, abs=0.03)
 
 
 def test_readme_nnx_snippet_runs():

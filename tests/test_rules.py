@@ -43,28 +43,28 @@ def net():
 
 def test_unknown_primitive_blocks_pruning_until_a_rule_is_registered(net):
     m, v, x = net
-    g = jaxjpq.trace(m.apply, v, x)
+    g = jaxjpq.trace.trace(m.apply, v, x)
     grp = g.group_map["Dense_0/kernel:out"]
     assert not grp.prunable and "unsupported primitive" in grp.reason
     register_rule(_softsign_p.name, Rule(flow=unary_flow(zero_preserving=True)))
-    g = jaxjpq.trace(m.apply, v, x)
+    g = jaxjpq.trace.trace(m.apply, v, x)
     grp = g.group_map["Dense_0/kernel:out"]
     assert grp.prunable
     # the same rules drive slim, MACs and the compressed forward
     keep = np.array([1, 0, 1, 1, 0, 1], bool)
-    fn, sv = slim(g, v, {grp.id: keep})
+    fn, sv = slim(v, {grp.id: keep}, graph=g)
     want = m.apply(apply_masks(g, v, {grp.id: keep}), x)
     np.testing.assert_allclose(fn(sv, x), want, rtol=1e-5, atol=1e-6)
     assert count_macs(fn, sv, x, only_params=True) == 4 * (5 * 4 + 4 * 3)
     st = jaxjpq.init_state(g, jaxjpq.CompressionSpec(skip=()), v)
-    y = jax.jit(jaxjpq.compress_apply(m.apply, g))(v, st, x)
+    y = jax.jit(jaxjpq.compress_apply(m.apply))(v, st, x)
     assert y.shape == (4, 3) and bool(jnp.all(jnp.isfinite(y)))
 
 
 def test_a_rule_that_says_f0_is_not_zero_keeps_the_group_unprunable(net):
     m, v, x = net
     register_rule(_softsign_p.name, Rule(flow=unary_flow(zero_preserving=False)))
-    g = jaxjpq.trace(m.apply, v, x)
+    g = jaxjpq.trace.trace(m.apply, v, x)
     assert not g.group_map["Dense_0/kernel:out"].prunable
 
 
@@ -99,4 +99,4 @@ def test_readme_rule_example_runs(net):
     assert m, "README has no rule example"
     exec(compile(m.group(1), "README rule example", "exec"), {"my_softsign_p": _softsign_p})
     mod, v, x = net
-    assert jaxjpq.trace(mod.apply, v, x).group_map["Dense_0/kernel:out"].prunable
+    assert jaxjpq.trace.trace(mod.apply, v, x).group_map["Dense_0/kernel:out"].prunable

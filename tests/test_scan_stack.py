@@ -53,7 +53,7 @@ def _setup(how, short=False):
     m = ScannedTransformer(how, short)
     x = jax.random.normal(jax.random.key(1), (16, 8, 6))
     v = m.init(jax.random.key(0), x)
-    return m, v, x, jaxjpq.trace(m.apply, v, x)
+    return m, v, x, jaxjpq.trace.trace(m.apply, v, x)
 
 
 @pytest.fixture(scope="module", params=["scan", "remat_scan"])
@@ -82,26 +82,26 @@ def test_per_layer_bits_reach_forward_cost_and_export(stack, tmp_path):
     m, v, x, g = stack
     spec = jaxjpq.CompressionSpec(bits=(2, 8), skip=())
     st = jaxjpq.init_state(g, spec, v)
-    fn = compress_apply(m.apply, g)
+    fn = compress_apply(m.apply)
     st = calibrate(fn, v, st, [x])
     # layer 0 of fc1 at 2 bits, every other site at 8
     for name in st.weight:
-        st = set_bits(g, st, name, 8.0)
-    st = set_bits(g, st, "layers/block/mlp/fc1[0]", 2.0)
-    b = cost.bits(g, st)
+        st = set_bits(st, name, 8.0)
+    st = set_bits(st, "layers/block/mlp/fc1[0]", 2.0)
+    b = cost.bits(st)
     assert b["layers/block/mlp/fc1[0]"][0] == 2 and b["layers/block/mlp/fc1[1]"][0] == 8
-    y_all8 = fn(v, set_bits(g, st, "layers/block/mlp/fc1[0]", 8.0), x)
+    y_all8 = fn(v, set_bits(st, "layers/block/mlp/fc1[0]", 8.0), x)
     y = jax.jit(fn)(v, st, x)
     assert float(jnp.max(jnp.abs(y - y_all8))) > 0  # layer 0's own quantizer is used
     # only that layer's weights change when its bits change
-    tv = jaxjpq.compress.transform_variables(g, v, st)
+    tv = jaxjpq.compress.transform_variables(v, st)
     k = tv["params"]["layers"]["block"]["mlp"]["fc1"]["kernel"]
     raw = v["params"]["layers"]["block"]["mlp"]["fc1"]["kernel"]
     flat_k, flat_raw = k.reshape(4, *k.shape[-2:]), raw.reshape(4, *raw.shape[-2:])
     assert len(np.unique(np.asarray(flat_k[0]))) <= 2 ** 2
     assert len(np.unique(np.asarray(flat_k[1]))) > 2 ** 2
     assert float(jnp.max(jnp.abs(flat_k[1] - flat_raw[1]))) < 0.05
-    export.save(tmp_path / "m", export.pack(g, v, st))
+    export.save(tmp_path / "m", export.pack(v, st))
     served = jax.jit(export.inference_fn(export.restore(tmp_path / "m"), m.apply, g))
     np.testing.assert_array_equal(np.asarray(served(x)), np.asarray(y))
 
@@ -110,12 +110,12 @@ def test_per_layer_bits_reach_forward_cost_and_export(stack, tmp_path):
 def test_geta_compresses_a_scanned_transformer(how, tmp_path):
     m, v, x, g = _setup(how, short=True)
     spec = jaxjpq.CompressionSpec(budget={"sparsity": 0.3})  # the default spec otherwise
-    pair = jaxjpq.init(g, spec, v)
-    fwd = CompressedForward(m.apply, g)
+    pair = jaxjpq.init(g, v, spec=spec)
+    fwd = CompressedForward(m.apply)
     pair = pair._replace(compression=calibrate(fwd.fn, v, pair.compression, [x]))
     src = data.ArraySource({"inputs": np.asarray(x), "labels": np.arange(16, dtype=np.int32) % 3})
     steps = 30
-    tx = jaxjpq.geta(optax.adam(1e-3), g, steps=steps)
+    tx = jaxjpq.geta(optax.adam(1e-3), steps=steps)
     st = train.create_train_state(fwd, {"params": pair}, tx)
     st, _ = train.train(st, data.batch_stream(src, 8, seed=0), steps, progress=False)
     params, cs = st.params.model, st.params.compression
@@ -127,10 +127,10 @@ def test_geta_compresses_a_scanned_transformer(how, tmp_path):
         b = np.asarray(params_bits(cs.weight[n], True))
         assert lo - 1e-4 <= b.min() and b.max() <= hi + 1e-4
         np.testing.assert_allclose(b, np.round(b), atol=1e-4)
-    assert float(cost.sparsity(g, cs)) == pytest.approx(0.3, abs=0.03)
+    assert float(cost.sparsity(cs)) == pytest.approx(0.3, abs=0.03)
     variables = {"params": params}
     y = jax.jit(fwd.fn)(variables, cs, x)
-    export.save(tmp_path / "m", export.pack(g, variables, cs))
+    export.save(tmp_path / "m", export.pack(variables, cs))
     served = jax.jit(export.inference_fn(export.restore(tmp_path / "m"), m.apply, g))
     np.testing.assert_array_equal(np.asarray(served(x)), np.asarray(y))
 
@@ -138,20 +138,20 @@ def test_geta_compresses_a_scanned_transformer(how, tmp_path):
 def test_djpq_meets_a_bops_target_on_a_scanned_transformer(tmp_path):
     m, v, x, g = _setup("remat_scan", short=True)
     spec = jaxjpq.CompressionSpec(bits=(2, 8), budget={"bops": 0.02}, init_bits=8)
-    pair = jaxjpq.djpq.init(g, spec, v, key=jax.random.key(0))
-    fwd = CompressedForward(m.apply, g)
+    pair = jaxjpq.methods.djpq.init(g, v, spec=spec, key=jax.random.key(0))
+    fwd = CompressedForward(m.apply)
     src = data.ArraySource({"inputs": np.asarray(x), "labels": np.arange(16, dtype=np.int32) % 3})
     steps = 20
-    tx = jaxjpq.djpq(optax.adam(1e-3), g, steps=steps, warmup=2, search_end=12)
+    tx = jaxjpq.djpq(optax.adam(1e-3), steps=steps, warmup=2, search_end=12)
     st = train.create_train_state(fwd, {"params": pair}, tx)
     st, _ = train.train(st, data.batch_stream(src, 8, seed=0), steps, progress=False)
     params, cs = st.params.model, st.params.compression
-    assert float(cost.relative_bops(g, cs)) <= 0.02 + 1e-9
+    assert float(cost.relative_bops(cs)) <= 0.02 + 1e-9
     layered = [s.name for s in g.sites if s.layer_axes]
     bits = {n: float(params_bits(cs.weight[n], True)) for n in layered}
     assert all(2 - 1e-4 <= b <= 8 + 1e-4 and abs(b - round(b)) < 1e-3 for b in bits.values())
     variables = {"params": params}
     y = jax.jit(fwd.fn)(variables, cs, x)
-    export.save(tmp_path / "m", export.pack(g, variables, cs))
+    export.save(tmp_path / "m", export.pack(variables, cs))
     served = jax.jit(export.inference_fn(export.restore(tmp_path / "m"), m.apply, g))
     np.testing.assert_allclose(np.asarray(served(x)), np.asarray(y), rtol=1e-5, atol=1e-5)

@@ -19,7 +19,8 @@ _SCRIPT = """
 import sys
 sys.path.insert(0, {tests!r})
 import chex, jax, numpy as np, optax
-from jaxjpq import cost, data, djpq, train
+from jaxjpq import cost, data, train
+from jaxjpq.methods import djpq
 from jaxjpq.methods.geta import geta
 from jaxjpq.train import CompressedForward
 import test_geta
@@ -38,14 +39,14 @@ atol = lr * 16 * 2.0**-24 * 1e4
 
 def make(method):
     if method == "geta":
-        tx = geta(optax.adam(lr), g, steps=steps)
+        tx = geta(optax.adam(lr), steps=steps)
         pair = (v["params"], cstate)
     else:
-        tx = djpq.djpq(optax.adam(lr), g, steps=steps, target_bops=0.05, warmup=0)
-        pair = djpq.init(g, CompressionSpec(bits=(2.0, 8.0), learn_t=False,
-                                            quantize_activations=False), v,
+        tx = djpq.djpq(optax.adam(lr), steps=steps, target_bops=0.05, warmup=0)
+        pair = djpq.init(g, v, spec=CompressionSpec(bits=(2.0, 8.0), learn_t=False,
+                                            quantize_activations=False),
                          key=jax.random.PRNGKey(3))
-    return train.create_train_state(CompressedForward(model.apply, g), {{"params": pair}}, tx)
+    return train.create_train_state(CompressedForward(model.apply), {{"params": pair}}, tx)
 
 mesh = train.data_mesh()
 for method in ("geta", "djpq"):
@@ -60,7 +61,7 @@ for method in ("geta", "djpq"):
         assert len(many.params[0]["Conv_0"]["kernel"].sharding.device_set) == 8
         many = jax.device_get(many)
         chex.assert_trees_all_equal(many.params[1].masks, one.params[1].masks)
-        assert cost.bits(g, many.params[1]) == cost.bits(g, one.params[1]), (method, k)
+        assert cost.bits(many.params[1]) == cost.bits(one.params[1]), (method, k)
         chex.assert_trees_all_close(many.params, one.params, atol=atol, rtol=0)
         _ = state.params[0]["Conv_0"]["kernel"].block_until_ready()  # not donated away
         state = one

@@ -88,7 +88,7 @@ def test_shared_forward_and_gradient_equal_separate_quantizers_with_equal_params
     g0 = _unshared(g)
     st = _state(g, v, {Q: 3.0})
     st0 = _state(g0, v, {Q: 3.0, K: 3.0, V: 3.0})
-    f, f0 = compress_apply(m.apply, g), compress_apply(m.apply, g0)
+    f, f0 = compress_apply(m.apply), compress_apply(m.apply, g0)
     np.testing.assert_array_equal(f(v, st, x), f0(v, st0, x))
 
     def loss(fn, s):
@@ -110,22 +110,22 @@ def test_shared_forward_and_gradient_equal_separate_quantizers_with_equal_params
 def test_cost_set_bits_and_enforce_budget_follow_the_shared_quantizer():
     _, v, _, g = _setup()
     st = _state(g, v, {})
-    st = set_bits(g, st, K, 3.0, kind="act")  # a reader's name sets the tensor's quantizer
-    table = cost.site_table(g, st)
+    st = set_bits(st, K, 3.0, kind="act")  # a reader's name sets the tensor's quantizer
+    table = cost.site_table(st)
     for n in (Q, K, V):
         assert float(table[n]["b_a"]) == 3.0
-    np.testing.assert_allclose(float(cost.relative_bops(g, st)),
+    np.testing.assert_allclose(float(cost.relative_bops(st)),
                                float(cost.relative_bops(_unshared(g),
                                                         _state(_unshared(g), v,
                                                                {Q: 3.0, K: 3.0, V: 3.0}))))
     # the stored quantizers: one (d, q_m, t) for the three readers
-    full = float(cost.size_bits(g, st, include_scales=True))
+    full = float(cost.size_bits(st, include_scales=True))
     sep = float(cost.size_bits(_unshared(g), _state(_unshared(g), v, {Q: 3.0, K: 3.0, V: 3.0}),
                                include_scales=True))
     assert sep - full == 2 * 3 * 32
-    target = 0.5 * float(cost.relative_bops(g, st))
-    out = enforce_budget(g, st, bops=target, params=v["params"])
-    assert float(cost.relative_bops(g, out)) <= target + 1e-9
+    target = 0.5 * float(cost.relative_bops(st))
+    out = enforce_budget(st, bops=target, params=v["params"])
+    assert float(cost.relative_bops(out)) <= target + 1e-9
 
 
 def test_fisher_probe_of_a_shared_tensor_sums_its_readers():
@@ -160,9 +160,9 @@ def test_fit_search_lowers_a_shared_input_once_under_a_bops_budget():
     info = fit.fisher(m.apply, g, v, [{"inputs": x, "labels": jnp.array([0, 1, 2])}],
                       progress=False)
     assert info.act[K] == 0.0 and info.act[Q] > 0.0
-    res = fit.search(info, g, st, v, bops=0.05, progress=False)
+    res = fit.search(info, st, v, bops=0.05, progress=False)
     assert K not in res.act_bits and V not in res.act_bits and Q in res.act_bits
-    assert float(cost.relative_bops(g, res.state)) <= 0.05 + 1e-12
+    assert float(cost.relative_bops(res.state)) <= 0.05 + 1e-12
     assert not any(" input->" in label and (K in label or V in label) for label, _ in res.path)
 
 

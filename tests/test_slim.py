@@ -27,7 +27,7 @@ def _n_params(tree):
 
 
 def _check(apply_fn, v, x, g, masks, batches=(None,), **kw):
-    fn, sv = slim(g, v, masks)
+    fn, sv = slim(v, masks, graph=g)
     vm = apply_masks(g, v, masks)
     for b in batches:
         xb = x if b is None else jnp.concatenate([x] * 3, axis=0)[:b]
@@ -57,7 +57,7 @@ def test_slim_zoo(name):
     m, v, x = build_zoo(name)
     g = trace(m.apply, v, x)
     masks = _random_masks(g, np.random.default_rng(1))
-    fn, sv = slim(g, v, masks)
+    fn, sv = slim(v, masks, graph=g)
     out = jax.jit(fn)(sv, x)
     ref = jax.jit(m.apply)(apply_masks(g, v, masks), x)
     # Random BN statistics blow deep nets' outputs up to ~1e10: compare relative to the scale.
@@ -84,7 +84,7 @@ def test_train_mode_batch_stats_are_sliced():
     m, v, x = build("resbn")
     g = trace(lambda v, x: m.apply(v, x, train=True, mutable=["batch_stats"]), v, x)
     masks = _random_masks(g, np.random.default_rng(3))
-    fn, sv = slim(g, v, masks)
+    fn, sv = slim(v, masks, graph=g)
     out, upd = fn(sv, x)
     ref, ref_upd = m.apply(apply_masks(g, v, masks), x, train=True, mutable=["batch_stats"])
     chex.assert_trees_all_close(out, ref, atol=1e-5)
@@ -104,7 +104,7 @@ def test_state_object_and_float_masks():
 
     st = State()
     st.masks = masks
-    fn, sv = slim(g, v, st)
+    fn, sv = slim(v, st)
     ref = m.apply(apply_masks(g, v, bool_masks), x)  # > 0.5 keeps the unit
     chex.assert_trees_all_close(fn(sv, x), ref, atol=1e-5)
 
@@ -114,12 +114,12 @@ def test_errors():
     g = trace(m.apply, v, x)
     out = g.group_map["Dense_1/kernel:out"]
     with pytest.raises(ValueError, match="not prunable"):
-        slim(g, v, {out.id: np.zeros(out.size, bool)})
+        slim(v, {out.id: np.zeros(out.size, bool)}, graph=g)
     with pytest.raises(ValueError, match="not in the graph"):
-        slim(g, v, {"nope": np.ones(3, bool)})
+        slim(v, {"nope": np.ones(3, bool)}, graph=g)
     with pytest.raises(ValueError, match="shape"):
-        slim(g, v, {"Conv_0/kernel:out": np.ones(2, bool)})
-    fn, sv = slim(g, v, _random_masks(g, np.random.default_rng(0), p=0.9))
+        slim(v, {"Conv_0/kernel:out": np.ones(2, bool)}, graph=g)
+    fn, sv = slim(v, _random_masks(g, np.random.default_rng(0), p=0.9), graph=g)
     with pytest.raises(ValueError, match="slim_variables"):
         fn(v, x)
 
@@ -134,11 +134,11 @@ def test_variables_of_another_shape_are_refused_naming_the_leaf():
     masks = _random_masks(g, np.random.default_rng(0))
     match = r"variables: params/\w+/\w+ has shape .* traced with"
     with pytest.raises(ValueError, match=match):
-        slim(g, other, masks)
+        slim(other, masks, graph=g)
     with pytest.raises(ValueError, match=match):
         apply_masks(g, other, masks)
     with pytest.raises(ValueError, match=match):
-        export.pack(g, other, init_state(g, CompressionSpec(), v))
+        export.pack(other, init_state(g, CompressionSpec(), v))
 
 
 def test_apply_masks_jit_and_identity():

@@ -229,7 +229,7 @@ def test_fused_lstm_kernel_gives_a_site_per_gate():
     assert g.site_map["OptimizedLSTMCell_0/hg"].macs == 4 * 5 * 8 * 8  # batch, steps, in, out
     assert all(g.site_map[n].signed_input for n in gates)  # h = o * tanh(c) is signed
     st = init_state(g, CompressionSpec(skip=(), bits=(4, 4), init_bits=4), v)
-    fn = jaxjpq.compress_apply(m.apply, g)
+    fn = jaxjpq.compress_apply(m.apply)
     st = jaxjpq.calibrate(fn, v, st, [x])
     y = jax.jit(fn)(v, st, x)
     # the gates that read h share one input quantizer (the first's), and it is used
@@ -240,5 +240,5 @@ def test_fused_lstm_kernel_gives_a_site_per_gate():
     a = st.act["OptimizedLSTMCell_0/hi"]
     coarse = st.replace(act={**st.act, "OptimizedLSTMCell_0/hi": a.replace(d=a.d * 8)})
     assert float(jnp.max(jnp.abs(fn(v, coarse, x) - y))) > 0
-    served = export.inference_fn(export.pack(g, v, st), m.apply, g)
+    served = export.inference_fn(export.pack(v, st), m.apply, g)
     np.testing.assert_array_equal(np.asarray(served(x)), np.asarray(y))

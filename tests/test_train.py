@@ -367,15 +367,15 @@ def test_models_without_train_or_rngs_and_call_kwargs():
     st = train.create_train_state(train.FlaxForward(model.apply, scale=2.0), v, optax.sgd(0.1))
     st, _ = train.train(st, data.batch_stream(src, 8, seed=0), 3, progress=False)
     assert int(st.step) == 3
-    g = jaxjpq.trace(model.apply, v, x, scale=2.0)
-    pair = jaxjpq.init(g, jaxjpq.CompressionSpec(bits=(4, 4), budget={"sparsity": 0.25}), v)
-    tx = jaxjpq.geta(optax.sgd(0.05), g, steps=10)
-    cst = train.create_train_state(jaxjpq.CompressedForward(model.apply, g, scale=2.0),
+    g = jaxjpq.trace.trace(model.apply, v, x, scale=2.0)
+    pair = jaxjpq.init(g, v, spec=jaxjpq.CompressionSpec(bits=(4, 4), budget={"sparsity": 0.25}))
+    tx = jaxjpq.geta(optax.sgd(0.05), steps=10)
+    cst = train.create_train_state(jaxjpq.CompressedForward(model.apply, scale=2.0),
                                    {"params": pair}, tx)
     cst, _ = train.train(cst, data.batch_stream(src, 8, seed=0), 10, progress=False)
-    assert float(jaxjpq.cost.sparsity(g, cst.params.compression)) == 0.25
-    packed = export.pack(g, {"params": cst.params.model}, cst.params.compression)
-    want = jaxjpq.compress_apply(model.apply, g)({"params": cst.params.model},
+    assert float(jaxjpq.cost.sparsity(cst.params.compression)) == 0.25
+    packed = export.pack({"params": cst.params.model}, cst.params.compression)
+    want = jaxjpq.compress_apply(model.apply)({"params": cst.params.model},
                                                  cst.params.compression, x, scale=2.0)
     got = export.export_model(packed, model.apply, g, x, scale=2.0).call(x)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
@@ -395,13 +395,13 @@ def test_pruning_a_graph_without_prunable_groups_is_a_clear_error():
     model = One()
     x = jnp.ones((2, 4))
     v = model.init(jax.random.key(0), x)
-    g = jaxjpq.trace(model.apply, v, x)
-    pair = jaxjpq.init(g, jaxjpq.CompressionSpec(budget={"sparsity": 0.5}), v)
+    g = jaxjpq.trace.trace(model.apply, v, x)
+    pair = jaxjpq.init(g, v, spec=jaxjpq.CompressionSpec(budget={"sparsity": 0.5}))
     with pytest.raises(ValueError, match="no prunable group.*Dense_0/kernel:out.*output"):
-        jaxjpq.geta(optax.sgd(0.1), g, steps=10).init(pair)
+        jaxjpq.geta(optax.sgd(0.1), steps=10).init(pair)
     # quantize-only works on it
-    q = jaxjpq.init(g, jaxjpq.CompressionSpec(budget={"sparsity": 0.0}), v)
-    tx = jaxjpq.geta(optax.sgd(0.1), g, steps=10)
+    q = jaxjpq.init(g, v, spec=jaxjpq.CompressionSpec(budget={"sparsity": 0.0}))
+    tx = jaxjpq.geta(optax.sgd(0.1), steps=10)
     grads = jax.tree.map(jnp.zeros_like, q)
     tx.update(grads, tx.init(q), q)
 
@@ -517,13 +517,13 @@ def test_a_model_returning_a_tuple_or_dict_trains_compressed_and_evaluates(kind)
                             "labels": rng.integers(0, 10, 32).astype(np.int32)})
     m, x = Heads(), src.arrays["inputs"][:2]
     v = m.init(jax.random.key(0), x)
-    g = jaxjpq.trace(m.apply, v, x)
-    pair = jaxjpq.init(g, jaxjpq.CompressionSpec(bits=(4, 4), budget={"sparsity": 0.25}), v)
+    g = jaxjpq.trace.trace(m.apply, v, x)
+    pair = jaxjpq.init(g, v, spec=jaxjpq.CompressionSpec(bits=(4, 4), budget={"sparsity": 0.25}))
     # the tuple model trains with the default loss, the dict model with a loss of its own
     loss = {} if kind == "tuple" else {"loss_fn": lambda out, y: T.cross_entropy(
         out["logits"], y) + 0.0 * out["aux"]}
-    st = T.create_train_state(jaxjpq.CompressedForward(m.apply, g), {"params": pair},
-                              jaxjpq.geta(optax.adam(1e-3), g, steps=12), **loss)
+    st = T.create_train_state(jaxjpq.CompressedForward(m.apply), {"params": pair},
+                              jaxjpq.geta(optax.adam(1e-3), steps=12), **loss)
     st, summary = T.train(st, data.batch_stream(src, 8), 12, progress=False)
     assert np.isfinite(summary["loss"]) and 0 <= summary["accuracy"] <= 1
     ev = T.evaluate(st, data.batches(src, 8, shuffle=False), 8)
