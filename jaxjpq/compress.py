@@ -34,7 +34,7 @@ import numpy as np
 from jax.experimental import checkify
 
 from jaxjpq import gates as gates_lib
-from jaxjpq.graph import Graph, check_inputs, put_layers
+from jaxjpq.graph import Graph, check_inputs, kept, put_layers
 from jaxjpq.jaxprs import aval, cached, is_dynamic, key_of, sub_jaxpr
 from jaxjpq.quant import (
     QuantParams,
@@ -90,7 +90,7 @@ def quantize_weights(variables: Mapping, state: CompressionState) -> dict:
             # the whole forward: a weight-sized residual less per site for one elementwise pass
             w = quantize_with(w, p, True, state.power_of_two, state.learn_t, remat=True)
         if masked:
-            w = w * jnp.asarray(state.weight_masks[site.name] > 0.5, w.dtype)
+            w = w * kept(state.weight_masks[site.name]).astype(w.dtype)
         pieces.setdefault(site.weight, []).append((site, w))
     for key, ps in pieces.items():
         _set(out, key, put_layers(leaf(variables, key), ps, jnp))

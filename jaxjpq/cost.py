@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxjpq import gates as gates_lib
-from jaxjpq.graph import AxisUnits, Graph, MacTerm, Site
+from jaxjpq.graph import AxisUnits, Graph, MacTerm, Site, kept
 from jaxjpq.quant import pow2_bits_hard, round_bits_pow2
 from jaxjpq.state import CompressionState, check_state, site_quantizer
 
@@ -46,6 +46,20 @@ SPARSE_INDEX_BITS = 1.0
 def index_width(numel: int) -> int:
     """Bits of one entry of the sparse position list for a weight of ``numel`` entries."""
     return max(1, math.ceil(math.log2(max(int(numel), 2))))
+
+
+def position_list_is_smaller(nnz: Any, positions: Any, numel: int) -> Any:
+    """Whether the export indexes ``nnz`` kept weights among ``positions`` (the slim weight's
+    entries; a weight of ``numel`` entries before slimming) by a position list rather than a
+    bitmap: the rule :func:`sparse_index_bits` and the export share."""
+    return nnz * float(index_width(numel)) < positions * SPARSE_INDEX_BITS
+
+
+def sparse_index_bits(nnz: Any, positions: Any, numel: int, xp: Any = np) -> Any:
+    """Bits of the export's sparse index (see :func:`position_list_is_smaller`): the smaller of
+    a bitmap (``SPARSE_INDEX_BITS`` per position) and a list of ``nnz`` positions of
+    :func:`index_width` bits."""
+    return xp.minimum(positions * SPARSE_INDEX_BITS, nnz * float(index_width(numel)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -109,7 +123,7 @@ def _unit_masks(state: CompressionState, num: _Num) -> dict[str, Any]:
             if gate is not None:
                 m = m * gates_lib.keep_prob(gate, state.gate_threshold)
         else:
-            m = (m > 0.5).astype(num.dtype)
+            m = kept(m).astype(num.dtype)
         out[gid] = m
     return out
 
@@ -160,7 +174,7 @@ def _channel_counts(site: Site, vecs: list, wm: Any, num: _Num) -> tuple[Any, An
     if wm is None:
         return struct_c, struct_c
     w = num.arr(wm)
-    keep = keep * (xp.clip(w, 0.0, 1.0) if num.soft else (w > 0.5).astype(num.dtype))
+    keep = keep * (xp.clip(w, 0.0, 1.0) if num.soft else kept(w).astype(num.dtype))
     return struct_c, xp.sum(keep, axis=red)
 
 
@@ -211,9 +225,8 @@ def _site_row(state: CompressionState, site: Site, masks, num: _Num) -> dict:
         bops = xp.where(kept_numel > 0, kept_macs / safe * wbits * b_a, 0.0)
     index_bits = 0.0
     if wm is not None:  # the export's sparse index: a bitmap or a position list, the smaller
-        listed = nnz * float(index_width(math.prod(site.weight_shape)))
-        bitmap = kept_numel * SPARSE_INDEX_BITS
-        index_bits = xp.where(channelwise, 0.0, xp.minimum(bitmap, listed))
+        index_bits = xp.where(channelwise, 0.0, sparse_index_bits(
+            nnz, kept_numel, math.prod(site.weight_shape), xp))
     mean_bits = wbits / xp.maximum(nnz, 1e-12) if not exact_ratio else b_w
     return dict(site=site, kept_macs=kept_macs, kept_numel=kept_numel,
                 kept_channels=kept_channels, nnz=nnz, weight_bits=wbits, index_bits=index_bits,
@@ -385,11 +398,33 @@ def relative_size(state: CompressionState, *, soft: bool = False) -> Any:
     return size_bits.__wrapped__(state, soft=soft) / fp32_size_bits(state.graph)
 
 
+def model_bits(state: CompressionState) -> float:
+    """Bits of the exported model: site codes, sparse indices, scales and the float leaves
+    (:func:`size_bits` with ``include_scales`` and ``include_other``)."""
+    return float(size_bits(state, include_scales=True, include_other=True))
+
+
+def fp32_model_bits(graph: Graph) -> float:
+    """Bits of the dense float32 model's ``params``."""
+    return FP_BITS * graph.param_count()
+
+
+def relative_model_size(state: CompressionState) -> float:
+    """:func:`model_bits` / :func:`fp32_model_bits`: the size budget the searches meet."""
+    return model_bits(state) / fp32_model_bits(check_state(state))
+
+
+def fixed_bits(state: CompressionState) -> float:
+    """The model bits that neither bits nor masks of the sites change: scales and float
+    leaves (:func:`model_bits` less the site weights and their indices)."""
+    return model_bits(state) - float(size_bits(state))
+
+
 def sparsity(state: CompressionState) -> Any:
     """Fraction of the prunable units whose mask is 0 (exact)."""
     graph = check_state(state)
     sizes = sum(g.size for g in graph.prunable_groups)
-    pruned = sum(jnp.sum(jnp.asarray(state.masks[g.id]) < 0.5) for g in graph.prunable_groups)
+    pruned = sum(jnp.sum(~kept(jnp.asarray(state.masks[g.id]))) for g in graph.prunable_groups)
     return pruned / max(sizes, 1)
 
 
@@ -424,7 +459,7 @@ def report(state: CompressionState) -> str:
             return "-"
         g = graph.group_map[gid]
         m = state.masks.get(gid)
-        k = g.size if m is None else int(np.sum(np.asarray(m) > 0.5))
+        k = g.size if m is None else int(np.sum(kept(np.asarray(m))))
         return f"{k}/{g.size}"
 
     head = f"{'layer':<28} {'in kept':>9} {'out kept':>9} {'w bits':>6} {'a bits':>6} " \

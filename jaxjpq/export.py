@@ -30,7 +30,7 @@ import orbax.checkpoint as ocp
 from jaxjpq import cost
 from jaxjpq import gates as gates_lib
 from jaxjpq.compress import act_quantized_apply, apply_masks
-from jaxjpq.graph import Graph, check_variables, stack_layers
+from jaxjpq.graph import Graph, check_variables, kept, stack_layers
 from jaxjpq.quant import QuantParams, broadcast_params, codes, effective_params
 from jaxjpq.state import (
     CompressedParams,
@@ -138,7 +138,7 @@ def _keep_per_axis(state: CompressionState, key, shape) -> dict[int, np.ndarray]
     graph = state.graph
     keep: dict[int, np.ndarray] = {}
     for g in graph.prunable_groups:
-        m = np.asarray(state.masks[g.id]) > 0.5
+        m = kept(np.asarray(state.masks[g.id]))
         if m.all():
             continue
         for sl in (*g.params, *g.dependents):
@@ -180,10 +180,12 @@ def _from_channel_major(x2: Any, shape: tuple[int, ...], out_axes: list[int], xp
 
 
 def _encode_codes(i: int, c: np.ndarray, out_axes: list[int], widths: np.ndarray,
-                  mask: np.ndarray | None, pos_width: int = 32) -> tuple[dict, dict]:
+                  mask: np.ndarray | None, numel: int) -> tuple[dict, dict]:
     """Channel-major integer codes, one bit-packed stream per width (0 bits: nothing stored);
     with ``mask``, the kept nonzero positions and only their codes. The positions are a bitmap
-    (1 bit per position) or, when smaller, a list of ``pos_width``-bit flat indices."""
+    (1 bit per position) or, when smaller (:func:`jaxjpq.cost.position_list_is_smaller`), a
+    list of flat indices of ``cost.index_width(numel)`` bits (``numel``: the unslimmed
+    weight's size)."""
     c2 = _channel_major(c, out_axes)
     m2 = None if mask is None else _channel_major(mask, out_axes)
     arrays, counts = {}, {}
@@ -196,7 +198,8 @@ def _encode_codes(i: int, c: np.ndarray, out_axes: list[int], widths: np.ndarray
     if m2 is not None:
         flat = m2.reshape(-1)
         nnz = int(flat.sum())
-        if nnz * pos_width < flat.size:
+        if cost.position_list_is_smaller(nnz, flat.size, numel):
+            pos_width = cost.index_width(numel)
             pos = np.nonzero(flat)[0].astype(np.int64) - 2 ** (pos_width - 1)
             arrays[f"P{i}"] = pack_codes(pos, pos_width)
             meta.update(index="positions", index_width=pos_width, nnz=nnz)
@@ -315,14 +318,14 @@ def pack(variables: Mapping, state: CompressionState | None = None) -> PackedMod
                 bits = bits[np.ix_(*ch_keep)]
             n_ch = int(np.prod([k.sum() for k in ch_keep], dtype=np.int64))
             widths = np.broadcast_to(bits, (n_ch,) if not bits.ndim else bits.shape)
-            mask = None if wm is None else _select(np.asarray(wm) > 0.5, keep)
+            mask = None if wm is None else _select(kept(np.asarray(wm)), keep)
             if mask is not None:  # a channel with no kept weight: 0 bits
                 m2 = _channel_major(mask, out_axes)
                 widths = np.where(m2.any(axis=1), widths.reshape(-1), 0)
                 if np.all(m2.all(axis=1) | ~m2.any(axis=1)):
                     mask = None  # whole channels kept or dropped: the widths say it all
             enc, meta = _encode_codes(i, c, out_axes, np.asarray(widths).reshape(-1), mask,
-                                      cost.index_width(math.prod(site.weight_shape)))
+                                      math.prod(site.weight_shape))
             arrays.update(enc)
             d = np.asarray(p.d, np.float32)
             if d.ndim:
@@ -331,7 +334,7 @@ def pack(variables: Mapping, state: CompressionState | None = None) -> PackedMod
             entry.update(kind="codes", kept_shape=list(c.shape), out_axes=out_axes, **meta)
         else:
             if wm is not None:  # float site with an elementwise mask: the masked values
-                x = x * (np.asarray(wm) > 0.5)
+                x = x * kept(np.asarray(wm))
             arrays[f"L{i}"] = _select(x, keep)
             entry.update(kind="float")
         leaves_meta.append(entry)

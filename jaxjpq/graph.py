@@ -192,6 +192,15 @@ class Site:
         return tuple(dict.fromkeys(ids))
 
 
+# A float keep-mask entry above this keeps its unit or weight (1 = keep, 0 = pruned).
+KEEP_ABOVE = 0.5
+
+
+def kept(mask: Any) -> Any:
+    """bool array: which entries of a keep-mask (float or bool, numpy or jax) are kept."""
+    return mask > KEEP_ABOVE
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class Graph:
     """Groups and quantization sites of one model traced at one input signature.
@@ -224,7 +233,8 @@ class Graph:
     def removed_positions(self, masks: Mapping[str, Any]) -> dict[tuple[str, ...], dict[int, set]]:
         """``{leaf key: {axis: positions removed}}`` for keep-masks ``{group.id: bool[size]}``.
 
-        Both ``params`` and ``dependents`` slices are removed; mask entries > 0.5 are kept.
+        Both ``params`` and ``dependents`` slices are removed; entries above ``KEEP_ABOVE``
+        are kept.
         """
         gm = self.group_map
         out: dict[tuple[str, ...], dict[int, set]] = {}
@@ -232,7 +242,7 @@ class Graph:
             if gid not in gm:
                 raise ValueError(f"masks name group {gid!r} that is not in the graph.")
             g = gm[gid]
-            keep = np.asarray(m).astype(np.float64).reshape(-1) > 0.5
+            keep = kept(np.asarray(m).astype(np.float64).reshape(-1))
             if keep.shape != (g.size,):
                 raise ValueError(f"mask for {gid} has shape {keep.shape}, expected ({g.size},).")
             if keep.all():

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxjpq.graph import Graph, Slice, check_variables
+from jaxjpq.graph import Graph, Slice, check_variables, kept
 from jaxjpq.jaxprs import aval, cached, is_dynamic, key_of, sub_jaxpr
 from jaxjpq.trace import Traced, rule_for, trace_jaxpr, walk_jaxpr
 
@@ -252,7 +252,7 @@ def _keep_arrays(graph: Graph, masks: Mapping[str, Any]) -> dict[str, np.ndarray
     for gid, m in masks.items():
         if isinstance(m, jax.core.Tracer):
             raise ValueError("slim needs concrete masks (call it outside jit).")
-        k = np.asarray(m).astype(np.float64).reshape(-1) > 0.5
+        k = kept(np.asarray(m).astype(np.float64).reshape(-1))
         g = gm[gid]
         if k.shape != (g.size,):
             raise ValueError(f"mask for {gid} has shape {k.shape}, expected ({g.size},).")

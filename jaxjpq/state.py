@@ -27,6 +27,7 @@ from jaxjpq.graph import (  # noqa: F401 (re-exported)
     Site,
     check_variables,
     graph_fingerprint,
+    kept,
     leaf,
 )
 from jaxjpq.quant import QuantParams, channel_shape, check_bits, init_from_tensor, step_from_bits
@@ -346,5 +347,5 @@ def init_state(
 
 
 def boolean_masks(state: CompressionState) -> dict[str, jax.Array]:
-    """``{group id: bool[size]}`` (True = keep, mask > 0.5), the form ``jaxjpq.slim`` takes."""
-    return {k: m > 0.5 for k, m in state.masks.items()}
+    """``{group id: bool[size]}`` (True = keep, ``graph.kept``), the form ``jaxjpq.slim`` takes."""
+    return {k: kept(m) for k, m in state.masks.items()}

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from jaxjpq.graph import Graph
+from jaxjpq.graph import Graph, kept
 
 Key = tuple[str, ...]
 
@@ -150,4 +150,4 @@ def hold_zero(index: UnitIndex, updates: Mapping, params: Mapping, pruned: jax.A
     """``updates`` with every entry of a ``pruned`` unit (bool ``[U]``) replaced by ``-params``,
     so that after ``optax.apply_updates`` the pruned units are exactly zero."""
     zero = unit_broadcast(index, pruned.astype(jnp.float32), params)
-    return jax.tree.map(lambda u, x, z: jnp.where(z > 0.5, -x, u), updates, params, zero)
+    return jax.tree.map(lambda u, x, z: jnp.where(kept(z), -x, u), updates, params, zero)

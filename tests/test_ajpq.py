@@ -11,7 +11,7 @@ import pytest
 
 import jaxjpq
 from jaxjpq import cost
-from jaxjpq.methods import ajpq, fit
+from jaxjpq.methods import ajpq
 
 
 @functools.cache
@@ -76,7 +76,7 @@ def test_every_policy_meets_the_budget_exactly(budget):
     for i in range(len(acts)):
         s = jax.tree.map(lambda leaf, i=i: leaf[i], states)
         if "size" in budget:
-            assert fit.relative_model_size(s) + reserve / fit.fp32_model_bits(g) <= 0.25
+            assert cost.relative_model_size(s) + reserve / cost.fp32_model_bits(g) <= 0.25
         else:
             assert float(cost.relative_bops(s)) <= 0.02
 
@@ -111,7 +111,7 @@ def test_the_episode_compiles_once():
     r = ajpq.search(model.apply, st, v, x, y, size=0.3, episodes=3, hp=hp, eval_batch=60,
                     progress=False)
     assert r.compiles == 1 and r.evaluations == 9
-    assert fit.relative_model_size(r.state) <= 0.3
+    assert cost.relative_model_size(r.state) <= 0.3
     assert r.reward == pytest.approx(max(h["best_reward"] for h in r.history))
 
 
@@ -149,7 +149,7 @@ def test_readme_example_runs():
     ns = {"jaxjpq": jaxjpq, "model": model, "graph": g, "trained": v, "x_calib": x[:32],
           "x_val": x[:100], "y_val": y[:100]}
     exec(compile(m.group(1), "README AJPQ example", "exec"), ns)
-    assert fit.relative_model_size(ns["pair"].compression) <= 0.1
+    assert cost.relative_model_size(ns["pair"].compression) <= 0.1
     assert ns["res"].evaluations == 320 and ns["res"].compiles == 1
 
 

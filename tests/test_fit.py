@@ -155,7 +155,7 @@ def test_budget_below_the_smallest_reachable_is_an_error_naming_it():
     floor = fit.size_floor(st)
     tables, counts = fit._tables(info, st, v, fit.sparsity_levels())
     node = (*[len(t.bits) - 1 for t in tables], len(fit.sparsity_levels()) - 1)
-    assert floor <= fit.relative_model_size(fit._to_state(st, tables, counts, node))
+    assert floor <= cost.relative_model_size(fit._to_state(st, tables, counts, node))
     with pytest.raises(ValueError, match="below the smallest reachable configuration"):
         fit.check_size_budget(st, floor * 0.99)
     fit.check_size_budget(st, floor)

@@ -38,11 +38,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from tqdm.auto import tqdm
 
 from jaxjpq import cost
 from jaxjpq.compress import compress_apply
-from jaxjpq.methods.core import enforce_budget, magnitude, set_bits, with_bits
-from jaxjpq.methods.fit import _budget, _extra_bits, fp32_model_bits, relative_model_size
+from jaxjpq.graph import kept
+from jaxjpq.methods.core import enforce_budget, magnitude, one_budget, set_bits, with_bits
 from jaxjpq.quant import params_bits
 from jaxjpq.state import CompressionState, check_state
 from jaxjpq.units import rank_in_group, unit_index
@@ -86,7 +87,7 @@ def make_env(state: CompressionState, *, size: float | None = None,
     plus ``reserve_bits``, over the fp32 model's) or ``bops`` (:func:`jaxjpq.cost.relative_bops`).
     Raises ``ValueError`` when the budget is not a fraction in (0, 1] or is below the smallest
     reachable figure (every learned site at ``b_l``, every group down to one unit)."""
-    kind, alpha = _budget(size, bops)
+    kind, alpha = one_budget(size, bops)
     graph = check_state(state)
     sites = graph.sites
     index = unit_index(graph, graph.abstract_variables())
@@ -115,7 +116,7 @@ def make_env(state: CompressionState, *, size: float | None = None,
     share = share / share.sum()
     if kind == "size":
         fp_sites = cost.fp32_size_bits(graph)
-        spare = alpha * fp32_model_bits(graph) - float(reserve_bits) - _extra_bits(state)
+        spare = alpha * cost.fp32_model_bits(graph) - float(reserve_bits) - cost.fixed_bits(state)
         target = spare / fp_sites
     else:
         target = alpha
@@ -124,9 +125,9 @@ def make_env(state: CompressionState, *, size: float | None = None,
     floor = _floor(state, env)
     if target <= 0 or floor > target * (1 + 1e-9):
         smallest = (floor if kind == "bops" else (floor * cost.fp32_size_bits(graph) + alpha
-                                                  * fp32_model_bits(graph) - target
+                                                  * cost.fp32_model_bits(graph) - target
                                                   * cost.fp32_size_bits(graph))
-                    / fp32_model_bits(graph))
+                    / cost.fp32_model_bits(graph))
         raise ValueError(
             f"{kind} budget {alpha:.4%} is below the smallest reachable configuration "
             f"({smallest:.4%} of fp32: every learned site at {state.spec.bits[0]:g} bits and "
@@ -530,8 +531,6 @@ def search(apply_fn: Callable, state: CompressionState, variables: Mapping,
     candidates are scored. ``random_search``: the same number of uniform random policies.
     ``state`` is the calibrated starting state (its bit range, frozen sites, activation
     quantizers); ``**call_kwargs`` static keyword arguments of ``apply_fn``."""
-    from tqdm.auto import tqdm
-
     hp = Hyper() if hp is None else hp
     if episodes < 1:
         raise ValueError(f"episodes must be >= 1, got {episodes}.")
@@ -567,13 +566,13 @@ def _result(env: Env, st: CompressionState, best: np.ndarray, ag: AgentState,
             reference: float, history: list, evaluations: int, compiles: int) -> SearchResult:
     graph = st.graph
     index = unit_index(graph, graph.abstract_variables())
-    kept = {g: int(np.sum(np.asarray(st.masks[g]) > 0.5)) for g in index.group_ids}
+    kept = {g: int(np.sum(kept(np.asarray(st.masks[g])))) for g in index.group_ids}
     sm = graph.site_map
     bits = {n: float(params_bits(p, True)) for n, p in st.weight.items() if n in sm}
     return SearchResult(
         state=st, actions=best, bits=bits, kept=kept, reward=float(ag.best_reward),
         accuracy=float(ag.best_metrics["accuracy"]), reference=reference,
-        relative_size=relative_model_size(st),
+        relative_size=cost.relative_model_size(st),
         relative_bops=float(cost.relative_bops(st)), history=history,
         evaluations=evaluations, compiles=compiles,
     )

@@ -25,6 +25,7 @@ import numpy as np
 import optax
 from flax import traverse_util
 
+from jaxjpq.graph import kept
 from jaxjpq.methods import core
 from jaxjpq.quant import init_from_tensor
 from jaxjpq.units import UnitIndex, rank_in_group, unit_index
@@ -95,7 +96,7 @@ def prune_then_quantize(
         u_p, inner_state = inner.update(g_p, state.inner_state, p)
         masks = index.flat_masks(c.masks)
         new_masks = jnp.where(s == prune_step, magnitude_masks(index, p, counts), masks)
-        u_p = core.hold(index, u_p, p, new_masks < 0.5, c)
+        u_p = core.hold(index, u_p, p, ~kept(new_masks), c)
         quantize, start = s >= quantize_step, s == quantize_step
         w_signed, a_signed = core.signedness(c)
         flat = traverse_util.flatten_dict({"params": p})

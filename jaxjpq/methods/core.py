@@ -29,7 +29,7 @@ from flax import traverse_util
 
 from jaxjpq import cost
 from jaxjpq.compress import quantize_weights
-from jaxjpq.graph import Graph, put_layers
+from jaxjpq.graph import Graph, kept, put_layers
 from jaxjpq.quant import (
     MAX_BITS,
     QuantParams,
@@ -315,7 +315,7 @@ def hold(index: UnitIndex, updates: Mapping, params: Mapping, pruned: jax.Array,
     sm = state.graph.site_map
     pieces: dict = {}
     for name, m in state.weight_masks.items():
-        pieces.setdefault(sm[name].weight[1:], []).append((sm[name], m > 0.5))
+        pieces.setdefault(sm[name].weight[1:], []).append((sm[name], kept(m)))
     for path, ps in pieces.items():
         keep = put_layers(jnp.ones(flat_p[path].shape, bool), ps, jnp)
         flat_u[path] = jnp.where(keep, flat_u[path], -flat_p[path])
@@ -333,11 +333,11 @@ def prune_dead_units(state: CompressionState, variables: Mapping) -> Compression
     w = quantize_weights(variables, state)["params"]
     dead = unit_sum(index, jnp.abs, w) == 0
     m = index.flat_masks(state.masks)
-    live = (m > 0.5) & ~dead
+    live = kept(m) & ~dead
     seg = jnp.asarray(index.group_of_unit)
     n_live = jax.ops.segment_sum(live.astype(jnp.int32), seg, index.num_groups)
     # a group whose units all died keeps its first unit (a group is never emptied)
-    first = jax.ops.segment_min(jnp.where(m > 0.5, jnp.arange(index.num_units),
+    first = jax.ops.segment_min(jnp.where(kept(m), jnp.arange(index.num_units),
                                           index.num_units), seg, index.num_groups)
     rescue = (n_live[seg] == 0) & (jnp.arange(index.num_units) == first[seg])
     return state.replace(masks=index.split(jnp.where(live | rescue, m, 0.0)))
@@ -466,7 +466,7 @@ def _enforce(state, bops, size, saliency, params, unit_multiple) -> CompressionS
         with jax.enable_x64(True):
             o = over(cost.site_table(c))
         m = index.flat_masks(c.masks)
-        live = m > 0.5
+        live = kept(m)
         n_live = jax.ops.segment_sum(live.astype(jnp.int32), seg, index.num_groups)
         step = jnp.where(n_live % n == 0, n, n_live % n) if n > 1 else jnp.ones_like(n_live)
         room = n_live - step >= (n if n > 1 else 1)
@@ -478,6 +478,15 @@ def _enforce(state, bops, size, saliency, params, unit_multiple) -> CompressionS
         return c.replace(masks=index.split(jnp.where(drop, 0.0, m)))
 
     return jax.lax.fori_loop(0, index.num_units - index.num_groups, prune_body, state)
+
+
+def one_budget(size: float | None, bops: float | None) -> tuple[str, float]:
+    """``("size", size)`` or ``("bops", bops)``: exactly one given, a fraction in (0, 1] of the
+    fp32 model; else ``ValueError``."""
+    if (size is None) == (bops is None):
+        raise ValueError("give exactly one budget: size= or bops= (a fraction of fp32).")
+    kind, alpha = ("size", float(size)) if size is not None else ("bops", float(bops))
+    return kind, check_budget(kind, alpha)
 
 
 def within_budget(state: CompressionState, *, bops: float | None = None,
@@ -648,7 +657,7 @@ def qat(
     def update(g_p, g_c, p, c, s):
         index = unit_index(c.graph, {"params": p})
         u_p, inner_state = inner.update(g_p, s.inner_state, p)
-        u_p = hold(index, u_p, p, index.flat_masks(c.masks) < 0.5, c)
+        u_p = hold(index, u_p, p, ~kept(index.flat_masks(c.masks)), c)
         w_signed, a_signed = signedness(c)
         b_lo, b_hi = c.spec.bits if c.spec is not None else (1.0, 32.0)
         kw = dict(lr=jnp.asarray(quant_lr, jnp.float32), b_lo=b_lo, b_hi=b_hi,

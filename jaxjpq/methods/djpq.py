@@ -37,7 +37,7 @@ import optax
 
 from jaxjpq import cost
 from jaxjpq import gates as gates_lib
-from jaxjpq.graph import Graph
+from jaxjpq.graph import Graph, kept
 from jaxjpq.methods import core
 from jaxjpq.quant import QuantParams
 from jaxjpq.slim import apply_masks
@@ -179,7 +179,7 @@ def _prune_masks(c: CompressionState) -> dict[str, jax.Array]:
     """Masks after the VIB rule (pruned units stay pruned; each group keeps its best unit)."""
     out = {}
     for gid, gate in c.gates.items():
-        alive = c.masks[gid] > 0.5
+        alive = kept(c.masks[gid])
         ratio = gates_lib.log_ratio(gate)
         keep = alive & (ratio <= c.gate_threshold)
         best = jnp.argmin(jnp.where(alive, ratio, jnp.inf))
@@ -331,7 +331,7 @@ def djpq(
 
         u_p, c_new = jax.lax.cond(finalize, fold, lambda a: (u_p, a[1]), (p, c_new))
         # Pruned units stay exactly zero (their momentum would otherwise move them).
-        u_p = core.hold(index, u_p, p, index.flat_masks(c_new.masks) < 0.5, c_new)
+        u_p = core.hold(index, u_p, p, ~kept(index.flat_masks(c_new.masks)), c_new)
         rel = jnp.asarray(cost.relative_bops(c_new)).astype(jnp.float32)
         step_g = gamma2_rate * jnp.clip((rel - aim) / aim, -1.0, 1.0)
         log_g2 = jnp.clip(jnp.log(state.gamma2) + jnp.where(in_search, step_g, 0.0),

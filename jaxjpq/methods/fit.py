@@ -36,8 +36,8 @@ import numpy as np
 
 from jaxjpq import cost
 from jaxjpq.compress import fisher_apply, probed_apply
-from jaxjpq.graph import Graph
-from jaxjpq.methods.core import set_bits, with_bits
+from jaxjpq.graph import Graph, kept
+from jaxjpq.methods.core import one_budget, set_bits, with_bits
 from jaxjpq.quant import (
     broadcast_params,
     effective_params,
@@ -275,7 +275,7 @@ def fit_score(info: FisherInfo, state: CompressionState,
     total = 0.0
     for s in graph.sites:
         f = np.asarray(info.weight[s.name], np.float64)
-        keep = (np.asarray(state.weight_masks[s.name]) > 0.5 if s.name in state.weight_masks
+        keep = (kept(np.asarray(state.weight_masks[s.name])) if s.name in state.weight_masks
                 else np.ones(s.weight_shape, bool))
         total += float(np.sum(f[~keep] * w[s.name][~keep] ** 2))
         if s.name in state.weight:
@@ -313,7 +313,6 @@ class _SiteTable:
     name: str
     numel: int
     bits: list[float]  # bit options, highest first
-    width: int  # bits of one position of the sparse position list
     order: np.ndarray  # flat positions, ascending importance
     pruned: np.ndarray  # [numel + 1] Σ F θ² over the k pruned
     kept_q: np.ndarray  # [B, numel + 1] Σ F q_b² over the k pruned (kept = total - prefix)
@@ -335,7 +334,8 @@ class SearchResult(NamedTuple):
       state: the chosen ``CompressionState`` (bits via ``set_bits``, elementwise masks).
       bits: ``{site: weight bits}``; act_bits: ``{activation quantizer (``Site.act_key``): input
         bits}`` (searched under a BOPs budget); sparsity: the global sparsity level reached.
-      relative_size: exported model bits / fp32 model bits (:func:`relative_model_size`);
+      relative_size: exported model bits / fp32 model bits
+        (:func:`jaxjpq.cost.relative_model_size`);
       relative_bops: :func:`jaxjpq.cost.relative_bops`.
       fit: FIT of the chosen configuration (:func:`fit_score`).
       nodes_expanded: steps of the path; path: ``[(move, relative figure), ...]``.
@@ -429,7 +429,7 @@ def _tables(info: FisherInfo, state: CompressionState, variables: Mapping,
         a_bits, a_step = _act_options(info, state, s, act_search)
         tables.append(_SiteTable(
             name=s.name, numel=theta.size, bits=options,
-            width=cost.index_width(theta.size), order=mine,
+            order=mine,
             pruned=pre(fo * th ** 2),
             kept_q=np.stack([pre(fo * q ** 2) for q in qo]),
             kept_err=np.stack([pre(fo * (th - q) ** 2) for q in qo]),
@@ -439,23 +439,6 @@ def _tables(info: FisherInfo, state: CompressionState, variables: Mapping,
             a_src=pos[s.act_key],
         ))
     return tables, counts
-
-
-def model_bits(state: CompressionState) -> float:
-    """Bits of the exported model: site codes, sparse indices, scales and the float leaves
-    (``cost.size_bits(include_scales=True, include_other=True)``)."""
-    return float(cost.size_bits(state, include_scales=True, include_other=True))
-
-
-def fp32_model_bits(graph: Graph) -> float:
-    """Bits of the dense float32 model's ``params``."""
-    return 32.0 * graph.param_count()
-
-
-def relative_model_size(state: CompressionState) -> float:
-    """Exported model bits / fp32 model bits: the size budget :func:`search` meets."""
-    graph = state.graph
-    return model_bits(state) / fp32_model_bits(graph)
 
 
 def _parts(tables: list[_SiteTable], node: tuple) -> tuple[tuple, tuple, int]:
@@ -476,7 +459,8 @@ def _figures(tables: list[_SiteTable], counts: np.ndarray, node: tuple, fp32_bit
     for t, b, k in zip(tables, bi, counts[:, s], strict=True):
         kept = t.numel - int(k)
         bits = t.bits[b]
-        index = 0.0 if k == 0 or kept == 0 else min(float(t.numel), kept * float(t.width))
+        index = (0.0 if k == 0 or kept == 0
+                 else float(cost.sparse_index_bits(kept, t.numel, t.numel)))
         size += kept * bits + index
         bops += t.macs * kept / t.numel * bits * t.a_bits[ai[t.a_src]]
     return size / fp32_bits, bops / fp32_bops
@@ -492,7 +476,7 @@ def size_floor(state: CompressionState, levels: int = LEVELS) -> float:
         lowest = min(lowest, 32.0)
     n = sum(math.prod(s.weight_shape) for s in graph.sites)
     kept = n - int(round(sparsity_levels(levels)[-1] * n))
-    return (_extra_bits(state) + kept * lowest) / fp32_model_bits(graph)
+    return (cost.fixed_bits(state) + kept * lowest) / cost.fp32_model_bits(graph)
 
 
 def check_size_budget(state: CompressionState, size: float,
@@ -508,15 +492,6 @@ def check_size_budget(state: CompressionState, size: float,
         )
 
 
-def _budget(size: float | None, bops: float | None) -> tuple[str, float]:
-    if (size is None) == (bops is None):
-        raise ValueError("give exactly one budget: size= or bops= (a fraction of fp32).")
-    kind, alpha = ("size", float(size)) if size is not None else ("bops", float(bops))
-    if not 0 < alpha <= 1:
-        raise ValueError(f"{kind} budget {alpha} must be a fraction of fp32 in (0, 1].")
-    return kind, alpha
-
-
 def search(
     info: FisherInfo,
     state: CompressionState,
@@ -530,9 +505,10 @@ def search(
     progress: bool = True,
 ) -> SearchResult:
     """The best-first FIT path (module docstring) to ``size`` (the exported model's bits
-    relative to the fp32 model's, :func:`relative_model_size`: codes, indices, scales and float
-    leaves) or ``bops`` (:func:`jaxjpq.cost.relative_bops`). ``reserve_bits`` count in the size
-    on top (e.g. the container's own bytes on disk, so that the saved directory meets ``size``).
+    relative to the fp32 model's, :func:`jaxjpq.cost.relative_model_size`: codes, indices,
+    scales and float leaves) or ``bops`` (:func:`jaxjpq.cost.relative_bops`). ``reserve_bits``
+    count in the size on top (e.g. the container's own bytes on disk, so that the saved
+    directory meets ``size``).
     ``criterion``: ``"fit"`` (each step takes the neighbour of least edge cost + heuristic),
     ``"rate"`` (the neighbour of least edge cost per unit of the budget figure it removes) or
     ``"least_fit"`` (no path: the node within the budget of least FIT damage
@@ -547,7 +523,7 @@ def search(
     budget inputs keep their bits. Raises ``ValueError`` naming the smallest reachable figure
     when the budget is below it.
     """
-    kind, alpha = _budget(size, bops)
+    kind, alpha = one_budget(size, bops)
     if criterion not in ("fit", "rate", "least_fit"):
         raise ValueError(f"criterion must be 'fit', 'rate' or 'least_fit', got {criterion!r}.")
     graph = check_state(state)
@@ -571,7 +547,7 @@ def search(
         node, c, path = _path(tables, counts, figure, alpha, lv, criterion, kind, progress)
         expanded = len(path)
     out = _to_state(state, tables, counts, node)
-    exact = (relative_model_size(out) + reserve_bits / fp32_model_bits(graph)
+    exact = (cost.relative_model_size(out) + reserve_bits / cost.fp32_model_bits(graph)
              if kind == "size"
              else float(cost.relative_bops(out)))
     if exact > alpha + 1e-12:
@@ -636,8 +612,8 @@ def _figure_fn(state: CompressionState, tables: list[_SiteTable],
                counts: np.ndarray, kind: str, reserve_bits: float) -> Callable[[tuple], float]:
     """``node -> relative size (kind "size", reserve_bits included) or relative BOPs``."""
     graph = state.graph
-    fp32_bits, fp32_bops = fp32_model_bits(graph), cost.fp32_bops(graph)
-    extra = _extra_bits(state) + float(reserve_bits)
+    fp32_bits, fp32_bops = cost.fp32_model_bits(graph), cost.fp32_bops(graph)
+    extra = cost.fixed_bits(state) + float(reserve_bits)
     pick = 0 if kind == "size" else 1
     return lambda node: _figures(tables, counts, node, fp32_bits, fp32_bops, extra)[pick]
 
@@ -718,15 +694,10 @@ def _result(tables: list[_SiteTable], lv: np.ndarray, node: tuple,
         state=out, bits={t.name: t.bits[b] for t, b in zip(tables, bi, strict=True)},
         act_bits={t.name: t.a_bits[a] for i, (t, a) in enumerate(zip(tables, ai, strict=True))
                   if t.a_bits != [32.0] and t.a_src == i},
-        sparsity=float(lv[s]), relative_size=relative_model_size(out),
+        sparsity=float(lv[s]), relative_size=cost.relative_model_size(out),
         relative_bops=float(cost.relative_bops(out)), fit=fit, nodes_expanded=steps,
         path=list(path),
     )
-
-
-def _extra_bits(state: CompressionState) -> float:
-    """The model bits that no search move changes: scales and float leaves."""
-    return model_bits(state) - float(cost.size_bits(state))
 
 
 def _to_state(state: CompressionState, tables: list[_SiteTable],
@@ -763,7 +734,7 @@ def uniform_magnitude(
     learned input quantizer too), then the lowest global magnitude-pruning level (``|θ|`` over
     all sites, the same schedule as :func:`search`) whose size / BOPs (plus ``reserve_bits``, as
     in :func:`search`) is within the budget."""
-    kind, alpha = _budget(size, bops)
+    kind, alpha = one_budget(size, bops)
     graph = check_state(state)
     ones = FisherInfo(weight={s.name: np.ones(s.weight_shape, np.float32) for s in graph.sites},
                       act={s.name: 0.0 for s in graph.sites}, samples=1)

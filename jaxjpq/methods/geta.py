@@ -32,7 +32,7 @@ import numpy as np
 import optax
 
 from jaxjpq.compress import quantize_weights
-from jaxjpq.graph import Graph
+from jaxjpq.graph import Graph, kept
 from jaxjpq.methods import core
 from jaxjpq.quant import QuantParams, clip_sgd_step
 from jaxjpq.state import CompressionState
@@ -322,7 +322,7 @@ def geta(
         u_p, inner_state = inner.update(g_p, state.inner_state, p)
 
         mask_units = index.flat_masks(c.masks)
-        pruned = mask_units < 0.5
+        pruned = ~kept(mask_units)
         qp = quantize_weights({"params": p}, c)["params"]
 
         def choose(_):
