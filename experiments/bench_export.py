@@ -19,7 +19,8 @@ from jaxjpq.state import CompressionSpec, init_state
 from jaxjpq.trace import trace
 
 
-def main() -> None:
+def main() -> dict:
+    """Print the figures; return them (bytes, and the restored model's largest deviation)."""
     model = MnistCNN()
     x = jax.random.uniform(jax.random.key(1), (8, 28, 28, 1))
     v = model.init(jax.random.key(0), x)
@@ -43,17 +44,20 @@ def main() -> None:
     th = export.theoretical_bytes(packed)
     model_bytes = cost.size_bits(st, include_scales=True, include_other=True) / 8
     print(cost.report(st))
-    print(f"fp32 weights+biases: {sum(a.size for a in jax.tree.leaves(v)) * 4} B")
+    fp32 = sum(a.size for a in jax.tree.leaves(v)) * 4
+    print(f"fp32 weights+biases: {fp32} B")
     print(
         f"theoretical: codes {th['codes']:.0f} B + scales {th['scales']:.0f} B + float leaves "
         f"{th['float']:.0f} B = {th['total']:.0f} B; cost model {model_bytes:.0f} B"
     )
     disk = export.disk_bytes(d)
-    print(f"on disk (orbax dir): {disk} B = {disk / th['total']:.3f}x of theoretical"
-    )
+    print(f"on disk (orbax dir): {disk} B = {disk / th['total']:.3f}x of theoretical")
     y_fake = jax.jit(fn)(v, st, x)
     y_int = jax.jit(export.inference_fn(export.restore(d), model.apply, graph))(x)
-    print("max |restored - fake-quant| =", float(jnp.max(jnp.abs(y_int - y_fake))))
+    diff = float(jnp.max(jnp.abs(y_int - y_fake)))
+    print("max |restored - fake-quant| =", diff)
+    return dict(fp32=fp32, theoretical=th["total"], cost_model=float(model_bytes), disk=disk,
+                max_diff=diff, max_out=float(jnp.max(jnp.abs(y_fake))))
 
 
 if __name__ == "__main__":

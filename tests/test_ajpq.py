@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import jaxjpq
 from jaxjpq import cost
@@ -115,27 +117,44 @@ def test_the_episode_compiles_once():
     assert r.reward == pytest.approx(max(h["best_reward"] for h in r.history))
 
 
-def test_the_agent_beats_random_search_on_a_toy_reward():
-    """On a reward peaked at a known action, the agent's best beats random search's with the
-    same number of evaluations (seeded: deterministic)."""
-    _, _, g, _, _, st = _cnn()
-    env = ajpq.make_env(st, size=0.3)
-    target = jnp.asarray([0.8, 0.3, 0.6])
+_TARGET = jnp.asarray([0.8, 0.3, 0.6])
 
-    def evaluate(actions):
-        r = -jnp.mean(jnp.square(actions - target), axis=(1, 2))
-        z = jnp.zeros_like(r)
-        return {"reward": r, "accuracy": z, "figure": z, "policy_figure": z}
 
+def _toy_reward(actions):
+    r = -jnp.mean(jnp.square(actions - _TARGET), axis=(1, 2))
+    z = jnp.zeros_like(r)
+    return {"reward": r, "accuracy": z, "figure": z, "policy_figure": z}
+
+
+@functools.cache
+def _toy_steps():
+    """The jitted episodes (agent, random search) on a reward peaked at a known action."""
+    state = _cnn()[-1]
+    env = ajpq.make_env(state, size=0.3)
     hp = ajpq.Hyper(population=4, hidden=32, batch=32, warmup=2, sigma=0.3, sigma_decay=0.9)
-    best = {}
-    for rs in (False, True):
-        step = jax.jit(ajpq.make_episode(env, evaluate, (2, 8), hp, random_search=rs))
-        ag = ajpq.init_agent(env, jax.random.PRNGKey(0), hp)
-        for e in range(30):
-            ag, _ = step(ag, jax.random.PRNGKey(100 + e))
-        best[rs] = float(ag.best_reward)
-    assert best[False] > 2 * best[True]  # rewards are negative: at most half the error
+    return env, hp, {rs: jax.jit(chex.assert_max_traces(
+        ajpq.make_episode(env, _toy_reward, (2, 8), hp, random_search=rs), n=1))
+        for rs in (False, True)}
+
+
+@settings(max_examples=3)
+@given(seed=st.integers(0, 2**16))
+def test_the_best_policy_is_the_best_evaluated_and_random_search_does_not_learn(seed):
+    """For any seed: the agent's best reward is the maximum over every policy it evaluated and
+    its best actions score exactly that; random search leaves the actor and critic untouched."""
+    env, hp, steps = _toy_steps()
+    for rs, step in steps.items():
+        ag = ajpq.init_agent(env, jax.random.PRNGKey(seed), hp)
+        seen = -np.inf
+        for e in range(6):
+            before = (ag.actor, ag.critic)
+            ag, m = step(ag, jax.random.PRNGKey(seed + 1 + e))
+            seen = max(seen, float(np.max(m["reward"])))
+            assert float(ag.best_reward) == seen
+            if rs:
+                chex.assert_trees_all_equal((ag.actor, ag.critic), before)
+        again = _toy_reward(ag.best_actions[None])["reward"][0]
+        np.testing.assert_allclose(float(again), float(ag.best_reward), rtol=1e-6)
 
 
 def test_readme_example_runs():

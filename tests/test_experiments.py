@@ -381,6 +381,19 @@ def test_overhead_bench_runs_on_image_and_token_models():
     assert all(r["plain_ms"] > 0 and r["compressed_ms"] > 0 for r in rows)
 
 
+def test_export_bench_holds_the_packed_model_in_a_fraction_of_the_dense_bytes():
+    from experiments import bench_export
+
+    out = bench_export.main()
+    # 50 % of the channels at 2-8 bits: the payload is the cost model's figure, and the saved
+    # directory (payload + orbax's files and the metadata) is under a tenth of fp32
+    assert out["theoretical"] == pytest.approx(out["cost_model"], abs=1.0)
+    assert out["theoretical"] < out["disk"] < out["fp32"] / 10
+    # the restored integer model runs the fake-quantized forward's weights: float32 rounding of
+    # the same products only (sums over at most 3,136 terms)
+    assert out["max_diff"] <= 3136 * 2.0**-24 * out["max_out"] * 10
+
+
 def test_pool_bench_runs():
     from experiments import bench_pool
 
