@@ -10,9 +10,10 @@ import numpy as np
 from archs import build
 
 from jaxjpq import cost
-from jaxjpq.compress import compress_apply, probed_apply
+from jaxjpq.compress import compress_apply
 from jaxjpq.methods import fit
 from jaxjpq.methods.core import enforce_budget, set_bits
+from jaxjpq.methods.fisher import probed_apply
 from jaxjpq.quant import step_from_bits
 from jaxjpq.state import CompressionSpec, check_state, init_state
 from jaxjpq.trace import trace

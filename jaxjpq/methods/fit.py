@@ -35,9 +35,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxjpq import cost
-from jaxjpq.compress import fisher_apply, probed_apply
 from jaxjpq.graph import Graph, kept
 from jaxjpq.methods.core import one_budget, set_bits, with_bits
+from jaxjpq.methods.fisher import fisher_apply, probed_apply
 from jaxjpq.quant import (
     broadcast_params,
     effective_params,
@@ -100,7 +100,7 @@ def fisher(
         entropy).
       method: ``"per_sample"``: ``vmap(grad)`` of the whole model per sample; ``"batched"``: one
         batched backward pass whose site contractions form their own per-sample weight gradients
-        (:func:`jaxjpq.compress.fisher_apply`; samples must be independent, batch on axis 0);
+        (:func:`jaxjpq.methods.fisher.fisher_apply`; samples must be independent, batch on axis 0);
         ``"auto"``: ``"batched"`` once it matches ``"per_sample"`` on the first 4 samples
         (relative error 1e-3 per site), else ``"per_sample"`` with a warning.
       chunk: samples per call (bounds memory: ``chunk`` copies of the params' gradients, or of
@@ -216,7 +216,7 @@ def _per_sample_sums(apply_fn, graph, rest, loss_fn, call_kwargs) -> Callable:
 
 
 def _batched_sums(apply_fn, graph, rest, loss_fn, call_kwargs) -> Callable:
-    """The same sums from one batched backward pass (:func:`jaxjpq.compress.fisher_apply`)."""
+    """The same sums from one batched backward pass (:func:`jaxjpq.methods.fisher.fisher_apply`)."""
     tapped = fisher_apply(apply_fn, graph)
     probes0 = {s.name: (jnp.zeros((), jnp.float32), jnp.zeros(s.weight_shape, jnp.float32))
                for s in graph.sites}
