@@ -11,6 +11,7 @@ any of them by name.
 
 from jaxjpq import cost, data, export, gates, macs, models, nnx, quant, trace, train
 from jaxjpq.compress import calibrate, compress_apply
+from jaxjpq.forward import CompressedForward
 from jaxjpq.graph import AxisUnits, Graph, Group, MacTerm, Site, Slice
 from jaxjpq.macs import MacCount, count_macs, count_macs_split, eqn_macs
 from jaxjpq.methods import ajpq, fit
@@ -21,7 +22,6 @@ from jaxjpq.methods.geta import geta
 from jaxjpq.slim import apply_masks, slim
 from jaxjpq.state import CompressedParams, CompressionSpec, CompressionState, init, init_state
 from jaxjpq.trace import Rule, register_rule
-from jaxjpq.train import CompressedForward
 
 __all__ = [
     "AxisUnits",

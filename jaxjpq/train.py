@@ -14,11 +14,10 @@ compressed forward that takes ``(params, compression_state)`` as its params) tra
 from __future__ import annotations
 
 import collections
-import inspect
 import json
 import math
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +27,38 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from flax import struct
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
+
+from jaxjpq.checkpoints import (  # noqa: F401 (the loop's checkpoint API, re-exported)
+    CheckpointWriteError,
+    CorruptCheckpointError,
+    check_writable,
+    checkpoint_manager,
+    first_line,
+    restore_checkpoint,
+    save_checkpoint,
+    tree_checksums,
+    write_error,
+)
+from jaxjpq.forward import (  # noqa: F401 (re-exported)
+    CompressedForward,
+    FlaxForward,
+    Forward,
+    call_options,
+    cross_entropy,
+    flax_forward,
+    output_logits,
+)
+from jaxjpq.sharding import (  # noqa: F401 (re-exported)
+    data_mesh,
+    host_value,
+    local_devices,
+    replicate,
+    shard_batch,
+)
 
 PyTree = Any
 Batch = Mapping[str, Any]
-Forward = Callable[[PyTree, PyTree, jax.Array, jax.Array, bool], tuple[jax.Array, PyTree]]
 LossFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 
@@ -90,152 +116,6 @@ def _check_inputs(batch: Batch, step: int, what: str = "the batch of step") -> N
         )
 
 
-def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """Mean softmax cross-entropy of logits [B, K] against int labels [B]."""
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-
-
-def call_options(apply_fn: Callable[..., Any]) -> tuple[bool, bool]:
-    """``(takes_train, takes_rngs)``: whether ``apply_fn`` (a linen ``module.apply`` or any
-    function) accepts a ``train=`` keyword and an ``rngs=`` keyword."""
-    owner = getattr(apply_fn, "__self__", None)
-    try:
-        import flax.linen as nn
-
-        if isinstance(owner, nn.Module):  # linen apply: rngs/mutable are apply's own
-            sig = inspect.signature(type(owner).__call__)
-            params = sig.parameters.values()
-            var_kw = any(p.kind is p.VAR_KEYWORD for p in params)
-            return ("train" in sig.parameters or var_kw), True
-        sig = inspect.signature(apply_fn)
-    except (TypeError, ValueError):
-        return True, True
-    var_kw = any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
-    return ("train" in sig.parameters or var_kw), ("rngs" in sig.parameters or var_kw)
-
-
-class FlaxForward:
-    """``Forward`` for a Flax-style ``apply(variables, x, train=..., mutable=..., rngs=...)``.
-
-    ``model_state`` holds the non-param collections (e.g. ``{"batch_stats": ...}``); in training
-    they are passed as mutable and their updated values returned; ``rng`` feeds ``dropout``. A
-    model whose ``__call__`` takes no ``train`` (or an apply without ``rngs``) is called without
-    it; ``call_kwargs`` are passed on every call (static keyword arguments of the model). Two
-    wrappers of equal modules' ``apply`` compare equal, so ``train_step`` compiles once per model
-    configuration rather than once per ``TrainState``.
-    """
-
-    def __init__(self, apply_fn: Callable[..., Any], *, options: tuple[bool, bool] | None = None,
-                 **call_kwargs: Any):
-        self.apply_fn = apply_fn
-        self.options = call_options(apply_fn) if options is None else options
-        self.call_kwargs = call_kwargs
-
-    def _key(self) -> Any:
-        owner = getattr(self.apply_fn, "__self__", None)
-        func = getattr(self.apply_fn, "__func__", None)
-        fn_key: Any = self.apply_fn
-        if owner is not None and func is not None:
-            try:
-                hash(owner)
-                fn_key = (owner, func)
-            except TypeError:
-                pass
-        return (fn_key, self.options, tuple(sorted(self.call_kwargs.items())))
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, FlaxForward) and self._key() == other._key()
-
-    def __hash__(self) -> int:
-        return hash(self._key())
-
-    def __call__(self, params, model_state, inputs, rng, train):
-        variables = {"params": params, **model_state}
-        takes_train, takes_rngs = self.options
-        kwargs = dict(self.call_kwargs)
-        if takes_train:
-            kwargs["train"] = train
-        if takes_rngs:
-            kwargs["rngs"] = {"dropout": rng}
-        if train and model_state:
-            logits, new_state = self.apply_fn(variables, inputs, mutable=list(model_state),
-                                              **kwargs)
-            return logits, dict(new_state)
-        return self.apply_fn(variables, inputs, **kwargs), model_state
-
-
-class CompressedForward:
-    """``Forward`` whose params are the pair ``(model_params, CompressionState)``.
-
-    Runs the masked, fake-quantized forward of ``apply_fn`` (a Flax-style apply) for the graph
-    of the pair's state; non-param collections and the dropout rng are handled as in
-    :class:`FlaxForward`; VIB gates (DJPQ) are sampled in training only, from a key independent
-    of dropout's. Equal when built from equal ``apply_fn``, so jitted steps are reused.
-    ``TrainState.params`` is then the pair, so orbax checkpoints carry the model params, the
-    optimizer state and the compression state together, and a resumed run continues exactly.
-    """
-
-    def __init__(self, apply_fn: Callable[..., Any], **call_kwargs: Any):
-        from jaxjpq.compress import compress_apply
-
-        self.apply_fn = apply_fn
-        self.fn = compress_apply(apply_fn)
-        self.options = call_options(apply_fn)
-        self.call_kwargs = call_kwargs
-
-    def _key(self) -> Any:
-        return FlaxForward(self.apply_fn, **self.call_kwargs)
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, CompressedForward) and self._key() == other._key()
-
-    def __hash__(self) -> int:
-        return hash(self._key())
-
-    def __call__(self, params, model_state, inputs, rng, train):
-        model_params, cstate = params
-        gate_key = jax.random.fold_in(rng, 0x6A7E) if (train and cstate.gates) else None
-
-        def apply(variables, x, **kwargs):
-            return self.fn(variables, cstate, x, gate_key=gate_key, **kwargs)
-
-        fwd = FlaxForward(apply, options=self.options, **self.call_kwargs)
-        return fwd(model_params, model_state, inputs, rng, train)
-
-    def budget_shortfall(self, params: PyTree) -> str | None:
-        """What of the budget in the compression state's spec the pair ``params`` misses, or
-        None: sparsity below its target by more than the per-group rounding of units, relative
-        BOPs or size above theirs (exact figures, :mod:`jaxjpq.cost`)."""
-        from jaxjpq import cost
-
-        c = host_value(params[1])
-        spec = getattr(c, "spec", None)
-        if spec is None or not spec.budget:
-            return None
-        groups = c.graph.prunable_groups
-        figures = {
-            "sparsity": lambda: float(cost.sparsity(c)),
-            "bops": lambda: float(cost.relative_bops(c)),
-            "size": lambda: float(cost.relative_size(c)),
-        }
-        misses = []
-        for kind, target in spec.budget:
-            got = figures[kind]()
-            if kind == "sparsity":
-                slack = (len(groups) + 0.5) / max(sum(g.size for g in groups), 1)
-                missed = got < target - slack
-            else:
-                missed = got > target * (1 + 1e-6)
-            if missed:
-                misses.append(f"{kind} {got:.4g} against a budget of {target:.4g}")
-        return "; ".join(misses) or None
-
-
-def flax_forward(apply_fn: Callable[..., Any]) -> Forward:
-    """Wraps a Flax ``module.apply`` as a ``Forward`` (see ``FlaxForward``)."""
-    return FlaxForward(apply_fn)
-
-
 @struct.dataclass
 class TrainState:
     """Everything that changes during training (pytree) plus the static functions.
@@ -266,22 +146,6 @@ class TrainState:
         pytree_node=False, default=None
     )
     logits_fn: Callable[[Any], jax.Array] | None = struct.field(pytree_node=False, default=None)
-
-
-def output_logits(output: Any) -> jax.Array:
-    """The class logits in a model's output: the output itself when it is an array, its
-    ``"logits"`` entry when it is a mapping, its first entry when it is a tuple or list;
-    ``ValueError`` otherwise (give ``create_train_state(..., logits_fn=...)``)."""
-    if isinstance(output, Mapping) and "logits" in output:
-        return output["logits"]
-    if isinstance(output, tuple | list) and output:
-        return output_logits(output[0])
-    if hasattr(output, "shape") and not isinstance(output, Mapping):
-        return output
-    raise ValueError(
-        f"cannot find class logits in a model output of type {type(output).__name__} "
-        f"({jax.tree.structure(output)}); pass create_train_state(..., logits_fn=lambda out: "
-        "...) returning the [B, K] logits.")
 
 
 def _logits(state: TrainState, output: Any) -> jax.Array:
@@ -422,54 +286,6 @@ def eval_step(state: TrainState, batch: Batch) -> dict[str, jax.Array]:
     }
 
 
-def data_mesh(devices: Sequence[Any] | None = None) -> Mesh:
-    """A 1-D mesh ``("data",)`` over ``devices`` (default: every device of this process)."""
-    return Mesh(np.asarray(jax.devices() if devices is None else devices), ("data",))
-
-
-def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
-    """A copy of ``tree`` on every device of ``mesh`` (replicated; never aliases ``tree``'s
-    buffers, so donating the copy leaves ``tree`` valid). On several hosts each passes the same
-    ``tree``."""
-    sharding = NamedSharding(mesh, PartitionSpec())
-    if jax.process_count() > 1:
-        return jax.tree.map(
-            lambda x: jax.make_array_from_process_local_data(sharding, np.array(x)), tree)
-    copy = jax.jit(lambda t: jax.tree.map(jnp.copy, t), out_shardings=sharding)
-    return copy(tree)
-
-
-def host_value(tree: PyTree) -> PyTree:
-    """``tree`` as numpy on this host; a replicated array spanning several hosts is read from
-    this host's copy."""
-    def one(x):
-        if isinstance(x, jax.Array) and not x.is_fully_addressable:
-            x = x.addressable_data(0)
-        return x
-
-    return jax.device_get(jax.tree.map(one, tree))
-
-
-def _local_devices(mesh: Mesh) -> int:
-    """How many of ``mesh``'s devices belong to this process."""
-    return sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
-
-
-def shard_batch(batch: Batch, mesh: Mesh) -> Batch:
-    """One global batch split along its leading axis over the ``"data"`` axis of ``mesh``,
-    from this process's part ``batch`` (all of it on one host; on several, each host passes its
-    own rows, e.g. from ``data.batches(shard=(jax.process_index(), jax.process_count()))``).
-    The rows must divide evenly over this process's devices of the mesh."""
-    local = _local_devices(mesh)
-    sizes = {len(v) for v in batch.values()}
-    if any(b % local for b in sizes):
-        raise ValueError(f"a batch of {sorted(sizes)} examples does not split over the {local} "
-                         "devices of the data axis; choose a batch size divisible by it.")
-    sharding = NamedSharding(mesh, PartitionSpec("data"))
-    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-            for k, v in batch.items()}
-
-
 def evaluate(state: TrainState, batches: Iterable[Batch], batch_size: int,
              mesh: Mesh | None = None) -> dict[str, float]:
     """Mean cross-entropy and accuracy over all examples of ``batches``.
@@ -478,7 +294,7 @@ def evaluate(state: TrainState, batches: Iterable[Batch], batch_size: int,
     axis, over which they are split) and masked, so ``eval_step`` compiles once.
     """
     if mesh is not None:  # per process: its share of batch_size, a multiple of its devices
-        n_dev = _local_devices(mesh)
+        n_dev = local_devices(mesh)
         batch_size = -(-batch_size // (jax.process_count() * n_dev)) * n_dev
         state = replicate(state, mesh)
     totals = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
@@ -506,194 +322,6 @@ def evaluate(state: TrainState, batches: Iterable[Batch], batch_size: int,
         "accuracy": totals["correct"] / totals["count"],
         "count": int(totals["count"]),
     }
-
-
-# --------------------------------------------------------------------------------------------
-# Checkpoints
-# --------------------------------------------------------------------------------------------
-
-
-def checkpoint_manager(
-    directory: str | os.PathLike, *, max_to_keep: int | None = 3
-) -> ocp.CheckpointManager:
-    """An orbax ``CheckpointManager`` rooted at ``directory`` (absolute path created as needed)."""
-    path = Path(directory).expanduser().absolute()
-    try:
-        return ocp.CheckpointManager(
-            path, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
-        )
-    except OSError as e:
-        raise CheckpointWriteError(
-            f"cannot create the checkpoint directory {path}: {e.strerror or e}; make it "
-            "writable or choose another directory.") from None
-
-
-def _saved_tree(state: TrainState, extra: PyTree) -> dict[str, PyTree]:
-    return {
-        "step": state.step,
-        "params": state.params,
-        "opt_state": state.opt_state,
-        "model_state": state.model_state,
-        "rng": state.rng,
-        "extra": extra if extra is not None else {},
-    }
-
-
-def tree_checksums(tree: PyTree) -> dict[str, str]:
-    """``{leaf path: sha256 of its bytes}`` of a pytree of arrays (host copies)."""
-    import hashlib
-
-    out = {}
-    for path, x in jax.tree_util.tree_leaves_with_path(host_value(tree)):
-        a = np.asarray(x)
-        h = hashlib.sha256(f"{a.dtype.str}{a.shape}".encode())
-        h.update(np.ascontiguousarray(a).tobytes())
-        out[jax.tree_util.keystr(path)] = h.hexdigest()
-    return out
-
-
-class CheckpointWriteError(OSError):
-    """A checkpoint cannot be written (read-only or full disk); the older ones are intact."""
-
-
-# Room asked for beyond a checkpoint's array bytes: orbax's metadata files and the checksums.
-_CHECKPOINT_OVERHEAD = 1 << 20
-
-
-def check_writable(directory: str | os.PathLike, need_bytes: int = 0) -> None:
-    """Raise :class:`CheckpointWriteError` unless a file can be created in ``directory`` and
-    its disk has ``need_bytes`` free."""
-    import shutil
-    import tempfile
-
-    try:
-        fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=directory)
-        os.close(fd)
-        os.remove(probe)
-        free = shutil.disk_usage(directory).free
-    except OSError as e:
-        raise CheckpointWriteError(
-            f"cannot write checkpoints to {directory}: {e.strerror or e}; make it writable or "
-            "choose another directory.") from None
-    if free < need_bytes:
-        raise CheckpointWriteError(
-            f"cannot write a checkpoint to {directory}: {free / 2**20:.1f} MiB free, a checkpoint "
-            f"needs about {need_bytes / 2**20:.1f} MiB; free some space or choose another "
-            "directory (earlier checkpoints are kept).")
-
-
-def save_checkpoint(
-    manager: ocp.CheckpointManager, state: TrainState, extra: PyTree = None, *, wait: bool = True
-) -> int:
-    """Saves params, optimizer state, model state, rng and ``extra`` at ``state.step``, with a
-    sha256 per leaf that :func:`restore_checkpoint` verifies. Raises
-    :class:`CheckpointWriteError` (one line: the step, the directory, the cause) when the
-    directory cannot take it, checked before writing."""
-    step = int(host_value(state.step))
-    tree = _saved_tree(state, extra)
-    nbytes = sum(np.size(x) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
-    check_writable(manager.directory, nbytes + _CHECKPOINT_OVERHEAD)
-    sums = tree_checksums(tree)
-    try:
-        manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(tree),
-                                                   checksums=ocp.args.JsonSave(sums)), force=True)
-        if wait:
-            manager.wait_until_finished()
-    except Exception as e:  # noqa: BLE001 - orbax/tensorstore write errors, reported in one line
-        raise _write_error(manager, step, e) from e
-    return step
-
-
-def _write_error(manager: ocp.CheckpointManager, step: int | str, e: BaseException
-                 ) -> CheckpointWriteError:
-    if isinstance(e, CheckpointWriteError):
-        return e
-    first = _first_line(e, 300) or type(e).__name__
-    return CheckpointWriteError(
-        f"writing checkpoint step {step} to {manager.directory} failed: {first}; free some space "
-        "or make the directory writable (earlier checkpoints are kept).")
-
-
-class CorruptCheckpointError(ValueError):
-    """No checkpoint step restores with matching checksums."""
-
-
-def _first_line(e: BaseException, n: int) -> str:
-    """The first line of ``e``'s message, at most ``n`` characters ("" for none)."""
-    text = str(e).strip()
-    return text.splitlines()[0][:n] if text else ""
-
-
-def _set_aside(manager: ocp.CheckpointManager, step: int) -> Path | None:
-    """Move step ``step``'s directory to ``<directory>.corrupt/<step>[-n]`` and reload the
-    manager; None when it has no directory of its own."""
-    root = Path(manager.directory)
-    src = root / str(step)
-    if not src.is_dir():
-        return None
-    dst_root = root.with_name(root.name + ".corrupt")
-    dst_root.mkdir(parents=True, exist_ok=True)
-    dst, n = dst_root / str(step), 0
-    while dst.exists():
-        n += 1
-        dst = dst_root / f"{step}-{n}"
-    src.rename(dst)
-    manager.reload()
-    return dst
-
-
-def restore_checkpoint(
-    manager: ocp.CheckpointManager,
-    state: TrainState,
-    extra: PyTree = None,
-    *,
-    step: int | None = None,
-) -> tuple[TrainState, PyTree]:
-    """Restores ``step`` (default: the newest step that verifies) into the structure of
-    ``state`` / ``extra``.
-
-    Every leaf is checked against the sha256 stored with it; without ``step``, a step that does
-    not restore or verify is moved aside to ``<directory>.corrupt/<step>`` (with a warning naming
-    it and why, nothing deleted) and the next older one is tried, so training resumes and can
-    write that step again. Returns ``(state, extra)``; raises ``FileNotFoundError`` when there is
-    no checkpoint and :class:`CorruptCheckpointError` when none verifies.
-    """
-    import warnings
-
-    manager.wait_until_finished()
-    steps = sorted(manager.all_steps(), reverse=True) if step is None else [step]
-    if not steps:
-        raise FileNotFoundError(f"No checkpoint in {manager.directory}.")
-    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, _saved_tree(state, extra))
-    skipped = []
-    for s in steps:
-        try:
-            got = manager.restore(s, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(target), checksums=ocp.args.JsonRestore()))
-            tree, sums = got["state"], dict(got["checksums"] or {})
-            now = tree_checksums(tree)
-            bad = sorted(k for k in now if sums.get(k) != now[k])
-            if bad:
-                raise CorruptCheckpointError(f"checksum mismatch in {', '.join(bad[:3])}")
-        except Exception as e:  # noqa: BLE001 - any failure to read one step: try the next
-            where = _set_aside(manager, s) if step is None else None
-            skipped.append(f"step {s}: {type(e).__name__}: {_first_line(e, 200)}"
-                           + (f" (moved to {where})" if where else ""))
-            continue
-        if skipped:
-            warnings.warn(f"restored checkpoint step {s} of {manager.directory}; skipped "
-                          + "; ".join(skipped), stacklevel=2)
-        new = state.replace(
-            step=tree["step"],
-            params=tree["params"],
-            opt_state=tree["opt_state"],
-            model_state=tree["model_state"],
-            rng=tree["rng"],
-        )
-        return new, (tree["extra"] if extra is not None else None)
-    raise CorruptCheckpointError(
-        f"no checkpoint in {manager.directory} restores and verifies: " + "; ".join(skipped)
-    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -832,7 +460,7 @@ def train(
                 try:
                     manager.wait_until_finished()
                 except Exception as e:  # noqa: BLE001 - a failed background save
-                    raise _write_error(manager, "in flight", e) from e
+                    raise write_error(manager, "in flight", e) from e
     return state, summary
 
 

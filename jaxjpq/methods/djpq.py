@@ -37,6 +37,7 @@ import optax
 
 from jaxjpq import cost
 from jaxjpq import gates as gates_lib
+from jaxjpq.forward import cross_entropy
 from jaxjpq.graph import Graph, kept
 from jaxjpq.methods import core
 from jaxjpq.quant import QuantParams
@@ -44,7 +45,6 @@ from jaxjpq.slim import apply_masks
 from jaxjpq.state import CompressedParams, CompressionSpec, CompressionState
 from jaxjpq.state import init as init_pair
 from jaxjpq.state import init_state as init_compression
-from jaxjpq.train import cross_entropy
 from jaxjpq.units import unit_index
 
 _LOG_SIGMA2_RANGE = (-20.0, 10.0)

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxjpq import cost
+from jaxjpq.forward import cross_entropy
 from jaxjpq.graph import Graph, kept
 from jaxjpq.methods.core import one_budget, set_bits, with_bits
 from jaxjpq.methods.fisher import fisher_apply, probed_apply
@@ -45,8 +46,8 @@ from jaxjpq.quant import (
     quantize_with,
     step_from_bits,
 )
+from jaxjpq.sharding import replicate, shard_batch
 from jaxjpq.state import CompressionState, check_state, leaf, site_quantizer
-from jaxjpq.train import cross_entropy, replicate, shard_batch
 
 LEVELS = 40  # sparsity levels 1 - logspace(0, -3, LEVELS): 0 ... 0.999
 
