@@ -454,7 +454,7 @@ def report(state: CompressionState) -> str:
     total = float(sum(r["bops"] for r in rows)) or 1.0
     size = float(sum(r["weight_bits"] + r["index_bits"] for r in rows))
 
-    def kept(gid):
+    def kept_of(gid):
         if gid is None:
             return "-"
         g = graph.group_map[gid]
@@ -469,7 +469,7 @@ def report(state: CompressionState) -> str:
         s = r["site"]
         dens = 100.0 * float(r["nnz"]) / max(float(r["kept_numel"]), 1.0)
         lines.append(
-            f"{s.name:<28} {kept(s.in_group):>9} {kept(s.out_group):>9} "
+            f"{s.name:<28} {kept_of(s.in_group):>9} {kept_of(s.out_group):>9} "
             f"{float(r['b_w']):>6.2f} {float(r['b_a']):>6.0f} {float(r['kept_macs']):>12.0f} "
             f"{dens:>6.1f} {100 * float(r['bops']) / total:>7.2f}"
         )

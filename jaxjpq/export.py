@@ -347,9 +347,9 @@ def pack(variables: Mapping, state: CompressionState | None = None) -> PackedMod
             la = sites[0].layer_axes
             if any(a in keep for a in la):
                 raise ValueError(f"{'/'.join(key)}: a group removes positions of a layer axis.")
-            kept = {a - sum(b < a for b in la): k for a, k in keep.items()}
+            layer_keep = {a - sum(b < a for b in la): k for a, k in keep.items()}
             for s in sorted(sites, key=lambda s: np.ravel_multi_index(s.layer, s.stack_sizes)):
-                add(key, np.asarray(s.take(x)), kept, s,
+                add(key, np.asarray(s.take(x)), layer_keep, s,
                     dict(layer=list(s.layer), layer_axes=list(la), stack=list(s.stack_sizes)))
         else:
             add(key, x, keep, sites[0] if sites else None, {})
@@ -380,14 +380,14 @@ def unpack_variables(packed: PackedModel, xp=jnp) -> dict:
         if e["kind"] not in CODECS:
             raise ValueError(f"leaf {'/'.join(e['path'])} has unknown kind {e['kind']!r}.")
         kshape = tuple(e.get("kept_shape", ()))
-        kept = CODECS[e["kind"]](i, packed.arrays, e, kshape, xp).astype(e["dtype"])
+        values = CODECS[e["kind"]](i, packed.arrays, e, kshape, xp).astype(e["dtype"])
         if keep:
             idx = np.ix_(*[np.nonzero(keep[a])[0] if a in keep else np.arange(n)
                            for a, n in enumerate(shape)])
             full = xp.zeros(shape, e["dtype"])
-            full = full.at[idx].set(kept) if xp is jnp else _np_set(full, idx, kept)
+            full = full.at[idx].set(values) if xp is jnp else _np_set(full, idx, values)
         else:
-            full = kept
+            full = values
         if e.get("layer") is not None:  # one layer of a stacked leaf
             layers.setdefault(tuple(e["path"]), (e, []))[1].append(full)
             continue

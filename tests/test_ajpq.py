@@ -39,7 +39,7 @@ def test_budget_below_the_smallest_reachable_is_an_error_naming_it():
         ajpq.make_env(st, bops=1e-6)
     with pytest.raises(ValueError, match="exactly one budget"):
         ajpq.make_env(st)
-    with pytest.raises(ValueError, match=r"fraction of fp32 in \(0, 1\]"):
+    with pytest.raises(ValueError, match=r"fraction of the fp32 model \(\(0, 1\]\)"):
         ajpq.make_env(st, size=1.5)
 
 

@@ -566,11 +566,11 @@ def _result(env: Env, st: CompressionState, best: np.ndarray, ag: AgentState,
             reference: float, history: list, evaluations: int, compiles: int) -> SearchResult:
     graph = st.graph
     index = unit_index(graph, graph.abstract_variables())
-    kept = {g: int(np.sum(kept(np.asarray(st.masks[g])))) for g in index.group_ids}
+    kept_units = {g: int(np.sum(kept(np.asarray(st.masks[g])))) for g in index.group_ids}
     sm = graph.site_map
     bits = {n: float(params_bits(p, True)) for n, p in st.weight.items() if n in sm}
     return SearchResult(
-        state=st, actions=best, bits=bits, kept=kept, reward=float(ag.best_reward),
+        state=st, actions=best, bits=bits, kept=kept_units, reward=float(ag.best_reward),
         accuracy=float(ag.best_metrics["accuracy"]), reference=reference,
         relative_size=cost.relative_model_size(st),
         relative_bops=float(cost.relative_bops(st)), history=history,
