@@ -132,8 +132,9 @@ def _toy_steps():
     state = _cnn()[-1]
     env = ajpq.make_env(state, size=0.3)
     hp = ajpq.Hyper(population=4, hidden=32, batch=32, warmup=2, sigma=0.3, sigma_decay=0.9)
+    # the two episodes share one code object: chex counts their traces together, one each
     return env, hp, {rs: jax.jit(chex.assert_max_traces(
-        ajpq.make_episode(env, _toy_reward, (2, 8), hp, random_search=rs), n=1))
+        ajpq.make_episode(env, _toy_reward, (2, 8), hp, random_search=rs), n=2))
         for rs in (False, True)}
 
 
