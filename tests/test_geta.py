@@ -162,7 +162,7 @@ def test_geta_composes_with_chain_and_inject_hyperparams():
     tx = optax.chain(
         optax.clip_by_global_norm(1.0),
         optax.inject_hyperparams(geta, static_args=("steps", "unit_multiple"))(
-            optax.sgd(0.05), g, steps=steps, quant_lr=1e-3
+            optax.sgd(0.05), steps=steps, quant_lr=1e-3
         ),
     )
     params, cs, opt_state, _ = _run(model, v, g, x, spec, cstate, steps, tx)

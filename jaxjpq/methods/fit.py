@@ -740,7 +740,7 @@ def uniform_magnitude(
     ones = FisherInfo(weight={s.name: np.ones(s.weight_shape, np.float32) for s in graph.sites},
                       act={s.name: 0.0 for s in graph.sites}, samples=1)
     lv = sparsity_levels(levels)
-    tables, counts = _tables(ones, graph, state, variables, lv, act_search=kind == "bops")
+    tables, counts = _tables(ones, state, variables, lv, act_search=kind == "bops")
     bi = []
     for t in tables:
         if float(bits) in t.bits:
