@@ -230,7 +230,8 @@ def test_results_record_the_geta_stages_that_ran():
 
 def test_pareto_table_and_chart(tmp_path):
     from experiments import pareto
-    from jaxjpq.methods.geta import DEFAULT_FRACTIONS, LEGACY_FRACTIONS
+    from experiments.run import LEGACY_FRACTIONS
+    from jaxjpq.methods.geta import DEFAULT_FRACTIONS
 
     dirs = []
     for i, (name, acc, bops) in enumerate([("geta", 0.99, 0.006), ("geta", 0.98, 0.004),
