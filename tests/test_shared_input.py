@@ -70,9 +70,8 @@ def test_query_key_value_share_the_query_input_quantizer():
     assert Q in st.act and K not in st.act and V not in st.act
     assert len(st.act) == len(g.sites) - 2
     assert f"(input of {Q})" in g.summary()
-    # the sharing is part of the graph: a state of the unshared graph is refused
-    with np.testing.assert_raises(ValueError):
-        check_state(_unshared(g), st)
+    # the sharing is part of the graph the state carries
+    assert check_state(st) is g and sum(s.act_from is not None for s in g.sites) == 2
 
 
 def test_a_weight_used_twice_keeps_its_own_input():
@@ -89,7 +88,7 @@ def test_shared_forward_and_gradient_equal_separate_quantizers_with_equal_params
     g0 = _unshared(g)
     st = _state(g, v, {Q: 3.0})
     st0 = _state(g0, v, {Q: 3.0, K: 3.0, V: 3.0})
-    f, f0 = compress_apply(m.apply), compress_apply(m.apply, g0)
+    f = f0 = compress_apply(m.apply)  # each state carries its graph
     np.testing.assert_array_equal(f(v, st, x), f0(v, st0, x))
 
     def loss(fn, s):
@@ -116,12 +115,11 @@ def test_cost_set_bits_and_enforce_budget_follow_the_shared_quantizer():
     for n in (Q, K, V):
         assert float(table[n]["b_a"]) == 3.0
     np.testing.assert_allclose(float(cost.relative_bops(st)),
-                               float(cost.relative_bops(_unshared(g),
-                                                        _state(_unshared(g), v,
+                               float(cost.relative_bops(_state(_unshared(g), v,
                                                                {Q: 3.0, K: 3.0, V: 3.0}))))
     # the stored quantizers: one (d, q_m, t) for the three readers
     full = float(cost.size_bits(st, include_scales=True))
-    sep = float(cost.size_bits(_unshared(g), _state(_unshared(g), v, {Q: 3.0, K: 3.0, V: 3.0}),
+    sep = float(cost.size_bits(_state(_unshared(g), v, {Q: 3.0, K: 3.0, V: 3.0}),
                                include_scales=True))
     assert sep - full == 2 * 3 * 32
     target = 0.5 * float(cost.relative_bops(st))

@@ -104,6 +104,7 @@ def test_state_object_and_float_masks():
 
     st = State()
     st.masks = masks
+    st.graph = g
     fn, sv = slim(v, st)
     ref = m.apply(apply_masks(g, v, bool_masks), x)  # > 0.5 keeps the unit
     chex.assert_trees_all_close(fn(sv, x), ref, atol=1e-5)
