@@ -96,10 +96,6 @@ def get(name: str) -> MethodEntry:
     return METHODS[name]
 
 
-def _get(cfg: Mapping, key: str, default: Any) -> Any:
-    return cfg[key] if key in cfg else default
-
-
 # ---------------------------------------------------------------------------------------------
 # Train family
 # ---------------------------------------------------------------------------------------------
@@ -111,12 +107,12 @@ def _geta_init(apply_fn, variables, example, cfg, key):
 
 
 def _geta_tx(inner, steps, cfg):
-    schedule = make_schedule(steps, fractions=tuple(_get(cfg, "schedule", DEFAULT_FRACTIONS)))
+    schedule = make_schedule(steps, fractions=tuple(cfg.get("schedule", DEFAULT_FRACTIONS)))
     return geta(inner, steps=steps, quant_lr=cfg["quant_lr"], bit_reduction=cfg["bit_reduction"],
-                cost_power=_get(cfg, "cost_power", 0.0),
-                allocation=_get(cfg, "allocation", "global"), schedule=schedule,
-                cooldown_clips=_get(cfg, "cooldown_clips", False),
-                unit_multiple=_get(cfg, "unit_multiple", 1))
+                cost_power=cfg.get("cost_power", 0.0),
+                allocation=cfg.get("allocation", "global"), schedule=schedule,
+                cooldown_clips=cfg.get("cooldown_clips", False),
+                unit_multiple=cfg.get("unit_multiple", 1))
 
 
 def _djpq_init(apply_fn, variables, example, cfg, key):
@@ -154,7 +150,7 @@ def _qat_tx(inner, steps, cfg):
 
 
 def _fit_check(state, cfg):
-    if _get(cfg, "size", 0.0):  # an unreachable size is an error before any training
+    if cfg.get("size", 0.0):  # an unreachable size is an error before any training
         fit.check_size_budget(state, float(cfg["size"]), int(cfg["levels"]))
 
 
@@ -165,7 +161,7 @@ def _fit_search(apply_fn, state, cfg, inputs: SearchInputs):
         fisher = fit.fisher(apply_fn, state.graph, inputs.variables, inputs.batches(),
                             chunk=int(cfg["chunk"]), max_samples=int(cfg["fisher_samples"]),
                             progress=inputs.progress)
-        reduce = _get(cfg, "fisher_reduce", "diag")
+        reduce = cfg.get("fisher_reduce", "diag")
         if reduce not in ("diag", "layer_mean"):
             raise ValueError(f"method.fisher_reduce must be 'diag' or 'layer_mean', got "
                              f"{reduce!r}.")
@@ -173,7 +169,7 @@ def _fit_search(apply_fn, state, cfg, inputs: SearchInputs):
             fisher = fisher.layer_mean()
         info["fisher_seconds"] = time.perf_counter() - t0
         res = fit.search(fisher, state, inputs.variables, levels=int(cfg["levels"]),
-                         criterion=_get(cfg, "criterion", "fit"), progress=inputs.progress,
+                         criterion=cfg.get("criterion", "fit"), progress=inputs.progress,
                          **inputs.budget)
         info.update(nodes_expanded=res.nodes_expanded, fit=res.fit)
     else:
@@ -186,14 +182,13 @@ def _fit_search(apply_fn, state, cfg, inputs: SearchInputs):
 
 
 def _ajpq_check(state, cfg):  # make_env names the smallest reachable figure
-    ajpq.make_env(state, **{k: float(cfg[k]) for k in ("size", "bops") if _get(cfg, k, 0.0)})
+    ajpq.make_env(state, **{k: float(cfg[k]) for k in ("size", "bops") if cfg.get(k, 0.0)})
 
 
 def _ajpq_search(apply_fn, state, cfg, inputs: SearchInputs):
     if inputs.held is None:
         raise ValueError("ajpq needs a held-out reward set (SearchInputs.held).")
-    agent = cfg["agent"]
-    hp = ajpq.Hyper(**(agent.to_dict() if hasattr(agent, "to_dict") else dict(agent)))
+    hp = ajpq.Hyper(**cfg["agent"])
     res = ajpq.search(apply_fn, state, inputs.variables, *inputs.held,
                       episodes=int(cfg["episodes"]), hp=hp,
                       random_search=cfg["name"] == "ajpq_random", seed=inputs.seed,
