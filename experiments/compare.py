@@ -38,7 +38,7 @@ import ml_collections
 from tqdm import tqdm
 
 from experiments import pareto
-from experiments.run import _FREE_FIELDS, LEGACY_FRACTIONS, _flat, recorded_config
+from experiments.run import FREE_FIELDS, LEGACY_FRACTIONS, flat_config, recorded_config
 from jaxjpq.methods import registry
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
@@ -66,7 +66,7 @@ METHODS: dict[str, tuple[str, dict[str, dict[str, Any]]]] = {
 _PRETRAINED = tuple(n for n, e in registry.METHODS.items() if e.family == "search")
 # Fields that do not change a result's numbers: a reused result may differ in them (where the
 # data and the pre-training are read from, beyond what a resume may change).
-_FREE = (*_FREE_FIELDS, "method.pretrain_dir", "data.cache_dir", "data.data_dir")
+_FREE = (*FREE_FIELDS, "method.pretrain_dir", "data.cache_dir", "data.data_dir")
 
 
 def config_file(method: str, model: str) -> Path:
@@ -112,7 +112,7 @@ def same_numbers(recorded: dict[str, Any], config: dict[str, Any], set_keys=()) 
     """Whether a result recorded with ``recorded`` has the numbers ``config`` gives: equal
     fields (the :data:`_FREE` ones aside); a field the record lacks (one added to the configs
     after it ran) counts as its default unless ``set_keys`` sets it."""
-    fa, fb = _flat(recorded), _flat(config)
+    fa, fb = flat_config(recorded), flat_config(config)
     keys = {k for k in set(fa) | set(fb) if k not in _FREE}
     return all(fa.get(k) == fb.get(k) for k in keys
                if k in fa or any(k == s or k.startswith(s + ".") for s in set_keys))

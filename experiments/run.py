@@ -495,7 +495,7 @@ def start_distributed(config: ml_collections.ConfigDict) -> None:
 
 
 # Fields that do not change a run's numbers: a resume may change them.
-_FREE_FIELDS = ("progress", "log_every", "checkpoint_every", "eval_batch_size")
+FREE_FIELDS = ("progress", "log_every", "checkpoint_every", "eval_batch_size")
 
 
 def fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -503,17 +503,18 @@ def fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
     and the versions of the numerical packages."""
     import importlib.metadata as md
 
-    cfg = {k: v for k, v in recorded_config(config).items() if k not in _FREE_FIELDS}
+    cfg = {k: v for k, v in recorded_config(config).items() if k not in FREE_FIELDS}
     versions = {p: md.version(p) for p in ("jax", "jaxlib", "flax", "optax", "jaxjpq")}
     return {"config": cfg, "versions": versions}
 
 
-def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+def flat_config(d: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested dict as ``{"a.b.c": leaf}``."""
     if not isinstance(d, dict):
         return {prefix: d}
     out: dict[str, Any] = {}
     for k, v in d.items():
-        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+        out.update(flat_config(v, f"{prefix}.{k}" if prefix else str(k)))
     return out
 
 
@@ -527,7 +528,7 @@ def check_fingerprint(workdir: Path, config: ml_collections.ConfigDict, write: b
     new = json.loads(json.dumps(fingerprint(config)))  # tuples as lists, as stored
     if path.is_file():
         old = json.loads(path.read_text())
-        a, b = _flat(old), _flat(new)
+        a, b = flat_config(old), flat_config(new)
         diff = [f"{k}: {a.get(k, '<unset>')!r} -> {b.get(k, '<unset>')!r}"
                 for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
         if diff:

@@ -9,11 +9,10 @@ and ``ajpq`` search a state for the ``qat`` fine-tune; :mod:`jaxjpq.methods.regi
 any of them by name.
 """
 
-from jaxjpq import cost, data, export, gates, macs, models, nnx, quant, trace, train
+from jaxjpq import cost, data, export, gates, models, nnx, quant, trace, train
 from jaxjpq.compress import calibrate, compress_apply
 from jaxjpq.forward import CompressedForward
 from jaxjpq.graph import AxisUnits, Graph, Group, MacTerm, Site, Slice
-from jaxjpq.macs import MacCount, count_macs, count_macs_split, eqn_macs
 from jaxjpq.methods import ajpq, fit
 from jaxjpq.methods.baselines import prune_then_quantize
 from jaxjpq.methods.core import enforce_budget, qat, set_bits, within_budget
@@ -22,6 +21,7 @@ from jaxjpq.methods.geta import geta
 from jaxjpq.slim import apply_masks, slim
 from jaxjpq.state import CompressedParams, CompressionSpec, CompressionState, init, init_state
 from jaxjpq.trace import Rule, register_rule
+from jaxjpq.trace.macs import MacCount, count_macs, count_macs_split, eqn_macs
 
 __all__ = [
     "AxisUnits",
@@ -53,7 +53,6 @@ __all__ = [
     "geta",
     "init",
     "init_state",
-    "macs",
     "models",
     "nnx",
     "prune_then_quantize",

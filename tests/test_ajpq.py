@@ -114,6 +114,7 @@ def test_the_episode_compiles_once():
                     progress=False)
     assert r.compiles == 1 and r.evaluations == 9
     assert cost.relative_model_size(r.state) <= 0.3
+    assert r.pair.model is v["params"] and r.pair.compression is r.state
     assert r.reward == pytest.approx(max(h["best_reward"] for h in r.history))
 
 

@@ -5,10 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import geta_setup, run_steps, small_cnn
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_geta import _run, _setup
-from test_state import small_cnn
 
 from jaxjpq.methods.baselines import magnitude_masks, prune_then_quantize
 from jaxjpq.methods.core import per_group_counts
@@ -74,10 +73,10 @@ def test_magnitude_masks_remove_the_smallest_units_of_each_group():
 
 
 def test_prune_then_quantize_end_to_end():
-    model, v, g, x, spec, cstate = _setup()
+    model, v, g, x, spec, cstate = geta_setup()
     tx = prune_then_quantize(optax.adam(1e-3), steps=12, sparsity=0.5, bits=3.0,
                              prune_step=4, quantize_step=8)
-    params, cs, _, hist = _run(model, v, g, x, spec, cstate, 12, tx)
+    params, cs, _, hist = run_steps(model, v, g, x, spec, cstate, 12, tx)
     index = unit_index(g, v)
     # Masks untouched before the prune step, exact sparsity after it.
     assert float(index.flat_masks(hist[3][1].masks).min()) == 1.0
@@ -106,7 +105,7 @@ def test_prune_then_quantize_rejects_bad_stages():
 def test_prune_then_quantize_clip_step_stays_on_its_scale():
     # Regression: the ViT-tiny baseline (seed 1, QAT from 30 %) stopped with a NaN loss when an
     # SGD step took a per-tensor clip q_m to the old absolute 1e-8 floor.
-    _, v, g, _, _, cstate = _setup()
+    _, v, g, _, _, cstate = geta_setup()
     tx = prune_then_quantize(optax.sgd(0.0), steps=4, sparsity=0.0, bits=3.0, prune_step=0,
                              quantize_step=0)
     params = (v["params"], cstate)

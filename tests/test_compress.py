@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_state import small_cnn
+from helpers import small_cnn
 
 from jaxjpq.compress import (
     apply_masks,

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from test_geta import _run, _setup
+from helpers import geta_setup, run_steps
 
 import jaxjpq
 from jaxjpq import cost
@@ -17,7 +17,7 @@ from jaxjpq.units import unit_index
 
 
 def test_set_bits_is_exact_per_site_and_per_channel():
-    model, v, g, x, spec, c = _setup()
+    model, v, g, x, spec, c = geta_setup()
     c2 = core.set_bits(c, "Conv_1", 3.0)
     np.testing.assert_allclose(params_bits(c2.weight["Conv_1"]), 3.0, rtol=1e-6)
     assert cost.bits(c2)["Conv_1"][0] == 3.0
@@ -25,7 +25,7 @@ def test_set_bits_is_exact_per_site_and_per_channel():
     assert cost.bits(c3)["Conv_1"][1] == 5.0
     with pytest.raises(ValueError, match="per_channel"):
         core.set_bits(c, "Conv_1", np.full(8, 4.0))
-    _, v, g, _ = _setup()[:4]
+    _, v, g, _ = geta_setup()[:4]
     pc = jaxjpq.init_state(g, CompressionSpec(per_channel=True), v)
     bits = np.asarray([0, 2, 4, 8, 2, 2, 4, 0], np.float32)
     pc = core.set_bits(pc, "Conv_1", bits)
@@ -41,7 +41,7 @@ def test_set_bits_is_exact_per_site_and_per_channel():
 
 @pytest.mark.parametrize("kind", ["bops", "size"])
 def test_enforce_budget_meets_exact_budget_lowering_bits_first(kind):
-    model, v, g, x, spec, c = _setup(bits=(2.0, 8.0))
+    model, v, g, x, spec, c = geta_setup(bits=(2.0, 8.0))
     for n in [n for n in c.weight if n not in c.frozen]:
         c = core.set_bits(c, n, 8.0)
         c = core.set_bits(c, n, 8.0, kind="act")
@@ -68,14 +68,14 @@ def test_enforce_budget_meets_exact_budget_lowering_bits_first(kind):
 
 
 def test_enforce_budget_prunes_in_unit_multiples():
-    model, v, g, x, spec, c = _setup(bits=(2.0, 2.0))
+    model, v, g, x, spec, c = geta_setup(bits=(2.0, 2.0))
     out = core.enforce_budget(c, bops=1e-9, params=v["params"], unit_multiple=2)
     for m in out.masks.values():
         assert int(np.sum(np.asarray(m) > 0.5)) % 2 == 0
 
 
 def test_select_units_unit_multiple_keeps_multiples():
-    _, v, g, _ = _setup()[:4]
+    _, v, g, _ = geta_setup()[:4]
     index = unit_index(g, v)
     imp = jnp.asarray(np.random.default_rng(0).random(index.num_units), jnp.float32)
     pruned = jnp.zeros(index.num_units, bool)
@@ -86,7 +86,7 @@ def test_select_units_unit_multiple_keeps_multiples():
 
 
 def test_qat_holds_bits_masks_and_zeros():
-    model, v, g, x, spec, c = _setup()
+    model, v, g, x, spec, c = geta_setup()
     for n in [n for n in c.weight if n not in c.frozen]:
         c = core.set_bits(c, n, 3.0)
         c = core.set_bits(c, n, 3.0, kind="act")
@@ -94,7 +94,7 @@ def test_qat_holds_bits_masks_and_zeros():
     gid = sorted(masks)[0]
     masks[gid] = masks[gid].at[:2].set(0.0)
     c = c.replace(masks=masks)
-    params, cs, _, _ = _run(model, v, g, x, spec, c, 6, jaxjpq.qat(optax.adam(1e-2)))
+    params, cs, _, _ = run_steps(model, v, g, x, spec, c, 6, jaxjpq.qat(optax.adam(1e-2)))
     for n in [n for n in cs.weight if n not in cs.frozen]:
         np.testing.assert_allclose(params_bits(cs.weight[n]), 3.0, atol=1e-4)
     chex.assert_trees_all_equal(cs.masks, c.masks)
@@ -111,7 +111,7 @@ def test_transform_chained_after_a_pair_method_is_refused():
     from jaxjpq import data, train
     from jaxjpq.train import CompressedForward
 
-    model, v, g, x, spec, c = _setup()
+    model, v, g, x, spec, c = geta_setup()
     fwd = jaxjpq.compress_apply(model.apply)
 
     def steps(tx, n):
@@ -143,7 +143,7 @@ def test_transform_chained_after_a_pair_method_is_refused():
 
 
 def test_init_returns_the_pair_and_apply_updates_keeps_it():
-    model, v, g, x, spec, _ = _setup()
+    model, v, g, x, spec, _ = geta_setup()
     pair = jaxjpq.init(g, v, spec=spec)
     assert isinstance(pair, CompressedParams) and pair.compression.spec == spec
     tx = jaxjpq.geta(optax.sgd(0.01), steps=20)

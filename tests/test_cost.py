@@ -4,9 +4,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import mnist_cnn_graph
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_state import mnist_cnn_graph
 
 from jaxjpq import cost
 from jaxjpq.quant import QuantParams, step_from_bits

@@ -15,10 +15,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jaxjpq import cost
-from jaxjpq.macs import count_macs
 from jaxjpq.slim import slim
 from jaxjpq.state import CompressionSpec, init_state, leaf
 from jaxjpq.trace import trace
+from jaxjpq.trace.macs import count_macs
 
 
 @functools.cache

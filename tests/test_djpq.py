@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from test_state import small_cnn
+from helpers import interrupted_and_full, random_source, small_cnn
 
 from jaxjpq import cost, export, gates, slim
 from jaxjpq.compress import compress_apply
@@ -159,8 +159,6 @@ def test_djpq_rejects_bad_input():
 def test_djpq_resume_from_checkpoint_matches_uninterrupted_run(tmp_path):
     """Gates, Adam state and γ₂ go through orbax: a run interrupted before the fold step and
     resumed ends with the same masks, bits and weights as an uninterrupted one."""
-    from test_geta import interrupted_and_full, random_source
-
     from jaxjpq import train
     from jaxjpq.train import CompressedForward
 

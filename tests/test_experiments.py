@@ -382,6 +382,14 @@ def test_overhead_bench_runs_on_image_and_token_models():
     assert all(r["plain_ms"] > 0 and r["compressed_ms"] > 0 for r in rows)
 
 
+def test_pair_check_bench_compares_steps_that_compute_the_same_update():
+    from experiments import bench_pair_check
+
+    (row,) = bench_pair_check.main(["--models", "mnist_cnn", "--batch", "2", "--rounds", "1",
+                                    "--reps", "1"])
+    assert row["same_updates"] and row["leaves"] > 0
+
+
 def test_export_bench_holds_the_packed_model_in_a_fraction_of_the_dense_bytes():
     from experiments import bench_export
 

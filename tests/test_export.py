@@ -6,9 +6,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import mnist_cnn_graph, small_cnn
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_state import mnist_cnn_graph, small_cnn
 
 from jaxjpq import cost, export
 from jaxjpq.compress import calibrate, compress_apply

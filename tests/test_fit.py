@@ -92,6 +92,7 @@ def test_fit_without_masks_is_the_papers_formula():
 def test_search_meets_the_budget_exactly_and_the_export_agrees(budget, tmp_path):
     model, v, g, x, y, st, info = _cnn()
     r = fit.search(info, st, v, progress=False, **budget)
+    assert r.pair.model is v["params"] and r.pair.compression is r.state
     (kind, alpha), = budget.items()
     if kind == "size":
         assert r.relative_size <= alpha

@@ -1,27 +1,18 @@
 """Tests for the GETA (QASSO) optax transform and the unit index it rests on."""
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from test_state import small_cnn
+from helpers import geta_setup, interrupted_and_full, random_source, run_steps, small_cnn
 
-from jaxjpq.compress import compress_apply
 from jaxjpq.methods.core import fixed_bits_step, select_units
 from jaxjpq.methods.core import period_counts as prune_counts
 from jaxjpq.methods.geta import _sgd_projected, geta, make_schedule
 from jaxjpq.quant import QuantParams, params_bits, step_from_bits
 from jaxjpq.state import CompressionSpec, init_state
 from jaxjpq.units import unit_broadcast, unit_index, unit_sum
-
-
-def _setup(bits=(2.0, 4.0), sparsity=0.5):
-    model, v, g, x = small_cnn()
-    spec = CompressionSpec(bits=bits, budget={"sparsity": sparsity})
-    cstate = init_state(g, spec, v)
-    return model, v, g, x, spec, cstate
 
 
 def test_unit_sum_and_broadcast_round_trip():
@@ -82,37 +73,11 @@ def test_select_units_respects_pruned_and_keeps_one_per_group():
     assert chosen.max() <= np.sort(np.asarray(imp)[live])[6]
 
 
-def _run(model, v, g, x, spec, cstate, steps, tx):
-    fn = compress_apply(model.apply)
-    y = jnp.arange(x.shape[0]) % 10
-    rest = {k: val for k, val in v.items() if k != "params"}
-
-    def loss(params, cs):
-        logits = fn({"params": params, **rest}, cs, x)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-    @jax.jit
-    @chex.assert_max_traces(n=1)
-    def step(params, cs, opt_state):
-        grads = jax.grad(loss, argnums=(0, 1))(params, cs)
-        updates, opt_state = tx.update(grads, opt_state, (params, cs))
-        params, cs = optax.apply_updates((params, cs), updates)
-        return params, cs, opt_state
-
-    params = v["params"]
-    opt_state = tx.init((params, cstate))
-    history = []
-    for _ in range(steps):
-        params, cstate, opt_state = step(params, cstate, opt_state)
-        history.append(jax.tree.map(np.asarray, (params, cstate)))
-    return params, cstate, opt_state, history
-
-
 def test_geta_meets_sparsity_exactly_and_bits_in_range():
-    model, v, g, x, spec, cstate = _setup()
+    model, v, g, x, spec, cstate = geta_setup()
     steps = 40
     tx = geta(optax.sgd(0.05, momentum=0.9), steps=steps)
-    params, cs, opt_state, _ = _run(model, v, g, x, spec, cstate, steps, tx)
+    params, cs, opt_state, _ = run_steps(model, v, g, x, spec, cstate, steps, tx)
     index = unit_index(g, v)
     masks = index.flat_masks(cs.masks)
     assert int((masks < 0.5).sum()) == round(0.5 * index.num_units)
@@ -137,12 +102,12 @@ def test_geta_meets_sparsity_exactly_and_bits_in_range():
 
 
 def test_forget_rate_drives_redundant_units_to_zero_within_a_period():
-    model, v, g, x, spec, cstate = _setup(sparsity=0.25)
+    model, v, g, x, spec, cstate = geta_setup(sparsity=0.25)
     sched = make_schedule(12, warmup=0, projection_periods=1, projection_steps=1,
                           joint_periods=1, period_steps=8)
     # No gradient step: only the forget-rate shrink moves the redundant units.
     tx = geta(optax.sgd(0.0), steps=12, schedule=sched, quant_lr=0.0)
-    _, _, _, hist = _run(model, v, g, x, spec, cstate, 12, tx)
+    _, _, _, hist = run_steps(model, v, g, x, spec, cstate, 12, tx)
     index = unit_index(g, v)
     # Redundant set chosen at the joint start; its unit norms shrink every step to exactly 0.
     norms = []
@@ -157,7 +122,7 @@ def test_forget_rate_drives_redundant_units_to_zero_within_a_period():
 
 
 def test_geta_composes_with_chain_and_inject_hyperparams():
-    model, v, g, x, spec, cstate = _setup()
+    model, v, g, x, spec, cstate = geta_setup()
     steps = 20
     tx = optax.chain(
         optax.clip_by_global_norm(1.0),
@@ -165,7 +130,7 @@ def test_geta_composes_with_chain_and_inject_hyperparams():
             optax.sgd(0.05), steps=steps, quant_lr=1e-3
         ),
     )
-    params, cs, opt_state, _ = _run(model, v, g, x, spec, cstate, steps, tx)
+    params, cs, opt_state, _ = run_steps(model, v, g, x, spec, cstate, steps, tx)
     assert np.isfinite(np.asarray(jax.tree.leaves(params)[0])).all()
     assert float(opt_state[1].hyperparams["quant_lr"]) == pytest.approx(1e-3)
 
@@ -200,45 +165,13 @@ def test_cooldown_keeps_rounded_bits_and_trains_clips_only_when_asked(cooldown_c
 
 
 def test_geta_rejects_bad_input():
-    _, v, g, _, spec, cstate = _setup()
+    _, v, g, _, spec, cstate = geta_setup()
     with pytest.raises(ValueError, match="sparsity"):
         geta(optax.sgd(0.1), steps=10).init((v["params"], init_state(g, CompressionSpec(), v)))
     tx = geta(optax.sgd(0.1), steps=40)
     state = tx.init((v["params"], cstate))
     with pytest.raises(ValueError, match="params"):
         tx.update((v["params"], cstate), state)
-
-
-def random_source(n: int, seed: int = 0):
-    """``n`` random 28x28x1 images with random labels, as a ``data.ArraySource``."""
-    from jaxjpq import data
-
-    rng = np.random.default_rng(seed)
-    return data.ArraySource(
-        {"inputs": rng.uniform(size=(n, 28, 28, 1)).astype(np.float32),
-         "labels": rng.integers(0, 10, n).astype(np.int32)}
-    )
-
-
-def interrupted_and_full(make_state, src, batch, steps, stop, ckpt_dir, **full_kwargs):
-    """Train ``steps`` uninterrupted, and ``stop`` steps into an orbax checkpoint that a fresh
-    state restores and trains on to ``steps``; checks that both end with the same masks, weight
-    quantizers and model params. Returns ``(full, full_summary, resumed)``."""
-    from jaxjpq import data, train
-
-    full, summary = train.train(make_state(), data.batch_stream(src, batch, seed=0), steps,
-                                progress=False, **full_kwargs)
-    mgr = train.checkpoint_manager(ckpt_dir)
-    train.train(make_state(), data.batch_stream(src, batch, seed=0), stop, manager=mgr,
-                checkpoint_every=stop, progress=False)
-    restored, _ = train.restore_checkpoint(mgr, make_state())
-    assert int(restored.step) == stop
-    resumed, _ = train.train(restored, data.batch_stream(src, batch, seed=0, start_step=stop),
-                             steps, progress=False)
-    chex.assert_trees_all_equal(resumed.params[1].masks, full.params[1].masks)
-    chex.assert_trees_all_close(resumed.params[1].weight, full.params[1].weight, rtol=1e-6)
-    chex.assert_trees_all_close(resumed.params[0], full.params[0], atol=1e-6)
-    return full, summary, resumed
 
 
 def test_geta_resume_from_checkpoint_matches_uninterrupted_run(tmp_path):
@@ -249,7 +182,7 @@ def test_geta_resume_from_checkpoint_matches_uninterrupted_run(tmp_path):
     steps = 24
 
     def make_state():
-        model, v, g, _, spec, cstate = _setup()
+        model, v, g, _, spec, cstate = geta_setup()
         tx = geta(optax.adam(1e-3), steps=steps)
         return train.create_train_state(CompressedForward(model.apply),
                                         {"params": (v["params"], cstate)}, tx)
@@ -285,7 +218,7 @@ def test_unit_costs_rank_groups_by_their_macs():
 def test_per_group_allocation_prunes_every_group_by_the_same_fraction():
     from jaxjpq.methods.core import group_period_counts, per_group_counts, select_per_group
 
-    model, v, g, x, spec, cstate = _setup()
+    model, v, g, x, spec, cstate = geta_setup()
     index = unit_index(g, v)
     gc = group_period_counts(index, 0.5, 5)
     np.testing.assert_array_equal(gc.sum(axis=0), per_group_counts(index, 0.5))
@@ -301,7 +234,7 @@ def test_per_group_allocation_prunes_every_group_by_the_same_fraction():
         assert chosen.max() <= np.sort(np.asarray(imp[lo:hi])[live])[n - 1]
     steps = 40
     tx = geta(optax.sgd(0.05, momentum=0.9), steps=steps, allocation="per_group")
-    _, cs, _, _ = _run(model, v, g, x, spec, cstate, steps, tx)
+    _, cs, _, _ = run_steps(model, v, g, x, spec, cstate, steps, tx)
     kept = {k: int((m > 0.5).sum()) for k, m in cs.masks.items()}
     assert list(kept.values()) == [2, 4, 8]  # half of 4, 8, 16
 
@@ -312,7 +245,7 @@ def test_a_geta_run_cut_short_by_multisteps_warns_with_the_sparsity_it_reached()
     from jaxjpq import cost, data, train
     from jaxjpq.train import CompressedForward
 
-    model, v, g, _, spec, cstate = _setup(sparsity=0.5)
+    model, v, g, _, spec, cstate = geta_setup(sparsity=0.5)
     src, steps = random_source(64), 12
 
     def run(tx):

@@ -9,7 +9,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from jax import lax
 
-from jaxjpq.macs import MacCount, count_macs, count_macs_split, eqn_macs
+from jaxjpq.trace.macs import MacCount, count_macs, count_macs_split, eqn_macs
 
 
 def _sds(*shape: int) -> jax.ShapeDtypeStruct:

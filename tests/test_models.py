@@ -14,8 +14,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jaxjpq.macs import count_macs
 from jaxjpq.models import registry
+from jaxjpq.trace.macs import count_macs
 
 get_model, input_dtype, input_shape = registry.get_model, registry.input_dtype, registry.input_shape
 input_spec, model_macs, model_names = registry.input_spec, registry.model_macs, registry.model_names

@@ -24,12 +24,12 @@ from jaxjpq import cost, data, train
 from jaxjpq.methods import djpq
 from jaxjpq.state import CompressionSpec
 from jaxjpq.train import CompressedForward
-import test_geta
+from helpers import geta_setup, random_source
 
 pid, n = jax.process_index(), jax.process_count()
 assert (n, jax.device_count(), jax.local_device_count()) == (2, 4, 2)
-src = test_geta.random_source(96)
-model, v, g, _, spec, cstate = test_geta._setup()
+src = random_source(96)
+model, v, g, _, spec, cstate = geta_setup()
 steps = 12
 
 def make():

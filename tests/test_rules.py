@@ -10,9 +10,9 @@ from jax.extend.core import Primitive
 from jax.interpreters import mlir
 
 import jaxjpq
-from jaxjpq.macs import count_macs
 from jaxjpq.slim import apply_masks, slim
 from jaxjpq.trace import RULES, Rule, register_rule, rule_for, unary_flow
+from jaxjpq.trace.macs import count_macs
 
 
 def _softsign(x):

@@ -23,12 +23,12 @@ from jaxjpq import cost, data, train
 from jaxjpq.methods import djpq
 from jaxjpq.methods.geta import geta
 from jaxjpq.train import CompressedForward
-import test_geta
+from helpers import geta_setup, random_source
 
 assert len(jax.devices()) == 8
-src = test_geta.random_source(96)
+src = random_source(96)
 from jaxjpq.state import CompressionSpec, init_state
-model, v, g, _, _, _ = test_geta._setup()
+model, v, g, _, _, _ = geta_setup()
 spec = CompressionSpec(bits=(2.0, 4.0), budget={{"sparsity": 0.5}}, quantize_activations=False)
 cstate = init_state(g, spec, v)
 steps, lr = 12, 1e-3

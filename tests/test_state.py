@@ -1,8 +1,4 @@
-"""Tests for jaxjpq.state (spec validation, init, fingerprint, orbax round trip).
-
-Also home of ``mnist_cnn_graph``: the hand-built Graph of ``jaxjpq.models.MnistCNN`` that the
-compress / cost / export tests share (``from test_state import mnist_cnn_graph``).
-"""
+"""Tests for jaxjpq.state (spec validation, init, graph fingerprint, orbax round trip)."""
 
 import chex
 import jax
@@ -10,9 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from helpers import mnist_cnn_graph, small_cnn
 
-from jaxjpq.graph import Graph, Group, Site, Slice
-from jaxjpq.models import MnistCNN
 from jaxjpq.quant import params_bits
 from jaxjpq.state import (
     CompressionSpec,
@@ -23,55 +18,6 @@ from jaxjpq.state import (
 )
 
 P = "params"
-
-
-def _units(n):
-    return np.arange(n).reshape(n, 1)
-
-
-def mnist_cnn_graph(f1=32, f2=64, hidden=128, classes=10, side=28) -> Graph:
-    """Hand-built QADG of ``MnistCNN(features=(f1, f2), hidden=hidden)`` on ``side²`` images."""
-    s2, s4 = side // 2, side // 4
-    flat = s4 * s4
-
-    def group(name, n, axis, dependents, prunable=True, reason=""):
-        params = (
-            Slice(P, (name, "kernel"), axis, _units(n)),
-            Slice(P, (name, "bias"), 0, _units(n)),
-        )
-        return Group(f"{name}/kernel:out", n, params, dependents, prunable, reason)
-
-    groups = (
-        group("Conv_0", f1, 3, (Slice(P, ("Conv_1", "kernel"), 2, _units(f1)),)),
-        # flatten of [s4, s4, f2] (row-major): channel c owns rows c + f2·p, p < s4·s4
-        group("Conv_1", f2, 3,
-              (Slice(P, ("Dense_0", "kernel"), 0, np.arange(flat * f2).reshape(flat, f2).T),)),
-        group("Dense_0", hidden, 1, (Slice(P, ("Dense_1", "kernel"), 0, _units(hidden)),)),
-        group("Dense_1", classes, 1, (), False, "network output"),
-    )
-    m0 = side * side * 9 * f1
-    m1 = s2 * s2 * 9 * f1 * f2
-    m2 = flat * f2 * hidden
-    m3 = hidden * classes
-    sites = (
-        Site("Conv_0", (P, "Conv_0", "kernel"), "conv", (3, 3, 1, f1), (3,), (2,), m0, m0,
-             "Conv_0/kernel:out", None, True),
-        Site("Conv_1", (P, "Conv_1", "kernel"), "conv", (3, 3, f1, f2), (3,), (2,), m1, m1,
-             "Conv_1/kernel:out", "Conv_0/kernel:out", False),
-        Site("Dense_0", (P, "Dense_0", "kernel"), "dot", (flat * f2, hidden), (1,), (0,), m2, m2,
-             "Dense_0/kernel:out", "Conv_1/kernel:out", False),
-        Site("Dense_1", (P, "Dense_1", "kernel"), "dot", (hidden, classes), (1,), (0,), m3, m3,
-             "Dense_1/kernel:out", "Dense_0/kernel:out", False),
-    )
-    return Graph(groups, sites, batch_size=1)
-
-
-def small_cnn(f1=4, f2=8, hidden=16, seed=0):
-    """(model, variables, graph, example batch [2, 28, 28, 1]) for a small MnistCNN."""
-    model = MnistCNN(features=(f1, f2), hidden=hidden)
-    x = jax.random.uniform(jax.random.key(seed + 1), (2, 28, 28, 1))
-    variables = model.init(jax.random.key(seed), x)
-    return model, variables, mnist_cnn_graph(f1, f2, hidden), x
 
 
 def test_init_shapes_and_values():

@@ -25,7 +25,8 @@ per population member, scores them, stores every step's transition with the epis
 advantage ``R − b`` (``b`` a moving average) and takes gradient steps of a small actor / critic
 pair (DDPG-style: deterministic actor, truncated-normal exploration whose scale decays per
 episode, replay buffer; the reward is terminal and shared by the episode's steps, so the critic
-regresses it directly). Everything of an episode runs in one ``jit``; it compiles once.
+regresses it directly; :mod:`jaxjpq.methods.ddpg`). Everything of an episode runs in one ``jit``;
+it compiles once.
 """
 
 from __future__ import annotations
@@ -37,15 +38,16 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from tqdm.auto import tqdm
 
 from jaxjpq import cost
 from jaxjpq.compress import compress_apply
 from jaxjpq.graph import kept
+from jaxjpq.methods import ddpg
 from jaxjpq.methods.core import enforce_budget, magnitude, one_budget, set_bits, with_bits
+from jaxjpq.methods.ddpg import Hyper
 from jaxjpq.quant import params_bits
-from jaxjpq.state import CompressionState, check_state
+from jaxjpq.state import CompressedParams, CompressionState, check_state
 from jaxjpq.units import rank_in_group, unit_index
 
 ACTION_DIM = 3
@@ -297,206 +299,62 @@ def make_evaluator(apply_fn: Callable, state: CompressionState, variables: Mappi
 
 
 # ---------------------------------------------------------------------------------------------
-# The agent
+# The walk the agent takes (the agent itself: jaxjpq.methods.ddpg)
 # ---------------------------------------------------------------------------------------------
 
 
-class Hyper(NamedTuple):
-    """Agent settings.
-
-    Attributes:
-      population: policies rolled out and scored per episode.
-      hidden: width of the actor's and critic's two hidden layers.
-      actor_lr, critic_lr: Adam step sizes.
-      sigma, sigma_decay, sigma_min: exploration scale at episode 0, its factor per episode, its
-        floor.
-      warmup: episodes of uniform random actions before the actor acts.
-      updates: gradient steps per episode; batch: transitions per step.
-      buffer: replay capacity in transitions; baseline_decay: moving average of the rewards.
-    """
-
-    population: int = 8
-    hidden: int = 300
-    actor_lr: float = 1e-4
-    critic_lr: float = 1e-3
-    sigma: float = 0.5
-    sigma_decay: float = 0.95
-    sigma_min: float = 0.05
-    warmup: int = 2
-    updates: int = 32
-    batch: int = 64
-    buffer: int = 4096
-    baseline_decay: float = 0.9
+METRICS = ("reward", "accuracy", "figure", "policy_figure")
 
 
-class AgentState(NamedTuple):
-    """Everything the agent carries between episodes (a pytree)."""
-
-    actor: Any
-    critic: Any
-    actor_opt: Any
-    critic_opt: Any
-    buf_s: jax.Array  # [capacity, F]
-    buf_a: jax.Array  # [capacity, 3]
-    buf_r: jax.Array  # [capacity]
-    count: jax.Array  # transitions stored (saturates at capacity in the sampling)
-    baseline: jax.Array
-    episode: jax.Array
-    best_reward: jax.Array
-    best_actions: jax.Array  # [L, 3]
-    best_metrics: Any
-
-
-def _mlp_init(key: jax.Array, sizes: list[int]) -> list:
-    layers = []
-    for k, a, b in zip(jax.random.split(key, len(sizes) - 1), sizes[:-1], sizes[1:],
-                       strict=True):
-        w = jax.random.normal(k, (a, b), jnp.float32) * math.sqrt(1.0 / a)
-        layers.append((w, jnp.zeros((b,), jnp.float32)))
-    return layers
-
-
-def _mlp(layers: list, x: jax.Array) -> jax.Array:
-    for w, b in layers[:-1]:
-        x = jax.nn.relu(x @ w + b)
-    w, b = layers[-1]
-    return x @ w + b
-
-
-def actor_apply(actor: list, s: jax.Array) -> jax.Array:
-    """Deterministic policy ``[..., F] -> [..., 3]`` in (0, 1)."""
-    return jax.nn.sigmoid(_mlp(actor, s))
-
-
-def critic_apply(critic: list, s: jax.Array, a: jax.Array) -> jax.Array:
-    """``Q(s, a)``: ``[..., F], [..., 3] -> [...]``."""
-    return _mlp(critic, jnp.concatenate([s, a], -1))[..., 0]
-
-
-def _rollout(env: Env, actor: list, key: jax.Array, sigma: jax.Array, random: jax.Array,
-             population: int, bits: tuple[float, float], max_prune: float
-             ) -> tuple[jax.Array, jax.Array]:
-    """``(states [P, L, F], actions [P, L, 3])``: one walk over the sites per population member;
-    actions are the actor's plus truncated-normal noise of scale ``sigma`` (uniform where
-    ``random``)."""
+def make_rollout(env: Env, bits: tuple[float, float], max_prune: float) -> Callable:
+    """``rollout(actor, key, sigma, random, population) -> (states [P, L, F], actions [P, L, 3])``:
+    one walk over the sites per population member (:func:`ddpg.explore` at each site); the
+    dynamic features are the previous action and the budget share the walk has used."""
     feats = jnp.asarray(env.features)
     share = jnp.asarray(env.share, jnp.float32)
     b_u = float(bits[1])
     L = feats.shape[0]
 
-    def step(carry, inp):
-        prev, used = carry
-        i, k = inp
-        s = jnp.concatenate([jnp.broadcast_to(feats[i], (population, feats.shape[1])), prev,
-                             used[:, None]], -1)
-        mu = actor_apply(actor, s)
-        k1, k2 = jax.random.split(k)
-        noise = jax.random.truncated_normal(k1, -2.0, 2.0, mu.shape) * sigma
-        uni = jax.random.uniform(k2, mu.shape)
-        a = jnp.where(random, uni, jnp.clip(mu + noise, 0.0, 1.0))
-        wb = jnp.where(jnp.asarray(env.learned)[i], action_bits(a[:, 0], bits), b_u)
-        keep = 1.0 - jnp.where(jnp.asarray(env.group)[i] >= 0, a[:, 2] * max_prune, 0.0)
-        used = used + share[i] * wb / 32.0 * keep / env.alpha
-        return (a, used), (s, a)
+    def rollout(actor, key, sigma, random, population):
+        def step(carry, inp):
+            prev, used = carry
+            i, k = inp
+            s = jnp.concatenate([jnp.broadcast_to(feats[i], (population, feats.shape[1])), prev,
+                                 used[:, None]], -1)
+            a = ddpg.explore(actor, s, k, sigma, random)
+            wb = jnp.where(jnp.asarray(env.learned)[i], action_bits(a[:, 0], bits), b_u)
+            keep = 1.0 - jnp.where(jnp.asarray(env.group)[i] >= 0, a[:, 2] * max_prune, 0.0)
+            used = used + share[i] * wb / 32.0 * keep / env.alpha
+            return (a, used), (s, a)
 
-    init = (jnp.zeros((population, ACTION_DIM)), jnp.zeros((population,)))
-    _, (ss, aa) = jax.lax.scan(step, init, (jnp.arange(L), jax.random.split(key, L)))
-    return jnp.swapaxes(ss, 0, 1), jnp.swapaxes(aa, 0, 1)
+        init = (jnp.zeros((population, ACTION_DIM)), jnp.zeros((population,)))
+        _, (ss, aa) = jax.lax.scan(step, init, (jnp.arange(L), jax.random.split(key, L)))
+        return jnp.swapaxes(ss, 0, 1), jnp.swapaxes(aa, 0, 1)
+
+    return rollout
 
 
-def init_agent(env: Env, key: jax.Array, hp: Hyper | None = None) -> AgentState:
+def init_agent(env: Env, key: jax.Array, hp: Hyper | None = None) -> ddpg.AgentState:
     """A fresh agent for ``env`` (``hp`` default: ``Hyper()``)."""
-    hp = Hyper() if hp is None else hp
-    f = env.features.shape[1] + DYNAMIC_FEATURES
-    ka, kc = jax.random.split(key)
-    actor = _mlp_init(ka, [f, hp.hidden, hp.hidden, ACTION_DIM])
-    critic = _mlp_init(kc, [f + ACTION_DIM, hp.hidden, hp.hidden, 1])
-    L = len(env.sites)
-    return AgentState(
-        actor=actor, critic=critic, actor_opt=optax.adam(hp.actor_lr).init(actor),
-        critic_opt=optax.adam(hp.critic_lr).init(critic),
-        buf_s=jnp.zeros((hp.buffer, f)), buf_a=jnp.zeros((hp.buffer, ACTION_DIM)),
-        buf_r=jnp.zeros((hp.buffer,)), count=jnp.zeros((), jnp.int32),
-        baseline=jnp.zeros((), jnp.float32), episode=jnp.zeros((), jnp.int32),
-        best_reward=jnp.full((), -jnp.inf, jnp.float32),
-        best_actions=jnp.zeros((L, ACTION_DIM), jnp.float32),
-        best_metrics={k: jnp.full((), -jnp.inf if k == "reward" else 0.0, jnp.float32)
-                      for k in ("reward", "accuracy", "figure", "policy_figure")},
-    )
+    return ddpg.init_agent(key, env.features.shape[1] + DYNAMIC_FEATURES, ACTION_DIM,
+                           len(env.sites), METRICS, hp)
 
 
 def make_episode(env: Env, evaluate: Callable, bits: tuple[float, float],
                  hp: Hyper | None = None, *, random_search: bool = False,
                  max_prune: float = 0.9) -> Callable:
-    """``episode(agent, key) -> (agent, metrics)``: roll out ``hp.population`` policies, score
-    them with ``evaluate``, keep the best, store the transitions and train the actor / critic
-    (``random_search``: uniform actions every episode, no learning; the same evaluations).
-    Pure; jit it once (``hp`` default: ``Hyper()``)."""
-    hp = Hyper() if hp is None else hp
-    ta, tc = optax.adam(hp.actor_lr), optax.adam(hp.critic_lr)
-    P = hp.population
-
-    def episode(ag: AgentState, key: jax.Array):
-        kr, ku = jax.random.split(key)
-        sigma = jnp.maximum(hp.sigma * hp.sigma_decay ** ag.episode.astype(jnp.float32),
-                            hp.sigma_min)
-        rand = jnp.asarray(True) if random_search else ag.episode < hp.warmup
-        ss, aa = _rollout(env, ag.actor, kr, sigma, rand, P, bits, max_prune)
-        m = evaluate(aa)
-        r = m["reward"]
-        b = jnp.where(ag.count == 0, jnp.mean(r), ag.baseline)
-        i = jnp.argmax(r)
-        better = r[i] > ag.best_reward
-        best_actions = jnp.where(better, aa[i], ag.best_actions)
-        best_metrics = jax.tree.map(lambda new, old: jnp.where(better, new[i], old), m,
-                                    ag.best_metrics)
-        ag = ag._replace(best_reward=jnp.maximum(r[i], ag.best_reward),
-                         best_actions=best_actions, best_metrics=best_metrics,
-                         episode=ag.episode + 1,
-                         baseline=hp.baseline_decay * b + (1 - hp.baseline_decay) * jnp.mean(r))
-        if random_search:
-            return ag, m
-        L = ss.shape[1]
-        n = P * L
-        pos = (ag.count + jnp.arange(n)) % hp.buffer
-        adv = jnp.repeat(r - b, L)
-        ag = ag._replace(buf_s=ag.buf_s.at[pos].set(ss.reshape(n, -1)),
-                         buf_a=ag.buf_a.at[pos].set(aa.reshape(n, -1)),
-                         buf_r=ag.buf_r.at[pos].set(adv), count=ag.count + n)
-        filled = jnp.minimum(ag.count, hp.buffer)
-
-        def update(c, k):
-            actor, critic, oa, oc = c
-            idx = jax.random.randint(k, (hp.batch,), 0, filled)
-            s, a, y = ag.buf_s[idx], ag.buf_a[idx], ag.buf_r[idx]
-
-            def c_loss(cp):
-                return jnp.mean(jnp.square(critic_apply(cp, s, a) - y))
-
-            def a_loss(ap):
-                return -jnp.mean(critic_apply(critic, s, actor_apply(ap, s)))
-
-            gc = jax.grad(c_loss)(critic)
-            uc, oc = tc.update(gc, oc)
-            critic = optax.apply_updates(critic, uc)
-            ga = jax.grad(a_loss)(actor)
-            ua, oa = ta.update(ga, oa)
-            actor = optax.apply_updates(actor, ua)
-            return (actor, critic, oa, oc), None
-
-        (actor, critic, oa, oc), _ = jax.lax.scan(
-            update, (ag.actor, ag.critic, ag.actor_opt, ag.critic_opt),
-            jax.random.split(ku, hp.updates))
-        return ag._replace(actor=actor, critic=critic, actor_opt=oa, critic_opt=oc), m
-
-    return episode
+    """``episode(agent, key) -> (agent, metrics)`` (:func:`ddpg.make_episode`) over ``env``'s
+    walk, ``evaluate`` from :func:`make_evaluator`."""
+    return ddpg.make_episode(make_rollout(env, bits, max_prune), evaluate, hp,
+                             random_search=random_search)
 
 
 class SearchResult(NamedTuple):
     """What :func:`search` found.
 
     Attributes:
-      state: the best policy's enforced ``CompressionState``.
+      pair: ``CompressedParams(variables["params"], the best policy's enforced state)``, ready
+        for ``qat``; ``.state`` is its state.
       actions: float32 ``[L, 3]`` its actions; bits: ``{site: weight bits}``; kept:
         ``{group id: kept units}``.
       reward, accuracy: its reward and held-out accuracy (before fine-tuning); reference: the
@@ -506,7 +364,7 @@ class SearchResult(NamedTuple):
       evaluations: candidates scored; compiles: compilations of the episode function.
     """
 
-    state: CompressionState
+    pair: CompressedParams
     actions: np.ndarray
     bits: dict[str, float]
     kept: dict[str, int]
@@ -518,6 +376,11 @@ class SearchResult(NamedTuple):
     history: list
     evaluations: int
     compiles: int
+
+    @property
+    def state(self) -> CompressionState:
+        """The best policy's enforced state, ``pair.compression``."""
+        return self.pair.compression
 
 
 def search(apply_fn: Callable, state: CompressionState, variables: Mapping,
@@ -558,19 +421,21 @@ def search(apply_fn: Callable, state: CompressionState, variables: Mapping,
     bar.close()
     best = np.asarray(ag.best_actions)
     st = jax.jit(evaluate.state_of)(best)
-    return _result(env, st, best, ag, evaluate.reference, history,
+    return _result(env, CompressedParams(variables["params"], st), best, ag, evaluate.reference,
+                   history,
                    episodes * hp.population, step._cache_size())
 
 
-def _result(env: Env, st: CompressionState, best: np.ndarray, ag: AgentState,
+def _result(env: Env, pair: CompressedParams, best: np.ndarray, ag: ddpg.AgentState,
             reference: float, history: list, evaluations: int, compiles: int) -> SearchResult:
+    st = pair.compression
     graph = st.graph
     index = unit_index(graph, graph.abstract_variables())
     kept_units = {g: int(np.sum(kept(np.asarray(st.masks[g])))) for g in index.group_ids}
     sm = graph.site_map
     bits = {n: float(params_bits(p, True)) for n, p in st.weight.items() if n in sm}
     return SearchResult(
-        state=st, actions=best, bits=bits, kept=kept_units, reward=float(ag.best_reward),
+        pair=pair, actions=best, bits=bits, kept=kept_units, reward=float(ag.best_reward),
         accuracy=float(ag.best_metrics["accuracy"]), reference=reference,
         relative_size=cost.relative_model_size(st),
         relative_bops=float(cost.relative_bops(st)), history=history,

@@ -47,7 +47,7 @@ from jaxjpq.quant import (
     step_from_bits,
 )
 from jaxjpq.sharding import replicate, shard_batch
-from jaxjpq.state import CompressionState, check_state, leaf, site_quantizer
+from jaxjpq.state import CompressedParams, CompressionState, check_state, leaf, site_quantizer
 
 LEVELS = 40  # sparsity levels 1 - logspace(0, -3, LEVELS): 0 ... 0.999
 
@@ -332,7 +332,8 @@ class SearchResult(NamedTuple):
     """What :func:`search` found.
 
     Attributes:
-      state: the chosen ``CompressionState`` (bits via ``set_bits``, elementwise masks).
+      pair: ``CompressedParams(variables["params"], chosen state)``, ready for ``qat``; the
+        state (``.state``) has the bits (via ``set_bits``) and the elementwise masks.
       bits: ``{site: weight bits}``; act_bits: ``{activation quantizer (``Site.act_key``): input
         bits}`` (searched under a BOPs budget); sparsity: the global sparsity level reached.
       relative_size: exported model bits / fp32 model bits
@@ -342,7 +343,7 @@ class SearchResult(NamedTuple):
       nodes_expanded: steps of the path; path: ``[(move, relative figure), ...]``.
     """
 
-    state: CompressionState
+    pair: CompressedParams
     bits: dict[str, float]
     act_bits: dict[str, float]
     sparsity: float
@@ -351,6 +352,11 @@ class SearchResult(NamedTuple):
     fit: float
     nodes_expanded: int
     path: list
+
+    @property
+    def state(self) -> CompressionState:
+        """The chosen state, ``pair.compression``."""
+        return self.pair.compression
 
 
 def _widths(hi: float, lo: float) -> list[float]:
@@ -554,7 +560,7 @@ def search(
     if exact > alpha + 1e-12:
         raise AssertionError(f"fit search: the exact {kind} {exact} of the chosen state exceeds "
                              f"the budget {alpha} (table {c}); please report this.")
-    return _result(tables, lv, node, out, fit_score(info, out, variables),
+    return _result(tables, lv, node, variables["params"], out, fit_score(info, out, variables),
                    expanded, path)
 
 
@@ -688,11 +694,12 @@ def _least_fit_node(tables: list[_SiteTable], counts: np.ndarray,
     return best[1], scored
 
 
-def _result(tables: list[_SiteTable], lv: np.ndarray, node: tuple,
+def _result(tables: list[_SiteTable], lv: np.ndarray, node: tuple, params: Any,
             out: CompressionState, fit: float, steps: int, path: list) -> SearchResult:
     bi, ai, s = _parts(tables, node)
     return SearchResult(
-        state=out, bits={t.name: t.bits[b] for t, b in zip(tables, bi, strict=True)},
+        pair=CompressedParams(params, out),
+        bits={t.name: t.bits[b] for t, b in zip(tables, bi, strict=True)},
         act_bits={t.name: t.a_bits[a] for i, (t, a) in enumerate(zip(tables, ai, strict=True))
                   if t.a_bits != [32.0] and t.a_src == i},
         sparsity=float(lv[s]), relative_size=cost.relative_model_size(out),

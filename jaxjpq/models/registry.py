@@ -10,12 +10,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxjpq.macs import MacCount, count_macs_split
 from jaxjpq.models.bert import BertClassifier
 from jaxjpq.models.cnn import VGG7, LeNet5, MnistCNN
 from jaxjpq.models.mobilenet import SMALL_CONFIG, MobileNetV2
 from jaxjpq.models.resnet import CifarResNet, ImageNetResNet
 from jaxjpq.models.vit import ViT
+from jaxjpq.trace.macs import MacCount, count_macs_split
 
 
 class ModelSpec(NamedTuple):
@@ -113,7 +113,7 @@ def input_spec(name: str, batch: int = 1) -> jax.ShapeDtypeStruct:
 
 def model_macs(name: str, batch: int = 1, **overrides: Any) -> MacCount:
     """MACs of model ``name``'s inference forward at its real input size, split into parameter and
-    activation contractions (see `jaxjpq.macs`). Traced abstractly: nothing is computed.
+    activation contractions (see `jaxjpq.trace.macs`). Traced abstractly: nothing is computed.
 
     Example: ``model_macs("resnet50").total`` is about 4.1e9.
     """

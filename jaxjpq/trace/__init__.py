@@ -19,7 +19,7 @@ are the ``params``-collection leaf axes in the classes and its ``dependents`` th
 output, is reduced over while its pruned positions are not exactly zero, or meets an op the rules
 cannot follow is marked non-prunable with the reason (never a wrong group).
 
-Every pass over a jaxpr (this tracer, :mod:`jaxjpq.slim`, :mod:`jaxjpq.macs`, the compressed
+Every pass over a jaxpr (this tracer, :mod:`jaxjpq.slim`, :mod:`jaxjpq.trace.macs`, the compressed
 forward of :mod:`jaxjpq.compress`) runs the one walk :func:`walk_jaxpr` and asks the
 :class:`Rule` of each primitive what to do (:mod:`jaxjpq.trace.registry`); the rules live in one
 module per primitive family. :func:`register_rule` adds one for a primitive of your own.

@@ -12,6 +12,7 @@ import numpy as np
 
 from jaxjpq.graph import AxisUnits, Graph, Group, MacTerm, Site, Slice
 from jaxjpq.jaxprs import aval, is_dynamic
+from jaxjpq.trace.macs import jaxpr_macs
 from jaxjpq.trace.tracer import Traced, trace_jaxpr
 from jaxjpq.trace.values import Ctx, Key, Units
 
@@ -255,7 +256,6 @@ def build_graph(traced: Traced, batch_size: int, apply_fn: Callable, var_avals: 
                 act_from=act_from,
             )
         )
-    from jaxjpq.macs import jaxpr_macs
 
     in_data = [i >= traced.n_var for i in traced.dyn_pos]
     weight_macs = jaxpr_macs(traced.closed.jaxpr, in_data, "once")

@@ -4,7 +4,7 @@ A :class:`Rule` holds everything the passes need of one primitive:
 
 * ``flow`` (tracer): how channel positions flow from its inputs to its outputs;
 * ``slim`` (:func:`jaxjpq.slim.slim`): its parameters for inputs whose pruned positions are cut;
-* ``macs`` (:mod:`jaxjpq.macs`, the cost model): its multiply-accumulates;
+* ``macs`` (:mod:`jaxjpq.trace.macs`, the cost model): its multiply-accumulates;
 * ``forward`` (:func:`jaxjpq.compress.compress_apply`): what the compressed forward does when
   a site's weight reaches it (``"site"``: quantize the other operand; ``"cast"``: the output is
   still that weight, fused kernels included; ``"pass"``: still the weight, a reshape or a
