@@ -2,15 +2,16 @@
 
 The core: ``init`` traces a model into a :class:`Graph` (QADG, :mod:`jaxjpq.trace`) and returns
 the pair :class:`CompressedParams` ``(model params, CompressionState)``; the state carries its
-graph, so the compressed forward (``compress_apply``), the figures (``cost``), ``slim`` and
-``export`` take the state alone. Methods (``geta``, ``djpq``, ``prune_then_quantize``, ``qat``)
-are factories of optax transforms over the pair, built on :mod:`jaxjpq.methods.core`; ``fit``
-and ``ajpq`` search a state for the ``qat`` fine-tune; :mod:`jaxjpq.methods.registry` builds
-any of them by name.
+graph, so the compressed forward (``compress_apply``), the figures (``cost``), ``slim``,
+``export`` and ``deploy`` (the slim integer model a user ships) take the state alone. Methods
+(``geta``, ``djpq``, ``prune_then_quantize``, ``qat``) are factories of optax transforms over the
+pair, built on :mod:`jaxjpq.methods.core`; ``fit`` and ``ajpq`` search a state for the ``qat``
+fine-tune; :mod:`jaxjpq.methods.registry` builds any of them by name.
 """
 
-from jaxjpq import cost, data, export, gates, models, nnx, quant, trace, train
+from jaxjpq import cost, data, deployment, export, gates, models, nnx, quant, trace, train
 from jaxjpq.compress import calibrate, compress_apply
+from jaxjpq.deployment import DeployedModel, deploy
 from jaxjpq.forward import CompressedForward
 from jaxjpq.graph import AxisUnits, Graph, Group, MacTerm, Site, Slice
 from jaxjpq.methods import ajpq, fit
@@ -29,6 +30,7 @@ __all__ = [
     "CompressedParams",
     "CompressionSpec",
     "CompressionState",
+    "DeployedModel",
     "Graph",
     "Group",
     "MacCount",
@@ -44,6 +46,8 @@ __all__ = [
     "count_macs",
     "count_macs_split",
     "data",
+    "deploy",
+    "deployment",
     "djpq",
     "eqn_macs",
     "enforce_budget",

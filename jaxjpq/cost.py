@@ -26,7 +26,7 @@ bits. All figures are per example (the traced batch divided out).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -34,7 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxjpq import gates as gates_lib
-from jaxjpq.graph import AxisUnits, Graph, MacTerm, Site, kept
+from jaxjpq.graph import AxisUnits, Graph, MacTerm, Site, kept, kept_positions
+from jaxjpq.jaxprs import key_of
 from jaxjpq.quant import pow2_bits_hard, round_bits_pow2
 from jaxjpq.state import CompressionState, check_state, site_quantizer
 
@@ -479,3 +480,94 @@ def report(state: CompressionState) -> str:
         f"relative size {size / fp32_size_bits(graph):.4%}"
     )
     return "\n".join(lines)
+
+
+def budget_shortfall(state: CompressionState) -> str | None:
+    """What of the budget in ``state.spec`` the state misses, or None: sparsity below its target
+    by more than the per-group rounding of units, relative BOPs or size above theirs (exact
+    figures). ``state`` must be concrete."""
+    spec = getattr(state, "spec", None)
+    if spec is None or not spec.budget:
+        return None
+    groups = state.graph.prunable_groups
+    figures = {
+        "sparsity": lambda: float(sparsity(state)),
+        "bops": lambda: float(relative_bops(state)),
+        "size": lambda: float(relative_size(state)),
+    }
+    misses = []
+    for kind, target in spec.budget:
+        got = figures[kind]()
+        if kind == "sparsity":
+            slack = (len(groups) + 0.5) / max(sum(g.size for g in groups), 1)
+            missed = got < target - slack
+        else:
+            missed = got > target * (1 + 1e-6)
+        if missed:
+            misses.append(f"{kind} {got:.4g} against a budget of {target:.4g}")
+    return "; ".join(misses) or None
+
+
+# Integer storage of a deployed site weight by its widest channel's bits: two signed 4-bit codes
+# per byte, or one signed byte; wider sites stay float32.
+STORAGE_BITS = {"int4x2": 4, "int8": 8}
+
+
+def storage(state: CompressionState, key: tuple[str, ...]) -> tuple[str, str]:
+    """``(kind, why)`` of variable leaf ``key`` in the deployed model: ``"int4x2"`` or
+    ``"int8"`` (every site of the leaf quantized, widest channel ≤ 4 or ≤ 8 bits), else
+    ``"float32"`` with the reason."""
+    graph = check_state(state)
+    sites = [s for s in graph.sites if s.weight == tuple(key)]
+    if not sites:
+        return "float32", "not a site weight"
+    if graph.trace_info is not None:
+        n_layers = math.prod(sites[0].stack_sizes) if sites[0].layer_axes else 1
+        if len(sites) != n_layers:
+            return "float32", "a weight shared by several sites"
+    if any(s.name not in state.weight for s in sites):
+        return "float32", "not quantized"
+    widest = max(float(np.max(channel_bits(state, s.name))) for s in sites)
+    for kind, b in STORAGE_BITS.items():
+        if widest <= b:
+            return kind, f"{widest:g} bits"
+    return "float32", f"{widest:g} bits: above 8, kept float"
+
+
+def resident_bytes(state: CompressionState) -> dict[str, int]:
+    """Bytes the deployed model (:func:`jaxjpq.deploy.deploy`) holds in memory, per part:
+    ``codes`` (integer site weights at their storage, :func:`storage`), ``scales`` (float32,
+    one per kept output channel or per tensor, per layer of a stacked weight) and ``float``
+    (every other variable leaf at its dtype, slim). ``total`` is their sum."""
+    graph = check_state(state)
+    info = graph.trace_info
+    if info is None:
+        raise ValueError("resident_bytes needs a graph made by jaxjpq.trace (its leaf shapes).")
+    out = {"codes": 0, "scales": 0, "float": 0}
+    for path, a in jax.tree_util.tree_flatten_with_path(info["var_avals"])[0]:
+        key = key_of(path)
+        keep = kept_positions(graph, state.masks, key, a.shape)
+        shape = [int(keep[ax].sum()) if ax in keep else n for ax, n in enumerate(a.shape)]
+        n = math.prod(shape)
+        kind, _ = storage(state, key)
+        if kind == "float32":
+            out["float"] += n * np.dtype(a.dtype).itemsize
+            continue
+        out["codes"] += -(-n * STORAGE_BITS[kind] // 8)
+        out["scales"] += 4 * math.prod(scale_shape(graph, key, shape, state))
+    out["total"] = sum(out.values())
+    return out
+
+
+def scale_shape(graph: Graph, key: tuple[str, ...], shape: Sequence[int],
+                state: CompressionState) -> tuple[int, ...]:
+    """Shape of a deployed leaf's scales: ``shape`` (the slim leaf's) on the out axes of a
+    per-channel quantizer and on the layer axes of a stacked weight, 1 elsewhere."""
+    sites = [s for s in graph.sites if s.weight == tuple(key)]
+    s0 = sites[0]
+    per_channel = np.ndim(state.weight[s0.name].d) > 0
+    la = list(s0.layer_axes)
+    rest = [ax for ax in range(len(shape)) if ax not in la]
+    outs = {rest[a % len(rest)] for a in s0.out_axes} if per_channel else set()
+    return tuple(n if (ax in la or ax in outs) else 1 for ax, n in enumerate(shape))
+

@@ -30,7 +30,7 @@ import orbax.checkpoint as ocp
 from jaxjpq import cost
 from jaxjpq import gates as gates_lib
 from jaxjpq.compress import act_quantized_apply, apply_masks
-from jaxjpq.graph import Graph, check_variables, kept, stack_layers
+from jaxjpq.graph import Graph, check_variables, kept, kept_positions, select_kept, stack_layers
 from jaxjpq.quant import QuantParams, broadcast_params, codes, effective_params
 from jaxjpq.state import (
     CompressedParams,
@@ -131,30 +131,6 @@ def _flat_leaves(variables: Mapping) -> list[tuple[tuple[str, ...], Any]]:
 
     walk(variables, ())
     return out
-
-
-def _keep_per_axis(state: CompressionState, key, shape) -> dict[int, np.ndarray]:
-    """``{axis: bool[n]}`` of kept positions of leaf ``key`` (only axes that lose something)."""
-    graph = state.graph
-    keep: dict[int, np.ndarray] = {}
-    for g in graph.prunable_groups:
-        m = kept(np.asarray(state.masks[g.id]))
-        if m.all():
-            continue
-        for sl in (*g.params, *g.dependents):
-            if sl.key != key:
-                continue
-            axis = sl.axis % len(shape)
-            owner = sl.owner(shape[axis])
-            dropped = (owner >= 0) & ~m[np.maximum(owner, 0)]
-            keep[axis] = keep.get(axis, np.ones(shape[axis], bool)) & ~dropped
-    return keep
-
-
-def _select(x: np.ndarray, keep: Mapping[int, np.ndarray]) -> np.ndarray:
-    for axis, k in keep.items():
-        x = np.compress(k, x, axis=axis)
-    return x
 
 
 def _hex(b: np.ndarray) -> str:
@@ -310,7 +286,7 @@ def pack(variables: Mapping, state: CompressionState | None = None) -> PackedMod
         if site is not None and site.name in state.weight:
             p = effective_params(site_quantizer(state, "weight", site.name), True,
                                  state.power_of_two)
-            c = _select(np.asarray(all_codes[site.name]), keep)
+            c = select_kept(np.asarray(all_codes[site.name]), keep)
             out_axes = sorted(a % x.ndim for a in site.out_axes)
             bits = np.asarray(cost.channel_bits(state, site.name))
             ch_keep = [keep.get(a, np.ones(x.shape[a], bool)) for a in out_axes]
@@ -318,7 +294,7 @@ def pack(variables: Mapping, state: CompressionState | None = None) -> PackedMod
                 bits = bits[np.ix_(*ch_keep)]
             n_ch = int(np.prod([k.sum() for k in ch_keep], dtype=np.int64))
             widths = np.broadcast_to(bits, (n_ch,) if not bits.ndim else bits.shape)
-            mask = None if wm is None else _select(kept(np.asarray(wm)), keep)
+            mask = None if wm is None else select_kept(kept(np.asarray(wm)), keep)
             if mask is not None:  # a channel with no kept weight: 0 bits
                 m2 = _channel_major(mask, out_axes)
                 widths = np.where(m2.any(axis=1), widths.reshape(-1), 0)
@@ -335,13 +311,13 @@ def pack(variables: Mapping, state: CompressionState | None = None) -> PackedMod
         else:
             if wm is not None:  # float site with an elementwise mask: the masked values
                 x = x * kept(np.asarray(wm))
-            arrays[f"L{i}"] = _select(x, keep)
+            arrays[f"L{i}"] = select_kept(x, keep)
             entry.update(kind="float")
         leaves_meta.append(entry)
 
     for key, value in _flat_leaves(masked):
         x = np.asarray(value)
-        keep = _keep_per_axis(state, key, x.shape)
+        keep = kept_positions(state.graph, state.masks, key, x.shape)
         sites = sites_of.get(key, [])
         if sites and sites[0].layer_axes:  # a stacked leaf: one entry per layer
             la = sites[0].layer_axes
@@ -432,7 +408,7 @@ def inference_fn(packed: PackedModel, apply_fn: Callable, graph: Graph) -> Calla
     act = act_params(packed)
     run = act_quantized_apply(apply_fn, graph)
     p2, lt = packed.meta["power_of_two"], packed.meta["learn_t"]
-    traced = _traced_kwargs(graph)
+    traced = traced_kwargs(graph)
 
     def fn(*args, **kwargs):
         return run(variables, act, *args, power_of_two=p2, learn_t=lt, **{**traced, **kwargs})
@@ -440,7 +416,7 @@ def inference_fn(packed: PackedModel, apply_fn: Callable, graph: Graph) -> Calla
     return fn
 
 
-def _traced_kwargs(graph: Graph) -> dict:
+def traced_kwargs(graph: Graph) -> dict:
     """The static keyword options the graph was traced with (e.g. ``train=False``)."""
     info = graph.trace_info
     return dict(info.get("static_kwargs", {})) if info is not None else {}
@@ -470,7 +446,7 @@ def save(directory: str | os.PathLike, packed: PackedModel) -> None:
         parts.append(a.reshape(-1).view(np.uint8))
         offset += a.nbytes
     blob = np.concatenate(parts) if parts else np.zeros((0,), np.uint8)
-    sums = {name: _digest(np.asarray(packed.arrays[name])) for name in layout}
+    sums = {name: array_digest(np.asarray(packed.arrays[name])) for name in layout}
     meta = {**_compact(packed.meta), "layout": layout, "checksums": sums}
     meta["meta_digest"] = _meta_digest(meta)
     _checkpointer().save(
@@ -488,7 +464,7 @@ def _hash(data: bytes) -> str:
     return hashlib.blake2b(data, digest_size=8).hexdigest()
 
 
-def _digest(a: np.ndarray) -> str:
+def array_digest(a: np.ndarray) -> str:
     return _hash(np.array(a, order="C").tobytes())
 
 
@@ -565,7 +541,7 @@ def restore(directory: str | os.PathLike) -> PackedModel:
         if a.size != nbytes:
             raise CorruptExportError(f"{directory}: array {name} is truncated.")
         arrays[name] = a.view(np.dtype(dtype)).reshape(shape).copy()
-        if _digest(arrays[name]) != sums.get(name):
+        if array_digest(arrays[name]) != sums.get(name):
             raise CorruptExportError(
                 f"{directory}: array {name} does not match its checksum (corrupted on disk); "
                 "export the model again.")
@@ -608,7 +584,7 @@ def export_model(
     embedded as constants and unpacked / dequantized inside the exported computation; ``kwargs``
     are static keyword arguments of the model, by default those the graph was traced with (e.g.
     ``train=False``). Call the result with ``.call(*args)``."""
-    kwargs = {**_traced_kwargs(graph), **kwargs}
+    kwargs = {**traced_kwargs(graph), **kwargs}
     variables_np = {k: np.asarray(v) for k, v in packed.arrays.items()}
     pk = PackedModel(arrays=variables_np, meta=packed.meta)
     act = act_params(pk)

@@ -133,31 +133,8 @@ class CompressedForward:
         return fwd(model_params, model_state, inputs, rng, train)
 
     def budget_shortfall(self, params: PyTree) -> str | None:
-        """What of the budget in the compression state's spec the pair ``params`` misses, or
-        None: sparsity below its target by more than the per-group rounding of units, relative
-        BOPs or size above theirs (exact figures, :mod:`jaxjpq.cost`)."""
-
-        c = host_value(params[1])
-        spec = getattr(c, "spec", None)
-        if spec is None or not spec.budget:
-            return None
-        groups = c.graph.prunable_groups
-        figures = {
-            "sparsity": lambda: float(cost.sparsity(c)),
-            "bops": lambda: float(cost.relative_bops(c)),
-            "size": lambda: float(cost.relative_size(c)),
-        }
-        misses = []
-        for kind, target in spec.budget:
-            got = figures[kind]()
-            if kind == "sparsity":
-                slack = (len(groups) + 0.5) / max(sum(g.size for g in groups), 1)
-                missed = got < target - slack
-            else:
-                missed = got > target * (1 + 1e-6)
-            if missed:
-                misses.append(f"{kind} {got:.4g} against a budget of {target:.4g}")
-        return "; ".join(misses) or None
+        """:func:`jaxjpq.cost.budget_shortfall` of the pair's compression state."""
+        return cost.budget_shortfall(host_value(params[1]))
 
 
 def flax_forward(apply_fn: Callable[..., Any]) -> Forward:

@@ -438,3 +438,33 @@ def graph_fingerprint(graph: Graph) -> str:
         h.update(f"S|{s.name}|{s.weight}|{s.weight_shape}|{s.out_axes}|{s.in_axes}"
                  f"|{s.act_from or ''};".encode())
     return h.hexdigest()[:16]
+
+
+def kept_positions(graph: Graph, masks: Mapping[str, Any], key: tuple[str, ...],
+                   shape: Sequence[int]) -> dict[int, np.ndarray]:
+    """``{axis: bool[n]}``: the positions of variable leaf ``key`` (shape ``shape``) that the
+    keep-masks ``{group id: [size]}`` keep, for the axes that lose any (a group's own slices and
+    its dependents' rows)."""
+    keep: dict[int, np.ndarray] = {}
+    for g in graph.prunable_groups:
+        if g.id not in masks:
+            continue
+        m = kept(np.asarray(masks[g.id]))
+        if m.all():
+            continue
+        for sl in (*g.params, *g.dependents):
+            if sl.key != tuple(key):
+                continue
+            axis = sl.axis % len(shape)
+            owner = sl.owner(shape[axis])
+            dropped = (owner >= 0) & ~m[np.maximum(owner, 0)]
+            keep[axis] = keep.get(axis, np.ones(shape[axis], bool)) & ~dropped
+    return keep
+
+
+def select_kept(x: Any, keep: Mapping[int, np.ndarray]) -> Any:
+    """``x`` with only the kept positions of each axis in ``keep`` (:func:`kept_positions`)."""
+    for axis, k in keep.items():
+        x = np.compress(k, np.asarray(x), axis=axis)
+    return x
+

@@ -310,7 +310,7 @@ def _eval(jaxpr, consts, args, tags, run: _Run, bound: Mapping):
         outs = ans if eqn.primitive.multiple_results else [ans]
         return list(zip(outs, out_tags, strict=True))
 
-    res = walk_jaxpr(jaxpr, list(consts), list(zip(args, tags, strict=True)), step,
+    res = walk_jaxpr(jaxpr, [(c, None) for c in consts], list(zip(args, tags, strict=True)), step,
                      lambda v: (v.val, None))
     return [x for x, _ in res], [t for _, t in res], emits
 

@@ -1,0 +1,122 @@
+"""The model you ship: dense float32 vs the float slim model vs the deployed model (slim, integer
+weights dequantized in the forward), same batch, interleaved rounds in one process.
+
+    python -m experiments.bench_deploy [--models mnist_cnn,resnet20,vit_tiny_mnist,bert_tiny]
+                                       [--batches 1,128] [--rounds 15]
+
+Per model, a fraction of every prunable group is masked (the units of least L2 norm; MNIST CNN
+and ResNet-20 50 %, the ViT's heads and MLP units and BERT-tiny's 30 %) and every site gets 4
+bits (the first and last 8, the spec's default), activations 8 bits, calibrated on the batch.
+Reported per batch size: the median over rounds of each model's time ÷ the dense model's, with
+quartiles, and the resident bytes: dense float32, the deployed model's (and the cost model's
+prediction, :func:`jaxjpq.cost.resident_bytes`) and the export's theoretical bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jaxjpq
+from experiments import timing
+from jaxjpq import cost
+from jaxjpq.methods.core import magnitude
+from jaxjpq.models.registry import get_model, input_spec
+from jaxjpq.units import unit_index
+
+PRUNE = {"mnist_cnn": 0.5, "resnet20": 0.5, "vit_tiny_mnist": 0.3, "bert_tiny": 0.3}
+
+
+def _inputs(name: str, model, batch: int) -> jax.Array:
+    spec = input_spec(name, batch)
+    key = jax.random.key(0)
+    if jnp.issubdtype(spec.dtype, jnp.integer):
+        return jax.random.randint(key, spec.shape, 1, model.vocab_size, spec.dtype)
+    return jax.random.uniform(key, spec.shape, spec.dtype)
+
+
+def magnitude_masks(state, variables, fraction: float) -> dict[str, np.ndarray]:
+    """Keep-masks pruning ``fraction`` of every prunable group (rounded down, at least one unit
+    kept): the units of least L2 norm."""
+    index = unit_index(state.graph, variables)
+    norms = np.asarray(magnitude(index, variables["params"]))
+    masks = {}
+    for gid, vals in zip(index.group_ids, np.split(norms, index.offsets[1:-1]), strict=True):
+        k = np.ones(vals.size, bool)
+        n = min(int(vals.size * fraction), vals.size - 1)
+        k[np.argsort(vals, kind="stable")[:n]] = False
+        masks[gid] = k.astype(np.float32)
+    return masks
+
+
+def setup(name: str, calib_batch: int = 8):
+    """``(model, variables, state)``: the model, its variables and the compressed state."""
+    model = get_model(name)
+    x = _inputs(name, model, calib_batch)
+    variables = jax.jit(model.init)(jax.random.key(1), x[:1])
+    pair = jaxjpq.init(model.apply, variables, x[:1], bits=(4, 4), init_bits=4)
+    st = pair.compression
+    st = st.replace(masks={k: jnp.asarray(m) for k, m in
+                           magnitude_masks(st, variables, PRUNE.get(name, 0.5)).items()})
+    st = jaxjpq.calibrate(jaxjpq.compress_apply(model.apply), variables, st, [x])
+    return model, variables, st
+
+
+def bench(name: str, batches: list[int], n_rounds: int, reps: int) -> dict:
+    model, variables, st = setup(name)
+    deployed = jaxjpq.deploy(variables, st, warn_budget=False)
+    slim_fn, slim_vars = jaxjpq.slim(variables, st)
+    dense = jax.jit(model.apply)
+    slim_j = jax.jit(slim_fn)
+    kw = jaxjpq.export.traced_kwargs(st.graph)
+    dense_bytes = sum(int(np.asarray(a).nbytes) for a in jax.tree.leaves(variables))
+    row = dict(model=name, prune=PRUNE.get(name, 0.5), dense_bytes=dense_bytes,
+               resident=deployed.resident_bytes(), predicted=cost.resident_bytes(st),
+               theoretical_bytes=cost.model_bits(st) / 8, batches={})
+    for b in batches:
+        x = _inputs(name, model, b)
+        ref = jaxjpq.compress_apply(model.apply)(variables, st, x, **kw)
+        err = float(jnp.max(jnp.abs(deployed(x) - ref)))
+        t = timing.rounds({"dense": lambda x=x: dense(variables, x, **kw),
+                           "slim": lambda x=x: slim_j(slim_vars, x, **kw),
+                           "deployed": lambda x=x: deployed(x)}, n_rounds, reps)
+        row["batches"][b] = dict(ms=timing.median_ms(t), max_abs_diff=err,
+                                 slim=timing.ratio(t, "slim", "dense"),
+                                 deployed=timing.ratio(t, "deployed", "dense"),
+                                 deployed_vs_slim=timing.ratio(t, "deployed", "slim"))
+    return row
+
+
+def main(argv=None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="mnist_cnn,resnet20,vit_tiny_mnist,bert_tiny")
+    ap.add_argument("--batches", default="1,128")
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--reps", type=int, default=3)
+    a = ap.parse_args(argv)
+    batches = [int(b) for b in a.batches.split(",")]
+    rows = []
+    for name in a.models.split(","):
+        r = bench(name, batches, a.rounds, a.reps)
+        rows.append(r)
+        res = r["resident"]["total"]
+        print(f"{name}: dense {r['dense_bytes']:,} B, deployed resident {res:,} B "
+              f"({res / r['dense_bytes']:.2%}; cost model {r['predicted']['total']:,}), "
+              f"export payload {r['theoretical_bytes']:,.0f} B")
+        for b, m in r["batches"].items():
+            s, d, ds = m["slim"], m["deployed"], m["deployed_vs_slim"]
+            print(f"  batch {b:>4}: dense {m['ms']['dense']:.3f} ms | slim/dense "
+                  f"{s['median']:.3f} [{s['q1']:.3f}, {s['q3']:.3f}] | deployed/dense "
+                  f"{d['median']:.3f} [{d['q1']:.3f}, {d['q3']:.3f}] | deployed/slim "
+                  f"{ds['median']:.3f} [{ds['q1']:.3f}, {ds['q3']:.3f}] | "
+                  f"max |deployed - compressed| {m['max_abs_diff']:.2e}")
+    print(json.dumps(rows, default=float))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,384 @@
+"""The model a user ships: ``jaxjpq.deploy(pair) -> DeployedModel``.
+
+The deployed model is the **slim** network (pruned units removed by :func:`jaxjpq.slim.slim`, so
+scan stacks, attention heads, concat, depthwise and nnx models work unchanged) whose quantized
+site weights are held in device memory as integers, at the storage :func:`jaxjpq.cost.storage`
+picks from the widest channel's bits:
+
+- ``int4x2``: two signed 4-bit codes per byte (≤ 4 bits), unpacked inside the computation;
+- ``int8``: one signed byte per code (5-8 bits);
+- ``float32``: a site above 8 bits, a weight shared by several sites, unquantized leaves.
+
+Each integer leaf has float32 scales (one per kept output channel, or one per tensor; per layer
+of a stacked weight). The codes are dequantized inside the jitted forward (``codes · scale``,
+the weight-only path) and the site inputs are fake-quantized with the state's activation
+quantizers, so the output equals the compressed forward (masked, fake-quantized) of the state up
+to float rounding. An elementwise-masked site keeps its dense slim codes, the masked entries as
+code 0 (as fast as any other site; :func:`jaxjpq.export.pack` is the compact form on disk).
+
+``save`` writes the arrays (one ``.npz``), the forward serialized by ``jax.export`` per batch size
+and a JSON with every file's checksum; :func:`load` reads them back (checked, raising
+:class:`~jaxjpq.export.CorruptExportError` naming the file or array), and the saved forward runs
+with ``jax`` and ``numpy`` alone (see :data:`SERVE_SNIPPET`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxjpq import cost
+from jaxjpq import gates as gates_lib
+from jaxjpq.compress import act_quantized_apply, transform_variables
+from jaxjpq.export import (
+    CorruptExportError,
+    array_digest,
+    pack_codes,
+    traced_kwargs,
+    unpack_codes,
+)
+from jaxjpq.graph import check_variables, graph_fingerprint, kept, kept_positions, leaf, put_layers
+from jaxjpq.jaxprs import key_of
+from jaxjpq.quant import broadcast_params, codes, effective_params
+from jaxjpq.slim import apply_masks, slim
+from jaxjpq.state import CompressedParams, CompressionState, check_state, site_quantizer
+
+FORMAT = "jaxjpq-deployed-1"
+
+SERVE_SNIPPET = """\
+import numpy as np, jax
+arrays = dict(np.load("{directory}/arrays.npz"))
+with open("{directory}/forward_b{n}.jaxexport", "rb") as f:
+    forward = jax.export.deserialize(bytearray(f.read()))
+y = forward.call(arrays, x)  # x: a batch of {n} inputs
+"""
+"""How a process without jaxjpq serves a saved model (``.format(directory=..., n=...)``)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafInfo:
+    """One variable leaf of a deployed model.
+
+    Attributes:
+      path: the leaf's key (``(collection, *path)``).
+      kind: ``"int4x2"``, ``"int8"`` or ``"float32"`` (see module docstring).
+      shape: the slim leaf's shape; dense_shape: the dense model's.
+      why: why this storage (bits, or why the leaf stays float).
+    """
+
+    path: tuple[str, ...]
+    kind: str
+    shape: tuple[int, ...]
+    dense_shape: tuple[int, ...]
+    why: str
+
+    @property
+    def name(self) -> str:
+        return "/".join(self.path)
+
+
+def _dequantize(kind: str, c: jax.Array, scale: jax.Array, shape: Sequence[int]) -> jax.Array:
+    """``codes · scale`` of a leaf stored as ``kind``, inside the computation."""
+    q = c if kind == "int8" else unpack_codes(c, 4, math.prod(shape), jnp).reshape(tuple(shape))
+    return q.astype(jnp.float32) * scale
+
+
+def _put(tree: dict, path: Sequence[str], value: Any) -> None:
+    node = tree
+    for k in path[:-1]:
+        node = node.setdefault(k, {})
+    node[path[-1]] = value
+
+
+def _flat(tree: Any) -> list[tuple[tuple[str, ...], Any]]:
+    return [(key_of(p), x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def _forward(graph, slim_fn: Callable, leaves: Sequence[LeafInfo], act: Mapping,
+             options: Mapping, kwargs: Mapping) -> Callable:
+    """``fn(arrays, *args)``: dequantize, then the slim model with quantized site inputs."""
+    run = act_quantized_apply(slim_fn, graph)
+
+    def fn(arrays, *args):
+        variables: dict = {}
+        for lf in leaves:
+            if lf.kind == "float32":
+                v = arrays[lf.name]
+            else:
+                v = _dequantize(lf.kind, arrays[lf.name + ":codes"], arrays[lf.name + ":scale"],
+                                lf.shape)
+            _put(variables, lf.path, v)
+        return run(variables, act, *args, **options, **kwargs)
+
+    return fn
+
+
+class DeployedModel:
+    """A deployed model: ``model(*args)`` runs it (jitted; one compilation per input shape).
+
+    Attributes:
+      arrays: ``{name: device array}``: ``"<leaf>"`` (float leaves), ``"<leaf>:codes"``
+        (uint8 / int8) and ``"<leaf>:scale"`` (float32) for integer leaves.
+      leaves: a :class:`LeafInfo` per variable leaf.
+      meta: what :meth:`save` records besides the arrays (format, graph fingerprint, act
+        quantizers, options).
+    """
+
+    def __init__(self, arrays: Mapping[str, Any], leaves: Sequence[LeafInfo], meta: Mapping,
+                 fn: Callable | None = None, exported: Mapping[int, Any] | None = None):
+        self.arrays = {k: jnp.asarray(v) for k, v in arrays.items()}
+        self.leaves = tuple(leaves)
+        self.meta = dict(meta)
+        self._fn = fn
+        self._jit = jax.jit(fn) if fn is not None else None
+        self._exported = dict(exported or {})
+
+    def __call__(self, *args: Any) -> Any:
+        if self._jit is not None:
+            return self._jit(self.arrays, *args)
+        n = int(np.shape(args[0])[0])
+        if n not in self._exported:
+            raise ValueError(f"this model was saved for batch sizes {sorted(self._exported)}; "
+                             f"got {n}. Save it again with batch_sizes including {n}.")
+        return self._exported[n].call(self.arrays, *args)
+
+    def resident_bytes(self) -> dict[str, int]:
+        """Bytes of the arrays held in device memory: ``codes``, ``scales``, ``float``,
+        ``total``."""
+        out = {"codes": 0, "scales": 0, "float": 0}
+        for k, a in self.arrays.items():
+            part = ("codes" if k.endswith(":codes") else "scales" if k.endswith(":scale")
+                    else "float")
+            out[part] += int(a.size) * a.dtype.itemsize
+        out["total"] = sum(out.values())
+        return out
+
+    def report(self) -> str:
+        """A line per leaf (storage, slim / dense shape, bytes, why) and the totals."""
+        lines = [f"{'leaf':<36} {'storage':<8} {'slim shape':>16} {'dense shape':>16} "
+                 f"{'bytes':>9}  why"]
+        for lf in self.leaves:
+            if lf.kind == "float32":
+                b = self.arrays[lf.name].nbytes
+            else:
+                b = self.arrays[lf.name + ":codes"].nbytes + self.arrays[lf.name + ":scale"].nbytes
+            lines.append(f"{lf.name:<36} {lf.kind:<8} {str(lf.shape):>16} "
+                         f"{str(lf.dense_shape):>16} {b:>9}  {lf.why}")
+        r = self.resident_bytes()
+        dense = sum(math.prod(lf.dense_shape) * 4 for lf in self.leaves)
+        lines.append(f"resident bytes {r['total']:,} (codes {r['codes']:,}, scales "
+                     f"{r['scales']:,}, float {r['float']:,}); dense float32 {dense:,} "
+                     f"({r['total'] / max(dense, 1):.2%})")
+        return "\n".join(lines)
+
+    def export(self, *example_args: Any) -> jax.export.Exported:
+        """``jax.export`` of the forward for ``example_args``' shapes and dtypes; the arrays are
+        its first argument (``exported.call(arrays, *args)``)."""
+        if self._fn is None:
+            raise ValueError("a loaded model is already exported; save it again from deploy().")
+        avals = [jax.ShapeDtypeStruct(np.shape(a), jnp.result_type(a)) for a in example_args]
+        arrays = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in self.arrays.items()}
+        return jax.export.export(jax.jit(self._fn))(arrays, *avals)
+
+    def save(self, directory: str | os.PathLike, example: Any,
+             batch_sizes: Sequence[int] = (1,)) -> None:
+        """Write ``arrays.npz``, ``forward_b<n>.jaxexport`` for each batch size ``n`` (inputs
+        shaped like ``example``'s rows) and ``deployed.json`` (checksums of every array and file).
+        ``directory`` must not exist; it appears whole or not at all."""
+        path = Path(directory)
+        if path.exists():
+            raise FileExistsError(f"{directory} exists; deploy to a new directory.")
+        if not batch_sizes or any(int(n) < 1 for n in batch_sizes):
+            raise ValueError(f"batch_sizes must be positive integers, got {batch_sizes}.")
+        ex = np.asarray(example)
+        tmp = Path(tempfile.mkdtemp(prefix=path.name + ".", dir=path.parent or "."))
+        try:
+            host = {k: np.asarray(v) for k, v in self.arrays.items()}
+            np.savez(tmp / "arrays.npz", **host)
+            files = {}
+            for n in sorted({int(b) for b in batch_sizes}):
+                x = np.zeros((n, *ex.shape[1:]), ex.dtype)
+                blob = bytes(self.export(x).serialize())
+                name = f"forward_b{n}.jaxexport"
+                (tmp / name).write_bytes(blob)
+                files[name] = array_digest(np.frombuffer(blob, np.uint8))
+            meta = {**self.meta, "format": FORMAT, "batch_sizes": sorted(int(b) for b in
+                                                                         batch_sizes),
+                    "leaves": [dict(path=list(lf.path), kind=lf.kind, shape=list(lf.shape),
+                                    dense_shape=list(lf.dense_shape), why=lf.why)
+                               for lf in self.leaves],
+                    "checksums": {k: array_digest(v) for k, v in host.items()},
+                    "files": files}
+            (tmp / "deployed.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
+            os.replace(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+
+def deploy(variables: Any, state: CompressionState | None = None, *,
+           warn_budget: bool = True) -> DeployedModel:
+    """The deployable model of a compressed pair (module docstring).
+
+    Args:
+      variables: the model's variables as traced (``{"params": ..., "batch_stats": ...}``), or a
+        :class:`~jaxjpq.state.CompressedParams` pair alone (then ``{"params": pair.model}``).
+      state: the compression state (its graph, masks, bits and activation quantizers).
+      warn_budget: warn when the state misses the budget of its spec.
+    Returns:
+      a :class:`DeployedModel`; ``model(*args)`` equals ``compress_apply(apply_fn)(variables,
+      state, *args)`` up to float rounding (VIB gates at their test-time ``μ``).
+    """
+    if state is None and isinstance(variables, CompressedParams):
+        variables, state = variables.variables, variables.compression
+    graph = check_state(state)
+    if graph.trace_info is None:
+        raise ValueError("deploy needs a graph made by jaxjpq.trace (it carries the model).")
+    check_variables(graph, variables)
+    state = jax.device_get(state)
+    if warn_budget:
+        miss = cost.budget_shortfall(state)
+        if miss:
+            warnings.warn(f"deploying a state that misses its budget: {miss}.", stacklevel=2)
+    # float leaves as the compressed forward has them (a site above 8 bits: M ⊙ Q(W))
+    compressed = transform_variables(variables, state)
+    folded = gates_lib.fold(graph, variables, state.gates) if state.gates else variables
+    masked = apply_masks(graph, folded, state.masks)
+    sites_of: dict = {}
+    for s in graph.sites:
+        sites_of.setdefault(s.weight, []).append(s)
+    kinds = {key: cost.storage(state, key) for key in sites_of}
+    int_keys = [k for k, (kind, _) in kinds.items() if kind != "float32"]
+
+    def site_params(s):
+        p = effective_params(site_quantizer(state, "weight", s.name), True, state.power_of_two)
+        return broadcast_params(p, len(s.weight_shape), s.out_axes)
+
+    @jax.jit
+    def all_codes(v):
+        out = {}
+        for key in int_keys:
+            pieces = []
+            for s in sites_of[key]:
+                c = codes(s.take(leaf(v, key)), site_params(s))
+                if s.name in state.weight_masks:
+                    c = c * kept(state.weight_masks[s.name]).astype(c.dtype)
+                pieces.append((s, c))
+            out[key] = put_layers(jnp.zeros(leaf(v, key).shape, jnp.int32), pieces, jnp)
+        return out
+
+    code_leaves = all_codes(masked)
+    tree = jax.tree_util.tree_map_with_path(lambda p, x: code_leaves.get(key_of(p), x),
+                                            compressed)
+    slim_fn, slim_vars = slim(tree, state)
+
+    arrays: dict[str, np.ndarray] = {}
+    infos = []
+    for key, x in _flat(slim_vars):
+        dense = tuple(np.shape(leaf(variables, key)))
+        kind, why = kinds.get(key, ("float32", "not a site weight"))
+        lf = LeafInfo(key, kind, tuple(np.shape(x)), dense, why)
+        infos.append(lf)
+        if kind == "float32":
+            arrays[lf.name] = np.asarray(x)
+            continue
+        c = pack_codes(np.asarray(x), cost.STORAGE_BITS[kind])  # int8 [shape] or uint8 [n/2]
+        arrays[lf.name + ":codes"] = c.reshape(lf.shape) if kind == "int8" else c
+        arrays[lf.name + ":scale"] = _scales(state, key, sites_of[key], dense, lf.shape)
+    # quantizers at t = 1 compute the same codes without the exponent (no log / exp per input)
+    learn_t = bool(state.learn_t) and any(
+        bool(np.any(np.asarray(p.t) != 1.0)) for p in state.act.values())
+    options = dict(power_of_two=bool(state.power_of_two), learn_t=learn_t)
+    kwargs = traced_kwargs(graph)
+    act = jax.tree.map(jnp.asarray, dict(state.act))
+    fn = _forward(graph, slim_fn, infos, act, options, kwargs)
+    meta = dict(fingerprint=graph_fingerprint(graph), options=options,
+                kwargs={k: v for k, v in kwargs.items() if isinstance(v, bool | int | float | str)})
+    return DeployedModel(arrays, infos, meta, fn=fn)
+
+
+def _scales(state: CompressionState, key, sites, dense_shape, slim_shape) -> np.ndarray:
+    """float32 scales of leaf ``key`` shaped :func:`jaxjpq.cost.scale_shape` of the slim leaf."""
+    graph = state.graph
+    full = np.ones(cost.scale_shape(graph, key, dense_shape, state), np.float32)
+    for s in sites:
+        p = effective_params(site_quantizer(state, "weight", s.name), True, state.power_of_two)
+        d = np.asarray(broadcast_params(p, len(s.weight_shape), s.out_axes).d, np.float32)
+        if s.layer_axes:
+            idx: list[Any] = [slice(None)] * len(dense_shape)
+            for a, i in zip(s.layer_axes, s.layer, strict=True):
+                idx[a] = i
+            full[tuple(idx)] = d
+        else:
+            full[...] = d
+    keep = kept_positions(graph, state.masks, key, dense_shape)
+    for axis, k in keep.items():
+        if full.shape[axis] > 1:
+            full = np.compress(k, full, axis=axis)
+    want = cost.scale_shape(graph, key, slim_shape, state)
+    if full.shape != want:
+        raise AssertionError(f"deploy: scales of {'/'.join(key)} are {full.shape}, expected "
+                             f"{want}; please report this.")
+    return full
+
+
+def load(directory: str | os.PathLike, *, graph_of: Any = None) -> DeployedModel:
+    """A model written by :meth:`DeployedModel.save`, served by its ``jax.export`` forwards (for
+    the batch sizes it was saved with). ``graph_of``: a state, pair or graph to check the model
+    against (its graph fingerprint). Raises :class:`~jaxjpq.export.CorruptExportError` naming the
+    file or array that fails to read or match its checksum."""
+    d = Path(directory)
+    if not d.is_dir():
+        raise FileNotFoundError(f"no deployed model at {directory}.")
+    try:
+        meta = json.loads((d / "deployed.json").read_text())
+    except (OSError, ValueError) as e:
+        raise CorruptExportError(f"{directory}: deployed.json does not read back "
+                                 f"({type(e).__name__}); save the model again.") from e
+    if meta.get("format") != FORMAT:
+        raise CorruptExportError(f"{directory}: not a {FORMAT} model "
+                                 f"(format={meta.get('format')!r}).")
+    if graph_of is not None:
+        g = getattr(getattr(graph_of, "compression", graph_of), "graph", graph_of)
+        if graph_fingerprint(g) != meta["fingerprint"]:
+            raise ValueError(f"{directory} was deployed from another graph (fingerprint "
+                             f"{meta['fingerprint']}, this one {graph_fingerprint(g)}).")
+    try:
+        with np.load(d / "arrays.npz") as z:
+            arrays = {k: z[k] for k in z.files}
+    except Exception as e:  # noqa: BLE001 - a truncated / edited zip
+        raise CorruptExportError(f"{directory}: arrays.npz does not read back "
+                                 f"({type(e).__name__}); save the model again.") from e
+    sums = meta["checksums"]
+    for name in sorted(set(sums) | set(arrays)):
+        if name not in arrays or name not in sums or array_digest(arrays[name]) != sums[name]:
+            raise CorruptExportError(f"{directory}: array {name} does not match its checksum "
+                                     "(corrupted on disk); save the model again.")
+    exported = {}
+    for name, digest in meta["files"].items():
+        try:
+            blob = (d / name).read_bytes()
+        except OSError as e:
+            raise CorruptExportError(f"{directory}: {name} is missing; save the model "
+                                     "again.") from e
+        if array_digest(np.frombuffer(blob, np.uint8)) != digest:
+            raise CorruptExportError(f"{directory}: {name} does not match its checksum "
+                                     "(corrupted on disk); save the model again.")
+        n = int(name[len("forward_b"):-len(".jaxexport")])
+        exported[n] = jax.export.deserialize(bytearray(blob))
+    leaves = [LeafInfo(tuple(e["path"]), e["kind"], tuple(e["shape"]), tuple(e["dense_shape"]),
+                       e["why"]) for e in meta["leaves"]]
+    keep = {k: meta[k] for k in ("fingerprint", "options", "kwargs")}
+    return DeployedModel(arrays, leaves, keep, exported=exported)

@@ -1,0 +1,261 @@
+"""The deployed model (jaxjpq.deploy): slim integer weights that equal the compressed forward,
+resident bytes the cost model predicts, a saved artifact that serves without jaxjpq and refuses
+corruption."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from archs import ARCHS, build, build_zoo
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import jaxjpq
+from jaxjpq import cost, deployment
+from jaxjpq.export import CorruptExportError
+from jaxjpq.methods.core import set_bits
+from jaxjpq.models import MnistCNN
+from jaxjpq.quant import QuantParams
+
+
+def _random_state(apply_fn, v, x, rng, *, acts=False, elementwise=False, per_channel=False,
+                  **kwargs):
+    """A state of random keep-masks (about half of each group), random weight bits in [2, 8]
+    per site (one site at 12 bits when there are several) and, with ``elementwise``, a random
+    elementwise mask on every other site."""
+    pair = jaxjpq.init(apply_fn, v, x, bits=(2, 8), init_bits=8, per_channel=per_channel,
+                       quantize_activations=acts, skip=(), model_kwargs=kwargs or None)
+    s = pair.compression
+    masks = {}
+    for g in s.graph.prunable_groups:
+        m = rng.random(g.size) > 0.5
+        m[rng.integers(g.size)] = True
+        masks[g.id] = jnp.asarray(m, jnp.float32)
+    s = s.replace(masks={**s.masks, **masks})
+    names = sorted(s.weight)
+    for i, n in enumerate(names):
+        b = 12 if (i == 1 and len(names) > 2) else int(rng.integers(2, 9))
+        s = set_bits(s, n, float(b))
+    if elementwise:
+        sm = s.graph.site_map
+        wm = {n: jnp.asarray(rng.random(sm[n].weight_shape) > 0.3, jnp.float32)
+              for n in names[::2]}
+        s = s.replace(weight_masks=wm)
+    return s
+
+
+def _scale(ref):
+    # random weights and BN statistics grow deep outputs: compare relative to their magnitude
+    return max(1.0, float(jnp.max(jnp.abs(ref))))
+
+
+# Weights only (activations float): the deployed model sums the same nonzero products in a slim
+# order, so outputs agree to float32 rounding of reductions over at most a few hundred terms.
+ATOL = 1e-5
+
+
+@pytest.mark.parametrize("name", sorted(ARCHS))
+def test_deployed_equals_compressed_forward(name):
+    m, v, x = build(name)
+    rng = np.random.default_rng(sum(map(ord, name)))
+    s = _random_state(m.apply, v, x, rng, elementwise=name in ("resbn", "attn", "scan"),
+                      per_channel=name in ("flatten", "depthwise", "mixer", "gru"))
+    dm = jaxjpq.deploy(v, s, warn_budget=False)
+    fwd = jaxjpq.compress_apply(m.apply)
+    for xb in (x, jnp.concatenate([x] * 2, axis=0)[:3]):
+        ref = fwd(v, s, xb)
+        sc = _scale(ref)
+        chex.assert_trees_all_close(dm(xb) / sc, ref / sc, atol=ATOL)
+    assert dm.resident_bytes() == cost.resident_bytes(s)
+
+
+def test_deployed_nnx_equals_compressed_forward():
+    from flax import nnx
+
+    class Net(nnx.Module):
+        def __init__(self, rngs: nnx.Rngs):
+            self.conv = nnx.Conv(3, 8, (3, 3), rngs=rngs)
+            self.bn = nnx.BatchNorm(8, rngs=rngs)
+            self.head = nnx.Linear(8, 4, rngs=rngs)
+
+        def __call__(self, x):
+            return self.head(nnx.relu(self.bn(self.conv(x))).mean(axis=(1, 2)))
+
+    model = jaxjpq.nnx.split(Net(nnx.Rngs(0)))
+    x = jax.random.normal(jax.random.key(1), (2, 6, 6, 3))
+    s = _random_state(model.apply, model.variables, x, np.random.default_rng(3), per_channel=True)
+    dm = jaxjpq.deploy(model.variables, s, warn_budget=False)
+    ref = jaxjpq.compress_apply(model.apply)(model.variables, s, x)
+    chex.assert_trees_all_close(dm(x), ref, atol=ATOL)
+    assert dm.resident_bytes() == cost.resident_bytes(s)
+
+
+@pytest.mark.parametrize("name", ["resnet20", "vit_tiny_mnist", "bert_tiny"])
+def test_deployed_zoo_equals_compressed_forward(name):
+    m, v, x = build_zoo(name)
+    kw = {"train": False} if name == "resnet20" else {}
+    s = _random_state(m.apply, v, x, np.random.default_rng(5), per_channel=True, **kw)
+    dm = jaxjpq.deploy(v, s, warn_budget=False)
+    ref = jaxjpq.compress_apply(m.apply)(v, s, x, **kw)
+    sc = _scale(ref)
+    chex.assert_trees_all_close(dm(x) / sc, ref / sc, atol=ATOL)
+    assert dm.resident_bytes() == cost.resident_bytes(s)
+
+
+def _dyadic_state(model, v, x, rng, per_channel):
+    """Steps of 1/16 for weights and inputs: every product and every sum of a conv / dense is
+    exact in float32 (integer sums below 2^24), so the slim summation order changes nothing."""
+    pair = jaxjpq.init(model.apply, v, x, bits=(2, 8), per_channel=per_channel, skip=())
+    s = pair.compression
+    d = 1.0 / 16
+
+    def wq(p, bits):
+        one = jnp.ones_like(p.d)
+        return QuantParams(d=one * d, q_m=one * d * (2 ** (bits - 1) - 1), t=one)
+
+    weight = {n: wq(p, int(rng.integers(2, 9))) for n, p in s.weight.items()}
+    act = {n: QuantParams(d=jnp.asarray(d), q_m=jnp.asarray(d * 255), t=jnp.asarray(1.0))
+           for n in s.act}
+    masks = {g: jnp.asarray(rng.random(m.shape) > 0.5, jnp.float32).at[0].set(1.0)
+             for g, m in s.masks.items()}
+    wm = {n: jnp.asarray(rng.random(s.graph.site_map[n].weight_shape) > 0.3, jnp.float32)
+          for n in sorted(s.weight)[::2]}
+    return s.replace(weight=weight, act=act, masks=masks, weight_masks=wm)
+
+
+@settings(max_examples=6, deadline=None)
+@given(seed=st.integers(0, 2**16), per_channel=st.booleans(), batch=st.sampled_from([1, 5]))
+def test_deployed_with_quantized_inputs_is_bitwise_the_compressed_forward(seed, per_channel,
+                                                                         batch):
+    model = MnistCNN(features=(4, 8), hidden=16)
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.integers(0, 17, (batch, 28, 28, 1)) / 16.0, jnp.float32)
+    v = model.init(jax.random.key(seed), x[:1])
+    s = _dyadic_state(model, v, x[:1], rng, per_channel)
+    dm = jaxjpq.deploy(v, s, warn_budget=False)
+    np.testing.assert_array_equal(np.asarray(dm(x)),
+                                  np.asarray(jaxjpq.compress_apply(model.apply)(v, s, x)))
+
+
+def _mnist_deployed(tmp_path=None):
+    model = MnistCNN(features=(8, 16), hidden=32)
+    x = jax.random.uniform(jax.random.key(1), (4, 28, 28, 1))
+    v = model.init(jax.random.key(0), x[:1])
+    s = _random_state(model.apply, v, x, np.random.default_rng(0), acts=True)
+    s = jaxjpq.calibrate(jaxjpq.compress_apply(model.apply), v, s, [x])
+    return model, v, x, s, jaxjpq.deploy(v, s, warn_budget=False)
+
+
+def test_storage_follows_the_bits_and_a_wide_site_stays_float():
+    _, v, x, s, dm = _mnist_deployed()
+    by_name = {lf.name: lf for lf in dm.leaves}
+    for n in s.weight:
+        lf = by_name["/".join(s.graph.site_map[n].weight)]
+        b = float(np.max(cost.channel_bits(s, n)))
+        want = "int4x2" if b <= 4 else "int8" if b <= 8 else "float32"
+        assert lf.kind == want, (n, b, lf)
+        if want == "float32":
+            assert "above 8" in lf.why
+        else:
+            codes = dm.arrays[lf.name + ":codes"]
+            assert codes.dtype == (jnp.uint8 if want == "int4x2" else jnp.int8)
+    assert any(lf.kind == "float32" and "above 8" in lf.why for lf in dm.leaves)
+    assert "resident bytes" in dm.report()
+
+
+def test_resident_bytes_within_a_tenth_of_the_stored_codes_and_floats():
+    _, v, x, s, dm = _mnist_deployed()
+    r = dm.resident_bytes()
+    stored = r["codes"] + r["float"]
+    assert r["total"] <= 1.10 * stored
+    dense = sum(int(np.asarray(a).nbytes) for a in jax.tree.leaves(v))
+    assert r["total"] < dense / 2
+
+
+def test_save_load_is_bit_exact_and_serves_without_jaxjpq(tmp_path):
+    _, v, x, s, dm = _mnist_deployed()
+    y = np.asarray(dm(x))
+    d = tmp_path / "model"
+    dm.save(d, x, batch_sizes=(1, 4))
+    back = deployment.load(d, graph_of=s)
+    for k, a in dm.arrays.items():
+        np.testing.assert_array_equal(np.asarray(back.arrays[k]), np.asarray(a))
+    np.testing.assert_array_equal(np.asarray(back(x)), y)
+    np.testing.assert_array_equal(np.asarray(back(x[:1])), np.asarray(dm(x[:1])))
+    with pytest.raises(ValueError, match="batch sizes \\[1, 4\\]"):
+        back(x[:3])
+    np.save(tmp_path / "x.npy", np.asarray(x))
+    np.save(tmp_path / "y.npy", y)
+    code = "\n".join([
+        "import sys",
+        "sys.modules['jaxjpq'] = None  # jaxjpq cannot be imported",
+        "import numpy as np",
+        f"x = np.load({str(tmp_path / 'x.npy')!r})",
+        deployment.SERVE_SNIPPET.format(directory=d, n=4),
+        f"assert np.array_equal(np.asarray(y), np.load({str(tmp_path / 'y.npy')!r}))",
+        "print('served')",
+    ])
+    env = {k: val for k, val in os.environ.items() if k != "PYTHONPATH"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       cwd=tmp_path, env=env, timeout=300)
+    assert r.returncode == 0 and "served" in r.stdout, r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("fault", ["array", "forward", "missing", "json"])
+def test_corrupt_deployed_model_is_an_error_naming_what(tmp_path, fault):
+    _, v, x, s, dm = _mnist_deployed()
+    d = tmp_path / "model"
+    dm.save(d, x, batch_sizes=(4,))
+    if fault == "array":
+        z = dict(np.load(d / "arrays.npz"))
+        name = next(k for k in sorted(z) if k.endswith(":codes"))
+        z[name] = z[name].copy()
+        z[name].reshape(-1)[0] ^= 1
+        np.savez(d / "arrays.npz", **z)
+        match = f"array {name}"
+    elif fault == "forward":
+        p = d / "forward_b4.jaxexport"
+        b = bytearray(p.read_bytes())
+        b[len(b) // 2] ^= 0xFF
+        p.write_bytes(bytes(b))
+        match = "forward_b4.jaxexport does not match"
+    elif fault == "missing":
+        (d / "forward_b4.jaxexport").unlink()
+        match = "forward_b4.jaxexport is missing"
+    else:
+        (d / "deployed.json").write_text("{")
+        match = "deployed.json"
+    with pytest.raises(CorruptExportError, match=match):
+        deployment.load(d)
+
+
+def test_deployed_model_refuses_another_graph_and_an_existing_directory(tmp_path):
+    _, v, x, s, dm = _mnist_deployed()
+    d = tmp_path / "model"
+    dm.save(d, x)
+    other = MnistCNN(features=(4, 8), hidden=16)
+    ov = other.init(jax.random.key(0), x[:1])
+    with pytest.raises(ValueError, match="another graph"):
+        deployment.load(d, graph_of=jaxjpq.init(other.apply, ov, x[:1]))
+    with pytest.raises(FileExistsError):
+        dm.save(d, x)
+
+
+def test_deploying_a_state_that_misses_its_budget_warns_with_the_figure():
+    model = MnistCNN(features=(4, 8), hidden=16)
+    x = jnp.ones((1, 28, 28, 1))
+    v = model.init(jax.random.key(0), x)
+    pair = jaxjpq.init(model.apply, v, x, bits=(4, 8), budget={"sparsity": 0.5})
+    with pytest.warns(UserWarning, match="sparsity 0 against a budget of 0.5"):
+        jaxjpq.deploy(pair)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        jaxjpq.deploy(pair, warn_budget=False)
