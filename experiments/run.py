@@ -328,6 +328,34 @@ def export_and_check(graph, model, state, test_src, batch_size: int, directory: 
     }
 
 
+def deploy_and_time(graph, model, state, inputs: np.ndarray, rounds: int) -> dict:
+    """The deployed model (:func:`jaxjpq.deploy`) of the trained pair: its resident bytes (and
+    the cost model's figure), its largest difference from the compressed forward on ``inputs``
+    and, with ``rounds > 0``, its latency against the dense model on ``inputs`` (interleaved
+    rounds, median of the per-round ratios)."""
+    import jaxjpq
+    from experiments import timing
+    from jaxjpq import cost, export
+
+    model_params, cstate = jax.device_get(state.params)
+    variables = {"params": model_params, **jax.device_get(state.model_state)}
+    deployed = jaxjpq.deploy(variables, cstate, warn_budget=False)
+    kw = export.traced_kwargs(graph)
+    x = jax.numpy.asarray(inputs)
+    ref = jaxjpq.compress_apply(model.apply)(variables, cstate, x, **kw)
+    out = {"resident_bytes": deployed.resident_bytes(),
+           "predicted_resident_bytes": cost.resident_bytes(cstate)["total"],
+           "max_abs_diff": float(jax.numpy.max(jax.numpy.abs(deployed(x) - ref))),
+           "batch": int(x.shape[0]), "report": deployed.report()}
+    if rounds > 0:
+        dense = jax.jit(functools.partial(model.apply, **kw))
+        t = timing.rounds({"dense": lambda: dense(variables, x), "deployed": lambda: deployed(x)},
+                          rounds)
+        out["latency_ms"] = timing.median_ms(t)
+        out["deployed_over_dense"] = timing.ratio(t, "deployed", "dense")
+    return out
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
     """Trains ``config``'s model, evaluates every non-train split, writes ``results.json``.
 
@@ -458,6 +486,17 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path) -> dic
         compression["export"] = export_and_check(
             graph, model, state, splits[roles["test"]], config.eval_batch_size, workdir / "export"
         )
+        if jax.process_count() == 1:  # the deployed model lives on one host's devices
+            test_src = splits[roles["test"]]
+            n = min(config.eval_batch_size, len(test_src))
+            x = test_src.get(np.arange(n), np.random.default_rng(0))["inputs"]
+            dep = deploy_and_time(graph, model, state, x, int(config.get("deploy_rounds", 10)))
+            compression["deployed"] = dep
+            if jax.process_index() == 0:
+                (workdir / "report.txt").write_text(
+                    compression["report"] + "\n\n" + dep.pop("report") + "\n")
+            else:
+                dep.pop("report")
     results = {
         "model": config.model.name,
         "method": config.get("method", {"name": "fp32"})["name"],
@@ -495,7 +534,7 @@ def start_distributed(config: ml_collections.ConfigDict) -> None:
 
 
 # Fields that do not change a run's numbers: a resume may change them.
-FREE_FIELDS = ("progress", "log_every", "checkpoint_every", "eval_batch_size")
+FREE_FIELDS = ("progress", "log_every", "checkpoint_every", "eval_batch_size", "deploy_rounds")
 
 
 def fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -591,6 +630,17 @@ def _app_main(argv: Sequence[str], config_file: str) -> None:
     accs = ", ".join(f"{k} {v:.4f}" for k, v in res.items() if k.endswith("_accuracy"))
     print(f"{res['steps']} steps in {res['wall_seconds']:.1f} s: {accs} "
           f"-> {Path(workdir) / 'results.json'}")
+    comp = res.get("compression") or {}
+    if "deployed" in comp:
+        ex, dep = comp["export"], comp["deployed"]
+        line = (f"model bytes: dense float32 {ex['fp32_bytes']:,.0f}, export payload "
+                f"{ex['theoretical_bytes']:,.0f}, on disk {ex['disk_bytes']:,}, deployed in "
+                f"memory {dep['resident_bytes']['total']:,}")
+        if "deployed_over_dense" in dep:
+            r = dep["deployed_over_dense"]
+            line += (f"; deployed / dense latency at batch {dep['batch']}: {r['median']:.2f} "
+                     f"[{r['q1']:.2f}, {r['q3']:.2f}]")
+        print(line)
 
 
 _FIELD_DOC = re.compile(r"^\s*c\.([\w.]+)\s*=.*?#\s*(.+)$")

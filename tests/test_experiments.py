@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import ml_collections
+import numpy as np
 import pytest
 
 from experiments import run
@@ -25,6 +26,7 @@ def _tiny(**overrides):
     c.batch_size = 32
     c.checkpoint_every = 3
     c.progress = False
+    c.deploy_rounds = 1
     c.model.features = (4, 8)
     c.model.hidden = 16
     for k, v in overrides.items():
@@ -150,7 +152,8 @@ def test_geta_config_meets_sparsity_and_reports_compression(tmp_path):
 
     c = geta_mnist_cnn.get_config()
     base = _tiny(num_steps=20)
-    for k in ("data", "batch_size", "checkpoint_every", "progress", "model", "num_steps"):
+    for k in ("data", "batch_size", "checkpoint_every", "progress", "model", "num_steps",
+              "deploy_rounds"):
         c[k] = base[k]
     res = run.train_and_evaluate(c, tmp_path)
     comp = res["compression"]
@@ -164,6 +167,13 @@ def test_geta_config_meets_sparsity_and_reports_compression(tmp_path):
     # The packed, saved and restored integer model reproduces the test accuracy.
     assert comp["export"]["restored_test_accuracy"] == pytest.approx(res["test_accuracy"])
     assert comp["export"]["disk_bytes"] > 0  # size vs theory: tests/test_export.py (full CNN)
+    # the deployed model: the cost model's resident bytes, the compressed forward's outputs
+    dep = comp["deployed"]
+    assert dep["resident_bytes"]["total"] == dep["predicted_resident_bytes"]
+    assert dep["resident_bytes"]["total"] < comp["export"]["fp32_bytes"] / 4
+    # (equality to the compressed forward: tests/test_deploy.py, on inputs exact in float32)
+    assert np.isfinite(dep["max_abs_diff"]) and dep["deployed_over_dense"]["median"] > 0
+    assert "resident bytes" in (tmp_path / "report.txt").read_text()
 
 
 def test_fit_and_its_baseline_share_a_pretrained_model_and_meet_the_size_budget(tmp_path):
@@ -530,10 +540,13 @@ def test_readme_example_runs(tmp_path):
 
     text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     code = re.search(r"## Example\n\n```python\n(.*?)```", text, re.S).group(1)
-    assert "steps=2000" in code and "runs/demo/export" in code
-    code = code.replace("2000", "20").replace("runs/demo/export", str(tmp_path / "export"))
+    assert "steps=2000" in code and "runs/demo/deployed" in code
+    code = code.replace("2000", "20").replace("runs/demo/deployed", str(tmp_path / "deployed"))
     ns: dict = {}
     exec(compile(code, "README example", "exec"), ns)
-    assert (tmp_path / "export").is_dir()
     assert ns["step"]._cache_size() == 1  # one compile for the 20 steps
-    assert float(ns["jaxjpq"].cost.sparsity(ns["pair"].compression)) > 0
+    jaxjpq, pair = ns["jaxjpq"], ns["pair"]
+    assert float(jaxjpq.cost.sparsity(pair.compression)) > 0
+    served = jaxjpq.deployment.load(tmp_path / "deployed", graph_of=pair)
+    x = ns["x"]
+    np.testing.assert_array_equal(np.asarray(served(x)), np.asarray(ns["shipped"](x)))

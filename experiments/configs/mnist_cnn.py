@@ -26,6 +26,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.batch_size = 128  # training examples per step
     c.eval_batch_size = 1000  # examples per evaluation step
+    c.deploy_rounds = 10  # rounds timing the deployed model against the dense one (0: untimed)
     c.num_epochs = 5  # passes over the training split
     c.num_steps = 0  # > 0 overrides num_epochs
 
