@@ -110,11 +110,13 @@ def act_quantized_apply(apply_fn: Callable, graph: Graph, *, check_finite: bool 
     with the input of each site in ``act`` (``{site: QuantParams}``, used as given) fake-quantized;
     weights are used as given (already quantized, e.g. dequantized from an export).
     ``act`` is keyed by ``Site.act_key``: a tensor read by several sites is quantized once.
+    ``contract``: the hook's contraction (:class:`jaxjpq.hooks.Hook`), e.g. an integer one.
     ``check_finite`` adds a ``checkify`` check of every site input (see :func:`checked_apply`)."""
     run = site_input_runner(apply_fn, graph)
     sm = graph.site_map
 
-    def fn(variables, act, *args, power_of_two: bool = False, learn_t: bool = True, **kwargs):
+    def fn(variables, act, *args, power_of_two: bool = False, learn_t: bool = True,
+           contract: Callable | None = None, **kwargs):
         @functools.partial(once_per_tensor, graph)
         def apply(site, p, x):
             if check_finite:
@@ -125,8 +127,8 @@ def act_quantized_apply(apply_fn: Callable, graph: Graph, *, check_finite: bool 
             return quantize_with(x, p, sm[site].signed_input, power_of_two, learn_t), None
 
         sites = frozenset(n for n, x in sm.items() if check_finite or x.act_key in act)
-        return run(variables, Hook(lambda n: act.get(sm[n].act_key), apply), sites, *args,
-                   **kwargs)[0]
+        hook = Hook(lambda n: act.get(sm[n].act_key), apply, contract)
+        return run(variables, hook, sites, *args, **kwargs)[0]
 
     return fn
 

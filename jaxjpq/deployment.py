@@ -50,6 +50,7 @@ from jaxjpq.export import (
     unpack_codes,
 )
 from jaxjpq.graph import check_variables, graph_fingerprint, kept, kept_positions, leaf, put_layers
+from jaxjpq.hooks import Contraction
 from jaxjpq.jaxprs import key_of
 from jaxjpq.quant import broadcast_params, codes, effective_params
 from jaxjpq.slim import apply_masks, slim
@@ -106,10 +107,62 @@ def _flat(tree: Any) -> list[tuple[tuple[str, ...], Any]]:
     return [(key_of(p), x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
+def _out_scale(f: Contraction, scale: jax.Array, x_ndim: int) -> jax.Array | None:
+    """The weight's scale (broadcast against the weight operand) laid out against the
+    contraction's output, or None where it varies along an axis the output does not keep."""
+    s = jnp.asarray(scale)
+    if s.size == 1:
+        return s.reshape(())
+    if f.primitive == "dot_general":
+        (lc, rc), (lb, rb) = f.params["dimension_numbers"]
+        wi = f.weight_operand
+        w_c, w_b, x_c, x_b = (rc, rb, lc, lb) if wi == 1 else (lc, lb, rc, rb)
+        if w_b or any(s.shape[a] != 1 for a in w_c):
+            return None
+        free = jnp.squeeze(s, axis=tuple(w_c)) if w_c else s
+        n_x_free = x_ndim - len(x_c) - len(x_b)
+        if wi == 1:
+            return free.reshape((1,) * n_x_free + free.shape)
+        return free.reshape(free.shape + (1,) * n_x_free)
+    if f.primitive == "conv_general_dilated" and f.weight_operand == 1:
+        dn = f.params["dimension_numbers"]
+        o = dn.rhs_spec[0]
+        if any(n != 1 for a, n in enumerate(s.shape) if a != o):
+            return None
+        shape = [1] * x_ndim
+        shape[dn.out_spec[1]] = s.shape[o]
+        return s.reshape(shape)
+    return None
+
+
+def _integer_contract(graph, codes: Mapping[str, tuple], options: Mapping) -> Callable:
+    """The hook contraction of the integer path: int8 input codes times int8 weight codes,
+    accumulated in int32, the scales applied to the accumulator; other sites (and any whose
+    layout does not allow it) contract as given."""
+    sm = graph.site_map
+
+    def contract(site, p, f, x, w):
+        c = codes.get(site)
+        if c is None or p is None or c[0].shape != w.shape:
+            return f(x, w)
+        out = _out_scale(f, c[1], x.ndim)
+        if out is None:
+            return f(x, w)
+        d = effective_params(p, sm[site].signed_input, options["power_of_two"]).d
+        xc = jnp.round(x / d).astype(jnp.int8)
+        y = f(xc, c[0], preferred_element_type=jnp.int32)
+        return y.astype(jnp.float32) * (d * out)
+
+    return contract
+
+
 def _forward(graph, slim_fn: Callable, leaves: Sequence[LeafInfo], act: Mapping,
-             options: Mapping, kwargs: Mapping) -> Callable:
-    """``fn(arrays, *args)``: dequantize, then the slim model with quantized site inputs."""
+             options: Mapping, kwargs: Mapping, integer_sites: Sequence[str]) -> Callable:
+    """``fn(arrays, *args)``: dequantize, then the slim model with quantized site inputs;
+    ``integer_sites`` contract on integers (:func:`_integer_contract`)."""
     run = act_quantized_apply(slim_fn, graph)
+    sm = graph.site_map
+    by_name = {lf.name: lf for lf in leaves}
 
     def fn(arrays, *args):
         variables: dict = {}
@@ -120,9 +173,41 @@ def _forward(graph, slim_fn: Callable, leaves: Sequence[LeafInfo], act: Mapping,
                 v = _dequantize(lf.kind, arrays[lf.name + ":codes"], arrays[lf.name + ":scale"],
                                 lf.shape)
             _put(variables, lf.path, v)
-        return run(variables, act, *args, **options, **kwargs)
+        contract = None
+        if integer_sites:
+            codes = {}
+            for n in integer_sites:
+                lf = by_name["/".join(sm[n].weight)]
+                c = arrays[lf.name + ":codes"]
+                if lf.kind == "int4x2":
+                    c = unpack_codes(c, 4, math.prod(lf.shape), jnp).reshape(lf.shape)
+                codes[n] = (c.astype(jnp.int8), arrays[lf.name + ":scale"])
+            contract = _integer_contract(graph, codes, options)
+        return run(variables, act, *args, contract=contract, **options, **kwargs)
 
     return fn
+
+
+def integer_sites(state: CompressionState) -> dict[str, str]:
+    """``{site: why not}`` for every site, ``""`` where the integer path applies: int8 / int4
+    weight codes of a weight of its own (not a stacked layer) and an input quantizer whose codes
+    fit int8 (at most 127 levels each side)."""
+    graph = check_state(state)
+    out = {}
+    for s in graph.sites:
+        kind, why = cost.storage(state, s.weight)
+        p = state.act.get(s.act_key)
+        if kind == "float32":
+            out[s.name] = f"weight stays float ({why})"
+        elif s.layer_axes:
+            out[s.name] = "a layer of a stacked weight"
+        elif p is None:
+            out[s.name] = "its input is not quantized"
+        else:
+            e = effective_params(p, s.signed_input, state.power_of_two)
+            top = float(np.max(np.round(np.asarray(e.q_m) ** np.asarray(e.t) / np.asarray(e.d))))
+            out[s.name] = "" if top <= 127 else f"input codes up to {top:g} exceed int8"
+    return out
 
 
 class DeployedModel:
@@ -178,6 +263,9 @@ class DeployedModel:
                          f"{str(lf.dense_shape):>16} {b:>9}  {lf.why}")
         r = self.resident_bytes()
         dense = sum(math.prod(lf.dense_shape) * 4 for lf in self.leaves)
+        if self.meta.get("path") == "integer":
+            lines.append(f"integer contractions: {', '.join(self.meta['integer_sites']) or '-'}"
+                         + "".join(f"; {n}: {w}" for n, w in self.meta["float_sites"].items()))
         lines.append(f"resident bytes {r['total']:,} (codes {r['codes']:,}, scales "
                      f"{r['scales']:,}, float {r['float']:,}); dense float32 {dense:,} "
                      f"({r['total'] / max(dense, 1):.2%})")
@@ -228,7 +316,17 @@ class DeployedModel:
             raise
 
 
-def deploy(variables: Any, state: CompressionState | None = None, *,
+PATHS = ("auto", "weight_only", "integer")
+
+
+def default_path(backend: str | None = None) -> str:
+    """The path ``"auto"`` takes on ``backend`` (default: JAX's): ``"weight_only"`` on CPU,
+    where the integer contractions measured slower (experiments/RESULTS.md), ``"integer"`` on
+    accelerators."""
+    return "weight_only" if (backend or jax.default_backend()) == "cpu" else "integer"
+
+
+def deploy(variables: Any, state: CompressionState | None = None, *, path: str = "auto",
            warn_budget: bool = True) -> DeployedModel:
     """The deployable model of a compressed pair (module docstring).
 
@@ -236,6 +334,10 @@ def deploy(variables: Any, state: CompressionState | None = None, *,
       variables: the model's variables as traced (``{"params": ..., "batch_stats": ...}``), or a
         :class:`~jaxjpq.state.CompressedParams` pair alone (then ``{"params": pair.model}``).
       state: the compression state (its graph, masks, bits and activation quantizers).
+      path: ``"weight_only"`` (weights dequantized, float contractions), ``"integer"`` (the sites
+        :func:`integer_sites` allows contract int8 codes in int32, the scales applied to the
+        accumulator; outputs equal the weight-only path's up to float rounding) or ``"auto"``
+        (:func:`default_path`).
       warn_budget: warn when the state misses the budget of its spec.
     Returns:
       a :class:`DeployedModel`; ``model(*args)`` equals ``compress_apply(apply_fn)(variables,
@@ -243,6 +345,9 @@ def deploy(variables: Any, state: CompressionState | None = None, *,
     """
     if state is None and isinstance(variables, CompressedParams):
         variables, state = variables.variables, variables.compression
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {PATHS}, got {path!r}.")
+    path = default_path() if path == "auto" else path
     graph = check_state(state)
     if graph.trace_info is None:
         raise ValueError("deploy needs a graph made by jaxjpq.trace (it carries the model).")
@@ -303,8 +408,11 @@ def deploy(variables: Any, state: CompressionState | None = None, *,
     options = dict(power_of_two=bool(state.power_of_two), learn_t=learn_t)
     kwargs = traced_kwargs(graph)
     act = jax.tree.map(jnp.asarray, dict(state.act))
-    fn = _forward(graph, slim_fn, infos, act, options, kwargs)
-    meta = dict(fingerprint=graph_fingerprint(graph), options=options,
+    why_not = integer_sites(state) if path == "integer" else {}
+    ints = [n for n, why in why_not.items() if not why]
+    fn = _forward(graph, slim_fn, infos, act, options, kwargs, ints)
+    meta = dict(fingerprint=graph_fingerprint(graph), options=options, path=path,
+                integer_sites=ints, float_sites={n: w for n, w in why_not.items() if w},
                 kwargs={k: v for k, v in kwargs.items() if isinstance(v, bool | int | float | str)})
     return DeployedModel(arrays, infos, meta, fn=fn)
 
@@ -380,5 +488,6 @@ def load(directory: str | os.PathLike, *, graph_of: Any = None) -> DeployedModel
         exported[n] = jax.export.deserialize(bytearray(blob))
     leaves = [LeafInfo(tuple(e["path"]), e["kind"], tuple(e["shape"]), tuple(e["dense_shape"]),
                        e["why"]) for e in meta["leaves"]]
-    keep = {k: meta[k] for k in ("fingerprint", "options", "kwargs")}
+    keep = {k: meta.get(k) for k in ("fingerprint", "options", "kwargs", "path",
+                                     "integer_sites", "float_sites")}
     return DeployedModel(arrays, leaves, keep, exported=exported)

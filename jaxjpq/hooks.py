@@ -40,9 +40,10 @@ class Hook:
 
     data: Callable[[str], Any]
     apply: Callable[[str, Any, jax.Array], tuple[jax.Array, Any]]
-    contract: Callable[[str, Any, Callable, jax.Array, jax.Array], jax.Array] | None = None
-    """Optional ``(site, data, f, x, w) -> y``: evaluates the site's contraction, ``f(x, w)`` the
-    original one on (hooked input, weight operand); kernels fused from several sites refuse it."""
+    contract: Callable[[str, Any, Any, jax.Array, jax.Array], jax.Array] | None = None
+    """Optional ``(site, data, f, x, w) -> y``: evaluates the site's contraction, ``f`` the
+    original one (a :class:`Contraction`, ``f(x, w)`` on hooked input and weight operand); kernels
+    fused from several sites refuse it."""
 
 
 @dataclasses.dataclass
@@ -157,17 +158,39 @@ def _site_data(run: _Run, key: tuple, bound: Mapping) -> tuple[str, Any]:
     return name, run.hook.data(name)
 
 
+@dataclasses.dataclass(frozen=True)
+class Contraction:
+    """A site's conv / ``dot_general``, callable as ``f(x, w)`` on (input, weight operand).
+
+    Attributes:
+      primitive: ``"dot_general"`` or ``"conv_general_dilated"``; params: its parameters.
+      weight_operand: which operand (0 or 1) is the weight.
+    """
+
+    primitive: str
+    params: Mapping
+    weight_operand: int
+    eqn: Any
+
+    def __call__(self, x: jax.Array, w: jax.Array,
+                 preferred_element_type: Any = None) -> jax.Array:
+        """The contraction on ``x`` and ``w``; ``preferred_element_type`` (e.g. ``int32`` for
+        int8 operands) replaces the accumulation type."""
+        ops = [None, None]
+        ops[1 - self.weight_operand], ops[self.weight_operand] = x, w
+        if preferred_element_type is None:
+            return _bind(self.eqn, ops)
+        params = {**self.eqn.params, "preferred_element_type": preferred_element_type}
+        with self.eqn.ctx.manager:
+            return self.eqn.primitive.bind(*ops, **self.eqn.primitive.get_bind_params(params))
+
+
 def _contract(eqn, invals: list, act: int, key: tuple, run: _Run, bound: Mapping) -> jax.Array:
     """The site contraction of ``eqn`` through ``run.hook.contract``."""
     if len(invals) != 2:
         raise NotImplementedError(f"'{eqn.primitive.name}' with {len(invals)} operands at a site.")
     name, data = _site_data(run, key, bound)
-
-    def f(x, w):
-        ops = [None, None]
-        ops[act], ops[1 - act] = x, w
-        return _bind(eqn, ops)
-
+    f = Contraction(eqn.primitive.name, eqn.params, 1 - act, eqn)
     return run.hook.contract(name, data, f, invals[act], invals[1 - act])
 
 

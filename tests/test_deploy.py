@@ -122,8 +122,8 @@ def _dyadic_state(model, v, x, rng, per_channel):
         return QuantParams(d=one * d, q_m=one * d * (2 ** (bits - 1) - 1), t=one)
 
     weight = {n: wq(p, int(rng.integers(2, 9))) for n, p in s.weight.items()}
-    act = {n: QuantParams(d=jnp.asarray(d), q_m=jnp.asarray(d * 255), t=jnp.asarray(1.0))
-           for n in s.act}
+    act = {n: QuantParams(d=jnp.asarray(d), q_m=jnp.asarray(d * 127), t=jnp.asarray(1.0))
+           for n in s.act}  # input codes within int8: the integer path applies
     masks = {g: jnp.asarray(rng.random(m.shape) > 0.5, jnp.float32).at[0].set(1.0)
              for g, m in s.masks.items()}
     wm = {n: jnp.asarray(rng.random(s.graph.site_map[n].weight_shape) > 0.3, jnp.float32)
@@ -132,17 +132,32 @@ def _dyadic_state(model, v, x, rng, per_channel):
 
 
 @settings(max_examples=6, deadline=None)
-@given(seed=st.integers(0, 2**16), per_channel=st.booleans(), batch=st.sampled_from([1, 5]))
+@given(seed=st.integers(0, 2**16), per_channel=st.booleans(), batch=st.sampled_from([1, 5]),
+       path=st.sampled_from(["weight_only", "integer"]))
 def test_deployed_with_quantized_inputs_is_bitwise_the_compressed_forward(seed, per_channel,
-                                                                         batch):
+                                                                         batch, path):
     model = MnistCNN(features=(4, 8), hidden=16)
     rng = np.random.default_rng(seed)
     x = jnp.asarray(rng.integers(0, 17, (batch, 28, 28, 1)) / 16.0, jnp.float32)
     v = model.init(jax.random.key(seed), x[:1])
     s = _dyadic_state(model, v, x[:1], rng, per_channel)
-    dm = jaxjpq.deploy(v, s, warn_budget=False)
+    dm = jaxjpq.deploy(v, s, path=path, warn_budget=False)
+    if path == "integer":  # every conv and dense contracts int8 codes
+        assert dm.meta["integer_sites"] == list(s.graph.site_map) and not dm.meta["float_sites"]
     np.testing.assert_array_equal(np.asarray(dm(x)),
                                   np.asarray(jaxjpq.compress_apply(model.apply)(v, s, x)))
+
+
+def test_integer_path_says_which_sites_stay_float():
+    _, v, x, s, dm = _mnist_deployed()
+    i = jaxjpq.deploy(v, s, path="integer", warn_budget=False)
+    why = deployment.integer_sites(s)
+    assert i.meta["integer_sites"] == [n for n, w in why.items() if not w]
+    wide = [n for n, w in why.items() if "above 8" in w]
+    assert wide and all(n in i.meta["float_sites"] for n in wide)
+    assert "integer contractions" in i.report()
+    with pytest.raises(ValueError, match="path must be one of"):
+        jaxjpq.deploy(v, s, path="int8")
 
 
 def _mnist_deployed(tmp_path=None):
