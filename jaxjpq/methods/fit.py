@@ -763,6 +763,6 @@ def uniform_magnitude(
         node = (*bi, *ai, s)
         if figure(node) <= alpha:
             out = _to_state(state, tables, counts, node)
-            return _result(tables, lv, node, out, float("nan"), 0, [])
+            return _result(tables, lv, node, variables["params"], out, float("nan"), 0, [])
     raise ValueError(f"uniform {bits:g} bits cannot reach the budget {alpha:.4%} even at "
                      f"sparsity {lv[-1]:.3f}; lower the bits.")
