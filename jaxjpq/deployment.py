@@ -402,10 +402,7 @@ def deploy(variables: Any, state: CompressionState | None = None, *, path: str =
         c = pack_codes(np.asarray(x), cost.STORAGE_BITS[kind])  # int8 [shape] or uint8 [n/2]
         arrays[lf.name + ":codes"] = c.reshape(lf.shape) if kind == "int8" else c
         arrays[lf.name + ":scale"] = _scales(state, key, sites_of[key], dense, lf.shape)
-    # quantizers at t = 1 compute the same codes without the exponent (no log / exp per input)
-    learn_t = bool(state.learn_t) and any(
-        bool(np.any(np.asarray(p.t) != 1.0)) for p in state.act.values())
-    options = dict(power_of_two=bool(state.power_of_two), learn_t=learn_t)
+    options = dict(power_of_two=bool(state.power_of_two), learn_t=bool(state.learn_t))
     kwargs = traced_kwargs(graph)
     act = jax.tree.map(jnp.asarray, dict(state.act))
     why_not = integer_sites(state) if path == "integer" else {}

@@ -135,9 +135,7 @@ def _fwd_parts(x, d, q_m, t, signed):
         return ax, s, m, None, m, jnp.round(m / d)
     pos = m > 0
     lm = jnp.log(jnp.where(pos, m, 1.0))
-    # m · m^(t-1) rather than exp(t · log m): exactly m at t = 1, so the t-free quantizer
-    # (t=None) gives the same codes there
-    y = jnp.where(pos, m * jnp.exp((t - 1.0) * lm), 0.0)
+    y = jnp.where(pos, jnp.exp(t * lm), 0.0)
     return ax, s, m, lm, y, jnp.round(y / d)
 
 

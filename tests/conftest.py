@@ -6,9 +6,23 @@ from __future__ import annotations
 import io
 import os
 
+import jax
 import numpy as np
 import pytest
 from hypothesis import settings
+
+# One persistent compilation cache for the session's workers and the subprocesses they start:
+# the suite compiles the same small models' steps in many tests (the environment variables
+# reach the subprocesses, the config updates this process).
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(os.path.dirname(os.path.abspath(__file__)), "..",
+                                   ".pytest_jax_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                  float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 # CI runs every property test on the same derandomized examples (a failure reproduces exactly);
 # locally hypothesis explores new ones each run.
@@ -84,3 +98,11 @@ def tfds_dir(tmp_path_factory):
         kwargs = {"config": "sst2"} if cls.__name__ == "Glue" else {}
         cls(data_dir=str(root), file_format="array_record", **kwargs).download_and_prepare()
     return root, raw
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_code():
+    """Drop each module's compiled executables when it ends: a worker's memory then stays near
+    one module's needs (two suites at once fit a 2-core, 24 GB machine)."""
+    yield
+    jax.clear_caches()

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The runs of experiments/RESULTS.md, "GETA and prune-then-quantize on the MNIST CNN":
+# S = seed 0, 1, 2; P, B = the sparsity and bits of the row (placeholders to fill in).
+OLD="--config.method.schedule=(0.1,0.1,0.5)"; SOLD="--set method.schedule=(0.1,0.1,0.5)"
+LATE="--config.method.prune_at=0.4 --config.method.quantize_at=0.7"
+SLATE="--set method.prune_at=0.4 --set method.quantize_at=0.7"
+python -m experiments.run --config experiments/configs/mnist_cnn.py --workdir runs/mnist_cnn
+# current defaults (append $OLD / $LATE for the marked rows); P = 0.5, 0.75 sparsity; B = 2, 3 bits
+python -m experiments.run --config experiments/configs/geta_mnist_cnn.py --config.seed=S --workdir runs/geta_sS
+python -m experiments.run --config experiments/configs/ptq_mnist_cnn.py --config.seed=S --workdir runs/ptq_b4_early_sS
+python -m experiments.run --config experiments/configs/geta_mnist_cnn.py --config.method.sparsity=P --config.method.allocation=per_group --config.method.bits="(2.0,2.0)" --config.method.bit_reduction=4 --config.seed=S --workdir runs/geta_pg_b2_short_sS
+python -m experiments.run --config experiments/configs/ptq_mnist_cnn.py --config.method.sparsity=P --config.method.bits=2.0 --config.seed=S --workdir runs/ptq_b2_early_sS
+# only with $OLD / $LATE
+python -m experiments.run --config experiments/configs/geta_mnist_cnn.py --config.method.allocation=per_group --config.method.bits="(B,B)" --config.method.bit_reduction=4 $OLD --config.seed=S --workdir runs/geta_pg_bB_sS
+python -m experiments.run --config experiments/configs/geta_mnist_cnn.py --config.method.allocation=per_group --config.method.bits="(2.0,2.0)" --config.method.bit_reduction=4 --config.method.cooldown_clips=True $OLD --config.seed=S --workdir runs/geta_pg_b2_cc_sS
+python -m experiments.run --config experiments/configs/ptq_mnist_cnn.py --config.method.bits=3.0 $LATE --config.seed=0 --workdir runs/ptq_b3_s0
+python -m experiments.sweep --config experiments/configs/geta_mnist_cnn.py --grid method.sparsity=0.6 --grid seed=0,1,2 $SOLD --root runs/sweeps/geta
+python -m experiments.sweep --config experiments/configs/geta_mnist_cnn.py --grid method.sparsity=0.5 --grid "method.bits=(2.,3.)" --grid seed=0 $SOLD --root runs/sweeps/geta
+python -m experiments.sweep --config experiments/configs/geta_mnist_cnn.py --grid method.cost_power=0.1,0.25 --grid seed=0 $SOLD --root runs/sweeps/geta_cost
+python -m experiments.sweep --config experiments/configs/geta_mnist_cnn.py --grid method.allocation=per_group --grid seed=0,1,2 $SOLD --root runs/sweeps/geta_pg
+python -m experiments.sweep --config experiments/configs/ptq_mnist_cnn.py --grid method.sparsity=0.6 --grid seed=0,1,2 $SLATE --root runs/sweeps/ptq
+python -m experiments.pareto experiments/results/mnist_cnn/*.json --out runs/pareto.png
