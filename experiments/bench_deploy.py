@@ -7,8 +7,11 @@ weights dequantized in the forward), same batch, interleaved rounds in one proce
 Per model, a fraction of every prunable group is masked (the units of least L2 norm; MNIST CNN
 and ResNet-20 50 %, the ViT's heads and MLP units and BERT-tiny's 30 %) and every site gets 4
 bits (the first and last 8, the spec's default), activations 8 bits, calibrated on the batch.
-Reported per batch size: the median over rounds of each model's time ÷ the dense model's, with
-quartiles, and the resident bytes: dense float32, the deployed model's (and the cost model's
+The deployed model runs the default path (``"auto"``: on CPU integer dots, float convs); the
+weight-only and the all-integer paths run as two more entries. Reported per batch size: the
+median over rounds of each model's time ÷ the dense model's (``slim``, ``deployed``), the
+deployed ÷ the slim and the integer ÷ the weight-only path, with quartiles; and the resident
+bytes: dense float32, the deployed model's (and the cost model's
 prediction, :func:`jaxjpq.cost.resident_bytes`) and the export's theoretical bytes.
 """
 
@@ -68,7 +71,9 @@ def setup(name: str, calib_batch: int = 8):
 
 def bench(name: str, batches: list[int], n_rounds: int, reps: int) -> dict:
     model, variables, st = setup(name)
-    deployed = jaxjpq.deploy(variables, st, warn_budget=False)
+    deployed = jaxjpq.deploy(variables, st, warn_budget=False)  # path "auto"
+    weight_only = jaxjpq.deploy(variables, st, path="weight_only", warn_budget=False)
+    integer = jaxjpq.deploy(variables, st, path="integer", warn_budget=False)
     slim_fn, slim_vars = jaxjpq.slim(variables, st)
     dense = jax.jit(model.apply)
     slim_j = jax.jit(slim_fn)
@@ -76,18 +81,26 @@ def bench(name: str, batches: list[int], n_rounds: int, reps: int) -> dict:
     dense_bytes = sum(int(np.asarray(a).nbytes) for a in jax.tree.leaves(variables))
     row = dict(model=name, prune=PRUNE.get(name, 0.5), dense_bytes=dense_bytes,
                resident=deployed.resident_bytes(), predicted=cost.resident_bytes(st),
-               theoretical_bytes=cost.model_bits(st) / 8, batches={})
+               theoretical_bytes=cost.model_bits(st) / 8,
+               integer_sites=len(deployed.meta["integer_sites"]), sites=len(st.graph.sites),
+               batches={})
     for b in batches:
         x = _inputs(name, model, b)
         ref = jaxjpq.compress_apply(model.apply)(variables, st, x, **kw)
         err = float(jnp.max(jnp.abs(deployed(x) - ref)))
+        err_int = float(jnp.max(jnp.abs(integer(x) - weight_only(x))))
         t = timing.rounds({"dense": lambda x=x: dense(variables, x, **kw),
                            "slim": lambda x=x: slim_j(slim_vars, x, **kw),
-                           "deployed": lambda x=x: deployed(x)}, n_rounds, reps)
+                           "deployed": lambda x=x: deployed(x),
+                           "weight_only": lambda x=x: weight_only(x),
+                           "integer": lambda x=x: integer(x)}, n_rounds, reps)
         row["batches"][b] = dict(ms=timing.median_ms(t), max_abs_diff=err,
+                                 integer_vs_weight_only_diff=err_int,
                                  slim=timing.ratio(t, "slim", "dense"),
                                  deployed=timing.ratio(t, "deployed", "dense"),
-                                 deployed_vs_slim=timing.ratio(t, "deployed", "slim"))
+                                 deployed_vs_slim=timing.ratio(t, "deployed", "slim"),
+                                 integer_vs_weight_only=timing.ratio(t, "integer",
+                                                                     "weight_only"))
     return row
 
 
@@ -108,12 +121,13 @@ def main(argv=None) -> list[dict]:
               f"({res / r['dense_bytes']:.2%}; cost model {r['predicted']['total']:,}), "
               f"export payload {r['theoretical_bytes']:,.0f} B")
         for b, m in r["batches"].items():
-            s, d, ds = m["slim"], m["deployed"], m["deployed_vs_slim"]
-            print(f"  batch {b:>4}: dense {m['ms']['dense']:.3f} ms | slim/dense "
-                  f"{s['median']:.3f} [{s['q1']:.3f}, {s['q3']:.3f}] | deployed/dense "
-                  f"{d['median']:.3f} [{d['q1']:.3f}, {d['q3']:.3f}] | deployed/slim "
-                  f"{ds['median']:.3f} [{ds['q1']:.3f}, {ds['q3']:.3f}] | "
-                  f"max |deployed - compressed| {m['max_abs_diff']:.2e}")
+            print(f"  batch {b:>4}: dense {m['ms']['dense']:.3f} ms | "
+                  + " | ".join(f"{k.replace('_', ' ')} {m[k]['median']:.3f} [{m[k]['q1']:.3f}, "
+                               f"{m[k]['q3']:.3f}]"
+                               for k in ("slim", "deployed", "deployed_vs_slim",
+                                         "integer_vs_weight_only"))
+                  + f" | max |deployed - compressed| {m['max_abs_diff']:.2e}, |integer - "
+                  f"weight-only| {m['integer_vs_weight_only_diff']:.2e}")
     print(json.dumps(rows, default=float))
     return rows
 

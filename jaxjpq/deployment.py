@@ -13,8 +13,11 @@ Each integer leaf has float32 scales (one per kept output channel, or one per te
 of a stacked weight). The codes are dequantized inside the jitted forward (``codes · scale``,
 the weight-only path) and the site inputs are fake-quantized with the state's activation
 quantizers, so the output equals the compressed forward (masked, fake-quantized) of the state up
-to float rounding. An elementwise-masked site keeps its dense slim codes, the masked entries as
-code 0 (as fast as any other site; :func:`jaxjpq.export.pack` is the compact form on disk).
+to float rounding. On the integer path (``deploy(..., path="integer")``) a site whose input
+codes fit int8 contracts int8 codes with int32 accumulation (``preferred_element_type``) and
+applies both scales to the accumulator (by default the kinds :func:`integer_kinds` names). An
+elementwise-masked site keeps its dense slim codes, the masked entries as code 0 (as fast as
+any other site; :func:`jaxjpq.export.pack` is the compact form on disk).
 
 ``save`` writes the arrays (one ``.npz``), the forward serialized by ``jax.export`` per batch size
 and a JSON with every file's checksum; :func:`load` reads them back (checked, raising
@@ -263,7 +266,7 @@ class DeployedModel:
                          f"{str(lf.dense_shape):>16} {b:>9}  {lf.why}")
         r = self.resident_bytes()
         dense = sum(math.prod(lf.dense_shape) * 4 for lf in self.leaves)
-        if self.meta.get("path") == "integer":
+        if self.meta.get("integer_sites") is not None and self.meta.get("path") != "weight_only":
             lines.append(f"integer contractions: {', '.join(self.meta['integer_sites']) or '-'}"
                          + "".join(f"; {n}: {w}" for n, w in self.meta["float_sites"].items()))
         lines.append(f"resident bytes {r['total']:,} (codes {r['codes']:,}, scales "
@@ -319,11 +322,16 @@ class DeployedModel:
 PATHS = ("auto", "weight_only", "integer")
 
 
-def default_path(backend: str | None = None) -> str:
-    """The path ``"auto"`` takes on ``backend`` (default: JAX's): ``"weight_only"`` on CPU,
-    where the integer contractions measured slower (experiments/RESULTS.md), ``"integer"`` on
-    accelerators."""
-    return "weight_only" if (backend or jax.default_backend()) == "cpu" else "integer"
+def integer_kinds(path: str, backend: str | None = None) -> tuple[str, ...]:
+    """The site kinds (``"dot"``, ``"conv"``) that contract on integers for ``path`` on
+    ``backend`` (default: JAX's). ``"auto"``: on CPU the int8 ``dot_general`` measured faster
+    than the float one and the int8 convolution slower (experiments/RESULTS.md, "The model you
+    ship"), so dots only; on accelerators both."""
+    if path == "weight_only":
+        return ()
+    if path == "integer" or (backend or jax.default_backend()) != "cpu":
+        return ("dot", "conv")
+    return ("dot",)
 
 
 def deploy(variables: Any, state: CompressionState | None = None, *, path: str = "auto",
@@ -337,7 +345,7 @@ def deploy(variables: Any, state: CompressionState | None = None, *, path: str =
       path: ``"weight_only"`` (weights dequantized, float contractions), ``"integer"`` (the sites
         :func:`integer_sites` allows contract int8 codes in int32, the scales applied to the
         accumulator; outputs equal the weight-only path's up to float rounding) or ``"auto"``
-        (:func:`default_path`).
+        (the integer path for the kinds of :func:`integer_kinds`).
       warn_budget: warn when the state misses the budget of its spec.
     Returns:
       a :class:`DeployedModel`; ``model(*args)`` equals ``compress_apply(apply_fn)(variables,
@@ -347,7 +355,7 @@ def deploy(variables: Any, state: CompressionState | None = None, *, path: str =
         variables, state = variables.variables, variables.compression
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}, got {path!r}.")
-    path = default_path() if path == "auto" else path
+    int_kinds = integer_kinds(path)
     graph = check_state(state)
     if graph.trace_info is None:
         raise ValueError("deploy needs a graph made by jaxjpq.trace (it carries the model).")
@@ -405,7 +413,9 @@ def deploy(variables: Any, state: CompressionState | None = None, *, path: str =
     options = dict(power_of_two=bool(state.power_of_two), learn_t=bool(state.learn_t))
     kwargs = traced_kwargs(graph)
     act = jax.tree.map(jnp.asarray, dict(state.act))
-    why_not = integer_sites(state) if path == "integer" else {}
+    sm = graph.site_map
+    why_not = {n: w or ("" if sm[n].kind in int_kinds else f"a {sm[n].kind} on the {path} path")
+               for n, w in integer_sites(state).items()} if int_kinds else {}
     ints = [n for n, why in why_not.items() if not why]
     fn = _forward(graph, slim_fn, infos, act, options, kwargs, ints)
     meta = dict(fingerprint=graph_fingerprint(graph), options=options, path=path,
