@@ -3,7 +3,7 @@
 functions (``digest``, ``tampered``) replaced by constants, same model and batch, interleaved
 rounds in one process.
 
-    python -m experiments.bench_pair_check [--models mnist_cnn,vit_tiny] [--batch 128]
+    python -m experiments.bench_pair_check [--models mnist_cnn] [--batch 128]
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def bench(name: str, batch: int, n_rounds: int, reps: int) -> dict:
 
 def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", default="mnist_cnn,vit_tiny")
+    ap.add_argument("--models", default="mnist_cnn")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--reps", type=int, default=5)

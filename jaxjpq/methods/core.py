@@ -514,17 +514,21 @@ def _pair_like(params: Any, model: Any, compression: Any) -> Any:
 
 def _digest_leaves(c: CompressionState) -> tuple[jax.Array, jax.Array]:
     """Per-leaf weighted sums of ``c``'s quantizers, masks and gates and their magnitudes
-    (float32 ``[L]``). Elementwise masks are left out: no method updates them, so a chained
-    transform that moves them also moves a quantizer, and they are weight-sized."""
-    vals, mags = [], []
-    for i, x in enumerate(jax.tree.leaves(c.replace(weight_masks={}))):
-        x = jnp.asarray(x, jnp.float32).reshape(-1)
-        w = 1.0 + 0.5 * jnp.cos(jnp.arange(x.size, dtype=jnp.float32) * 0.7548 + i)
-        vals.append(jnp.sum(w * x))
-        mags.append(jnp.sum(w * jnp.abs(x)))
-    if not vals:
+    (float32 ``[L]``), as one segment sum over the leaves concatenated (the weights are
+    constants of the trace). Elementwise masks are left out: no method updates them, so a
+    chained transform that moves them also moves a quantizer, and they are weight-sized."""
+    flat = [jnp.asarray(x, jnp.float32).reshape(-1)
+            for x in jax.tree.leaves(c.replace(weight_masks={}))]
+    if not flat:
         return jnp.zeros((0,), jnp.float32), jnp.zeros((0,), jnp.float32)
-    return jnp.stack(vals), jnp.stack(mags)
+    sizes = [int(f.size) for f in flat]
+    w = np.concatenate([1.0 + 0.5 * np.cos(np.arange(n) * 0.7548 + i)
+                        for i, n in enumerate(sizes)]).astype(np.float32)
+    seg = np.repeat(np.arange(len(sizes)), sizes)
+    x = jnp.concatenate(flat)
+    sums = jax.ops.segment_sum(jnp.stack([w * x, w * jnp.abs(x)], axis=1), seg,
+                               num_segments=len(sizes), indices_are_sorted=True)
+    return sums[:, 0], sums[:, 1]
 
 
 class Digest(NamedTuple):
