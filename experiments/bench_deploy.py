@@ -26,20 +26,13 @@ import numpy as np
 
 import jaxjpq
 from experiments import timing
+from experiments.bench_setup import random_inputs
 from jaxjpq import cost
 from jaxjpq.methods.core import magnitude
-from jaxjpq.models.registry import get_model, input_spec
+from jaxjpq.models.registry import get_model
 from jaxjpq.units import unit_index
 
 PRUNE = {"mnist_cnn": 0.5, "resnet20": 0.5, "vit_tiny_mnist": 0.3, "bert_tiny": 0.3}
-
-
-def _inputs(name: str, model, batch: int) -> jax.Array:
-    spec = input_spec(name, batch)
-    key = jax.random.key(0)
-    if jnp.issubdtype(spec.dtype, jnp.integer):
-        return jax.random.randint(key, spec.shape, 1, model.vocab_size, spec.dtype)
-    return jax.random.uniform(key, spec.shape, spec.dtype)
 
 
 def magnitude_masks(state, variables, fraction: float) -> dict[str, np.ndarray]:
@@ -59,7 +52,7 @@ def magnitude_masks(state, variables, fraction: float) -> dict[str, np.ndarray]:
 def setup(name: str, calib_batch: int = 8):
     """``(model, variables, state)``: the model, its variables and the compressed state."""
     model = get_model(name)
-    x = _inputs(name, model, calib_batch)
+    x = random_inputs(name, model, calib_batch)
     variables = jax.jit(model.init)(jax.random.key(1), x[:1])
     pair = jaxjpq.init(model.apply, variables, x[:1], bits=(4, 4), init_bits=4)
     st = pair.compression
@@ -85,7 +78,7 @@ def bench(name: str, batches: list[int], n_rounds: int, reps: int) -> dict:
                integer_sites=len(deployed.meta["integer_sites"]), sites=len(st.graph.sites),
                batches={})
     for b in batches:
-        x = _inputs(name, model, b)
+        x = random_inputs(name, model, b)
         ref = jaxjpq.compress_apply(model.apply)(variables, st, x, **kw)
         err = float(jnp.max(jnp.abs(deployed(x) - ref)))
         err_int = float(jnp.max(jnp.abs(integer(x) - weight_only(x))))

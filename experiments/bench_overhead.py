@@ -26,8 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from experiments.bench_setup import random_inputs
 from jaxjpq.compress import calibrate, compress_apply
-from jaxjpq.models.registry import get_model, input_spec
+from jaxjpq.models.registry import get_model
 from jaxjpq.state import CompressionSpec, init_state
 from jaxjpq.trace import trace
 
@@ -44,12 +45,8 @@ def bench(
     method: str = "sgd",
 ) -> dict:
     model = get_model(name)
-    spec = input_spec(name, batch)
+    x = random_inputs(name, model, batch, first_id=0)
     key = jax.random.key(0)
-    if jnp.issubdtype(spec.dtype, jnp.integer):  # token ids
-        x = jax.random.randint(key, spec.shape, 0, model.vocab_size, spec.dtype)
-    else:
-        x = jax.random.uniform(key, spec.shape, spec.dtype)
     variables = model.init(jax.random.key(1), x)
     classes = jax.eval_shape(model.apply, variables, x).shape[-1]
     y = jax.random.randint(key, (batch,), 0, classes)

@@ -17,8 +17,9 @@ import optax
 
 import jaxjpq
 from experiments import timing
+from experiments.bench_setup import random_inputs
 from jaxjpq.methods import core
-from jaxjpq.models.registry import get_model, input_spec
+from jaxjpq.models.registry import get_model
 
 
 def _step(model, pair, x, y, checked: bool):
@@ -51,12 +52,8 @@ def _step(model, pair, x, y, checked: bool):
 
 def bench(name: str, batch: int, n_rounds: int, reps: int) -> dict:
     model = get_model(name)
-    spec = input_spec(name, batch)
+    x = random_inputs(name, model, batch)
     key = jax.random.key(0)
-    if jnp.issubdtype(spec.dtype, jnp.integer):
-        x = jax.random.randint(key, spec.shape, 0, model.vocab_size, spec.dtype)
-    else:
-        x = jax.random.uniform(key, spec.shape, spec.dtype)
     variables = model.init(jax.random.key(1), x)
     classes = jax.eval_shape(model.apply, variables, x).shape[-1]
     y = jax.random.randint(key, (batch,), 0, classes)

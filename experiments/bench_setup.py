@@ -11,6 +11,17 @@ from jaxjpq.models.registry import get_model, input_spec
 from jaxjpq.trace import trace
 
 
+def random_inputs(name: str, model: Any, batch: int, seed: int = 0, first_id: int = 1
+                  ) -> jax.Array:
+    """A batch of zoo model ``name``'s input: uniform in [0, 1), or token ids in
+    ``[first_id, vocab_size)`` (id 0 is padding)."""
+    spec = input_spec(name, batch)
+    key = jax.random.key(seed)
+    if np.issubdtype(spec.dtype, np.integer):
+        return jax.random.randint(key, spec.shape, first_id, model.vocab_size, spec.dtype)
+    return jax.random.uniform(key, spec.shape, spec.dtype)
+
+
 def traced_model(name: str, batch: int, seed: int = 0, classes: int = 10) -> tuple[Any, ...]:
     """``(model, inputs [batch, ...], labels [batch], variables, graph)`` for zoo model
     ``name``: inputs uniform in [0, 1) (token ids in [0, 100) for integer inputs), labels in

@@ -392,6 +392,20 @@ def test_overhead_bench_runs_on_image_and_token_models():
     assert all(r["plain_ms"] > 0 and r["compressed_ms"] > 0 for r in rows)
 
 
+def test_deploy_bench_holds_the_model_in_the_bytes_the_cost_model_predicts():
+    from experiments import bench_deploy
+
+    (row,) = bench_deploy.main(["--models", "mnist_cnn", "--batches", "2", "--rounds", "1",
+                                "--reps", "1"])
+    # 50 % of the channels at 4 bits (first / last layer 8): codes, scales and biases only
+    assert row["resident"] == row["predicted"]
+    assert row["resident"]["total"] < row["dense_bytes"] / 7
+    assert row["resident"]["total"] <= 1.10 * (row["resident"]["codes"] + row["resident"]["float"])
+    # on CPU only dots contract on integers: Dense_0 (4-bit inputs); Dense_1's 8-bit unsigned
+    # inputs (up to 255) do not fit int8
+    assert row["integer_sites"] == 1
+
+
 def test_pair_check_bench_compares_steps_that_compute_the_same_update():
     from experiments import bench_pair_check
 
