@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The runs of experiments/RESULTS.md, "GETA and prune-then-quantize on the MNIST CNN":
+# The runs of experiments/RESULTS.md on the MNIST CNN.
+# "GETA and prune-then-quantize on the MNIST CNN":
 # S = seed 0, 1, 2; P, B = the sparsity and bits of the row (placeholders to fill in).
 OLD="--config.method.schedule=(0.1,0.1,0.5)"; SOLD="--set method.schedule=(0.1,0.1,0.5)"
 LATE="--config.method.prune_at=0.4 --config.method.quantize_at=0.7"
@@ -20,3 +21,24 @@ python -m experiments.sweep --config experiments/configs/geta_mnist_cnn.py --gri
 python -m experiments.sweep --config experiments/configs/geta_mnist_cnn.py --grid method.allocation=per_group --grid seed=0,1,2 $SOLD --root runs/sweeps/geta_pg
 python -m experiments.sweep --config experiments/configs/ptq_mnist_cnn.py --grid method.sparsity=0.6 --grid seed=0,1,2 $SLATE --root runs/sweeps/ptq
 python -m experiments.pareto experiments/results/mnist_cnn/*.json --out runs/pareto.png
+
+# "FITCompress on the MNIST CNN" (B = the size budget of the row):
+for S in 0 1 2; do for B in 0.1 0.05 0.03; do
+  python -m experiments.run --config experiments/configs/fit_mnist_cnn.py --config.seed=$S --config.method.size=$B --config.method.pretrain_dir=runs/pretrain_mnist_cnn_s$S --workdir runs/fit_s${S}_size$B
+  python -m experiments.run --config experiments/configs/uniform_mnist_cnn.py --config.seed=$S --config.method.size=$B --config.method.pretrain_dir=runs/pretrain_mnist_cnn_s$S --workdir runs/um_s${S}_size$B
+done; done   # the first run of a seed trains its pre-training directory; do not run a seed's runs in parallel before it exists
+python -m experiments.run --config experiments/configs/fit_mnist_cnn.py --config.seed=0 --config.method.size=B --config.method.criterion=rate --config.method.pretrain_dir=runs/pretrain_mnist_cnn_s0 --workdir runs/fitrate_s0_sizeB
+python -m experiments.run --config experiments/configs/fit_mnist_cnn.py --config.seed=0 --config.method.size=B "--config.method.bits=(2,4)" --config.method.pretrain_dir=runs/pretrain_mnist_cnn_s0 --workdir runs/fitb24_s0_sizeB
+python -m experiments.fit_rank --configs 40 --seed 0 --out runs/fit_rank_s0.json
+python -m experiments.bench_fisher --chunk 16 32 64 --rounds 5
+python -m experiments.pareto experiments/results/mnist_cnn/*.json --out runs/pareto.png
+python -m experiments.bench_fisher --chunk 32 128 --rounds 5
+python -m experiments.bench_fisher --model vit_tiny_mnist --chunk 128 --rounds 3
+for S in 0 1 2; do for B in 0.1 0.05 0.03; do
+  python -m experiments.run --config experiments/configs/fit_mnist_cnn.py --config.seed=$S --config.method.size=$B --config.method.pretrain_dir=runs/pretrain_mnist_cnn_s$S --workdir runs/fitn16k_s${S}_size$B
+done; done
+python -m experiments.run --config experiments/configs/fit_mnist_cnn.py --config.seed=0 --config.method.size=B --config.method.fisher_samples=1024 --config.method.fisher_reduce=layer_mean --config.method.pretrain_dir=runs/pretrain_mnist_cnn_s0 --workdir runs/fitlm_s0_sizeB
+python -m experiments.run --config experiments/configs/fit_mnist_cnn.py --config.seed=0 --config.method.size=B --config.method.fisher_reduce=layer_mean "--config.method.bits=(2,4)" --config.method.pretrain_dir=runs/pretrain_mnist_cnn_s0 --workdir runs/fitlmb24_s0_sizeB
+for S in 0 1 2; do
+  python -m experiments.run --config experiments/configs/fit_mnist_cnn.py --config.seed=$S --config.method.size=0.05 --config.method.criterion=least_fit --config.method.pretrain_dir=runs/pretrain_mnist_cnn_s$S --workdir runs/fitlf_s${S}_size0.05
+done
