@@ -54,6 +54,9 @@ def build_data(config: ml_collections.ConfigDict) -> tuple[dict[str, Any], dict[
     if name == "mnist":
         splits = data_lib.load_mnist(d.cache_dir or None)
         roles = {"val": "val", "test": "test"}
+    elif name == "fashion_mnist":  # IDX files in cache_dir (default: Debian's package), or TFDS
+        splits = data_lib.load_fashion_mnist(d.cache_dir or None, data_dir=d.data_dir or None)
+        roles = {"val": "val", "test": "test"}
     elif name == "cifar10":
         splits = data_lib.load_cifar10(d.data_dir or None)
         roles = {"test": "test"}
@@ -66,7 +69,8 @@ def build_data(config: ml_collections.ConfigDict) -> tuple[dict[str, Any], dict[
         roles = {"test": "validation"}
     else:
         raise ValueError(
-            f"Unknown dataset '{name}'; known: ['mnist', 'cifar10', 'imagenet2012', 'sst2']."
+            f"Unknown dataset '{name}'; known: ['mnist', 'fashion_mnist', 'cifar10', "
+            "'imagenet2012', 'sst2']."
         )
     splits = dict(splits)
     limits = {"train": d.get("train_limit", 0), **{s: d.get("eval_limit", 0)

@@ -347,3 +347,42 @@ def test_tfds_missing_data_dir_and_dataset(tmp_path, tfds_dir):
     root, _ = tfds_dir
     with pytest.raises(ValueError, match="not 'bogus'"):
         data.open_tfds("cifar10", "bogus", root)
+
+
+def _idx(a: np.ndarray, code: int = 0x08) -> bytes:
+    head = bytes([0, 0, code, a.ndim]) + np.asarray(a.shape, ">i4").tobytes()
+    return head + a.astype(a.dtype.newbyteorder(">")).tobytes()
+
+
+@settings(max_examples=20, deadline=None)
+@given(shape=st.lists(st.integers(0, 5), min_size=1, max_size=3),
+       dtype=st.sampled_from([(np.uint8, 0x08), (np.int16, 0x0B), (np.float32, 0x0D)]))
+def test_idx_round_trip(shape, dtype):
+    a = (np.arange(int(np.prod(shape))) % 97).astype(dtype[0]).reshape(shape)
+    np.testing.assert_array_equal(data.parse_idx(_idx(a, dtype[1])), a)
+    with pytest.raises(ValueError, match="bytes of values"):
+        data.parse_idx(_idx(a, dtype[1]) + b"\0")
+    with pytest.raises(ValueError, match="not an IDX file"):
+        data.parse_idx(b"\1\2\3\4")
+
+
+def test_fashion_mnist_missing_or_damaged_is_one_clear_line(tmp_path):
+    with pytest.raises(FileNotFoundError, match="apt-get install -y dataset-fashion-mnist"):
+        data.load_fashion_mnist(tmp_path)
+    for stem in data.FASHION_MNIST_SHA256:
+        (tmp_path / stem).write_bytes(_idx(np.zeros((2, 28, 28), np.uint8)))
+    with pytest.raises(ValueError, match="does not match the pinned sha256"):
+        data.load_fashion_mnist(tmp_path)
+
+
+@pytest.mark.skipif(not os.path.isdir("/usr/share/datasets/fashion-mnist"),
+                    reason="Debian's dataset-fashion-mnist is not installed (.ci/run installs it)")
+def test_fashion_mnist_from_the_debian_package():
+    s = data.load_fashion_mnist()
+    assert {k: len(v) for k, v in s.items()} == {"train": 50_000, "val": 10_000, "test": 10_000}
+    for src in s.values():
+        x, y = src["inputs"], src["labels"]
+        assert x.shape[1:] == (28, 28, 1) and x.dtype == np.float32
+        assert 0.0 <= x.min() and x.max() < 1.0 and set(np.unique(y)) == set(range(10))
+    # the classes are balanced in the official test split: 1,000 each
+    np.testing.assert_array_equal(np.bincount(s["test"]["labels"]), np.full(10, 1000))

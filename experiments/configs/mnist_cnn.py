@@ -17,7 +17,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.hidden = 128  # hidden dense units
 
     c.data = ml_collections.ConfigDict()
-    c.data.name = "mnist"  # mnist (embedded), cifar10, imagenet2012, sst2 (tfds, data_dir)
+    c.data.name = "mnist"  # mnist (embedded), fashion_mnist, cifar10, imagenet2012, sst2 (tfds)
     c.data.data_dir = ""  # tfds datasets only; MNIST uses the cache ($JAXJPQ_CACHE)
     c.data.cache_dir = ""  # MNIST cache directory (default $JAXJPQ_CACHE or ~/.cache/jaxjpq)
     c.data.train_limit = 0  # > 0: train on the first n examples only (smoke tests)
