@@ -348,6 +348,7 @@ def deploy_and_time(graph, model, state, inputs: np.ndarray, rounds: int) -> dic
     x = jax.numpy.asarray(inputs)
     ref = jaxjpq.compress_apply(model.apply)(variables, cstate, x, **kw)
     out = {"resident_bytes": deployed.resident_bytes(),
+           "active_bytes": float(cost.active_bytes(cstate)),
            "predicted_resident_bytes": cost.resident_bytes(cstate)["total"],
            "max_abs_diff": float(jax.numpy.max(jax.numpy.abs(deployed(x) - ref))),
            "batch": int(x.shape[0]), "report": deployed.report()}
@@ -637,7 +638,8 @@ def _app_main(argv: Sequence[str], config_file: str) -> None:
     comp = res.get("compression") or {}
     if "deployed" in comp:
         ex, dep = comp["export"], comp["deployed"]
-        line = (f"model bytes: dense float32 {ex['fp32_bytes']:,.0f}, export payload "
+        line = (f"model bytes: dense float32 {ex['fp32_bytes']:,.0f}, active (kept weights x "
+                f"bits) {dep['active_bytes']:,.0f}, export payload "
                 f"{ex['theoretical_bytes']:,.0f}, on disk {ex['disk_bytes']:,}, deployed in "
                 f"memory {dep['resident_bytes']['total']:,}")
         if "deployed_over_dense" in dep:

@@ -388,6 +388,15 @@ def size_bits(
     return _out(total, num)
 
 
+@_exact
+def active_bytes(state: CompressionState, *, soft: bool = False) -> Any:
+    """``Σ nnz · b_w / 8`` over the sites: the kept weights at their bits, the size the papers
+    report (no sparse index, scales or float leaves; :func:`model_bits` is the export's payload,
+    :func:`resident_bytes` the deployed model's memory)."""
+    rows, num = _rows(state, soft)
+    return _out(sum(r["weight_bits"] for r in rows) / 8.0, num)
+
+
 def fp32_size_bits(graph: Graph) -> float:
     """Bits of the site weights in float32: ``Σ numel · 32``."""
     return float(sum(math.prod(s.weight_shape) for s in graph.sites) * FP_BITS)

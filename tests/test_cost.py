@@ -147,3 +147,23 @@ def test_dense_fp32_bops_of_traced_zoo_models(name):
     s = init_state(g, CompressionSpec(quantize_weights=False, quantize_activations=False))
     assert cost.bops(s) == 32 * 32 * sum(site.macs_per_example for site in g.sites) > 0
     assert cost.relative_bops(s) == 1.0
+
+
+@settings(max_examples=10, deadline=None)
+@given(bits=st.integers(2, 8), seed=st.integers(0, 2**16))
+def test_active_bytes_are_the_slim_weights_at_their_bits(bits, seed):
+    from helpers import small_cnn
+
+    import jaxjpq
+
+    model, v, _, x = small_cnn()
+    pair = jaxjpq.init(model.apply, v, x, bits=(2, 8), skip=())
+    s = pair.compression
+    for n in s.weight:
+        s = jaxjpq.set_bits(s, n, float(bits))
+    rng = np.random.default_rng(seed)
+    s = s.replace(masks={g: jnp.asarray(rng.random(m.shape) > 0.5, jnp.float32).at[0].set(1.0)
+                         for g, m in s.masks.items()})
+    _, slim_vars = jaxjpq.slim(v, s)
+    kernels = sum(int(np.size(p["kernel"])) for p in slim_vars["params"].values())
+    assert float(cost.active_bytes(s)) == kernels * bits / 8

@@ -170,6 +170,7 @@ def test_geta_config_meets_sparsity_and_reports_compression(tmp_path):
     # the deployed model: the cost model's resident bytes, the compressed forward's outputs
     dep = comp["deployed"]
     assert dep["resident_bytes"]["total"] == dep["predicted_resident_bytes"]
+    assert 0 < dep["active_bytes"] < comp["export"]["theoretical_bytes"]  # + scales, biases
     assert dep["resident_bytes"]["total"] < comp["export"]["fp32_bytes"] / 4
     # (equality to the compressed forward: tests/test_deploy.py, on inputs exact in float32)
     assert np.isfinite(dep["max_abs_diff"]) and dep["deployed_over_dense"]["median"] > 0
