@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from jax.experimental import checkify
 
 from jaxjpq import gates as gates_lib
-from jaxjpq.graph import Graph, check_inputs, kept, put_layers
+from jaxjpq.graph import Graph, check_inputs, kept, put_layers, set_leaf
 from jaxjpq.hooks import Hook, once_per_tensor, site_input_runner
 from jaxjpq.quant import (
     QuantParams,
@@ -57,13 +57,6 @@ def _copy_tree(tree: Any) -> Any:
     return tree
 
 
-def _set(tree: dict, key: tuple[str, ...], value: Any) -> None:
-    node = tree
-    for k in key[:-1]:
-        node = node[k]
-    node[key[-1]] = value
-
-
 def quantize_weights(variables: Mapping, state: CompressionState) -> dict:
     """Replace each site's weight by ``M ⊙ Q(W)``: ``Q`` its weight quantizer (per-channel
     params broadcast along the site's ``out_axes``; none: identity), ``M`` its elementwise mask
@@ -85,7 +78,7 @@ def quantize_weights(variables: Mapping, state: CompressionState) -> dict:
             w = w * kept(state.weight_masks[site.name]).astype(w.dtype)
         pieces.setdefault(site.weight, []).append((site, w))
     for key, ps in pieces.items():
-        _set(out, key, put_layers(leaf(variables, key), ps, jnp))
+        set_leaf(out, key, put_layers(leaf(variables, key), ps, jnp))
     return out
 
 

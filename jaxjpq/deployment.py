@@ -52,12 +52,25 @@ from jaxjpq.export import (
     traced_kwargs,
     unpack_codes,
 )
-from jaxjpq.graph import check_variables, graph_fingerprint, kept, kept_positions, leaf, put_layers
+from jaxjpq.graph import (
+    check_variables,
+    graph_fingerprint,
+    kept,
+    kept_positions,
+    leaf,
+    put_layers,
+    set_leaf,
+)
 from jaxjpq.hooks import Contraction
 from jaxjpq.jaxprs import key_of
 from jaxjpq.quant import broadcast_params, codes, effective_params
 from jaxjpq.slim import apply_masks, slim
-from jaxjpq.state import CompressedParams, CompressionState, check_state, site_quantizer
+from jaxjpq.state import (
+    CompressedParams,
+    CompressionState,
+    check_state,
+    effective_weight_quantizer,
+)
 
 FORMAT = "jaxjpq-deployed-1"
 
@@ -93,17 +106,11 @@ class LeafInfo:
         return "/".join(self.path)
 
 
-def _dequantize(kind: str, c: jax.Array, scale: jax.Array, shape: Sequence[int]) -> jax.Array:
-    """``codes · scale`` of a leaf stored as ``kind``, inside the computation."""
-    q = c if kind == "int8" else unpack_codes(c, 4, math.prod(shape), jnp).reshape(tuple(shape))
-    return q.astype(jnp.float32) * scale
-
-
-def _put(tree: dict, path: Sequence[str], value: Any) -> None:
-    node = tree
-    for k in path[:-1]:
-        node = node.setdefault(k, {})
-    node[path[-1]] = value
+def _int_codes(kind: str, c: jax.Array, shape: Sequence[int]) -> jax.Array:
+    """The int8 codes ``[shape]`` of a leaf stored as ``kind``, inside the computation."""
+    if kind == "int8":
+        return c
+    return unpack_codes(c, 4, math.prod(shape), jnp).reshape(tuple(shape)).astype(jnp.int8)
 
 
 def _flat(tree: Any) -> list[tuple[tuple[str, ...], Any]]:
@@ -165,27 +172,22 @@ def _forward(graph, slim_fn: Callable, leaves: Sequence[LeafInfo], act: Mapping,
     ``integer_sites`` contract on integers (:func:`_integer_contract`)."""
     run = act_quantized_apply(slim_fn, graph)
     sm = graph.site_map
-    by_name = {lf.name: lf for lf in leaves}
 
     def fn(arrays, *args):
         variables: dict = {}
+        ints: dict = {}  # leaf path -> (int8 codes, scale)
         for lf in leaves:
             if lf.kind == "float32":
                 v = arrays[lf.name]
             else:
-                v = _dequantize(lf.kind, arrays[lf.name + ":codes"], arrays[lf.name + ":scale"],
-                                lf.shape)
-            _put(variables, lf.path, v)
+                q = _int_codes(lf.kind, arrays[lf.name + ":codes"], lf.shape)
+                ints[lf.path] = (q, arrays[lf.name + ":scale"])
+                v = q.astype(jnp.float32) * ints[lf.path][1]  # codes · scale
+            set_leaf(variables, lf.path, v)
         contract = None
         if integer_sites:
-            codes = {}
-            for n in integer_sites:
-                lf = by_name["/".join(sm[n].weight)]
-                c = arrays[lf.name + ":codes"]
-                if lf.kind == "int4x2":
-                    c = unpack_codes(c, 4, math.prod(lf.shape), jnp).reshape(lf.shape)
-                codes[n] = (c.astype(jnp.int8), arrays[lf.name + ":scale"])
-            contract = _integer_contract(graph, codes, options)
+            contract = _integer_contract(graph, {n: ints[sm[n].weight] for n in integer_sites},
+                                         options)
         return run(variables, act, *args, contract=contract, **options, **kwargs)
 
     return fn
@@ -375,17 +377,14 @@ def deploy(variables: Any, state: CompressionState | None = None, *, path: str =
     kinds = {key: cost.storage(state, key) for key in sites_of}
     int_keys = [k for k, (kind, _) in kinds.items() if kind != "float32"]
 
-    def site_params(s):
-        p = effective_params(site_quantizer(state, "weight", s.name), True, state.power_of_two)
-        return broadcast_params(p, len(s.weight_shape), s.out_axes)
-
     @jax.jit
     def all_codes(v):
         out = {}
         for key in int_keys:
             pieces = []
             for s in sites_of[key]:
-                c = codes(s.take(leaf(v, key)), site_params(s))
+                c = codes(s.take(leaf(v, key)), broadcast_params(
+                    effective_weight_quantizer(state, s.name), len(s.weight_shape), s.out_axes))
                 if s.name in state.weight_masks:
                     c = c * kept(state.weight_masks[s.name]).astype(c.dtype)
                 pieces.append((s, c))
@@ -429,7 +428,7 @@ def _scales(state: CompressionState, key, sites, dense_shape, slim_shape) -> np.
     graph = state.graph
     full = np.ones(cost.scale_shape(graph, key, dense_shape, state), np.float32)
     for s in sites:
-        p = effective_params(site_quantizer(state, "weight", s.name), True, state.power_of_two)
+        p = effective_weight_quantizer(state, s.name)
         d = np.asarray(broadcast_params(p, len(s.weight_shape), s.out_axes).d, np.float32)
         if s.layer_axes:
             idx: list[Any] = [slice(None)] * len(dense_shape)

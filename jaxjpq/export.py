@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -30,12 +30,21 @@ import orbax.checkpoint as ocp
 from jaxjpq import cost
 from jaxjpq import gates as gates_lib
 from jaxjpq.compress import act_quantized_apply, apply_masks
-from jaxjpq.graph import Graph, check_variables, kept, kept_positions, select_kept, stack_layers
-from jaxjpq.quant import QuantParams, broadcast_params, codes, effective_params
+from jaxjpq.graph import (
+    Graph,
+    check_variables,
+    kept,
+    kept_positions,
+    select_kept,
+    set_leaf,
+    stack_layers,
+)
+from jaxjpq.quant import QuantParams, broadcast_params, codes
 from jaxjpq.state import (
     CompressedParams,
     CompressionState,
     check_state,
+    effective_weight_quantizer,
     graph_fingerprint,
     leaf,
     site_quantizer,
@@ -268,9 +277,8 @@ def pack(variables: Mapping, state: CompressionState | None = None) -> PackedMod
         sites_of.setdefault(s.weight, []).append(s)
     all_codes = jax.jit(lambda v, st: {
         s.name: codes(s.take(leaf(v, s.weight)),
-                      broadcast_params(effective_params(site_quantizer(st, "weight", s.name), True,
-                                                        st.power_of_two),
-                                       len(s.weight_shape), s.out_axes))
+                      broadcast_params(effective_weight_quantizer(st, s.name), len(s.weight_shape),
+                                       s.out_axes))
         for s in graph.sites if s.name in st.weight
     })(masked, state)
     arrays: dict[str, np.ndarray] = {}
@@ -284,8 +292,7 @@ def pack(variables: Mapping, state: CompressionState | None = None) -> PackedMod
         )
         wm = None if site is None else state.weight_masks.get(site.name)
         if site is not None and site.name in state.weight:
-            p = effective_params(site_quantizer(state, "weight", site.name), True,
-                                 state.power_of_two)
+            p = effective_weight_quantizer(state, site.name)
             c = select_kept(np.asarray(all_codes[site.name]), keep)
             out_axes = sorted(a % x.ndim for a in site.out_axes)
             bits = np.asarray(cost.channel_bits(state, site.name))
@@ -367,17 +374,10 @@ def unpack_variables(packed: PackedModel, xp=jnp) -> dict:
         if e.get("layer") is not None:  # one layer of a stacked leaf
             layers.setdefault(tuple(e["path"]), (e, []))[1].append(full)
             continue
-        _put(out, e["path"], full)
+        set_leaf(out, e["path"], full)
     for path, (e, slices) in layers.items():
-        _put(out, path, stack_layers(slices, e["layer_axes"], e["stack"], xp))
+        set_leaf(out, path, stack_layers(slices, e["layer_axes"], e["stack"], xp))
     return out
-
-
-def _put(tree: dict, path: Sequence[str], value: Any) -> None:
-    node = tree
-    for k in path[:-1]:
-        node = node.setdefault(k, {})
-    node[path[-1]] = value
 
 
 def _np_set(full, idx, kept):

@@ -399,6 +399,15 @@ def check_variables(graph: Graph, variables: Mapping) -> None:
             )
 
 
+def set_leaf(tree: dict, key: Sequence[str], value: Any) -> None:
+    """Put ``value`` at ``key`` (``(collection, *path)``) of the nested dict ``tree``, making the
+    missing levels."""
+    node = tree
+    for k in key[:-1]:
+        node = node.setdefault(k, {})
+    node[key[-1]] = value
+
+
 def leaf(variables: Mapping, key: Sequence[str]) -> Any:
     """The leaf at ``key`` (``(collection, *path)``); a clear ``ValueError`` if absent."""
     node = variables

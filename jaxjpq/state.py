@@ -30,7 +30,14 @@ from jaxjpq.graph import (  # noqa: F401 (re-exported)
     kept,
     leaf,
 )
-from jaxjpq.quant import QuantParams, channel_shape, check_bits, init_from_tensor, step_from_bits
+from jaxjpq.quant import (
+    QuantParams,
+    channel_shape,
+    check_bits,
+    effective_params,
+    init_from_tensor,
+    step_from_bits,
+)
 from jaxjpq.trace.build import trace
 
 BUDGET_KINDS = ("sparsity", "bops", "size")
@@ -183,6 +190,13 @@ def site_quantizer(state: CompressionState, kind: str, name: str) -> QuantParams
     if not state.learn_t:
         p = p.replace(t=jnp.ones_like(p.t))
     return jax.lax.stop_gradient(p) if name in state.frozen else p
+
+
+def effective_weight_quantizer(state: CompressionState, name: str) -> QuantParams:
+    """Site ``name``'s weight quantizer as its integer codes use it: :func:`site_quantizer`
+    with the power-of-two rounding of ``state.power_of_two`` applied (``channel_shape`` or
+    scalar params)."""
+    return effective_params(site_quantizer(state, "weight", name), True, state.power_of_two)
 
 
 def check_state(state: CompressionState) -> Graph:

@@ -47,7 +47,14 @@ from jaxjpq.quant import (
     step_from_bits,
 )
 from jaxjpq.sharding import replicate, shard_batch
-from jaxjpq.state import CompressedParams, CompressionState, check_state, leaf, site_quantizer
+from jaxjpq.state import (
+    CompressedParams,
+    CompressionState,
+    check_state,
+    effective_weight_quantizer,
+    leaf,
+    site_quantizer,
+)
 
 LEVELS = 40  # sparsity levels 1 - logspace(0, -3, LEVELS): 0 ... 0.999
 
@@ -280,8 +287,7 @@ def fit_score(info: FisherInfo, state: CompressionState,
                 else np.ones(s.weight_shape, bool))
         total += float(np.sum(f[~keep] * w[s.name][~keep] ** 2))
         if s.name in state.weight:
-            p = effective_params(site_quantizer(state, "weight", s.name), True,
-                                 state.power_of_two)
+            p = effective_weight_quantizer(state, s.name)
             d = np.broadcast_to(np.asarray(broadcast_params(p, len(s.weight_shape),
                                                             s.out_axes).d), s.weight_shape)
             total += float(np.sum(f[keep] * d[keep] ** 2) / 12.0)
