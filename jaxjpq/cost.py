@@ -530,10 +530,9 @@ def storage(state: CompressionState, key: tuple[str, ...]) -> tuple[str, str]:
     sites = [s for s in graph.sites if s.weight == tuple(key)]
     if not sites:
         return "float32", "not a site weight"
-    if graph.trace_info is not None:
-        n_layers = math.prod(sites[0].stack_sizes) if sites[0].layer_axes else 1
-        if len(sites) != n_layers:
-            return "float32", "a weight shared by several sites"
+    n_layers = math.prod(sites[0].stack_sizes) if sites[0].layer_axes else 1
+    if len(sites) != n_layers:
+        return "float32", "a weight shared by several sites"
     if any(s.name not in state.weight for s in sites):
         return "float32", "not quantized"
     widest = max(float(np.max(channel_bits(state, s.name))) for s in sites)
