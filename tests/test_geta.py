@@ -1,5 +1,6 @@
 """Tests for the GETA (QASSO) optax transform and the unit index it rests on."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -262,3 +263,117 @@ def test_a_geta_run_cut_short_by_multisteps_warns_with_the_sparsity_it_reached()
                                          r"budget: sparsity 0\.\d+ against a budget of 0\.5\..*"
                                          r"MultiSteps"):
         run(optax.MultiSteps(geta(optax.adam(1e-3), steps=steps), every_k_schedule=2))
+
+
+# --- the reference implementation's rules, each by itself ---------------------------------------
+
+
+def _tree_like(params, fn):
+    return jax.tree.map(fn, params)
+
+
+def test_joint_gamma_d_lowers_d_to_the_fewest_bits_when_the_residual_agrees_with_the_gradient():
+    from jaxjpq.methods.geta import joint_gamma_d
+
+    _, v, g, _ = small_cnn()
+    index = unit_index(g, v)
+    p = v["params"]
+    red = jnp.zeros(index.num_units, bool).at[jnp.array([0, 5])].set(True)  # groups 0 and 1
+    res = _tree_like(p, lambda x: 0.3 * jnp.sign(x))
+    d_lo, d_hi = jnp.full((3,), 0.01), jnp.full((3,), 0.2)
+    k, period = jnp.asarray(2, jnp.int32), 8
+    # u = -lr·∇f, ∇f = x_c + r with r ∝ sign(x_c): both cosines are positive.
+    grad = jax.tree.map(lambda x, r: x + r, p, res)
+    upd = _tree_like(grad, lambda a: -0.01 * a)
+    gamma, d = joint_gamma_d(index, p, res, upd, red, k, period, (d_lo, d_hi))
+    np.testing.assert_allclose(d[:2], 0.2)  # d(b_l)
+    np.testing.assert_allclose(gamma[:2], 1.0 / (period - 2), rtol=1e-6)
+    # No redundant unit in group 2: nothing to forget.
+    assert float(gamma[2]) == 0.0 and float(d[2]) == np.float32(0.2)
+
+
+def test_joint_gamma_d_is_descent_safe_when_the_gradient_opposes_the_weights():
+    from jaxjpq.methods.geta import joint_gamma_d
+
+    _, v, g, _ = small_cnn()
+    index = unit_index(g, v)
+    p = v["params"]
+    red = jnp.zeros(index.num_units, bool).at[0].set(True)  # one unit of group 0
+    res = _tree_like(p, lambda x: 0.3 * jnp.sign(x))
+    lr = 0.01
+    # ∇f = -x_c (cos_x = -1) and the residual r = 0.3 sign(x_c) (cos_r < 0).
+    upd = _tree_like(p, lambda x: lr * x)
+    d_lo, d_hi = jnp.full((3,), 1e-6), jnp.full((3,), 1e4)
+    gamma, d = joint_gamma_d(index, p, res, upd, red, jnp.asarray(0, jnp.int32), 4,
+                             (d_lo, d_hi))
+    sq = lambda t: float(unit_sum(index, lambda a: a * a, t)[0])  # noqa: E731
+    n_x, n_r, n_u = np.sqrt(sq(p)), np.sqrt(sq(res)), np.sqrt(sq(upd))
+    cos_r = -float(unit_sum(index, lambda a, b: a * b, res, upd)[0]) / (n_r * n_u)
+    assert cos_r < 0
+    want_gamma = (1 - 0.999) * n_u / n_x  # -(1-η)‖u‖ / (cos_x ‖x‖), cos_x = -1
+    np.testing.assert_allclose(gamma[0], want_gamma, rtol=1e-5)
+    np.testing.assert_allclose(d[0], -0.9 * 0.999 * n_u / (want_gamma * cos_r * n_r), rtol=1e-5)
+    # A d below d(b_u) scales γ and d by 0.8 and 1/0.8 until it is not.
+    gamma2, d2 = joint_gamma_d(index, p, res, upd, red, jnp.asarray(0, jnp.int32), 4,
+                               (jnp.full((3,), float(d[0]) * 2.0), d_hi))
+    np.testing.assert_allclose(d2[0], float(d[0]) / 0.8**4, rtol=1e-5)  # 1.25^4 > 2 > 1.25^3
+    np.testing.assert_allclose(gamma2[0], want_gamma * 0.8**4, rtol=1e-5)
+
+
+def test_reference_saliency_is_cos_plus_one_normalised_by_its_l2_norm():
+    from jaxjpq.methods.geta import reference_saliency
+
+    _, v, g, _ = small_cnn()
+    index = unit_index(g, v)
+    p = v["params"]
+    grads = _tree_like(p, lambda x: jnp.cos(7.0 * x))
+    live = jnp.ones(index.num_units, bool).at[3].set(False)
+    got = reference_saliency(index, p, grads, live, (0.0, 0.0, 1.0, 0.0, 0.0))
+    x2 = np.asarray(unit_sum(index, lambda a: a * a, p))
+    g2 = np.asarray(unit_sum(index, lambda a: a * a, grads))
+    gx = np.asarray(unit_sum(index, lambda a, b: a * b, grads, p))
+    cos1 = gx / (np.sqrt(x2) + 1e-8) / (np.sqrt(g2) + 1e-8) + 1.0
+    norm = np.sqrt(np.sum(np.where(np.asarray(live), cos1**2, 0.0)))
+    np.testing.assert_allclose(got, cos1 / norm, rtol=1e-5)
+
+
+def test_projection_keeps_the_start_bits_in_its_first_period():
+    model, v, g, x, spec, cstate = geta_setup()
+    sched = make_schedule(12, warmup=0, projection_periods=2, projection_steps=2,
+                          joint_periods=1, period_steps=2)
+    tx = geta(optax.sgd(0.0), steps=12, schedule=sched, quant_lr=0.0, bit_reduction=3.0)
+    _, _, _, hist = run_steps(model, v, g, x, spec, cstate, 4, tx)
+    start = float(cstate.spec.init_bits)
+    for step, upper in [(1, start), (3, start - 3.0)]:
+        cs = hist[step][1]
+        b = max(float(np.max(params_bits(p, True))) for n, p in cs.weight.items()
+                if n not in cs.frozen)
+        np.testing.assert_allclose(b, upper, rtol=1e-5)
+
+
+@pytest.mark.parametrize("joint_rule,saliency_rule", [("reference", "reference"),
+                                                      ("plain", "reference")])
+def test_reference_rules_meet_sparsity_with_bits_in_range(joint_rule, saliency_rule):
+    chex.clear_trace_counter()  # run_steps' step function is one per call
+    model, v, g, x, spec, cstate = geta_setup()
+    steps = 40
+    tx = geta(optax.sgd(0.05, momentum=0.9), steps=steps, joint_rule=joint_rule,
+              saliency_rule=saliency_rule, project_activations=False, cooldown_clips=True)
+    params, cs, _, _ = run_steps(model, v, g, x, spec, cstate, steps, tx)
+    index = unit_index(g, v)
+    assert int((index.flat_masks(cs.masks) < 0.5).sum()) == round(0.5 * index.num_units)
+    assert all(np.isfinite(np.asarray(a)).all() for a in jax.tree.leaves((params, cs)))
+    sm = g.site_map
+    for table, signed in ((cs.weight, lambda n: True), (cs.act, lambda n: sm[n].signed_input)):
+        for name, p in table.items():
+            if name not in cs.frozen:
+                b = np.asarray(params_bits(p, signed(name)))
+                assert np.all(b >= 2.0 - 1e-4) and np.all(b <= 4.0 + 1e-4), (name, b)
+                np.testing.assert_allclose(b, np.round(b), atol=1e-4)
+
+
+def test_geta_rejects_unknown_rules():
+    with pytest.raises(ValueError, match="joint_rule"):
+        geta(optax.sgd(0.1), steps=10, joint_rule="paper")
+    with pytest.raises(ValueError, match="saliency_rule"):
+        geta(optax.sgd(0.1), steps=10, saliency_rule="cos")

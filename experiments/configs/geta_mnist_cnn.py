@@ -25,4 +25,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.method.schedule = (0.1, 0.1, 0.2)  # warm-up, projection, joint (fractions of the steps)
     c.method.cooldown_clips = False  # True: clips q_m keep training in cool-down (bits fixed)
     c.method.unit_multiple = 1  # kept widths a multiple of this (e.g. 8 for accelerator kernels)
+    c.method.saliency_rule = "jaxjpq"  # or "reference": cos+1, L2-normalised scores
+    c.method.joint_rule = "plain"  # or "reference": descent-safe forget rate, d toward d(b_l)
+    c.method.project_activations = True  # False: activation bits free until the cool-down
     return c

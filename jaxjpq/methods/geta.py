@@ -4,15 +4,20 @@ Four stages over a fixed step budget, chosen inside one jitted ``update`` from t
 
 1. warm-up: inner optimizer on the weights, SGD (``quant_lr``) on the quantizers' ``d, q_m, t``
    (a step may at most halve ``q_m``, see :func:`_quant_update`);
-2. projection (``projection_periods`` × ``projection_steps``): the upper bit limit starts at
-   ``spec.init_bits`` and drops by ``bit_reduction`` per period down to ``b_u``; after every
-   quantizer step ``d`` alone is projected onto ``[d(b_upper), d(b_l)]`` (partial projection);
+2. projection (``projection_periods`` × ``projection_steps``): the upper bit limit is
+   ``spec.init_bits`` in the first period and drops by ``bit_reduction`` at the start of each
+   later one, never below ``b_u``; after every quantizer step ``d`` alone is projected onto
+   ``[d(b_upper), d(b_l)]`` (partial projection);
 3. joint (``joint_periods`` × ``period_steps``): at each period start the lowest-saliency units not
    yet pruned are chosen (the period's share of the target); during the period they take the
-   ordinary step plus ``-γ_k · Q(x)`` with forget rate ``γ_k = 1 / (P - k)``, and at its end they
-   are set to exactly zero and their masks to 0;
-4. cool-down: every quantizer's bits are rounded to an integer in ``[b_l, b_u]`` and frozen, masks
-   stay frozen, the remaining weights keep training.
+   ordinary step plus ``-γ · Q(x)`` and at its end they are set to exactly zero and their masks
+   to 0. With ``joint_rule="reference"`` the forget rate ``γ`` and the step ``d`` of the weight
+   quantizers of a group that holds redundant units follow the reference's descent-safe rule
+   (:func:`joint_gamma_d`): ``γ = 1 / (P - k)`` when ``cos(x_R, ∇f) ≥ 0``, a small safe rate
+   otherwise, and ``d = d(b_l)`` (the fewest bits) when the quantization residual and the gradient
+   agree; ``joint_rule="plain"``: ``γ = 1 / (P - k)`` always and ``d`` the projected SGD step;
+4. cool-down: every quantizer's bits are rounded to an integer in ``[b_l, b_u]`` and kept there,
+   masks stay frozen, the remaining weights keep training.
 
 Use it as the last transform of a chain over the pair, e.g.
 ``optax.chain(optax.clip_by_global_norm(1.0), jaxjpq.geta(optax.sgd(0.1), steps=...))``;
@@ -32,13 +37,25 @@ import numpy as np
 import optax
 
 from jaxjpq.compress import quantize_weights
-from jaxjpq.graph import Graph, kept
+from jaxjpq.graph import Graph, kept, leaf, put_layers, set_leaf
 from jaxjpq.methods import core
-from jaxjpq.quant import QuantParams, clip_sgd_step
-from jaxjpq.state import CompressionState
+from jaxjpq.quant import (
+    QuantParams,
+    bits_from_step,
+    broadcast_params,
+    clip_sgd_step,
+    step_from_bits,
+)
+from jaxjpq.state import CompressionState, site_quantizer
 from jaxjpq.units import UnitIndex, unit_broadcast, unit_index, unit_sum
 
 SCORES = ("magnitude", "cosine", "taylor1", "taylor2", "quant_error")
+# The reference implementation's five scores (``saliency_rule="reference"``).
+REFERENCE_SCORES = ("magnitude", "avg_magnitude", "cosine_plus_one", "taylor1", "taylor2")
+SALIENCY_RULES = ("jaxjpq", "reference")
+JOINT_RULES = ("reference", "plain")
+# Constants of the reference's descent-safe forget rate and step size (eta, zeta, shrink factor).
+_ETA, _ZETA, _BACKOFF = 0.999, 0.9, 0.8
 _EPS = 1e-12
 # Fractions of the steps for warm-up, projection and joint stage (cool-down: the rest). The joint
 # stage ends at 40 % so that the pruned model recovers while a decaying learning rate is still
@@ -174,6 +191,119 @@ def saliency(
     return total
 
 
+def reference_saliency(
+    index: UnitIndex,
+    params: Mapping,
+    grads: Mapping,
+    live: jax.Array,
+    weights: Sequence[float] = (0.2,) * 5,
+) -> jax.Array:
+    """Importance ``[U]`` by the reference implementation's rule (order:
+    :data:`REFERENCE_SCORES`): ``‖x‖``, ``‖x‖ / n`` (``n`` the unit's parameter entries),
+    ``cos(x, ∇f) + 1``, ``|⟨∇f, x⟩|`` and ``½ ⟨∇f, x⟩²``, each divided by its L2 norm over the
+    live units, then combined with ``weights``."""
+    x2 = unit_sum(index, lambda x: x * x, params)
+    g2 = unit_sum(index, lambda g: g * g, grads)
+    gx = unit_sum(index, lambda g, x: g * x, grads, params)
+    n = unit_sum(index, jnp.ones_like, params)
+    mag = jnp.sqrt(x2)
+    scores = (
+        mag,
+        mag / jnp.maximum(n, 1.0),
+        gx / ((mag + 1e-8) * (jnp.sqrt(g2) + 1e-8)) + 1.0,
+        jnp.abs(gx),
+        0.5 * gx * gx,
+    )
+    total = jnp.zeros_like(mag)
+    for w, sc in zip(weights, scores, strict=True):
+        norm = jnp.sqrt(jnp.sum(jnp.where(live, sc * sc, 0.0)))
+        total = total + w * sc / (norm + _EPS)
+    return total
+
+
+def clipped_and_residual(params: Mapping, state: CompressionState) -> tuple[dict, dict]:
+    """``(x_c, r)`` trees shaped like ``params``: on a quantized site's weight ``x_c = sign(x) ·
+    min(|x|, q_m)^t`` and the rounding residual ``r = sign(x) · (round(x_c / d) - x_c / d)`` (in
+    steps); on every other leaf ``x_c = x`` and ``r = 0``."""
+    variables = {"params": params}
+    clip_tree = {"params": jax.tree.map(lambda a: a, dict(params))}
+    res_tree = {"params": jax.tree.map(jnp.zeros_like, dict(params))}
+    pieces: dict = {}
+    for site in state.graph.sites:
+        if site.name not in state.weight:
+            continue
+        w = site.take(leaf(variables, site.weight))
+        q = broadcast_params(site_quantizer(state, "weight", site.name), w.ndim, site.out_axes)
+        m = jnp.minimum(jnp.abs(w), q.q_m)
+        y = jnp.where(m > 0, jnp.power(jnp.where(m > 0, m, 1.0), q.t), 0.0)
+        sign = jnp.sign(w)
+        pieces.setdefault(site.weight, []).append((site, sign * y, sign * (jnp.round(y / q.d)
+                                                                             - y / q.d)))
+    for key, ps in pieces.items():
+        set_leaf(clip_tree, key, put_layers(leaf(variables, key), [(s, a) for s, a, _ in ps], jnp))
+        set_leaf(res_tree, key, put_layers(leaf(res_tree, key), [(s, r) for s, _, r in ps], jnp))
+    return clip_tree["params"], res_tree["params"]
+
+
+def joint_gamma_d(
+    index: UnitIndex,
+    clipped: Mapping,
+    residual: Mapping,
+    updates: Mapping,
+    redundant: jax.Array,
+    k: jax.Array,
+    period_steps: int,
+    d_range: tuple[jax.Array, jax.Array],
+) -> tuple[jax.Array, jax.Array]:
+    """The reference's forget rate and weight step of every group in the joint stage.
+
+    Over a group's redundant units, with ``u`` the inner optimizer's update (``-lr · ∇f`` for
+    SGD) and ``cos_x = cos(x_c, -u)``, ``cos_r = cos(r, -u)``:
+
+    - ``γ = 0`` when ``x_c`` is already zero, ``1 / (P - k)`` when ``cos_x ≥ 0``, else
+      ``-(1 - η) ‖u‖ / (cos_x ‖x_c‖)``;
+    - ``d = d(b_l)`` when ``cos_r ≥ 0`` or ``γ = 0``, else ``-ζ η ‖u‖ / (γ cos_r ‖r‖)``; where
+      that is below ``d(b_u)``, ``γ`` and ``d`` are scaled by 0.8 and 1/0.8 until it is not; then
+      ``d ≤ d(b_l)``.
+
+    Args:
+      clipped, residual: :func:`clipped_and_residual` trees; updates: like params.
+      redundant: bool ``[U]``; k: step in the period (int32 scalar); period_steps: ``P``.
+      d_range: ``(d(b_u), d(b_l)) [G]`` of each group (its largest ``q_m^t``).
+
+    Returns:
+      ``(γ [G], d [G])``; a group without redundant units gets ``γ = 0, d = d(b_l)``.
+    """
+    seg = jnp.asarray(index.group_of_unit)
+    red = redundant.astype(jnp.float32)
+
+    def gsum(fn, *trees):
+        return jax.ops.segment_sum(unit_sum(index, fn, *trees) * red, seg, index.num_groups)
+
+    xu = gsum(lambda a, u: a * u, clipped, updates)
+    ru = gsum(lambda a, u: a * u, residual, updates)
+    n_x = jnp.sqrt(gsum(lambda a: a * a, clipped))
+    n_r = jnp.sqrt(gsum(lambda a: a * a, residual))
+    n_u = jnp.sqrt(gsum(lambda a: a * a, updates))
+    eps = 1e-8
+    cos_x = -xu / (jnp.maximum(n_x, eps) * n_u)
+    cos_r = -ru / (jnp.maximum(n_r, eps) * n_u)
+    plain = 1.0 / (period_steps - k).astype(jnp.float32)
+    safe = -(1.0 - _ETA) * n_u / (jnp.where(cos_x < 0, cos_x, -1.0) * jnp.maximum(n_x, eps))
+    gamma = jnp.where(cos_x >= 0, plain, safe)
+    gamma = jnp.where((n_x < eps) | ~jnp.isfinite(cos_x), 0.0, gamma)
+    d_lo, d_hi = d_range
+    lower_d = (cos_r >= 0) | (gamma == 0) | ~jnp.isfinite(cos_r)
+    denom = jnp.where(lower_d, -1.0, gamma * cos_r * jnp.maximum(n_r, eps))
+    d = -_ZETA * _ETA * n_u / denom
+    # the reference's loop "γ *= 0.8; d /= 0.8 while d < d(b_u)" in closed form
+    n = jnp.ceil(jnp.log(jnp.maximum(d_lo / jnp.maximum(d, 1e-30), 1.0)) / jnp.log(1 / _BACKOFF))
+    scale = _BACKOFF**n
+    gamma = jnp.where(lower_d, gamma, gamma * scale)
+    d = jnp.where(lower_d, d_hi, jnp.minimum(d_hi, d / scale))
+    return gamma, d
+
+
 def unit_costs(graph: Graph, index: UnitIndex) -> np.ndarray:
     """float ``[U]``: MACs per example one unit accounts for, relative to the mean over units.
 
@@ -208,6 +338,34 @@ def _sgd_projected(table, grads, signed, frozen, lr, b_lo, b_upper):
     return core.map_learned(table, frozen, step)
 
 
+def _reference_joint(index, c, weight, p, u_p, redundant, k, period_steps, b_lo, b_hi, in_joint):
+    """``(weight table, γ [G])``: :func:`joint_gamma_d` applied to the stepped weight
+    quantizers ``weight``; each group holding redundant units sets its sites' ``d`` to the bits
+    of its step (every site at its own ``q_m``, ``t``)."""
+    pos = {gid: j for j, gid in enumerate(index.group_ids)}
+    sites = [s for s in c.graph.sites
+             if s.name in weight and s.name not in c.frozen and s.out_group in pos]
+    qt = jnp.zeros((index.num_groups,), jnp.float32)
+    for site in sites:
+        q = weight[site.name]
+        qt = qt.at[pos[site.out_group]].max(jnp.max(jnp.power(q.q_m, q.t)))
+    # the residual at the step the weights were quantized with, the clip and exponent stepped
+    table = {n: q.replace(d=c.weight[n].d) for n, q in weight.items()}
+    clipped, residual = clipped_and_residual(p, c.replace(weight=table))
+    d_range = (step_from_bits(b_hi, qt), step_from_bits(b_lo, qt))
+    gamma, d = joint_gamma_d(index, clipped, residual, u_p, redundant, k, period_steps, d_range)
+    seg = jnp.asarray(index.group_of_unit)
+    active = in_joint & (jax.ops.segment_sum(redundant.astype(jnp.int32), seg,
+                                             index.num_groups) > 0)
+    bits = bits_from_step(d, jnp.maximum(qt, 1e-30))
+    out = dict(weight)
+    for site in sites:
+        j, q = pos[site.out_group], weight[site.name]
+        out[site.name] = q.replace(d=jnp.where(active[j], step_from_bits(bits[j], q.q_m, q.t),
+                                               q.d))
+    return out, gamma
+
+
 def geta(
     inner: optax.GradientTransformation,
     *,
@@ -221,6 +379,9 @@ def geta(
     allocation: str = "global",
     cooldown_clips: bool = False,
     unit_multiple: int = 1,
+    saliency_rule: str = "jaxjpq",
+    joint_rule: str = "plain",
+    project_activations: bool = True,
 ) -> optax.GradientTransformation:
     """GETA (QASSO) over ``(params, compression_state)``.
 
@@ -252,6 +413,16 @@ def geta(
         whole quantizer is frozen.
       unit_multiple: keep every group's kept width a multiple of this (e.g. 8 or 16 for
         accelerator kernels); the sparsity is then met to within the rounding.
+      saliency_rule: ``"jaxjpq"`` (:func:`saliency`) or ``"reference"``
+        (:func:`reference_saliency`, the reference implementation's scores; ``saliency_weights``
+        then weigh :data:`REFERENCE_SCORES`).
+      joint_rule: ``"plain"`` (forget rate ``1 / (P - k)``, ``d`` by projected SGD) or
+        ``"reference"`` (:func:`joint_gamma_d`: descent-safe forget rate, and the weight step of
+        a group with redundant units set toward ``d(b_l)``; the mechanism by which the reference
+        lowers bits in the joint stage).
+      project_activations: project the activation quantizers' ``d`` onto the bit range too
+        (default); False (the reference) trains them by plain SGD until the cool-down, which
+        rounds them into ``[b_l, b_u]``.
 
     Returns:
       A transform whose ``update(updates, state, params)`` takes gradient and parameter pairs
@@ -265,6 +436,10 @@ def geta(
         raise ValueError(f"saliency_weights needs {len(SCORES)} entries, one per {SCORES}.")
     if int(unit_multiple) < 1:
         raise ValueError(f"unit_multiple must be >= 1, got {unit_multiple}.")
+    if saliency_rule not in SALIENCY_RULES:
+        raise ValueError(f"saliency_rule must be one of {SALIENCY_RULES}, got {saliency_rule!r}.")
+    if joint_rule not in JOINT_RULES:
+        raise ValueError(f"joint_rule must be one of {JOINT_RULES}, got {joint_rule!r}.")
     sched = schedule or make_schedule(steps)
     if sched.steps != steps:
         raise ValueError(f"schedule.steps={sched.steps} differs from steps={steps}.")
@@ -303,9 +478,9 @@ def geta(
 
     def update(g_p, g_c, p, c, state):
         target, b_lo, b_hi, start_bits = config(c)
-        # Upper bit limit per projection period: init_bits - bit_reduction·(p + 1), floored.
+        # Upper bit limit of projection period p (0-based): init_bits - bit_reduction·p, floored.
         proj_upper = jnp.maximum(
-            b_hi, start_bits - bit_reduction * jnp.arange(1, max(sched.projection_periods, 1) + 1)
+            b_hi, start_bits - bit_reduction * jnp.arange(max(sched.projection_periods, 1))
         )
         index = units(c, p)
         counts = jnp.asarray(core.period_counts(index, target, sched.joint_periods), jnp.int32)
@@ -326,7 +501,10 @@ def geta(
         qp = quantize_weights({"params": p}, c)["params"]
 
         def choose(_):
-            imp = saliency(index, p, g_p, qp, ~pruned, saliency_weights)
+            if saliency_rule == "reference":
+                imp = reference_saliency(index, p, g_p, ~pruned, saliency_weights)
+            else:
+                imp = saliency(index, p, g_p, qp, ~pruned, saliency_weights)
             # x**0 == 1 exactly, so the default keeps the paper's rule; traced under
             # inject_hyperparams, hence no Python branch.
             imp = imp / jnp.asarray(unit_costs(c.graph, index), jnp.float32) ** cost_power
@@ -337,14 +515,6 @@ def geta(
         redundant, imp = jax.lax.cond(
             in_joint & (k == 0), choose, lambda _: (state.redundant, state.saliency), None
         )
-        gamma = jnp.where(in_joint, 1.0 / (sched.period_steps - k).astype(jnp.float32), 0.0)
-        shrink = unit_broadcast(index, redundant.astype(jnp.float32), p)
-        u_p = jax.tree.map(lambda u, q, r: u - gamma * r * q, u_p, qp, shrink)
-        period_end = in_joint & (k == sched.period_steps - 1)
-        pruned_new = pruned | (redundant & period_end)
-        u_p = core.hold(index, u_p, p, pruned_new, c)
-        new_masks = index.split(jnp.where(pruned_new, 0.0, mask_units))
-
         b_upper = jnp.where(
             s < sched.warmup,
             start_bits,
@@ -354,15 +524,33 @@ def geta(
         lr = jnp.asarray(quant_lr, jnp.float32)
         w_signed, a_signed = core.signedness(c)
 
-        def quant(table, grads, signed):
-            train = _sgd_projected(table, grads, signed, c.frozen, lr, b_lo, b_upper)
+        def quant(table, grads, signed, project=True):
+            hi = b_upper if project else jnp.float32(32.0)
+            lo = b_lo if project else 1.0
+            train = _sgd_projected(table, grads, signed, c.frozen, lr, lo, hi)
             cool = core.fixed_bits_step(table, grads, signed, c.frozen, lr=lr, b_lo=b_lo,
                                         b_hi=b_hi, train_clips=cooldown_clips, train_t=True)
             return jax.tree.map(lambda a, b: jnp.where(cooldown, a, b), cool, train)
 
+        weight = quant(c.weight, g_c.weight, w_signed)
+        group_gamma = jnp.full((index.num_groups,), 1.0, jnp.float32) / (
+            sched.period_steps - k).astype(jnp.float32)
+        if joint_rule == "reference" and index.num_groups:
+            weight, group_gamma = _reference_joint(
+                index, c, weight, p, u_p, redundant, k, sched.period_steps, b_lo, b_hi,
+                in_joint)
+            qp = quantize_weights({"params": p}, c.replace(weight=weight))["params"]
+        gamma_units = jnp.where(in_joint, group_gamma[jnp.asarray(index.group_of_unit)], 0.0)
+        shrink = unit_broadcast(index, redundant.astype(jnp.float32) * gamma_units, p)
+        u_p = jax.tree.map(lambda u, q, r: u - r * q, u_p, qp, shrink)
+        period_end = in_joint & (k == sched.period_steps - 1)
+        pruned_new = pruned | (redundant & period_end)
+        u_p = core.hold(index, u_p, p, pruned_new, c)
+        new_masks = index.split(jnp.where(pruned_new, 0.0, mask_units))
+
         c_new = c.replace(
-            weight=quant(c.weight, g_c.weight, w_signed),
-            act=quant(c.act, g_c.act, a_signed),
+            weight=weight,
+            act=quant(c.act, g_c.act, a_signed, project_activations),
             masks=new_masks,
         )
         new_state = GetaState(

@@ -112,7 +112,10 @@ def _geta_tx(inner, steps, cfg):
                 cost_power=cfg.get("cost_power", 0.0),
                 allocation=cfg.get("allocation", "global"), schedule=schedule,
                 cooldown_clips=cfg.get("cooldown_clips", False),
-                unit_multiple=cfg.get("unit_multiple", 1))
+                unit_multiple=cfg.get("unit_multiple", 1),
+                saliency_rule=cfg.get("saliency_rule", "jaxjpq"),
+                joint_rule=cfg.get("joint_rule", "plain"),
+                project_activations=cfg.get("project_activations", True))
 
 
 def _djpq_init(apply_fn, variables, example, cfg, key):
