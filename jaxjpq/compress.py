@@ -85,16 +85,21 @@ def quantize_weights(variables: Mapping, state: CompressionState) -> dict:
 def transform_variables(
     variables: Mapping, state: CompressionState, gate_key: jax.Array | None = None
 ) -> dict:
-    """``mask ⊙ M ⊙ Q(z ⊙ W)`` for the whole variable tree (what the compressed forward runs
-    with; ``M`` the elementwise masks).
+    """``mask ⊙ z ⊙ M ⊙ Q(W)`` (``state.gate_at == "output"``) or ``mask ⊙ M ⊙ Q(z ⊙ W)``
+    (``"weights"``) for the whole variable tree (what the compressed forward runs with; ``M``
+    the elementwise masks).
 
     ``z`` are the VIB gates of ``state.gates`` (none: 1): sampled with ``gate_key``, else ``μ``.
     """
     graph = check_state(state)
     check_variables(graph, variables)
-    if state.gates:
-        variables = apply_masks(graph, variables, gates_lib.values(state.gates, gate_key))
-    return apply_masks(graph, quantize_weights(variables, state), state.masks)
+    z = gates_lib.values(state.gates, gate_key) if state.gates else None
+    if z is not None and state.gate_at == "weights":
+        variables = apply_masks(graph, variables, z)
+    out = quantize_weights(variables, state)
+    if z is not None and state.gate_at == "output":
+        out = apply_masks(graph, out, z)
+    return apply_masks(graph, out, state.masks)
 
 
 def act_quantized_apply(apply_fn: Callable, graph: Graph, *, check_finite: bool = False

@@ -369,7 +369,7 @@ def deploy(variables: Any, state: CompressionState | None = None, *, path: str =
             warnings.warn(f"deploying a state that misses its budget: {miss}.", stacklevel=2)
     # float leaves as the compressed forward has them (a site above 8 bits: M ⊙ Q(W))
     compressed = transform_variables(variables, state)
-    folded = gates_lib.fold(graph, variables, state.gates) if state.gates else variables
+    folded, state = gates_lib.fold_state(state, variables)
     masked = apply_masks(graph, folded, state.masks)
     sites_of: dict = {}
     for s in graph.sites:

@@ -264,13 +264,13 @@ def pack(variables: Mapping, state: CompressionState | None = None) -> PackedMod
     channel with no kept weight takes no bits). A site with elementwise masks stores its kept
     positions (bitmap or list) and the codes of the kept nonzero weights only. VIB gates
     (``state.gates``) are folded into the weights first (their test-time ``μ``), as the
-    deterministic compressed forward applies them."""
+    deterministic compressed forward applies them (:func:`jaxjpq.gates.fold_state`)."""
     if state is None and isinstance(variables, CompressedParams):
         variables, state = variables.variables, variables.compression
     graph = check_state(state)
     check_variables(graph, variables)
     if state.gates:
-        variables = gates_lib.fold(graph, variables, state.gates)
+        variables, state = gates_lib.fold_state(state, variables)
     masked = apply_masks(graph, variables, state.masks)
     sites_of: dict = {}
     for s in graph.sites:

@@ -2,9 +2,11 @@
 
 Gate ``c`` of group ``g`` is ``z_c = μ_c + σ_c · ε`` (``ε ~ N(0, 1)``) in training and ``μ_c`` at
 test time. It scales unit ``c``'s ``params`` slices of its group (the producers' output channels:
-kernel, bias, norm scale/bias) *before* weight quantization, so residual-tied channels share one
-gate and folding ``μ`` into the weights (:func:`fold`) is exact. Pruning rule: unit ``c`` is pruned
-when ``log σ_c² − log μ_c² > θ``.
+kernel, bias, norm scale/bias), so residual-tied channels share one gate. Where
+(``CompressionState.gate_at``): ``"output"`` (the paper) multiplies the quantized weights, so the
+gate scales the layer's output channel, ``z ⊙ Q(W)``; ``"weights"`` multiplies them before
+quantization, ``Q(z ⊙ W)``. :func:`fold_state` folds ``μ`` exactly for both. Pruning rule: unit
+``c`` is pruned when ``log σ_c² − log μ_c² > θ``.
 
 Per unit:
 
@@ -25,7 +27,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from jaxjpq.graph import Graph
+from jaxjpq.graph import Graph, leaf
+from jaxjpq.quant import QuantParams
 from jaxjpq.slim import apply_masks
 
 _TINY = 1e-20
@@ -108,3 +111,58 @@ def fold(graph: Graph, variables: Mapping, gates: Mapping[str, Gate]) -> dict:
     The deterministic gated forward of ``variables`` equals the ungated forward of the result.
     """
     return apply_masks(graph, variables, values(gates))
+
+
+def _channel_mu(graph: Graph, variables: Mapping, mu: Mapping[str, jax.Array]) -> dict:
+    """``{site: μ along its output axes}`` for every site whose weight a gate scales."""
+    ones = jax.tree.map(jnp.ones_like, dict(variables))
+    scaled = apply_masks(graph, ones, mu)
+    out = {}
+    for s in graph.sites:
+        if s.out_group not in mu:
+            continue
+        w = s.take(leaf(scaled, s.weight))
+        for a in sorted(set(range(w.ndim)) - {a % w.ndim for a in s.out_axes}, reverse=True):
+            w = jnp.take(w, 0, axis=a)
+        out[s.name] = w
+    return out
+
+
+def fold_state(state, variables: Mapping, *, strict: bool = True) -> tuple[dict, object]:
+    """``(variables, state)`` with the gates' test-time ``μ`` folded in and the gates at 1: the
+    deterministic compressed forward is unchanged.
+
+    ``gate_at="weights"``: ``μ`` multiplies the group's ``params`` slices. ``"output"``: the
+    same, and each gated site's weight quantizer has ``d`` and ``q_m`` scaled by ``|μ|`` per
+    channel (``μ Q(W) = Q_{|μ| d, |μ| q_m}(μ W)`` for ``t = 1``). A per-tensor quantizer whose
+    kept channels have unequal ``|μ|`` cannot hold that scale: ``ValueError`` when ``strict``
+    (concrete states only), else its channels keep ``Q(μ W)``.
+    """
+    graph, gates = state.graph, state.gates
+    if not gates:
+        return dict(variables), state
+    mu = values(gates)
+    new_vars = apply_masks(graph, variables, mu)
+    weight = dict(state.weight)
+    if state.gate_at == "output":
+        for name, m in _channel_mu(graph, variables, mu).items():
+            if name not in weight:
+                continue
+            p, a = weight[name], jnp.abs(m)
+            a = jnp.where(a > 0, a, 1.0)  # a zero gate zeroes the weights: any step holds them
+            if jnp.ndim(p.d) == 0:
+                keep = jnp.asarray(state.masks[graph.site_map[name].out_group]) > 0.5
+                lo = jnp.min(jnp.where(keep, a, jnp.inf))
+                hi = jnp.max(jnp.where(keep, a, -jnp.inf))
+                if strict and not isinstance(lo, jax.core.Tracer) and float(hi) > float(lo) * (
+                        1 + 1e-6):
+                    raise ValueError(
+                        f"site {name}: VIB gates at the layer output over a per-tensor weight "
+                        f"quantizer with unequal gates ({float(lo):.4g}..{float(hi):.4g}) have "
+                        "no exact folded form; finish the gate search (djpq folds the gates at "
+                        "its end), or use CompressionSpec(per_channel=True).")
+                a = jnp.where(jnp.isfinite(lo) & (hi <= lo * (1 + 1e-6)), lo, 1.0)
+            else:
+                a = a.reshape(jnp.shape(p.d))
+            weight[name] = QuantParams(d=p.d * a, q_m=p.q_m * a, t=p.t)
+    return new_vars, state.replace(weight=weight, gates=folded(gates))

@@ -16,12 +16,78 @@ from jaxjpq.state import CompressionSpec, boolean_masks, init_state
 from jaxjpq.trace import trace
 
 
-def _setup(target=0.05, bits=(2.0, 8.0), pow2=False):
+def _setup(target=0.05, bits=(2.0, 8.0), pow2=False, gate_at="output", per_channel=False):
     model, v, _, x = small_cnn()
     g = trace(model.apply, v, x)
-    spec = CompressionSpec(bits=bits, budget={"bops": target}, power_of_two=pow2, init_bits=8.0)
-    cstate = djpq.init_state(g, spec, v, key=jax.random.key(0), log_sigma2=-3.0)
+    spec = CompressionSpec(bits=bits, budget={"bops": target}, power_of_two=pow2, init_bits=8.0,
+                           per_channel=per_channel)
+    cstate = djpq.init_state(g, spec, v, key=jax.random.key(0), log_sigma2=-3.0,
+                             gate_at=gate_at)
     return model, v, g, x, spec, cstate
+
+
+def _random_mu(c, seed=5):
+    k = jax.random.key(seed)
+    return c.replace(gates={
+        gid: gates.Gate(mu=jax.random.uniform(jax.random.fold_in(k, i), gt.mu.shape, minval=0.2,
+                                              maxval=1.5), log_sigma2=gt.log_sigma2)
+        for i, (gid, gt) in enumerate(c.gates.items())
+    })
+
+
+def test_the_gate_multiplies_the_layer_output_after_quantization():
+    import flax.linen as nn
+
+    class One(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            h = nn.Dense(6)(x)
+            return nn.Dense(3)(nn.relu(h))
+
+    model = One()
+    x = jax.random.normal(jax.random.key(0), (4, 5))
+    v = model.init(jax.random.key(1), x)
+    g = trace(model.apply, v, x)
+    spec = CompressionSpec(bits=(2.0, 4.0), init_bits=3.0, skip=(), quantize_activations=False)
+    c = djpq.init_state(g, spec, v, key=jax.random.key(0))
+    (gid,) = c.gates
+    mu = jnp.linspace(0.3, 1.7, 6)
+    c = c.replace(gates={gid: gates.Gate(mu=mu, log_sigma2=c.gates[gid].log_sigma2)})
+    # The first layer's output, quantized weights then gate: z ⊙ (x Q(W) + b).
+    from jaxjpq.compress import quantize_weights
+    qv = quantize_weights(v, c)["params"]
+    hidden = mu * (x @ qv["Dense_0"]["kernel"] + qv["Dense_0"]["bias"])
+    want = nn.relu(hidden) @ qv["Dense_1"]["kernel"] + qv["Dense_1"]["bias"]
+    got = compress_apply(model.apply)(v, c, x)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    # "weights" gates before quantization: a different function of μ.
+    before = compress_apply(model.apply)(v, c.replace(gate_at="weights"), x)
+    assert not np.allclose(before, want, atol=1e-4)
+
+
+@pytest.mark.parametrize("gate_at,per_channel", [("output", True), ("weights", False)])
+def test_folding_the_gates_keeps_the_forward(gate_at, per_channel):
+    model, v, g, x, spec, c = _setup(gate_at=gate_at, per_channel=per_channel)
+    c = _random_mu(c)
+    fn = compress_apply(model.apply)
+    y = fn(v, c, x)
+    fv, fc = gates.fold_state(c, v)
+    np.testing.assert_allclose(fn(fv, fc, x), y, rtol=1e-5, atol=1e-5)
+    infer = export.inference_fn(export.pack(v, c), model.apply, g)
+    np.testing.assert_allclose(infer(x), y, rtol=1e-4, atol=1e-4)
+
+
+def test_output_gates_over_a_per_tensor_quantizer_have_no_exact_fold():
+    model, v, g, x, spec, c = _setup(gate_at="output", per_channel=False)
+    with pytest.raises(ValueError, match="no exact folded form"):
+        gates.fold_state(_random_mu(c), v)
+    # Equal gates fold exactly (the quantizer's step takes the common factor).
+    c_eq = c.replace(gates={gid: gates.Gate(mu=jnp.full_like(gt.mu, 0.7),
+                                            log_sigma2=gt.log_sigma2)
+                            for gid, gt in c.gates.items()})
+    fn = compress_apply(model.apply)
+    fv, fc = gates.fold_state(c_eq, v)
+    np.testing.assert_allclose(fn(fv, fc, x), fn(v, c_eq, x), rtol=1e-5, atol=1e-5)
 
 
 def test_gate_formulas():
@@ -42,7 +108,7 @@ def test_gate_formulas():
 def test_deterministic_gates_equal_folded_weights():
     """The gated forward with z = μ equals the ungated forward of the folded weights, and the
     packed export (which folds the gates) reproduces it."""
-    model, v, g, x, spec, c = _setup()
+    model, v, g, x, spec, c = _setup(gate_at="weights")
     k = jax.random.key(5)
     c = c.replace(gates={
         gid: gates.Gate(mu=jax.random.uniform(jax.random.fold_in(k, i), gt.mu.shape, minval=0.2,

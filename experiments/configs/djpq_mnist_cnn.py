@@ -27,4 +27,5 @@ def get_config() -> ml_collections.ConfigDict:
     c.method.margin = 0.1  # the search aims at (1 - margin) * target
     c.method.quant_lr = 1e-2  # Adam on log d, log q_m, gate mu and log sigma^2
     c.method.init_log_sigma2 = -4.0  # initial log variance of the VIB gates
+    c.method.gate_at = "output"  # the gate scales the layer output ("weights": before Q)
     return c

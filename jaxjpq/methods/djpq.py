@@ -78,15 +78,21 @@ def init_state(
     threshold: float = 0.0,
     mu: float = 1.0,
     log_sigma2: float = -4.0,
+    gate_at: str = "output",
 ) -> CompressionState:
     """A :class:`CompressionState` for DJPQ: quantizers with ``t = 1`` (``learn_t`` is forced
     off) at ``spec.init_bits`` and a VIB gate per prunable unit (see :func:`jaxjpq.gates.init`;
-    ``key`` jitters the gates, default ``PRNGKey(0)``)."""
+    ``key`` jitters the gates, default ``PRNGKey(0)``). ``gate_at``: ``"output"`` (the paper:
+    the gate scales the layer's output channel) or ``"weights"`` (it scales the weights before
+    quantization)."""
+    if gate_at not in ("output", "weights"):
+        raise ValueError(f"gate_at must be 'output' or 'weights', got {gate_at!r}.")
     spec = dataclasses.replace(spec, learn_t=False)
     c = init_compression(graph, spec, variables)
     return c.replace(
         gates=gates_lib.init(graph, key, mu=mu, log_sigma2=log_sigma2),
         gate_threshold=float(threshold),
+        gate_at=gate_at,
     )
 
 
@@ -98,6 +104,7 @@ def init(
     threshold: float = 0.0,
     mu: float = 1.0,
     log_sigma2: float = -4.0,
+    gate_at: str = "output",
     **init_kwargs: Any,
 ) -> CompressedParams:
     """:func:`jaxjpq.init` (same arguments: ``model.apply`` or a graph, the variables, example
@@ -106,7 +113,8 @@ def init(
     base = init_pair(model, variables, *example_args, **init_kwargs)
     c = base.compression
     return base._replace(compression=init_state(
-        c.graph, c.spec, variables, key=key, threshold=threshold, mu=mu, log_sigma2=log_sigma2))
+        c.graph, c.spec, variables, key=key, threshold=threshold, mu=mu, log_sigma2=log_sigma2,
+        gate_at=gate_at))
 
 
 def penalty(cstate: CompressionState, gamma1: Any, gamma2: Any) -> jax.Array:
@@ -324,9 +332,8 @@ def djpq(
             p, c_new = args
             ratio = index.flat_masks({g: gates_lib.log_ratio(gt) for g, gt in c_new.gates.items()})
             c_fin = core.enforce_budget(c_new, bops=target, saliency=-ratio, params=p)
-            folded = gates_lib.fold(graph, {"params": p}, c_fin.gates)
+            folded, c_fin = gates_lib.fold_state(c_fin, {"params": p}, strict=False)
             p_new = apply_masks(graph, folded, c_fin.masks)["params"]
-            c_fin = c_fin.replace(gates=gates_lib.folded(c_fin.gates))
             return jax.tree.map(lambda a, b: a - b, p_new, p), c_fin
 
         u_p, c_new = jax.lax.cond(finalize, fold, lambda a: (u_p, a[1]), (p, c_new))
