@@ -190,10 +190,12 @@ def _searched_start(config, model, variables, example, train_src, workdir, floor
     calib = [np.asarray(train_src.get(rng.integers(0, len(train_src), config.batch_size), rng)
                         ["inputs"]) for _ in range(4)]
     state = jaxjpq.calibrate(jaxjpq.compress_apply(model.apply), pretrained, state, calib)
-    for name in state.act:  # activations at b_u; a search picks the weight bits
+    act_bits = float(method.get("act_bits", 0.0) or method.bits[1])
+    for name in state.act:  # activations at act_bits (default b_u); a search picks the weights
         if name not in state.frozen:
-            state = jaxjpq.set_bits(state, name, float(method.bits[1]), kind="act")
-    if "size" in budget:  # the saved directory meets the budget: reserve the container's bytes
+            state = jaxjpq.set_bits(state, name, act_bits, kind="act")
+    if "size" in budget and method.get("size_metric", "export") == "export":
+        # the saved directory meets the budget: reserve the container's bytes
         budget["reserve_bits"] = 8.0 * (_container_bytes(graph, pretrained, state) + 1024)
     return graph, pretrained, state, budget
 

@@ -408,6 +408,26 @@ def relative_size(state: CompressionState, *, soft: bool = False) -> Any:
     return size_bits.__wrapped__(state, soft=soft) / fp32_size_bits(state.graph)
 
 
+@_exact
+def relative_active_size(state: CompressionState, *, soft: bool = False) -> Any:
+    """:func:`active_bytes` over the site weights' float32 bytes (the papers' relative size)."""
+    return active_bytes.__wrapped__(state, soft=soft) * 8.0 / fp32_size_bits(state.graph)
+
+
+SIZE_METRICS = ("export", "active")
+
+
+def relative_size_of(state: CompressionState, metric: str) -> float:
+    """The relative size a size budget of ``metric`` measures: ``"export"``
+    (:func:`relative_model_size`, the saved model's payload) or ``"active"``
+    (:func:`relative_active_size`)."""
+    if metric not in SIZE_METRICS:
+        raise ValueError(f"size metric must be one of {SIZE_METRICS}, got {metric!r}.")
+    if metric == "active":
+        return float(relative_active_size(state))
+    return relative_model_size(state)
+
+
 def model_bits(state: CompressionState) -> float:
     """Bits of the exported model: site codes, sparse indices, scales and the float leaves
     (:func:`size_bits` with ``include_scales`` and ``include_other``)."""

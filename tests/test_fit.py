@@ -263,3 +263,28 @@ def test_least_fit_under_a_bops_budget_keeps_the_inputs_at_their_bits():
         r = fit.search(info, st, v, bops=bops, criterion="least_fit", progress=False)
         assert r.relative_bops <= bops
         assert all(b == 8.0 for b in r.act_bits.values())
+
+
+def test_the_active_size_is_the_kept_weights_at_their_bits():
+    model, v, g, x, y, st, info = _cnn()
+    r = fit.search(info, st, v, size=0.05, size_metric="active", progress=False)
+    out = r.state
+    # Σ nnz · bits / 8 by hand: each site's kept weights at its bits (float sites at 32)
+    want = 0.0
+    for s in g.sites:
+        m = out.weight_masks.get(s.name)
+        nnz = int(np.sum(np.asarray(m) > 0.5)) if m is not None else int(np.prod(s.weight_shape))
+        want += nnz * r.bits[s.name] / 8.0  # the searched bits (32 for a float site)
+    np.testing.assert_allclose(float(cost.active_bytes(out)), want, rtol=1e-6)
+    fp32 = sum(int(np.prod(s.weight_shape)) for s in g.sites) * 4.0
+    assert r.relative_active_size == pytest.approx(want / fp32, rel=1e-6)
+    assert r.relative_active_size <= 0.05
+    # the export metric at the same figure holds indices, scales and float leaves on top
+    assert r.relative_size > r.relative_active_size
+    base = fit.uniform_magnitude(st, v, bits=4.0, size=0.05, size_metric="active")
+    assert base.relative_active_size <= 0.05
+    with pytest.raises(ValueError, match="size_metric"):
+        fit.search(info, st, v, size=0.05, size_metric="disk", progress=False)
+    floor = fit.size_floor(st, size_metric="active")
+    with pytest.raises(ValueError, match="below the smallest reachable"):
+        fit.check_size_budget(st, floor * 0.99, size_metric="active")

@@ -345,6 +345,7 @@ class SearchResult(NamedTuple):
       relative_size: exported model bits / fp32 model bits
         (:func:`jaxjpq.cost.relative_model_size`);
       relative_bops: :func:`jaxjpq.cost.relative_bops`.
+      relative_active_size: :func:`jaxjpq.cost.relative_active_size`.
       fit: FIT of the chosen configuration (:func:`fit_score`).
       nodes_expanded: steps of the path; path: ``[(move, relative figure), ...]``.
     """
@@ -355,6 +356,7 @@ class SearchResult(NamedTuple):
     sparsity: float
     relative_size: float
     relative_bops: float
+    relative_active_size: float
     fit: float
     nodes_expanded: int
     path: list
@@ -464,38 +466,49 @@ def _parts(tables: list[_SiteTable], node: tuple) -> tuple[tuple, tuple, int]:
 
 
 def _figures(tables: list[_SiteTable], counts: np.ndarray, node: tuple, fp32_bits: float,
-             fp32_bops: float, extra_bits: float = 0.0) -> tuple[float, float]:
+             fp32_bops: float, extra_bits: float = 0.0, indices: bool = True
+             ) -> tuple[float, float]:
     """(relative size, relative BOPs) of ``node`` (:func:`_parts`); ``extra_bits`` (scales,
-    float leaves) count in the size."""
+    float leaves) count in the size, and the sparse indices when ``indices``."""
     bi, ai, s = _parts(tables, node)
     size, bops = extra_bits, 0.0
     for t, b, k in zip(tables, bi, counts[:, s], strict=True):
         kept = t.numel - int(k)
         bits = t.bits[b]
-        index = (0.0 if k == 0 or kept == 0
+        index = (0.0 if k == 0 or kept == 0 or not indices
                  else float(cost.sparse_index_bits(kept, t.numel, t.numel)))
         size += kept * bits + index
         bops += t.macs * kept / t.numel * bits * t.a_bits[ai[t.a_src]]
     return size / fp32_bits, bops / fp32_bops
 
 
-def size_floor(state: CompressionState, levels: int = LEVELS) -> float:
-    """A lower bound of the relative size any :func:`search` node reaches, from shapes alone
-    (no Fisher needed): the scales and float leaves plus the weights left at the last sparsity
-    level, each at the lowest bits any site allows, without indices."""
+def size_floor(state: CompressionState, levels: int = LEVELS, size_metric: str = "export"
+               ) -> float:
+    """A lower bound of the relative size (:func:`jaxjpq.cost.relative_size_of`) any
+    :func:`search` node reaches, from shapes alone (no Fisher needed): the weights left at the
+    last sparsity level, each at the lowest bits any site allows, without indices (plus the
+    scales and float leaves for the ``"export"`` metric)."""
     graph = state.graph
     lowest = min((_bit_options(state, n)[-1] for n in state.weight), default=32.0)
     if any(s.name not in state.weight for s in graph.sites):
         lowest = min(lowest, 32.0)
     n = sum(math.prod(s.weight_shape) for s in graph.sites)
     kept = n - int(round(sparsity_levels(levels)[-1] * n))
+    if _active(size_metric):
+        return kept * lowest / cost.fp32_size_bits(graph)
     return (cost.fixed_bits(state) + kept * lowest) / cost.fp32_model_bits(graph)
 
 
+def _active(size_metric: str) -> bool:
+    if size_metric not in cost.SIZE_METRICS:
+        raise ValueError(f"size_metric must be one of {cost.SIZE_METRICS}, got {size_metric!r}.")
+    return size_metric == "active"
+
+
 def check_size_budget(state: CompressionState, size: float,
-                      levels: int = LEVELS) -> None:
+                      levels: int = LEVELS, size_metric: str = "export") -> None:
     """Raise ``ValueError`` before any work when ``size`` is below :func:`size_floor`."""
-    floor = size_floor(state, levels)
+    floor = size_floor(state, levels, size_metric)
     if size < floor:
         raise ValueError(
             f"size budget {size:.4%} is below the smallest reachable configuration (at least "
@@ -516,6 +529,7 @@ def search(
     reserve_bits: float = 0.0,
     criterion: str = "fit",
     progress: bool = True,
+    size_metric: str = "export",
 ) -> SearchResult:
     """The best-first FIT path (module docstring) to ``size`` (the exported model's bits
     relative to the fp32 model's, :func:`jaxjpq.cost.relative_model_size`: codes, indices,
@@ -535,14 +549,19 @@ def search(
     bits), at edge cost ``√(Tr(F_a)·(d'² - d²)/12)``, the FIT term of the input; under a size
     budget inputs keep their bits. Raises ``ValueError`` naming the smallest reachable figure
     when the budget is below it.
+
+    ``size_metric``: ``"export"`` (the default, above) or ``"active"`` (the paper's: the kept
+    weights at their bits over the site weights in float32,
+    :func:`jaxjpq.cost.relative_active_size`; ``reserve_bits`` then ignored).
     """
     kind, alpha = one_budget(size, bops)
+    active = _active(size_metric)
     if criterion not in ("fit", "rate", "least_fit"):
         raise ValueError(f"criterion must be 'fit', 'rate' or 'least_fit', got {criterion!r}.")
     graph = check_state(state)
     lv = sparsity_levels(levels)
     tables, counts = _tables(info, state, variables, lv, act_search=kind == "bops")
-    figure = _figure_fn(state, tables, counts, kind, reserve_bits)
+    figure = _figure_fn(state, tables, counts, kind, reserve_bits, active)
     floor_node = (*[len(t.bits) - 1 for t in tables], *[len(t.a_bits) - 1 for t in tables],
                   len(lv) - 1)
     floor = figure(floor_node)
@@ -560,9 +579,12 @@ def search(
         node, c, path = _path(tables, counts, figure, alpha, lv, criterion, kind, progress)
         expanded = len(path)
     out = _to_state(state, tables, counts, node)
-    exact = (cost.relative_model_size(out) + reserve_bits / cost.fp32_model_bits(graph)
-             if kind == "size"
-             else float(cost.relative_bops(out)))
+    if kind == "bops":
+        exact = float(cost.relative_bops(out))
+    elif active:
+        exact = float(cost.relative_active_size(out))
+    else:
+        exact = cost.relative_model_size(out) + reserve_bits / cost.fp32_model_bits(graph)
     if exact > alpha + 1e-12:
         raise AssertionError(f"fit search: the exact {kind} {exact} of the chosen state exceeds "
                              f"the budget {alpha} (table {c}); please report this.")
@@ -621,14 +643,21 @@ def _path(tables: list[_SiteTable], counts: np.ndarray, figure: Callable[[tuple]
     return node, c, path
 
 
-def _figure_fn(state: CompressionState, tables: list[_SiteTable],
-               counts: np.ndarray, kind: str, reserve_bits: float) -> Callable[[tuple], float]:
-    """``node -> relative size (kind "size", reserve_bits included) or relative BOPs``."""
+def _figure_fn(state: CompressionState, tables: list[_SiteTable], counts: np.ndarray,
+               kind: str, reserve_bits: float, active: bool = False
+               ) -> Callable[[tuple], float]:
+    """``node -> relative size (kind "size": the export's with reserve_bits, or with
+    ``active`` the kept weights' bits over their float32 bits) or relative BOPs``."""
     graph = state.graph
-    fp32_bits, fp32_bops = cost.fp32_model_bits(graph), cost.fp32_bops(graph)
-    extra = cost.fixed_bits(state) + float(reserve_bits)
+    fp32_bops = cost.fp32_bops(graph)
+    if active:
+        fp32_bits, extra = cost.fp32_size_bits(graph), 0.0
+    else:
+        fp32_bits = cost.fp32_model_bits(graph)
+        extra = cost.fixed_bits(state) + float(reserve_bits)
     pick = 0 if kind == "size" else 1
-    return lambda node: _figures(tables, counts, node, fp32_bits, fp32_bops, extra)[pick]
+    return lambda node: _figures(tables, counts, node, fp32_bits, fp32_bops, extra,
+                                 indices=not active)[pick]
 
 
 def _least_fit_node(tables: list[_SiteTable], counts: np.ndarray,
@@ -709,7 +738,8 @@ def _result(tables: list[_SiteTable], lv: np.ndarray, node: tuple, params: Any,
         act_bits={t.name: t.a_bits[a] for i, (t, a) in enumerate(zip(tables, ai, strict=True))
                   if t.a_bits != [32.0] and t.a_src == i},
         sparsity=float(lv[s]), relative_size=cost.relative_model_size(out),
-        relative_bops=float(cost.relative_bops(out)), fit=fit, nodes_expanded=steps,
+        relative_bops=float(cost.relative_bops(out)),
+        relative_active_size=float(cost.relative_active_size(out)), fit=fit, nodes_expanded=steps,
         path=list(path),
     )
 
@@ -743,11 +773,12 @@ def uniform_magnitude(
     bops: float | None = None,
     levels: int = LEVELS,
     reserve_bits: float = 0.0,
+    size_metric: str = "export",
 ) -> SearchResult:
-    """The baseline at the same budget: every learned site at ``bits`` (under a BOPs budget its
-    learned input quantizer too), then the lowest global magnitude-pruning level (``|θ|`` over
-    all sites, the same schedule as :func:`search`) whose size / BOPs (plus ``reserve_bits``, as
-    in :func:`search`) is within the budget."""
+    """The baseline at the same budget (``size_metric`` as in :func:`search`): every learned
+    site at ``bits`` (under a BOPs budget its learned input quantizer too), then the lowest
+    global magnitude-pruning level (``|θ|`` over all sites, the same schedule as :func:`search`)
+    whose size / BOPs (plus ``reserve_bits``, as in :func:`search`) is within the budget."""
     kind, alpha = one_budget(size, bops)
     graph = check_state(state)
     ones = FisherInfo(weight={s.name: np.ones(s.weight_shape, np.float32) for s in graph.sites},
@@ -764,7 +795,7 @@ def uniform_magnitude(
             raise ValueError(f"bits={bits} is outside site {t.name}'s options {t.bits}.")
     # inputs at the same bits where that is an option (BOPs budgets), else as they are
     ai = [t.a_bits.index(float(bits)) if float(bits) in t.a_bits else 0 for t in tables]
-    figure = _figure_fn(state, tables, counts, kind, reserve_bits)
+    figure = _figure_fn(state, tables, counts, kind, reserve_bits, _active(size_metric))
     for s in range(len(lv)):
         node = (*bi, *ai, s)
         if figure(node) <= alpha:

@@ -154,7 +154,8 @@ def _qat_tx(inner, steps, cfg):
 
 def _fit_check(state, cfg):
     if cfg.get("size", 0.0):  # an unreachable size is an error before any training
-        fit.check_size_budget(state, float(cfg["size"]), int(cfg["levels"]))
+        fit.check_size_budget(state, float(cfg["size"]), int(cfg["levels"]),
+                              cfg.get("size_metric", "export"))
 
 
 def _fit_search(apply_fn, state, cfg, inputs: SearchInputs):
@@ -173,13 +174,16 @@ def _fit_search(apply_fn, state, cfg, inputs: SearchInputs):
         info["fisher_seconds"] = time.perf_counter() - t0
         res = fit.search(fisher, state, inputs.variables, levels=int(cfg["levels"]),
                          criterion=cfg.get("criterion", "fit"), progress=inputs.progress,
-                         **inputs.budget)
+                         size_metric=cfg.get("size_metric", "export"), **inputs.budget)
         info.update(nodes_expanded=res.nodes_expanded, fit=res.fit)
     else:
         res = fit.uniform_magnitude(state, inputs.variables, bits=float(cfg["uniform_bits"]),
-                                    levels=int(cfg["levels"]), **inputs.budget)
+                                    levels=int(cfg["levels"]),
+                                    size_metric=cfg.get("size_metric", "export"),
+                                    **inputs.budget)
     info.update(searched_bits=res.bits, searched_act_bits=res.act_bits,
                 searched_sparsity=res.sparsity, searched_relative_size=res.relative_size,
+                searched_relative_active_size=res.relative_active_size,
                 searched_relative_bops=res.relative_bops)
     return res.state, info
 
