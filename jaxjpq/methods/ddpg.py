@@ -2,11 +2,14 @@
 
 An episode rolls out ``population`` walks of ``L`` steps (the caller's ``rollout``), scores each
 walk's actions at once (the caller's ``evaluate``), keeps the best, stores every step's
-transition with the episode's advantage ``R − b`` (``b`` a moving average of the rewards) in a
-replay buffer, and takes gradient steps of a deterministic actor and a critic (two hidden layers
-each). The reward is terminal and shared by the episode's steps, so the critic regresses the
-advantage directly. Exploration is truncated-normal noise whose scale decays per episode, after
-``warmup`` episodes of uniform random actions. Everything is a pytree; an episode is one pure
+transition ``(s, a, R − b, s', done)`` (``R − b`` the episode's advantage, ``b`` a moving average
+of the rewards, shared by the episode's steps as in HAQ / AMC) in a replay buffer, and takes
+gradient steps of a deterministic actor and a critic (two hidden layers each). With
+``Hyper.bellman`` (default) the critic regresses the Bellman target
+``y = (R − b) + γ (1 − done) Q'(s', μ'(s'))`` of slowly tracking target networks ``Q'``, ``μ'``
+(soft updates, rate ``tau``); without, it regresses the advantage directly. Exploration is
+truncated-normal noise whose scale decays per episode, after ``warmup`` episodes of uniform
+random actions. Everything is a pytree; an episode is one pure
 function to ``jit`` once.
 """
 
@@ -33,6 +36,8 @@ class Hyper(NamedTuple):
       warmup: episodes of uniform random actions before the actor acts.
       updates: gradient steps per episode; batch: transitions per step.
       buffer: replay capacity in transitions; baseline_decay: moving average of the rewards.
+      bellman: Bellman targets from target networks (DDPG); False: the critic regresses the
+        advantage. discount: ``γ``; tau: soft-update rate of the target networks.
     """
 
     population: int = 8
@@ -47,6 +52,9 @@ class Hyper(NamedTuple):
     batch: int = 64
     buffer: int = 4096
     baseline_decay: float = 0.9
+    bellman: bool = True
+    discount: float = 1.0
+    tau: float = 0.01
 
 
 class AgentState(NamedTuple):
@@ -59,6 +67,10 @@ class AgentState(NamedTuple):
     buf_s: jax.Array  # [capacity, F]
     buf_a: jax.Array  # [capacity, A]
     buf_r: jax.Array  # [capacity]
+    buf_s2: jax.Array  # [capacity, F] next state
+    buf_done: jax.Array  # [capacity] 1 at a walk's last step
+    target_actor: Any
+    target_critic: Any
     count: jax.Array  # transitions stored (saturates at capacity in the sampling)
     baseline: jax.Array
     episode: jax.Array
@@ -117,7 +129,9 @@ def init_agent(key: jax.Array, state_dim: int, action_dim: int, steps: int,
         actor=actor, critic=critic, actor_opt=optax.adam(hp.actor_lr).init(actor),
         critic_opt=optax.adam(hp.critic_lr).init(critic),
         buf_s=jnp.zeros((hp.buffer, state_dim)), buf_a=jnp.zeros((hp.buffer, action_dim)),
-        buf_r=jnp.zeros((hp.buffer,)), count=jnp.zeros((), jnp.int32),
+        buf_r=jnp.zeros((hp.buffer,)), buf_s2=jnp.zeros((hp.buffer, state_dim)),
+        buf_done=jnp.zeros((hp.buffer,)), target_actor=actor, target_critic=critic,
+        count=jnp.zeros((), jnp.int32),
         baseline=jnp.zeros((), jnp.float32), episode=jnp.zeros((), jnp.int32),
         best_reward=jnp.full((), -jnp.inf, jnp.float32),
         best_actions=jnp.zeros((steps, action_dim), jnp.float32),
@@ -161,15 +175,23 @@ def make_episode(rollout: Callable, evaluate: Callable, hp: Hyper | None = None,
         n = P * L
         pos = (ag.count + jnp.arange(n)) % hp.buffer
         adv = jnp.repeat(r - b, L)
+        s2 = jnp.concatenate([ss[:, 1:], jnp.zeros_like(ss[:, :1])], axis=1)
+        done = jnp.tile(jnp.arange(L) == L - 1, P).astype(jnp.float32)
         ag = ag._replace(buf_s=ag.buf_s.at[pos].set(ss.reshape(n, -1)),
                          buf_a=ag.buf_a.at[pos].set(aa.reshape(n, -1)),
-                         buf_r=ag.buf_r.at[pos].set(adv), count=ag.count + n)
+                         buf_r=ag.buf_r.at[pos].set(adv),
+                         buf_s2=ag.buf_s2.at[pos].set(s2.reshape(n, -1)),
+                         buf_done=ag.buf_done.at[pos].set(done), count=ag.count + n)
         filled = jnp.minimum(ag.count, hp.buffer)
 
         def update(c, k):
-            actor, critic, oa, oc = c
+            actor, critic, oa, oc, t_actor, t_critic = c
             idx = jax.random.randint(k, (hp.batch,), 0, filled)
             s, a, y = ag.buf_s[idx], ag.buf_a[idx], ag.buf_r[idx]
+            if hp.bellman:
+                s2 = ag.buf_s2[idx]
+                q2 = critic_apply(t_critic, s2, actor_apply(t_actor, s2))
+                y = y + hp.discount * (1.0 - ag.buf_done[idx]) * jax.lax.stop_gradient(q2)
 
             def c_loss(cp):
                 return jnp.mean(jnp.square(critic_apply(cp, s, a) - y))
@@ -183,11 +205,16 @@ def make_episode(rollout: Callable, evaluate: Callable, hp: Hyper | None = None,
             ga = jax.grad(a_loss)(actor)
             ua, oa = ta.update(ga, oa)
             actor = optax.apply_updates(actor, ua)
-            return (actor, critic, oa, oc), None
+            if hp.bellman:
+                t_actor, t_critic = optax.incremental_update(
+                    (actor, critic), (t_actor, t_critic), hp.tau)
+            return (actor, critic, oa, oc, t_actor, t_critic), None
 
-        (actor, critic, oa, oc), _ = jax.lax.scan(
-            update, (ag.actor, ag.critic, ag.actor_opt, ag.critic_opt),
+        (actor, critic, oa, oc, t_actor, t_critic), _ = jax.lax.scan(
+            update, (ag.actor, ag.critic, ag.actor_opt, ag.critic_opt, ag.target_actor,
+                     ag.target_critic),
             jax.random.split(ku, hp.updates))
-        return ag._replace(actor=actor, critic=critic, actor_opt=oa, critic_opt=oc), m
+        return ag._replace(actor=actor, critic=critic, actor_opt=oa, critic_opt=oc,
+                           target_actor=t_actor, target_critic=t_critic), m
 
     return episode
