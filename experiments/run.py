@@ -272,6 +272,8 @@ def build_method(config, model, variables, example, num_steps: int, train_src=No
         variables = {"params": pair.model, **{k: v for k, v in variables.items()
                                               if k != "params"}}
     else:
+        if int(method.get("pretrain_steps", 0) or 0) > 0:  # from a shared fp32 pre-training
+            variables = _pretrain(config, model, variables, train_src, workdir)
         pair = entry.init(model.apply, variables, example, method.to_dict(),
                           jax.random.PRNGKey(config.seed))
         graph = pair.compression.graph
@@ -430,6 +432,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path) -> dic
     check_fingerprint(workdir, config, write=True)  # the run is buildable: record it
     manager = train_lib.checkpoint_manager(workdir / "checkpoints")
     resumed_from = manager.latest_step()
+    start = {}
+    if method["graph"] is not None and "test" in roles and jax.process_count() == 1:
+        # the compressed model training starts from (a search's pick, or the pre-trained one)
+        start = train_lib.evaluate(
+            state, data_lib.batches(splits[roles["test"]], config.eval_batch_size,
+                                    shuffle=False, drop_remainder=False),
+            config.eval_batch_size)
     if resumed_from is not None:
         state, _ = train_lib.restore_checkpoint(manager, state)
     parallel = config.get("data_parallel", False) or config.get("distributed", False)
@@ -481,6 +490,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path) -> dic
             "report": cost.report(cstate),
         }
         compression.update(method.get("info") or {})
+        if start:
+            compression["start_test_accuracy"] = start["accuracy"]
         target = config.method.get("target_bops")
         if target is not None:  # the exact check after rounding bits and thresholding gates
             compression["target_bops"] = float(target)

@@ -28,4 +28,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.method.saliency_rule = "jaxjpq"  # or "reference": cos+1, L2-normalised scores
     c.method.joint_rule = "plain"  # or "reference": descent-safe forget rate, d toward d(b_l)
     c.method.project_activations = True  # False: activation bits free until the cool-down
+    c.method.pretrain_steps = 0  # > 0: start from a shared fp32 pre-training of this length
+    c.method.pretrain_optim = ml_collections.ConfigDict(  # optim.* fields of the pre-training
+        {"learning_rate": 2e-3, "warmup_steps": 200})
+    c.method.pretrain_dir = ""  # default <workdir>/pretrain; share it across one seed's runs
     return c

@@ -24,4 +24,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.method.bits = 4.0  # uniform bits from quantize_at on (GETA's mean learned bits)
     c.method.prune_at = 0.2  # fraction of the steps
     c.method.quantize_at = 0.3  # fraction of the steps at which QAT starts
+    c.method.pretrain_steps = 0  # > 0: start from a shared fp32 pre-training of this length
+    c.method.pretrain_optim = ml_collections.ConfigDict(  # optim.* fields of the pre-training
+        {"learning_rate": 2e-3, "warmup_steps": 200})
+    c.method.pretrain_dir = ""  # default <workdir>/pretrain; share it across one seed's runs
     return c
