@@ -142,6 +142,27 @@ def test_transform_chained_after_a_pair_method_is_refused():
         train.train(st, data.batch_stream(src, 8), 5, progress=False)
 
 
+def test_a_leaf_shrinking_by_orders_of_magnitude_is_not_a_chained_transform():
+    # c + (c_new - c) rounds at the old value's scale: a step that collapses to its floor
+    # in one update must not read as tampering.
+    _, v, g, _, _, c = geta_setup()
+    name = next(n for n in c.act if n not in c.frozen)
+
+    def update(g_p, g_c, p, cs, st):
+        q = cs.act[name]
+        return (jax.tree.map(jnp.zeros_like, g_p),
+                cs.replace(act={**cs.act, name: q.replace(d=q.d * 1e-7)}), st)
+
+    tx = core.pair_transform("shrink", lambda p, cs: (), update)
+    params = (v["params"], c)
+    opt = tx.init(params)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    for _ in range(3):
+        upd, opt = jax.jit(tx.update)(zeros, opt, params)
+        params = optax.apply_updates(params, upd)
+        assert not bool(opt.tampered)
+
+
 def test_init_returns_the_pair_and_apply_updates_keeps_it():
     model, v, g, x, spec, _ = geta_setup()
     pair = jaxjpq.init(g, v, spec=spec)

@@ -421,8 +421,8 @@ def geta(
         a group with redundant units set toward ``d(b_l)``; the mechanism by which the reference
         lowers bits in the joint stage).
       project_activations: project the activation quantizers' ``d`` onto the bit range too
-        (default); False (the reference) trains them by plain SGD until the cool-down, which
-        rounds them into ``[b_l, b_u]``.
+        (default); False (the reference) keeps them within ``[b_l, 32]`` bits only until the
+        cool-down, which rounds them into ``[b_l, b_u]``.
 
     Returns:
       A transform whose ``update(updates, state, params)`` takes gradient and parameter pairs
@@ -526,8 +526,7 @@ def geta(
 
         def quant(table, grads, signed, project=True):
             hi = b_upper if project else jnp.float32(32.0)
-            lo = b_lo if project else 1.0
-            train = _sgd_projected(table, grads, signed, c.frozen, lr, lo, hi)
+            train = _sgd_projected(table, grads, signed, c.frozen, lr, b_lo, hi)
             cool = core.fixed_bits_step(table, grads, signed, c.frozen, lr=lr, b_lo=b_lo,
                                         b_hi=b_hi, train_clips=cooldown_clips, train_t=True)
             return jax.tree.map(lambda a, b: jnp.where(cooldown, a, b), cool, train)
