@@ -160,11 +160,12 @@ def compress_apply(apply_fn: Callable, *, check_finite: bool = False) -> Callabl
     ``fn(pair, *args, **kwargs)`` for a :class:`~jaxjpq.state.CompressedParams` (variables
     ``{"params": pair.model}``).
 
-    Weights are ``mask ⊙ Q(z ⊙ W)`` (see :func:`transform_variables`; pass ``gate_key=`` to
-    sample the gates ``z`` in training), site inputs are fake-quantized with ``state.act``; the
-    graph is ``state.graph``. ``fn.site_stats(variables, state, *args, stat=..., **kwargs)``
-    returns ``(output, {site: stat(site, un-quantized input)})`` (a scalar per site; the max over
-    repeated uses and loop iterations) for calibration. jit ``fn``.
+    Weights are ``mask ⊙ z ⊙ Q(W)`` (gates at the layer output, or ``mask ⊙ Q(z ⊙ W)``, see
+    :func:`transform_variables`; pass ``gate_key=`` to sample the gates ``z`` in training), site
+    inputs are fake-quantized with ``state.act``; the graph is ``state.graph``.
+    ``fn.site_stats(variables, state, *args, stat=..., **kwargs)`` returns ``(output, {site:
+    stat(site, un-quantized input)})`` (a scalar per site; the max over repeated uses and loop
+    iterations) for calibration. jit ``fn``.
     """
     made: dict[int, tuple[Graph, _Forward]] = {}  # per graph: the jaxpr caches live in here
 

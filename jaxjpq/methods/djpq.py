@@ -14,7 +14,9 @@ the training loss stays plain cross-entropy, and adapts ``γ₂`` to meet a rela
    current state (ceil bits, thresholded gates) and ``τ' = (1 − margin) · target``; units whose
    gate crosses the VIB rule ``log σ² − log μ² > θ`` get mask 0 (every group keeps one unit);
 3. at ``search_end``: bits rounded (to {2, 4, 8} for power-of-two states) and frozen, masks frozen,
-   the gates' ``μ`` folded into the weights (gates become exactly 1), pruned weights set to zero;
+   the gates' ``μ`` folded into the weights (gates become exactly 1; at the layer output over a
+   per-tensor quantizer the fold is ``Q(μ W)``, see :func:`jaxjpq.gates.fold_state`), pruned
+   weights set to zero;
    if the exact relative BOPs still exceed ``target``, the quantizer whose one-step reduction saves
    the most BOPs is lowered (down to ``b_l``) until it fits, then, if needed, the live units with
    the highest gate log-ratio are pruned (every group keeps one unit);
