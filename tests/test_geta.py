@@ -377,3 +377,28 @@ def test_geta_rejects_unknown_rules():
         geta(optax.sgd(0.1), steps=10, joint_rule="paper")
     with pytest.raises(ValueError, match="saliency_rule"):
         geta(optax.sgd(0.1), steps=10, saliency_rule="cos")
+
+
+def test_the_reference_joint_step_sets_a_redundant_groups_step_to_the_fewest_bits():
+    chex.clear_trace_counter()
+    model, v, g, x, spec, cstate = geta_setup(sparsity=0.25)
+    sched = make_schedule(6, warmup=0, projection_periods=1, projection_steps=1,
+                          joint_periods=1, period_steps=4)
+    # no weight step: cos(r, ∇) is undefined, γ = 0, so d = d(b_l) (the reference's safeguard)
+    tx = geta(optax.sgd(0.0), steps=6, schedule=sched, joint_rule="reference")
+    _, _, opt, hist = run_steps(model, v, g, x, spec, cstate, 2, tx)
+    index = unit_index(g, v)
+    red = np.asarray(opt.method.redundant)
+    cs = hist[1][1]  # after the first joint step
+    touched = 0
+    for s in g.sites:
+        if s.name in cs.frozen or s.name not in cs.weight:
+            continue
+        j = index.group_ids.index(s.out_group)
+        b = float(np.max(params_bits(cs.weight[s.name], True)))
+        if red[index.offsets[j]:index.offsets[j + 1]].any():
+            np.testing.assert_allclose(b, 2.0, atol=1e-4)
+            touched += 1
+        else:
+            assert b > 2.0 + 1e-3
+    assert touched >= 1
