@@ -113,8 +113,10 @@ def fold(graph: Graph, variables: Mapping, gates: Mapping[str, Gate]) -> dict:
     return apply_masks(graph, variables, values(gates))
 
 
-def _channel_mu(graph: Graph, variables: Mapping, mu: Mapping[str, jax.Array]) -> dict:
-    """``{site: μ along its output axes}`` for every site whose weight a gate scales."""
+def _channel_values(graph: Graph, variables: Mapping, per_unit: Mapping[str, jax.Array]) -> dict:
+    """``{site: its group's per-unit value along the site's output axes}`` for every site whose
+    ``out_group`` is in ``per_unit``."""
+    mu = per_unit
     ones = jax.tree.map(jnp.ones_like, dict(variables))
     scaled = apply_masks(graph, ones, mu)
     out = {}
@@ -145,13 +147,14 @@ def fold_state(state, variables: Mapping, *, strict: bool = True) -> tuple[dict,
     new_vars = apply_masks(graph, variables, mu)
     weight = dict(state.weight)
     if state.gate_at == "output":
-        for name, m in _channel_mu(graph, variables, mu).items():
+        kept = _channel_values(graph, variables, {g: state.masks[g] for g in mu})
+        for name, m in _channel_values(graph, variables, mu).items():
             if name not in weight:
                 continue
             p, a = weight[name], jnp.abs(m)
             a = jnp.where(a > 0, a, 1.0)  # a zero gate zeroes the weights: any step holds them
             if jnp.ndim(p.d) == 0:
-                keep = jnp.asarray(state.masks[graph.site_map[name].out_group]) > 0.5
+                keep = kept[name] > 0.5
                 lo = jnp.min(jnp.where(keep, a, jnp.inf))
                 hi = jnp.max(jnp.where(keep, a, -jnp.inf))
                 if strict and not isinstance(lo, jax.core.Tracer) and float(hi) > float(lo) * (

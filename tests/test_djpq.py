@@ -77,6 +77,25 @@ def test_folding_the_gates_keeps_the_forward(gate_at, per_channel):
     np.testing.assert_allclose(infer(x), y, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("arch", ["mha_heads", "fused_heads"])
+def test_output_gates_on_attention_heads_fold_exactly(arch):
+    import archs
+
+    model, v, x = archs.build(arch)
+    g = trace(model.apply, v, x)
+    spec = CompressionSpec(bits=(2.0, 8.0), init_bits=6.0, per_channel=True)
+    c = _random_mu(djpq.init_state(g, spec, v, key=jax.random.key(0)))
+    fn = compress_apply(model.apply)
+    fv, fc = gates.fold_state(c, v)
+    np.testing.assert_allclose(fn(fv, fc, x), fn(v, c, x), rtol=1e-5, atol=1e-5)
+    # per tensor inside a jitted step (djpq's fold): runs, and the gates end at 1
+    pt = djpq.init_state(g, CompressionSpec(bits=(2.0, 8.0), init_bits=6.0), v,
+                         key=jax.random.key(0))
+    _, folded = jax.jit(lambda st: gates.fold_state(st, v, strict=False))(_random_mu(pt))
+    for gt in folded.gates.values():
+        np.testing.assert_array_equal(gt.mu, 1.0)
+
+
 def test_output_gates_over_a_per_tensor_quantizer_have_no_exact_fold():
     model, v, g, x, spec, c = _setup(gate_at="output", per_channel=False)
     with pytest.raises(ValueError, match="no exact folded form"):
