@@ -107,7 +107,7 @@ def test_forget_rate_drives_redundant_units_to_zero_within_a_period():
     sched = make_schedule(12, warmup=0, projection_periods=1, projection_steps=1,
                           joint_periods=1, period_steps=8)
     # No gradient step: only the forget-rate shrink moves the redundant units.
-    tx = geta(optax.sgd(0.0), steps=12, schedule=sched, quant_lr=0.0)
+    tx = geta(optax.sgd(0.0), steps=12, schedule=sched, quant_lr=0.0, joint_rule="plain")
     _, _, _, hist = run_steps(model, v, g, x, spec, cstate, 12, tx)
     index = unit_index(g, v)
     # Redundant set chosen at the joint start; its unit norms shrink every step to exactly 0.

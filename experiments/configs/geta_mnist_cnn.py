@@ -26,7 +26,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.method.cooldown_clips = False  # True: clips q_m keep training in cool-down (bits fixed)
     c.method.unit_multiple = 1  # kept widths a multiple of this (e.g. 8 for accelerator kernels)
     c.method.saliency_rule = "jaxjpq"  # or "reference": cos+1, L2-normalised scores
-    c.method.joint_rule = "plain"  # or "reference": descent-safe forget rate, d toward d(b_l)
+    c.method.joint_rule = "reference"  # d of a redundant group toward d(b_l); "plain": 1/(P-k)
     c.method.project_activations = True  # False: activation bits free until the cool-down
     c.method.pretrain_steps = 0  # > 0: start from a shared fp32 pre-training of this length
     c.method.pretrain_optim = ml_collections.ConfigDict(  # optim.* fields of the pre-training

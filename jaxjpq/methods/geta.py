@@ -11,8 +11,8 @@ Four stages over a fixed step budget, chosen inside one jitted ``update`` from t
 3. joint (``joint_periods`` × ``period_steps``): at each period start the lowest-saliency units not
    yet pruned are chosen (the period's share of the target); during the period they take the
    ordinary step plus ``-γ · Q(x)`` and at its end they are set to exactly zero and their masks
-   to 0. With ``joint_rule="reference"`` the forget rate ``γ`` and the step ``d`` of the weight
-   quantizers of a group that holds redundant units follow the reference's descent-safe rule
+   to 0. With ``joint_rule="reference"`` (default) the forget rate ``γ`` and the step ``d`` of
+   the weight quantizers of a group that holds redundant units follow the reference's rule
    (:func:`joint_gamma_d`): ``γ = 1 / (P - k)`` when ``cos(x_R, ∇f) ≥ 0``, a small safe rate
    otherwise, and ``d = d(b_l)`` (the fewest bits) when the quantization residual and the gradient
    agree; ``joint_rule="plain"``: ``γ = 1 / (P - k)`` always and ``d`` the projected SGD step;
@@ -380,7 +380,7 @@ def geta(
     cooldown_clips: bool = False,
     unit_multiple: int = 1,
     saliency_rule: str = "jaxjpq",
-    joint_rule: str = "plain",
+    joint_rule: str = "reference",
     project_activations: bool = True,
 ) -> optax.GradientTransformation:
     """GETA (QASSO) over ``(params, compression_state)``.
@@ -416,10 +416,10 @@ def geta(
       saliency_rule: ``"jaxjpq"`` (:func:`saliency`) or ``"reference"``
         (:func:`reference_saliency`, the reference implementation's scores; ``saliency_weights``
         then weigh :data:`REFERENCE_SCORES`).
-      joint_rule: ``"plain"`` (forget rate ``1 / (P - k)``, ``d`` by projected SGD) or
-        ``"reference"`` (:func:`joint_gamma_d`: descent-safe forget rate, and the weight step of
-        a group with redundant units set toward ``d(b_l)``; the mechanism by which the reference
-        lowers bits in the joint stage).
+      joint_rule: ``"reference"`` (default; :func:`joint_gamma_d`: descent-safe forget rate,
+        and the weight step of a group with redundant units set toward ``d(b_l)``, the mechanism
+        by which the reference lowers bits in the joint stage) or ``"plain"`` (forget rate
+        ``1 / (P - k)``, ``d`` by projected SGD; bits then tend to end at ``b_u``).
       project_activations: project the activation quantizers' ``d`` onto the bit range too
         (default); False (the reference) keeps them within ``[b_l, 32]`` bits only until the
         cool-down, which rounds them into ``[b_l, b_u]``.

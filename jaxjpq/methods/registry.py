@@ -114,7 +114,7 @@ def _geta_tx(inner, steps, cfg):
                 cooldown_clips=cfg.get("cooldown_clips", False),
                 unit_multiple=cfg.get("unit_multiple", 1),
                 saliency_rule=cfg.get("saliency_rule", "jaxjpq"),
-                joint_rule=cfg.get("joint_rule", "plain"),
+                joint_rule=cfg.get("joint_rule", "reference"),
                 project_activations=cfg.get("project_activations", True))
 
 
