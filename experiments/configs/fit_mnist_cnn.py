@@ -29,7 +29,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.method.pretrain_dir = ""  # default <workdir>/pretrain; share it across one seed's runs
     c.method.size = 0.1  # budget: bytes of the saved export directory / fp32 model bytes
     c.method.bops = 0.0  # or a BOPs budget (cost.relative_bops) with size = 0
-    c.method.bits = (2.0, 8.0)  # each layer's options: integers from b_u down to b_l
+    c.method.bits = (2.0, 8.0)  # options: integers from b_u down to b_l (reference code: 3, 2)
     c.method.act_bits = 0.0  # bits of the learned activation quantizers (0: b_u)
     c.method.size_metric = "export"  # size = saved export / fp32; "active": nnz·bits / fp32
     c.method.levels = 40  # global sparsity levels 1 - logspace(0, -3, levels)
