@@ -5,6 +5,8 @@
 OLD="--config.method.schedule=(0.1,0.1,0.5)"; SOLD="--set method.schedule=(0.1,0.1,0.5)"
 LATE="--config.method.prune_at=0.4 --config.method.quantize_at=0.7"
 SLATE="--set method.prune_at=0.4 --set method.quantize_at=0.7"
+# Every GETA row (MNIST CNN and ViT-tiny) ran the plain joint rule: append $PLAIN ($SPLAIN).
+PLAIN="--config.method.joint_rule=plain"; SPLAIN="--set method.joint_rule=plain"
 python -m experiments.run --config experiments/configs/mnist_cnn.py --workdir runs/mnist_cnn
 # current defaults (append $OLD / $LATE for the marked rows); P = 0.5, 0.75 sparsity; B = 2, 3 bits
 python -m experiments.run --config experiments/configs/geta_mnist_cnn.py --config.seed=S --workdir runs/geta_sS
@@ -42,3 +44,16 @@ python -m experiments.run --config experiments/configs/fit_mnist_cnn.py --config
 for S in 0 1 2; do
   python -m experiments.run --config experiments/configs/fit_mnist_cnn.py --config.seed=$S --config.method.size=0.05 --config.method.criterion=least_fit --config.method.pretrain_dir=runs/pretrain_mnist_cnn_s$S --workdir runs/fitlf_s${S}_size0.05
 done
+
+# AJPQ on the MNIST CNN (RESULTS: "AJPQ on the MNIST CNN")
+for S in 0 1 2; do for M in ajpq ajpq_random; do
+  python -m experiments.run --config experiments/configs/ajpq_mnist_cnn.py --config.seed=$S --config.method.name=$M --config.method.size=0.2 --config.method.pretrain_dir=runs/pretrain_mnist_cnn_s$S --workdir runs/${M}_s${S}_size0.2
+  python -m experiments.run --config experiments/configs/ajpq_mnist_cnn.py --config.seed=$S --config.method.name=$M --config.method.size=0.1 --config.method.pretrain_dir=runs/pretrain_mnist_cnn_s$S --workdir runs/${M}_s${S}_size0.1
+  python -m experiments.run --config experiments/configs/ajpq_mnist_cnn.py --config.seed=$S --config.method.name=$M --config.method.size=0 --config.method.bops=0.01 --config.method.pretrain_dir=runs/pretrain_mnist_cnn_s$S --workdir runs/${M}_s${S}_bops0.01
+done; done
+for S in 0 1 2; do  # the comparison's budgets, random search (pre-training of experiments.compare)
+  python -m experiments.run --config experiments/configs/ajpq_mnist_cnn.py --config.seed=$S --config.method.name=ajpq_random --config.method.size=0.04 --config.method.pretrain_dir=runs/compare_mnist_cnn/pretrain_s$S --workdir runs/ajr/size0.04_s$S
+  python -m experiments.run --config experiments/configs/ajpq_mnist_cnn.py --config.seed=$S --config.method.name=ajpq_random --config.method.size=0 --config.method.bops=0.005 --config.method.pretrain_dir=runs/compare_mnist_cnn/pretrain_s$S --workdir runs/ajr/bops0.005_s$S
+done
+python -m experiments.bench_ajpq --rounds 3 --population 16 --mode map vmap
+python -m experiments.pareto experiments/results/mnist_cnn/*.json --out runs/pareto.png
