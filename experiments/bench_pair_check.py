@@ -1,7 +1,7 @@
 """Per-step cost of the chained-transform check of the pair methods: a jitted GETA training step
 (the forward, the gradient and the update) with the check, ÷ the same step with the check's two
-functions (``digest``, ``tampered``) replaced by constants, same model and batch, interleaved
-rounds in one process.
+functions (``_digest_leaves``, ``_tampered``) replaced by constants, same model and batch,
+interleaved rounds in one process.
 
     python -m experiments.bench_pair_check [--models mnist_cnn] [--batch 128]
 """
@@ -25,10 +25,10 @@ from jaxjpq.models.registry import get_model
 def _step(model, pair, x, y, checked: bool):
     """A jitted GETA step and its first state; ``checked=False`` builds the transform with the
     check's functions replaced by constants."""
-    saved = core.digest, core.tampered
+    saved = core._digest_leaves, core._tampered
     if not checked:
-        core.digest = lambda c: core.Digest(jnp.zeros((0,)), jnp.zeros((0,)))
-        core.tampered = lambda c, expected: jnp.zeros((), bool)
+        core._digest_leaves = lambda c: (jnp.zeros((0,)), jnp.zeros((0,)))
+        core._tampered = lambda values, expected: jnp.zeros((), bool)
     try:
         tx = jaxjpq.geta(optax.sgd(0.01, momentum=0.9), steps=100_000)
         fn = jaxjpq.compress_apply(model.apply)
@@ -46,7 +46,7 @@ def _step(model, pair, x, y, checked: bool):
         opt_state = tx.init(pair)
         jax.block_until_ready(step(pair, opt_state))  # traced while the patch holds
     finally:
-        core.digest, core.tampered = saved
+        core._digest_leaves, core._tampered = saved
     return step, opt_state
 
 

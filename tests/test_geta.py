@@ -402,3 +402,21 @@ def test_the_reference_joint_step_sets_a_redundant_groups_step_to_the_fewest_bit
         else:
             assert b > 2.0 + 1e-3
     assert touched >= 1
+
+
+def test_the_safe_forget_rate_never_exceeds_the_plain_one():
+    from jaxjpq.methods.geta import joint_gamma_d
+
+    _, v, g, _ = small_cnn()
+    index = unit_index(g, v)
+    p = v["params"]
+    red = jnp.zeros(index.num_units, bool).at[0].set(True)
+    # ∇f nearly orthogonal to x_c on the unit, slightly against it: the reference's rate blows up
+    noise = jax.tree.map(lambda x: jnp.cos(11.0 * x + 1.0), p)
+    dot = lambda a, b: float(unit_sum(index, lambda u, w: u * w, a, b)[0])  # noqa: E731
+    c = dot(noise, p) / dot(p, p)
+    upd = jax.tree.map(lambda x, n: (n - c * x) + 1e-6 * x, p, noise)  # u · x_c > 0
+    assert dot(upd, p) > 0
+    gamma, _ = joint_gamma_d(index, p, jax.tree.map(jnp.zeros_like, p), upd, red,
+                             jnp.asarray(0, jnp.int32), 4, (jnp.zeros(3), jnp.ones(3)))
+    assert 0.0 < float(gamma[0]) <= 0.25 + 1e-7

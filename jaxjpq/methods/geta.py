@@ -261,7 +261,7 @@ def joint_gamma_d(
     SGD) and ``cos_x = cos(x_c, -u)``, ``cos_r = cos(r, -u)``:
 
     - ``γ = 0`` when ``x_c`` is already zero, ``1 / (P - k)`` when ``cos_x ≥ 0``, else
-      ``-(1 - η) ‖u‖ / (cos_x ‖x_c‖)``;
+      ``-(1 - η) ‖u‖ / (cos_x ‖x_c‖)``, at most ``1 / (P - k)``;
     - ``d = d(b_l)`` when ``cos_r ≥ 0`` or ``γ = 0``, else ``-ζ η ‖u‖ / (γ cos_r ‖r‖)``; where
       that is below ``d(b_u)``, ``γ`` and ``d`` are scaled by 0.8 and 1/0.8 until it is not; then
       ``d ≤ d(b_l)``.
@@ -290,7 +290,9 @@ def joint_gamma_d(
     cos_r = -ru / (jnp.maximum(n_r, eps) * n_u)
     plain = 1.0 / (period_steps - k).astype(jnp.float32)
     safe = -(1.0 - _ETA) * n_u / (jnp.where(cos_x < 0, cos_x, -1.0) * jnp.maximum(n_x, eps))
-    gamma = jnp.where(cos_x >= 0, plain, safe)
+    # capped at the plain rate (*choice*): the reference's safe rate grows without bound as
+    # cos_x -> 0-, and a rate above 1 flips the weights' sign instead of shrinking them
+    gamma = jnp.where(cos_x >= 0, plain, jnp.minimum(safe, plain))
     gamma = jnp.where((n_x < eps) | ~jnp.isfinite(cos_x), 0.0, gamma)
     d_lo, d_hi = d_range
     lower_d = (cos_r >= 0) | (gamma == 0) | ~jnp.isfinite(cos_r)
