@@ -2,11 +2,9 @@
 # Data: apt-get install -y dataset-fashion-mnist (or --config.data.cache_dir=<IDX directory>).
 F="--config.data.name=fashion_mnist --config.seed=S"
 python -m experiments.run --config experiments/configs/mnist_cnn.py $F --workdir runs/fm/fp32_sS
-python -m experiments.run --config experiments/configs/mnist_cnn.py $F --config.num_epochs=10 --workdir runs/fm/fp32_e10_sS
-# GETA: the reference joint rule (the default), the plain rule, every reference rule
+# GETA: the reference joint rule (the default) and the plain rule
 python -m experiments.run --config experiments/configs/geta_mnist_cnn.py $F --workdir runs/fm/geta_jointref_sS
 python -m experiments.run --config experiments/configs/geta_mnist_cnn.py $F --config.method.joint_rule=plain --workdir runs/fm/geta_plain_sS
-python -m experiments.run --config experiments/configs/geta_mnist_cnn.py $F --config.method.saliency_rule=reference --config.method.project_activations=False --config.method.cooldown_clips=True --workdir runs/fm/geta_reference_sS
 # prune-then-quantize at GETA's sparsity and 4 bits
 python -m experiments.run --config experiments/configs/ptq_mnist_cnn.py $F --workdir runs/fm/ptq_sS
 # DJPQ: gates on the layer output (the default) and on the weights before quantization
