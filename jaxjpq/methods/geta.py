@@ -500,12 +500,17 @@ def geta(
 
         mask_units = index.flat_masks(c.masks)
         pruned = ~kept(mask_units)
-        qp = quantize_weights({"params": p}, c)["params"]
+        # Q(x) at the current steps: the plain rule's shrink and the quantization-error score;
+        # the reference rule shrinks by Q(x) at the steps it sets, so it quantizes here only
+        # inside the selection branch
+        q_now = (quantize_weights({"params": p}, c)["params"] if joint_rule == "plain"
+                 else None)
 
         def choose(_):
             if saliency_rule == "reference":
                 imp = reference_saliency(index, p, g_p, ~pruned, saliency_weights)
             else:
+                qp = q_now if q_now is not None else quantize_weights({"params": p}, c)["params"]
                 imp = saliency(index, p, g_p, qp, ~pruned, saliency_weights)
             # x**0 == 1 exactly, so the default keeps the paper's rule; traced under
             # inject_hyperparams, hence no Python branch.
@@ -536,14 +541,15 @@ def geta(
         weight = quant(c.weight, g_c.weight, w_signed)
         group_gamma = jnp.full((index.num_groups,), 1.0, jnp.float32) / (
             sched.period_steps - k).astype(jnp.float32)
-        if joint_rule == "reference" and index.num_groups:
-            weight, group_gamma = _reference_joint(
-                index, c, weight, p, u_p, redundant, k, sched.period_steps, b_lo, b_hi,
-                in_joint)
-            qp = quantize_weights({"params": p}, c.replace(weight=weight))["params"]
+        if joint_rule == "reference":
+            if index.num_groups:
+                weight, group_gamma = _reference_joint(
+                    index, c, weight, p, u_p, redundant, k, sched.period_steps, b_lo, b_hi,
+                    in_joint)
+            q_now = quantize_weights({"params": p}, c.replace(weight=weight))["params"]
         gamma_units = jnp.where(in_joint, group_gamma[jnp.asarray(index.group_of_unit)], 0.0)
         shrink = unit_broadcast(index, redundant.astype(jnp.float32) * gamma_units, p)
-        u_p = jax.tree.map(lambda u, q, r: u - r * q, u_p, qp, shrink)
+        u_p = jax.tree.map(lambda u, q, r: u - r * q, u_p, q_now, shrink)
         period_end = in_joint & (k == sched.period_steps - 1)
         pruned_new = pruned | (redundant & period_end)
         u_p = core.hold(index, u_p, p, pruned_new, c)
