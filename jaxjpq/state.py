@@ -167,8 +167,8 @@ class CompressionState:
       frozen: static; site names whose quantizers are fixed (no gradient).
       learn_t: static; False = exponent ``t`` fixed at 1 (use :func:`site_quantizer` to read).
       gate_threshold: static; VIB pruning threshold θ on ``log σ² − log μ²`` (see ``gates``).
-      gate_at: static; where the gates act: ``"output"`` (the layer's output channels, ``z ⊙
-        Q(W)`` and its bias / norm slices) or ``"weights"`` (``Q(z ⊙ W)``).
+      gate_at: static; where the gates act: ``"weights"`` (``Q(z ⊙ W)``) or ``"output"`` (the
+        paper: the layer's output channels, ``z ⊙ Q(W)`` and its bias / norm slices).
     """
 
     weight: dict[str, QuantParams]
@@ -182,7 +182,7 @@ class CompressionState:
     frozen: tuple[str, ...] = flax.struct.field(pytree_node=False, default=())
     learn_t: bool = flax.struct.field(pytree_node=False, default=True)
     gate_threshold: float = flax.struct.field(pytree_node=False, default=0.0)
-    gate_at: str = flax.struct.field(pytree_node=False, default="output")
+    gate_at: str = flax.struct.field(pytree_node=False, default="weights")
 
 
 def site_quantizer(state: CompressionState, kind: str, name: str) -> QuantParams:

@@ -16,7 +16,7 @@ from jaxjpq.state import CompressionSpec, boolean_masks, init_state
 from jaxjpq.trace import trace
 
 
-def _setup(target=0.05, bits=(2.0, 8.0), pow2=False, gate_at="output", per_channel=False):
+def _setup(target=0.05, bits=(2.0, 8.0), pow2=False, gate_at="weights", per_channel=False):
     model, v, _, x = small_cnn()
     g = trace(model.apply, v, x)
     spec = CompressionSpec(bits=bits, budget={"bops": target}, power_of_two=pow2, init_bits=8.0,
@@ -49,7 +49,7 @@ def test_the_gate_multiplies_the_layer_output_after_quantization():
     v = model.init(jax.random.key(1), x)
     g = trace(model.apply, v, x)
     spec = CompressionSpec(bits=(2.0, 4.0), init_bits=3.0, skip=(), quantize_activations=False)
-    c = djpq.init_state(g, spec, v, key=jax.random.key(0))
+    c = djpq.init_state(g, spec, v, key=jax.random.key(0), gate_at="output")
     (gid,) = c.gates
     mu = jnp.linspace(0.3, 1.7, 6)
     c = c.replace(gates={gid: gates.Gate(mu=mu, log_sigma2=c.gates[gid].log_sigma2)})
@@ -84,13 +84,13 @@ def test_output_gates_on_attention_heads_fold_exactly(arch):
     model, v, x = archs.build(arch)
     g = trace(model.apply, v, x)
     spec = CompressionSpec(bits=(2.0, 8.0), init_bits=6.0, per_channel=True)
-    c = _random_mu(djpq.init_state(g, spec, v, key=jax.random.key(0)))
+    c = _random_mu(djpq.init_state(g, spec, v, key=jax.random.key(0), gate_at="output"))
     fn = compress_apply(model.apply)
     fv, fc = gates.fold_state(c, v)
     np.testing.assert_allclose(fn(fv, fc, x), fn(v, c, x), rtol=1e-5, atol=1e-5)
     # per tensor inside a jitted step (djpq's fold): runs, and the gates end at 1
     pt = djpq.init_state(g, CompressionSpec(bits=(2.0, 8.0), init_bits=6.0), v,
-                         key=jax.random.key(0))
+                         key=jax.random.key(0), gate_at="output")
     _, folded = jax.jit(lambda st: gates.fold_state(st, v, strict=False))(_random_mu(pt))
     for gt in folded.gates.values():
         np.testing.assert_array_equal(gt.mu, 1.0)

@@ -27,7 +27,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.method.margin = 0.1  # the search aims at (1 - margin) * target
     c.method.quant_lr = 1e-2  # Adam on log d, log q_m, gate mu and log sigma^2
     c.method.init_log_sigma2 = -4.0  # initial log variance of the VIB gates
-    c.method.gate_at = "output"  # the gate scales the layer output ("weights": before Q)
+    c.method.gate_at = "weights"  # gates scale the weights before Q ("output": the paper's)
     c.method.pretrain_steps = 0  # > 0: start from a shared fp32 pre-training of this length
     c.method.pretrain_optim = ml_collections.ConfigDict(  # optim.* fields of the pre-training
         {"learning_rate": 2e-3, "warmup_steps": 200})

@@ -123,7 +123,7 @@ def _djpq_init(apply_fn, variables, example, cfg, key):
                            power_of_two=cfg["power_of_two"], init_bits=cfg["init_bits"],
                            learn_t=False)
     return djpq_init(apply_fn, variables, example, spec=spec, key=key,
-                     log_sigma2=cfg["init_log_sigma2"], gate_at=cfg.get("gate_at", "output"))
+                     log_sigma2=cfg["init_log_sigma2"], gate_at=cfg.get("gate_at", "weights"))
 
 
 def _djpq_tx(inner, steps, cfg):

@@ -7,6 +7,6 @@ python -m experiments.run --config experiments/configs/geta_mnist_cnn.py $F --wo
 python -m experiments.run --config experiments/configs/geta_mnist_cnn.py $F --config.method.joint_rule=plain --workdir runs/fm/geta_plain_sS
 # prune-then-quantize at GETA's sparsity and 4 bits
 python -m experiments.run --config experiments/configs/ptq_mnist_cnn.py $F --workdir runs/fm/ptq_sS
-# DJPQ: gates on the layer output (the default) and on the weights before quantization
-python -m experiments.run --config experiments/configs/djpq_mnist_cnn.py $F --workdir runs/fm/djpq_output_sS
-python -m experiments.run --config experiments/configs/djpq_mnist_cnn.py $F --config.method.gate_at=weights --workdir runs/fm/djpq_weights_sS
+# DJPQ: gates on the weights before quantization (the default) and on the layer output
+python -m experiments.run --config experiments/configs/djpq_mnist_cnn.py $F --workdir runs/fm/djpq_weights_sS
+python -m experiments.run --config experiments/configs/djpq_mnist_cnn.py $F --config.method.gate_at=output --workdir runs/fm/djpq_output_sS
