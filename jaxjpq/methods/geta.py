@@ -340,6 +340,14 @@ def _sgd_projected(table, grads, signed, frozen, lr, b_lo, b_upper):
     return core.map_learned(table, frozen, step)
 
 
+def _zeros_as_dicts(tree):
+    """Zeros shaped like ``tree`` with every mapping a plain dict (as ``quantize_weights``
+    returns it)."""
+    if isinstance(tree, Mapping):
+        return {k: _zeros_as_dicts(v) for k, v in tree.items()}
+    return jnp.zeros_like(tree)
+
+
 def _reference_joint(index, c, weight, p, u_p, redundant, k, period_steps, b_lo, b_hi, in_joint):
     """``(weight table, γ [G])``: :func:`joint_gamma_d` applied to the stepped weight
     quantizers ``weight``; each group holding redundant units sets its sites' ``d`` to the bits
@@ -542,11 +550,17 @@ def geta(
         group_gamma = jnp.full((index.num_groups,), 1.0, jnp.float32) / (
             sched.period_steps - k).astype(jnp.float32)
         if joint_rule == "reference":
-            if index.num_groups:
-                weight, group_gamma = _reference_joint(
-                    index, c, weight, p, u_p, redundant, k, sched.period_steps, b_lo, b_hi,
-                    in_joint)
-            q_now = quantize_weights({"params": p}, c.replace(weight=weight))["params"]
+            def joint_step(_):
+                w, gam = weight, group_gamma
+                if index.num_groups:
+                    w, gam = _reference_joint(index, c, weight, p, u_p, redundant, k,
+                                              sched.period_steps, b_lo, b_hi, in_joint)
+                return w, gam, quantize_weights({"params": p}, c.replace(weight=w))["params"]
+
+            # outside the joint stage nothing is shrunk: skip the rule's reductions there
+            weight, group_gamma, q_now = jax.lax.cond(
+                in_joint, joint_step,
+                lambda _: (weight, group_gamma, _zeros_as_dicts(p)), None)
         gamma_units = jnp.where(in_joint, group_gamma[jnp.asarray(index.group_of_unit)], 0.0)
         shrink = unit_broadcast(index, redundant.astype(jnp.float32) * gamma_units, p)
         u_p = jax.tree.map(lambda u, q, r: u - r * q, u_p, q_now, shrink)
