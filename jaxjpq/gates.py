@@ -27,7 +27,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from jaxjpq.graph import Graph, leaf
+from jaxjpq.graph import Graph, kept, leaf
 from jaxjpq.quant import QuantParams
 from jaxjpq.slim import apply_masks
 
@@ -116,12 +116,11 @@ def fold(graph: Graph, variables: Mapping, gates: Mapping[str, Gate]) -> dict:
 def _channel_values(graph: Graph, variables: Mapping, per_unit: Mapping[str, jax.Array]) -> dict:
     """``{site: its group's per-unit value along the site's output axes}`` for every site whose
     ``out_group`` is in ``per_unit``."""
-    mu = per_unit
     ones = jax.tree.map(jnp.ones_like, dict(variables))
-    scaled = apply_masks(graph, ones, mu)
+    scaled = apply_masks(graph, ones, per_unit)
     out = {}
     for s in graph.sites:
-        if s.out_group not in mu:
+        if s.out_group not in per_unit:
             continue
         w = s.take(leaf(scaled, s.weight))
         for a in sorted(set(range(w.ndim)) - {a % w.ndim for a in s.out_axes}, reverse=True):
@@ -147,14 +146,14 @@ def fold_state(state, variables: Mapping, *, strict: bool = True) -> tuple[dict,
     new_vars = apply_masks(graph, variables, mu)
     weight = dict(state.weight)
     if state.gate_at == "output":
-        kept = _channel_values(graph, variables, {g: state.masks[g] for g in mu})
+        live = _channel_values(graph, variables, {g: state.masks[g] for g in mu})
         for name, m in _channel_values(graph, variables, mu).items():
             if name not in weight:
                 continue
             p, a = weight[name], jnp.abs(m)
             a = jnp.where(a > 0, a, 1.0)  # a zero gate zeroes the weights: any step holds them
             if jnp.ndim(p.d) == 0:
-                keep = kept[name] > 0.5
+                keep = kept(live[name])
                 lo = jnp.min(jnp.where(keep, a, jnp.inf))
                 hi = jnp.max(jnp.where(keep, a, -jnp.inf))
                 if strict and not isinstance(lo, jax.core.Tracer) and float(hi) > float(lo) * (

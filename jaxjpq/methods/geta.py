@@ -202,11 +202,10 @@ def reference_saliency(
     :data:`REFERENCE_SCORES`): ``‖x‖``, ``‖x‖ / n`` (``n`` the unit's parameter entries),
     ``cos(x, ∇f) + 1``, ``|⟨∇f, x⟩|`` and ``½ ⟨∇f, x⟩²``, each divided by its L2 norm over the
     live units, then combined with ``weights``."""
-    x2 = unit_sum(index, lambda x: x * x, params)
     g2 = unit_sum(index, lambda g: g * g, grads)
     gx = unit_sum(index, lambda g, x: g * x, grads, params)
     n = unit_sum(index, jnp.ones_like, params)
-    mag = jnp.sqrt(x2)
+    mag = core.magnitude(index, params)
     scores = (
         mag,
         mag / jnp.maximum(n, 1.0),
