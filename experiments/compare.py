@@ -16,6 +16,16 @@ where they land. Budgeted points are named ``<method>_<budget>_s<seed>``, so sev
 share one root, and the search methods of a seed share one fp32 pre-training,
 ``<root>/pretrain_s<seed>``.
 
+``--protocol P,C[,LR]`` puts every row on one training protocol: a shared fp32 pre-training of
+``P`` steps per seed (``<root>/pretrain_s<seed>``), then ``C`` steps of compression and
+fine-tuning at peak learning rate ``LR`` (default 1e-3, warm-up ``C/20``) for every method; the
+fp32 row trains ``P + C`` steps. A method may run twice under different knobs as ``NAME@TAG``
+(``--methods prune_then_quantize,prune_then_quantize@late --set
+prune_then_quantize@late:method.quantize_at=0.7``); ``--set all:field=value`` sets every point.
+
+    python -m experiments.compare --protocol 1000,1000 --bops 0.003 --seeds 0,1,2,3,4 \
+        --set all:data.name=fashion_mnist --root runs/fm_protocol --jobs 2
+
 Resumable: a point whose ``results.json`` exists is skipped, an interrupted one resumes from its
 checkpoint. ``--reuse DIR`` adopts a result JSON from ``DIR`` whose recorded config equals the
 point's (fields that do not change the numbers aside) instead of running it again.
@@ -56,14 +66,22 @@ def _overrides(entry: registry.MethodEntry) -> dict[str, dict[str, Any]]:
 
 
 # method -> config-file prefix ("" = the model's fp32 config), {budget kind: overrides}; built
-# from the method registry (random search is run by its own comparison, bench_ajpq)
+# from the method registry: the default rows
 METHODS: dict[str, tuple[str, dict[str, dict[str, Any]]]] = {
     "fp32": ("", {}),
     **{name: (e.config_prefix, _overrides(e)) for name, e in registry.METHODS.items()
        if name != "ajpq_random"},
 }
+# ... and random search, run here only when named (``--methods ...,ajpq_random``)
+KNOWN = {**METHODS, "ajpq_random": (registry.METHODS["ajpq_random"].config_prefix,
+                                    _overrides(registry.METHODS["ajpq_random"]))}
 # methods that start from a shared fp32 model
 _PRETRAINED = tuple(n for n, e in registry.METHODS.items() if e.family == "search")
+
+
+def base(method: str) -> str:
+    """``prune_then_quantize@late`` → ``prune_then_quantize``."""
+    return method.partition("@")[0]
 # Fields that do not change a result's numbers: a reused result may differ in them (where the
 # data and the pre-training are read from, beyond what a resume may change).
 _FREE = (*FREE_FIELDS, "method.pretrain_dir", "data.cache_dir", "data.data_dir")
@@ -71,7 +89,7 @@ _FREE = (*FREE_FIELDS, "method.pretrain_dir", "data.cache_dir", "data.data_dir")
 
 def config_file(method: str, model: str) -> Path:
     """``experiments/configs/<prefix><model>.py`` of ``method``."""
-    return CONFIGS / f"{METHODS[method][0]}{model}.py"
+    return CONFIGS / f"{KNOWN[base(method)][0]}{model}.py"
 
 
 def load_config(path: Path) -> ml_collections.ConfigDict:
@@ -81,15 +99,32 @@ def load_config(path: Path) -> ml_collections.ConfigDict:
     return module.get_config()
 
 
+def protocol_values(method: str, protocol: tuple[int, int, float]) -> dict[str, Any]:
+    """The fields ``--protocol P,C,LR`` sets on a point of ``method`` (see the module doc)."""
+    pre, steps, lr = protocol
+    if base(method) == "fp32":
+        return {"num_epochs": 0, "num_steps": pre + steps}
+    return {"num_epochs": 0, "num_steps": steps, "method.pretrain_steps": pre,
+            "optim.learning_rate": lr, "optim.warmup_steps": max(1, steps // 20)}
+
+
+def shares_pretraining(method: str, protocol) -> bool:
+    """Whether the points of ``method`` start from the seed's shared fp32 pre-training."""
+    return base(method) in _PRETRAINED or (protocol is not None and base(method) != "fp32")
+
+
 def overrides(method: str, seed: int, budget: tuple[str, float], root: Path,
-              extra: dict[str, dict[str, Any]]) -> dict[str, Any]:
+              extra: dict[str, dict[str, Any]], protocol=None) -> dict[str, Any]:
     """The ``--config.<field>`` values of one point, as Python values."""
     out: dict[str, Any] = {"seed": seed}
     kind, value = budget
-    for k, v in METHODS[method][1].get(kind, {}).items():
+    for k, v in KNOWN[base(method)][1].get(kind, {}).items():
         out[k] = value if v == "B" else v
-    if method in _PRETRAINED:
+    if protocol is not None:
+        out.update(protocol_values(method, protocol))
+    if shares_pretraining(method, protocol):
         out["method.pretrain_dir"] = str((root / f"pretrain_s{seed}").absolute())
+    out.update(extra.get("all", {}))
     out.update(extra.get(method, {}))
     return out
 
@@ -159,9 +194,9 @@ def parse_set(specs: list[str]) -> dict[str, dict[str, Any]]:
     for spec in specs:
         method, sep, rest = spec.partition(":")
         key, eq, value = rest.partition("=")
-        if not sep or not eq or method not in METHODS:
+        if not sep or not eq or (base(method) not in KNOWN and method != "all"):
             raise SystemExit(f"--set {spec!r}: use METHOD:field=value, METHOD one of "
-                             f"{', '.join(METHODS)}.")
+                             f"{', '.join(KNOWN)} (or NAME@TAG of one), or all.")
         try:
             parsed = ast.literal_eval(value)
         except (ValueError, SyntaxError):
@@ -173,12 +208,12 @@ def parse_set(specs: list[str]) -> dict[str, dict[str, Any]]:
 def point_name(method: str, seed: int, budget: tuple[str, float]) -> str:
     """``geta_s0``; ``fit_size0.04_s0`` for a method the budget applies to."""
     kind, value = budget
-    tag = f"_{kind}{value:g}" if kind in METHODS[method][1] else ""
-    return f"{method}{tag}_s{seed}"
+    tag = f"_{kind}{value:g}" if kind in KNOWN[base(method)][1] else ""
+    return f"{method.replace('@', '-')}{tag}_s{seed}"
 
 
 def plan(model: str, methods: list[str], seeds: list[int], budget: tuple[str, float],
-         root: Path, extra: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+         root: Path, extra: dict[str, dict[str, Any]], protocol=None) -> list[dict[str, Any]]:
     """The points to run, pre-training users of a seed after its first one."""
     missing = [m for m in methods if not config_file(m, model).is_file()]
     methods = [m for m in methods if m not in missing]
@@ -191,8 +226,12 @@ def plan(model: str, methods: list[str], seeds: list[int], budget: tuple[str, fl
     pts = []
     for seed in seeds:
         for m in methods:
-            values = overrides(m, seed, budget, root, extra)
+            values = overrides(m, seed, budget, root, extra, protocol)
+            name = configs[m].get("method", {}).get("name", "fp32")
+            if base(m) != name:  # a method run from another's config (ajpq_random)
+                values["method.name"] = base(m)
             pts.append({"method": m, "seed": seed, "file": files[m], "values": values,
+                        "shared": shares_pretraining(m, protocol),
                         "workdir": root / point_name(m, seed, budget),
                         "config": apply(configs[m], values)})
     return pts
@@ -216,7 +255,7 @@ def execute(pts: list[dict[str, Any]], reuse: list[Path], jobs: int) -> list[str
     first: dict[int, threading.Event] = {}
     waits: list[threading.Event | None] = []
     for p in todo:
-        if p["method"] not in _PRETRAINED:
+        if not p["shared"]:
             waits.append(None)
         elif p["seed"] not in first:
             first[p["seed"]] = threading.Event()
@@ -233,7 +272,7 @@ def execute(pts: list[dict[str, Any]], reuse: list[Path], jobs: int) -> list[str
             return run_point(p["file"], p["values"], p["workdir"])
         finally:
             ev = first.get(p["seed"])
-            if p["method"] in _PRETRAINED and waits[i] is None and ev is not None:
+            if p["shared"] and waits[i] is None and ev is not None:
                 ev.set()
 
     failed = []
@@ -249,8 +288,8 @@ def execute(pts: list[dict[str, Any]], reuse: list[Path], jobs: int) -> list[str
 
 def _order(label: str) -> tuple:
     """Rows by method (the order of :data:`METHODS`), then by label."""
-    name = label.split(" ", 1)[0]
-    return (list(METHODS).index(name) if name in METHODS else len(METHODS), label)
+    name = base(label.split(" ", 1)[0])
+    return (list(KNOWN).index(name) if name in KNOWN else len(KNOWN), label)
 
 
 def results_in(directory: Path) -> list[str]:
@@ -294,7 +333,10 @@ def main(argv: list[str] | None = None) -> None:
                        help="relative BOPs budget (fraction of fp32; default 0.005)")
     group.add_argument("--size", type=float, default=None,
                        help="size budget: export bytes / fp32 bytes (fraction)")
-    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--methods", default=",".join(METHODS),
+                    help="comma-separated; NAME@TAG runs NAME again under its own --set")
+    ap.add_argument("--protocol", default=None,
+                    help="P,C[,LR]: shared fp32 pre-training of P steps, then C steps at LR")
     ap.add_argument("--root", default=None, help="results directory (default runs/compare_<model>)")
     ap.add_argument("--jobs", type=int, default=1, help="points run at once")
     ap.add_argument("--reuse", nargs="*", default=[], help="directories of result JSONs to adopt")
@@ -305,13 +347,22 @@ def main(argv: list[str] | None = None) -> None:
     if not 0.0 < budget[1] <= 1.0:
         raise SystemExit(f"--{budget[0]} {budget[1]}: give a fraction of fp32's in (0, 1].")
     methods = [m.strip() for m in a.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in methods if base(m) not in KNOWN]
     if unknown:
-        raise SystemExit(f"--methods: unknown {unknown}; known: {', '.join(METHODS)}.")
+        raise SystemExit(f"--methods: unknown {unknown}; known: {', '.join(KNOWN)}.")
     seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
     root = Path(a.root or f"runs/compare_{a.model}")
     root.mkdir(parents=True, exist_ok=True)
-    pts = plan(a.model, methods, seeds, budget, root, parse_set(a.extra))
+    protocol = None
+    if a.protocol:
+        parts = a.protocol.split(",")
+        try:
+            protocol = (int(parts[0]), int(parts[1]), float(parts[2]) if len(parts) > 2 else 1e-3)
+        except (ValueError, IndexError):
+            raise SystemExit(f"--protocol {a.protocol!r}: give P,C or P,C,LR.") from None
+        if len(parts) > 3 or protocol[0] <= 0 or protocol[1] <= 0 or protocol[2] <= 0:
+            raise SystemExit(f"--protocol {a.protocol!r}: P, C and LR must be > 0.")
+    pts = plan(a.model, methods, seeds, budget, root, parse_set(a.extra), protocol)
     failed = execute(pts, [Path(d) for d in a.reuse], a.jobs)
     if failed:
         print(f"{len(failed)} point(s) failed; see run.log in: {', '.join(failed)}")

@@ -533,6 +533,39 @@ def test_compare_runs_every_method_once_reuses_and_reports(tmp_path, monkeypatch
         compare.main(["--model", "nosuch", "--root", str(tmp_path / "x")])
 
 
+def test_compare_protocol_puts_every_row_on_one_schedule(tmp_path):
+    from experiments import compare
+
+    root = tmp_path / "p"
+    methods = ["fp32", "geta", "prune_then_quantize", "prune_then_quantize@late", "djpq", "fit",
+               "ajpq_random"]
+    extra = compare.parse_set(["all:data.name=fashion_mnist",
+                               "prune_then_quantize@late:method.quantize_at=0.7"])
+    pts = compare.plan("mnist_cnn", methods, [3], ("bops", 0.003), root, extra, (1000, 600, 1e-3))
+    by = {p["method"]: p for p in pts}
+    assert by["fp32"]["config"]["num_steps"] == 1600 and not by["fp32"]["shared"]
+    assert by["fp32"]["config"]["data"]["name"] == "fashion_mnist"
+    for m in methods[1:]:
+        c = by[m]["config"]
+        assert by[m]["shared"] and c["num_steps"] == 600 and c["num_epochs"] == 0
+        assert c["optim"]["learning_rate"] == 1e-3 and c["optim"]["warmup_steps"] == 30
+        assert c["method"]["pretrain_steps"] == 1000 and c["data"]["name"] == "fashion_mnist"
+        assert c["method"]["pretrain_dir"] == str((root / "pretrain_s3").absolute())
+    assert by["prune_then_quantize@late"]["config"]["method"]["quantize_at"] == 0.7
+    assert by["prune_then_quantize"]["config"]["method"]["quantize_at"] == 0.3
+    assert by["prune_then_quantize@late"]["workdir"].name == "prune_then_quantize-late_s3"
+    assert by["ajpq_random"]["config"]["method"]["name"] == "ajpq_random"
+    assert by["ajpq_random"]["config"]["method"]["bops"] == 0.003
+    # without a protocol only the search methods share the pre-training
+    plain = compare.plan("mnist_cnn", methods, [0], ("bops", 0.003), root, {})
+    assert [p["method"] for p in plain if p["shared"]] == ["fit", "ajpq_random"]
+    for bad in ("1000", "0,600", "1000,600,1e-3,4", "a,b"):
+        with pytest.raises(SystemExit, match="--protocol"):
+            compare.main(["--protocol", bad, "--root", str(tmp_path / "x")])
+    with pytest.raises(SystemExit, match="unknown"):
+        compare.main(["--methods", "geta@x,nosuch", "--root", str(tmp_path / "x")])
+
+
 def test_readme_comparison_is_rendered_from_the_committed_results(tmp_path):
     import shutil
 
