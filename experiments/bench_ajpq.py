@@ -29,7 +29,7 @@ def bench(name: str, samples: int, population: int, rounds: int, size: float,
     st = jaxjpq.calibrate(jaxjpq.compress_apply(model.apply), v, st, [x[:128]])
     env = ajpq.make_env(st, size=size)
     evaluate = jax.jit(ajpq.make_evaluator(model.apply, st, v, env, x, y, population=mode))
-    acts = rng.random((population, len(env.sites), ajpq.ACTION_DIM)).astype(np.float32)
+    acts = rng.random((population, len(env.sites), env.action_dim)).astype(np.float32)
 
     def one_at_a_time():
         return [jax.block_until_ready(evaluate(acts[i : i + 1])) for i in range(population)]

@@ -76,7 +76,9 @@ def load(workdirs: list[str]) -> dict[str, list[dict[str, Any]]]:
             budget = (f"size {100 * m['size']:g} %" if m.get("size")
                       else f"BOPs {100 * m['bops']:g} %")
             n = m["episodes"] * m.get("agent", {}).get("population", 8)
-            label += f" ({budget}, bits {_bits(m['bits'])}, {n} candidates)"
+            level = (", channel level" if m.get("hierarchy") else
+                     ", per-channel" if m.get("per_channel") else "")
+            label += f" ({budget}, bits {_bits(m['bits'])}, {n} candidates{level})"
         elif "target_bops" in m:
             label += f" (target {100 * m['target_bops']:g} % BOPs, bits {_bits(m['bits'])})"
         elif "sparsity" in m:

@@ -179,7 +179,8 @@ def _searched_start(config, model, variables, example, train_src, workdir, floor
 
     method = config.method
     graph = jaxjpq.trace.trace(model.apply, variables, example)  # shapes only: holds after training
-    spec = jaxjpq.CompressionSpec(bits=tuple(method.bits))
+    spec = jaxjpq.CompressionSpec(bits=tuple(method.bits),
+                                  per_channel=bool(method.get("per_channel", False)))
     budget = {k: method.get(k) for k in ("size", "bops") if method.get(k)}
     if len(budget) != 1:
         raise ValueError("config.method: give exactly one of size= or bops= (a fraction of fp32).")

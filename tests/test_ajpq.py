@@ -62,6 +62,42 @@ def test_actions_map_to_bits_and_pruned_fractions():
         assert s[kept].min() >= s[~kept].max()
 
 
+def test_the_channel_level_spreads_bits_by_importance_and_pruned_kernels_get_0_bits():
+    model, v, g, x, y, _ = _cnn()
+    st = jaxjpq.init_state(g, jaxjpq.CompressionSpec(bits=(2, 8), per_channel=True), v)
+    st = jaxjpq.calibrate(jaxjpq.compress_apply(model.apply), v, st, [x[:32]])
+    with pytest.raises(ValueError, match="per_channel=True"):
+        ajpq.make_env(_cnn()[-1], size=0.5, hierarchy=True)
+    env = ajpq.make_env(st, size=0.5, hierarchy=True)
+    assert env.action_dim == 4 and ajpq.init_agent(env, jax.random.PRNGKey(0)).best_actions.shape \
+        == (4, 4)
+    index = jaxjpq.units.unit_index(g, v)
+    sal = jaxjpq.methods.core.magnitude(index, v["params"])
+    ranks = ajpq.kernel_ranks(st, v["params"])
+    a = np.zeros((4, 4), np.float32)
+    a[:, 0], a[:, 2], a[:, 3] = 0.5, 1.0, 1.0  # 5 bits, the most pruning, the widest spread
+    out = ajpq.policy_state(st, env, jnp.asarray(a), sal, max_prune=0.5, ranks=ranks)
+    w = np.asarray(v["params"]["Conv_1"]["kernel"])
+    norm = np.sqrt((w ** 2).sum((0, 1, 2)))
+    b = np.asarray(cost.channel_bits(out, "Conv_1"))
+    grp = g.site_map["Conv_1"].out_group
+    pruned = np.asarray(out.masks[grp]) < 0.5
+    assert pruned.sum() == len(b) // 2 and (b[pruned] == 0).all()  # pruned kernels: 0 bits
+    assert (b[~pruned] >= 2).all() and (b[~pruned] <= 8).all()
+    # kept kernels: bits never fall as the kernel's norm grows, from 2 (the least) to 8 bits
+    by_norm = b[np.argsort(norm)]
+    assert (np.diff(by_norm[by_norm > 0]) >= 0).all()
+    assert b[np.argmax(norm)] == 8.0
+    np.testing.assert_array_equal(  # a₃ = 0: every kernel at the layer's bits
+        np.asarray(cost.channel_bits(ajpq.policy_state(
+            st, env, jnp.asarray(a * np.array([1, 1, 1, 0], np.float32)), sal, max_prune=0.5,
+            ranks=ranks), "Conv_1"))[~pruned], 5.0)
+    r = ajpq.search(model.apply, st, v, x, y, size=0.3, episodes=2, hierarchy=True,
+                    hp=ajpq.Hyper(population=2, hidden=16, updates=2, batch=8, buffer=64,
+                                  warmup=1), eval_batch=60, progress=False)
+    assert r.actions.shape == (4, 4) and cost.relative_model_size(r.state) <= 0.3
+
+
 @pytest.mark.parametrize("budget", [{"size": 0.25}, {"bops": 0.02}])
 def test_every_policy_meets_the_budget_exactly(budget):
     model, v, g, x, y, st = _cnn()

@@ -33,6 +33,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.method.eval_batch = 500  # reward samples per forward step of the evaluator
     c.method.max_prune = 0.9  # the largest fraction of a layer's channels an action prunes
     c.method.over_penalty = 0.1  # reward penalty per unit of the policy's budget overshoot
+    c.method.per_channel = False  # weight quantizers per output channel (scales and bits)
+    c.method.hierarchy = False  # True (needs per_channel): a channel level spreads a layer's
+    # bits over its kernels by importance, pruned kernels at 0 bits (jaxjpq.ajpq)
     c.method.agent = ml_collections.ConfigDict(dict(  # jaxjpq.ajpq.Hyper fields
         population=8, hidden=300, actor_lr=1e-4, critic_lr=1e-3, sigma=0.5, sigma_decay=0.95,
         sigma_min=0.05, warmup=2, updates=32, batch=64, buffer=4096, baseline_decay=0.9))

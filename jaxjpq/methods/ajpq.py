@@ -11,6 +11,12 @@ share of the budget the earlier sites already use, and acts with ``a ∈ [0, 1]�
   channels set to 0 bits (pruned), the least important (L2 norm of the units' weights) first
   (the group's first site in execution order decides it).
 
+``hierarchy=True`` (per-channel weight quantizers) adds the paper's channel level: the layer
+action above chooses the layer's bits and sparsity, and a fourth action ``a₃`` spreads the bits
+over the layer's kernels by importance, kernel ``c`` (importance rank ``r_c ∈ [0, 1]``, the L2
+norm of its weights) at ``round(b + a₃ (b_u − b_l)(r_c − ½))`` clipped to ``[b_l, b_u]``, and
+its pruned kernels at 0 bits.
+
 A full policy becomes a :class:`~jaxjpq.state.CompressionState` with :func:`set_bits` and the
 group masks, then :func:`enforce_budget` makes the exact size / BOPs budget hold (bits lowered,
 largest consumers first, then the least important units pruned). Reward:
@@ -18,7 +24,7 @@ largest consumers first, then the least important units pruned). Reward:
 state's), minus ``over_penalty · max(0, c_policy / α − 1)`` where ``c_policy`` is the policy's
 figure before enforcement.
 
-A candidate is array values only (the policy's ``[L, 3]`` actions), so one compiled evaluator
+A candidate is array values only (the policy's ``[L, A]`` actions), so one compiled evaluator
 scores a whole population in one call (states built under ``vmap``; the population split over
 the devices when there are several, see :func:`make_evaluator`); an episode rolls out one policy
 per population member, scores them, stores every step's transition with the episode's
@@ -42,16 +48,14 @@ from tqdm.auto import tqdm
 
 from jaxjpq import cost
 from jaxjpq.compress import compress_apply
-from jaxjpq.graph import kept
+from jaxjpq.graph import kept, leaf
 from jaxjpq.methods import ddpg
 from jaxjpq.methods.core import enforce_budget, magnitude, one_budget, set_bits, with_bits
 from jaxjpq.methods.ddpg import Hyper
-from jaxjpq.quant import params_bits
 from jaxjpq.state import CompressedParams, CompressionState, check_state
 from jaxjpq.units import rank_in_group, unit_index
 
-ACTION_DIM = 3
-DYNAMIC_FEATURES = ACTION_DIM + 1  # previous action, budget share used so far
+ACTION_DIM = 3  # a layer's weight bits, activation bits, pruned fraction
 
 
 class Env(NamedTuple):
@@ -69,6 +73,7 @@ class Env(NamedTuple):
       kind, alpha: ``"size"`` or ``"bops"``; the budget (fraction of fp32).
       target: the ``enforce_budget`` target (a ``cost.relative_size`` fraction for a size budget:
         the budget less the scales, float leaves and ``reserve_bits``).
+      hierarchy: the channel level is on (a fourth action spreads bits over kernels).
     """
 
     sites: tuple[str, ...]
@@ -80,17 +85,28 @@ class Env(NamedTuple):
     kind: str
     alpha: float
     target: float
+    hierarchy: bool = False
+
+    @property
+    def action_dim(self) -> int:
+        """Actions per site: 3, or 4 with the channel level."""
+        return ACTION_DIM + int(self.hierarchy)
 
 
 def make_env(state: CompressionState, *, size: float | None = None,
-             bops: float | None = None, reserve_bits: float = 0.0) -> Env:
+             bops: float | None = None, reserve_bits: float = 0.0,
+             hierarchy: bool = False) -> Env:
     """The environment of ``graph`` from ``state`` (which sites are quantized and learned, the
     bit range) and one budget: ``size`` (the exported model's bits, :func:`relative_model_size`,
     plus ``reserve_bits``, over the fp32 model's) or ``bops`` (:func:`jaxjpq.cost.relative_bops`).
+    ``hierarchy``: the channel level (module docstring); needs per-channel weight quantizers.
     Raises ``ValueError`` when the budget is not a fraction in (0, 1] or is below the smallest
     reachable figure (every learned site at ``b_l``, every group down to one unit)."""
     kind, alpha = one_budget(size, bops)
     graph = check_state(state)
+    if hierarchy and not (state.spec is not None and state.spec.per_channel):
+        raise ValueError("hierarchy=True sets bits per kernel: build the state with "
+                         "CompressionSpec(per_channel=True).")
     sites = graph.sites
     index = unit_index(graph, graph.abstract_variables())
     pos = {g: j for j, g in enumerate(index.group_ids)}
@@ -123,7 +139,7 @@ def make_env(state: CompressionState, *, size: float | None = None,
     else:
         target = alpha
     env = Env(tuple(s.name for s in sites), learned, act_learned, np.asarray(group, np.int64),
-              features, share, kind, alpha, float(target))
+              features, share, kind, alpha, float(target), bool(hierarchy))
     floor = _floor(state, env)
     if target <= 0 or floor > target * (1 + 1e-9):
         smallest = (floor if kind == "bops" else (floor * cost.fp32_size_bits(graph) + alpha
@@ -168,19 +184,41 @@ def action_bits(a: jax.Array, bits: tuple[float, float]) -> jax.Array:
     return jnp.clip(jnp.round(b_l - 0.5 + a * (b_u - b_l + 1.0)), b_l, b_u)
 
 
+def kernel_ranks(state: CompressionState, params: Mapping) -> dict[str, jax.Array]:
+    """``{site: [channel_shape] importance rank in [0, 1]}`` of each per-channel weight
+    quantizer's output channels (kernels): 0 the smallest L2 norm, 1 the largest."""
+    out = {}
+    for s in state.graph.sites:
+        p = state.weight.get(s.name)
+        if p is None or not jnp.ndim(p.d):
+            continue
+        w = s.take(leaf({"params": params}, s.weight))
+        rest = tuple(a for a in range(w.ndim) if a not in s.out_axes)
+        norm = jnp.sqrt(jnp.sum(jnp.square(w.astype(jnp.float32)), axis=rest)).reshape(-1)
+        rank = jnp.argsort(jnp.argsort(norm)).astype(jnp.float32)
+        out[s.name] = (rank / max(norm.size - 1, 1)).reshape(jnp.shape(p.d))
+    return out
+
+
 def policy_state(state: CompressionState, env: Env, actions: jax.Array,
-                 saliency: jax.Array, *, max_prune: float = 0.9) -> CompressionState:
-    """``state`` with the policy ``actions`` (``[L, 3]``) applied, before budget enforcement:
-    learned weight (and, for BOPs, activation) bits from ``a₀`` (``a₁``) and, per decided group,
-    its ``⌊a₂ · max_prune · size⌋`` least salient units (``saliency`` ``[U]``) masked.
-    jit- and vmap-compatible."""
+                 saliency: jax.Array, *, max_prune: float = 0.9,
+                 ranks: Mapping[str, jax.Array] | None = None) -> CompressionState:
+    """``state`` with the policy ``actions`` (``[L, env.action_dim]``) applied, before budget
+    enforcement: learned weight (and, for BOPs, activation) bits from ``a₀`` (``a₁``) and, per
+    decided group, its ``⌊a₂ · max_prune · size⌋`` least salient units (``saliency`` ``[U]``)
+    masked; with ``env.hierarchy`` each kernel's bits spread by ``a₃`` around the layer's by
+    its rank in ``ranks`` (:func:`kernel_ranks`). jit- and vmap-compatible."""
     graph = state.graph
     bits = state.spec.bits
     sm = graph.site_map
     weight, act = dict(state.weight), dict(state.act)
-    for i, name in enumerate(env.sites):  # widths >= b_l >= 2: no channel is at 0 bits here
+    for i, name in enumerate(env.sites):  # widths >= b_l >= 2: pruning is by the masks
         if env.learned[i]:
-            weight[name] = with_bits(weight[name], action_bits(actions[i, 0], bits), True)
+            b = action_bits(actions[i, 0], bits)
+            if env.hierarchy and ranks is not None and name in ranks:
+                spread = actions[i, 3] * (float(bits[1]) - float(bits[0]))
+                b = jnp.clip(jnp.round(b + spread * (ranks[name] - 0.5)), *map(float, bits))
+            weight[name] = with_bits(weight[name], b, True)
         if env.act_learned[i]:
             act[name] = with_bits(act[name], action_bits(actions[i, 1], bits),
                                   sm[name].signed_input)
@@ -201,11 +239,12 @@ def policy_state(state: CompressionState, env: Env, actions: jax.Array,
 
 
 def candidate(state: CompressionState, env: Env, actions: jax.Array,
-              saliency: jax.Array, params: Mapping, *, max_prune: float = 0.9
+              saliency: jax.Array, params: Mapping, *, max_prune: float = 0.9,
+              ranks: Mapping[str, jax.Array] | None = None
               ) -> tuple[CompressionState, jax.Array]:
     """``(enforced state, the policy's figure before enforcement)`` of ``actions``; the
     enforced state meets ``env``'s budget exactly (``enforce_budget``). jit/vmap-compatible."""
-    raw = policy_state(state, env, actions, saliency, max_prune=max_prune)
+    raw = policy_state(state, env, actions, saliency, max_prune=max_prune, ranks=ranks)
     fig = _figure(raw, env)
     kw = {env.kind: env.target}
     return enforce_budget(raw, saliency=saliency, params=params, **kw), fig
@@ -248,6 +287,7 @@ def make_evaluator(apply_fn: Callable, state: CompressionState, variables: Mappi
     params = variables["params"]
     index = unit_index(graph, variables)
     saliency = magnitude(index, params) if index.num_units else jnp.zeros((0,), jnp.float32)
+    ranks = kernel_ranks(state, params) if env.hierarchy else None
     n = len(inputs)
     if n == 0 or len(labels) != n:
         raise ValueError(f"the reward set needs samples and one label each, got {n} inputs and "
@@ -284,7 +324,7 @@ def make_evaluator(apply_fn: Callable, state: CompressionState, variables: Mappi
             actions = jax.lax.with_sharding_constraint(
                 actions, jax.sharding.NamedSharding(mesh, spec))
         states, raw = jax.vmap(lambda a: candidate(state, env, a, saliency, params,
-                                                   max_prune=max_prune))(actions)
+                                                   max_prune=max_prune, ranks=ranks))(actions)
         accs = (jax.vmap(accuracy) if over_models == "vmap" else
                 lambda s: jax.lax.map(accuracy, s))(states)
         over = jnp.maximum(raw / env.target - 1.0, 0.0)
@@ -293,8 +333,8 @@ def make_evaluator(apply_fn: Callable, state: CompressionState, variables: Mappi
                 "policy_figure": raw}
 
     evaluate.reference = ref
-    evaluate.state_of = lambda actions: candidate(state, env, jnp.asarray(actions),
-                                                  saliency, params, max_prune=max_prune)[0]
+    evaluate.state_of = lambda actions: candidate(state, env, jnp.asarray(actions), saliency,
+                                                  params, max_prune=max_prune, ranks=ranks)[0]
     return evaluate
 
 
@@ -307,7 +347,7 @@ METRICS = ("reward", "accuracy", "figure", "policy_figure")
 
 
 def make_rollout(env: Env, bits: tuple[float, float], max_prune: float) -> Callable:
-    """``rollout(actor, key, sigma, random, population) -> (states [P, L, F], actions [P, L, 3])``:
+    """``rollout(actor, key, sigma, random, population) -> (states [P, L, F], actions [P, L, A])``:
     one walk over the sites per population member (:func:`ddpg.explore` at each site); the
     dynamic features are the previous action and the budget share the walk has used."""
     feats = jnp.asarray(env.features)
@@ -327,7 +367,7 @@ def make_rollout(env: Env, bits: tuple[float, float], max_prune: float) -> Calla
             used = used + share[i] * wb / 32.0 * keep / env.alpha
             return (a, used), (s, a)
 
-        init = (jnp.zeros((population, ACTION_DIM)), jnp.zeros((population,)))
+        init = (jnp.zeros((population, env.action_dim)), jnp.zeros((population,)))
         _, (ss, aa) = jax.lax.scan(step, init, (jnp.arange(L), jax.random.split(key, L)))
         return jnp.swapaxes(ss, 0, 1), jnp.swapaxes(aa, 0, 1)
 
@@ -336,7 +376,8 @@ def make_rollout(env: Env, bits: tuple[float, float], max_prune: float) -> Calla
 
 def init_agent(env: Env, key: jax.Array, hp: Hyper | None = None) -> ddpg.AgentState:
     """A fresh agent for ``env`` (``hp`` default: ``Hyper()``)."""
-    return ddpg.init_agent(key, env.features.shape[1] + DYNAMIC_FEATURES, ACTION_DIM,
+    # the state: static features, the previous action, the budget share used so far
+    return ddpg.init_agent(key, env.features.shape[1] + env.action_dim + 1, env.action_dim,
                            len(env.sites), METRICS, hp)
 
 
@@ -355,8 +396,8 @@ class SearchResult(NamedTuple):
     Attributes:
       pair: ``CompressedParams(variables["params"], the best policy's enforced state)``, ready
         for ``qat``; ``.state`` is its state.
-      actions: float32 ``[L, 3]`` its actions; bits: ``{site: weight bits}``; kept:
-        ``{group id: kept units}``.
+      actions: float32 ``[L, A]`` its actions; bits: ``{site: weight bits}`` (the mean over
+        kept weights); kept: ``{group id: kept units}``.
       reward, accuracy: its reward and held-out accuracy (before fine-tuning); reference: the
         uncompressed state's accuracy.
       relative_size, relative_bops: of the enforced state (size: :func:`relative_model_size`).
@@ -388,16 +429,17 @@ def search(apply_fn: Callable, state: CompressionState, variables: Mapping,
            bops: float | None = None, episodes: int = 30, hp: Hyper | None = None,
            random_search: bool = False, seed: int = 0, reserve_bits: float = 0.0,
            eval_batch: int = 500, max_prune: float = 0.9, over_penalty: float = 0.1,
-           progress: bool = True, **call_kwargs: Any) -> SearchResult:
+           hierarchy: bool = False, progress: bool = True, **call_kwargs: Any) -> SearchResult:
     """AJPQ's search (module docstring) to ``size`` or ``bops`` (see :func:`make_env`), the reward
     on the held-out ``inputs [N, ...]`` / ``labels [N]``; ``episodes · hp.population``
     candidates are scored. ``random_search``: the same number of uniform random policies.
     ``state`` is the calibrated starting state (its bit range, frozen sites, activation
-    quantizers); ``**call_kwargs`` static keyword arguments of ``apply_fn``."""
+    quantizers); ``hierarchy``: the channel level (:func:`make_env`); ``**call_kwargs`` static
+    keyword arguments of ``apply_fn``."""
     hp = Hyper() if hp is None else hp
     if episodes < 1:
         raise ValueError(f"episodes must be >= 1, got {episodes}.")
-    env = make_env(state, size=size, bops=bops, reserve_bits=reserve_bits)
+    env = make_env(state, size=size, bops=bops, reserve_bits=reserve_bits, hierarchy=hierarchy)
     evaluate = make_evaluator(apply_fn, state, variables, env, inputs, labels,
                               eval_batch=eval_batch, max_prune=max_prune,
                               over_penalty=over_penalty, **call_kwargs)
@@ -432,8 +474,8 @@ def _result(env: Env, pair: CompressedParams, best: np.ndarray, ag: ddpg.AgentSt
     graph = st.graph
     index = unit_index(graph, graph.abstract_variables())
     kept_units = {g: int(np.sum(kept(np.asarray(st.masks[g])))) for g in index.group_ids}
-    sm = graph.site_map
-    bits = {n: float(params_bits(p, True)) for n, p in st.weight.items() if n in sm}
+    widths = cost.bits(st)  # the mean over kept weights where a site's kernels differ
+    bits = {n: float(widths[n][0]) for n in st.weight if n in graph.site_map}
     return SearchResult(
         pair=pair, actions=best, bits=bits, kept=kept_units, reward=float(ag.best_reward),
         accuracy=float(ag.best_metrics["accuracy"]), reference=reference,

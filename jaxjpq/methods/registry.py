@@ -189,7 +189,8 @@ def _fit_search(apply_fn, state, cfg, inputs: SearchInputs):
 
 
 def _ajpq_check(state, cfg):  # make_env names the smallest reachable figure
-    ajpq.make_env(state, **{k: float(cfg[k]) for k in ("size", "bops") if cfg.get(k, 0.0)})
+    ajpq.make_env(state, **{k: float(cfg[k]) for k in ("size", "bops") if cfg.get(k, 0.0)},
+                  hierarchy=bool(cfg.get("hierarchy", False)))
 
 
 def _ajpq_search(apply_fn, state, cfg, inputs: SearchInputs):
@@ -200,7 +201,8 @@ def _ajpq_search(apply_fn, state, cfg, inputs: SearchInputs):
                       episodes=int(cfg["episodes"]), hp=hp,
                       random_search=cfg["name"] == "ajpq_random", seed=inputs.seed,
                       eval_batch=int(cfg["eval_batch"]), max_prune=float(cfg["max_prune"]),
-                      over_penalty=float(cfg["over_penalty"]), progress=inputs.progress,
+                      over_penalty=float(cfg["over_penalty"]),
+                      hierarchy=bool(cfg.get("hierarchy", False)), progress=inputs.progress,
                       **inputs.budget)
     return res.state, dict(
         evaluations=res.evaluations, compiles=res.compiles, best_reward=res.reward,
