@@ -283,12 +283,12 @@ def test_pareto_table_and_chart(tmp_path):
         pareto.load([str(tmp_path / "missing")])
 
 
-# resnet56 passes too (47 s, left out for suite time), and so do the vgg7 (26 s) and resnet50
-# (72 s) GETA configs since the q_m step guard in geta._quant_update (they used to stop with
-# NonFiniteLossError), left out for suite time. djpq_resnet18_imagenet2012 passes too (45-85 s).
+# Left out for suite time, passing: geta_resnet56 (47 s), geta_vgg7 (26 s), geta_resnet50 (72 s),
+# djpq_resnet18_imagenet2012 (45-85 s), fit_resnet20_cifar10 (~100 s; ResNet-20 runs in the GETA
+# and AJPQ rows, FIT in the BERT row).
 @pytest.mark.parametrize(
     "config_name", ["geta_resnet20_cifar10", "geta_bert_tiny_sst2", "djpq_vgg7_cifar10",
-                    "fit_resnet20_cifar10", "fit_bert_tiny_sst2", "ajpq_resnet20_cifar10"]
+                    "fit_bert_tiny_sst2", "ajpq_resnet20_cifar10"]
 )
 def test_paper_scale_configs_run_on_tiny_data(config_name, tfds_dir, tmp_path):
     """A paper-scale config trains its full-size model for a few GETA / DJPQ steps on the tiny
@@ -301,7 +301,7 @@ def test_paper_scale_configs_run_on_tiny_data(config_name, tfds_dir, tmp_path):
         c.data.image_size = 32  # same network, small images
     c.num_steps, c.batch_size, c.eval_batch_size = 10, 2, 4
     c.optim.warmup_steps = 2
-    c.checkpoint_every, c.progress = 0, False
+    c.checkpoint_every, c.progress, c.deploy_rounds = 0, False, 0
     if c.method.name == "fit":  # a few pre-training steps, a small Fisher pass
         c.method.pretrain_steps, c.method.fisher_samples, c.method.chunk = 5, 8, 4
         c.method.pretrain_optim.warmup_steps = 1
