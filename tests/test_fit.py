@@ -288,3 +288,30 @@ def test_the_active_size_is_the_kept_weights_at_their_bits():
     floor = fit.size_floor(st, size_metric="active")
     with pytest.raises(ValueError, match="below the smallest reachable"):
         fit.check_size_budget(st, floor * 0.99, size_metric="active")
+
+
+def test_the_fisher_is_estimated_again_along_the_path_at_the_compressed_model():
+    model, v, g, x, y, st, info = _cnn()
+    seen = []
+
+    def refisher(state):  # the Fisher of the node's compressed weights
+        seen.append(state)
+        w = jaxjpq.compress.transform_variables(v, state)
+        return fit.fisher(model.apply, g, w, [{"inputs": x, "labels": y}], chunk=6,
+                          progress=False)
+
+    r = fit.search(info, st, v, size=0.06, refisher=refisher, refisher_every=3, progress=False)
+    # every 3 moves, before the next (or once more where a refresh alone meets the budget)
+    assert len(seen) in ((r.nodes_expanded - 1) // 3, r.nodes_expanded // 3) and seen
+    assert r.relative_size <= 0.06
+    # the search ends at the Fisher of its last refresh: FIT scored with it, not the first
+    last = refisher(seen[-1])
+    seen.pop()
+    assert r.fit == pytest.approx(fit.fit_score(last, r.state, v), rel=1e-6)
+    # a Fisher that never changes leaves the path as it was
+    same = fit.search(info, st, v, size=0.06, refisher=lambda s: info, refisher_every=2,
+                      progress=False)
+    plain = fit.search(info, st, v, size=0.06, progress=False)
+    assert same.path == plain.path and same.bits == plain.bits
+    with pytest.raises(ValueError, match="refisher_every"):
+        fit.search(info, st, v, size=0.06, refisher=refisher, progress=False)

@@ -36,6 +36,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.method.criterion = "fit"  # path: edge+heuristic; "rate": edge/size; "least_fit": least FIT
     c.method.fisher_samples = 16384  # training samples of the empirical Fisher
     c.method.fisher_reduce = "diag"  # F elementwise; "layer_mean": each layer's mean (Tr(F)/n)
+    c.method.refisher_every = 0  # > 0: the Fisher estimated again every this many path moves,
+    c.method.refisher_samples = 4096  # on this many samples, at the compressed model
     c.method.chunk = 128  # samples per call of the Fisher pass
     c.method.quant_lr = 1e-3  # fine-tune step of the clips
     c.method.uniform_bits = 4.0  # used by the uniform_magnitude baseline only

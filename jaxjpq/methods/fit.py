@@ -530,6 +530,8 @@ def search(
     criterion: str = "fit",
     progress: bool = True,
     size_metric: str = "export",
+    refisher: Callable[[CompressionState], FisherInfo] | None = None,
+    refisher_every: int = 0,
 ) -> SearchResult:
     """The best-first FIT path (module docstring) to ``size`` (the exported model's bits
     relative to the fp32 model's, :func:`jaxjpq.cost.relative_model_size`: codes, indices,
@@ -553,15 +555,30 @@ def search(
     ``size_metric``: ``"export"`` (the default, above) or ``"active"`` (the paper's: the kept
     weights at their bits over the site weights in float32,
     :func:`jaxjpq.cost.relative_active_size`; ``reserve_bits`` then ignored).
+
+    ``refisher``, ``refisher_every`` (path criteria): every ``refisher_every`` moves the Fisher
+    is estimated again at the path's current node, ``refisher(state of the node)`` (e.g.
+    :func:`fisher` at :func:`jaxjpq.compress.transform_variables`), and the tables rebuilt: the
+    importance order (which weights each sparsity level prunes) and the edge costs follow the
+    compressed model, as the reference re-estimates at each expanded node.
     """
     kind, alpha = one_budget(size, bops)
     active = _active(size_metric)
     if criterion not in ("fit", "rate", "least_fit"):
         raise ValueError(f"criterion must be 'fit', 'rate' or 'least_fit', got {criterion!r}.")
     graph = check_state(state)
+    if refisher_every < 0 or (refisher_every > 0) != (refisher is not None):
+        raise ValueError("re-estimating the Fisher needs both refisher= (a callable) and "
+                         f"refisher_every >= 1 (got {refisher_every}).")
     lv = sparsity_levels(levels)
     tables, counts = _tables(info, state, variables, lv, act_search=kind == "bops")
     figure = _figure_fn(state, tables, counts, kind, reserve_bits, active)
+
+    def rebuild(node):
+        new = refisher(_to_state(state, tables, counts, node))
+        t, k = _tables(new, state, variables, lv, act_search=kind == "bops")
+        return new, t, k, _figure_fn(state, t, k, kind, reserve_bits, active)
+
     floor_node = (*[len(t.bits) - 1 for t in tables], *[len(t.a_bits) - 1 for t in tables],
                   len(lv) - 1)
     floor = figure(floor_node)
@@ -576,8 +593,12 @@ def search(
         c = figure(node)
         path = [("least_fit", c)]
     else:
-        node, c, path = _path(tables, counts, figure, alpha, lv, criterion, kind, progress)
+        node, c, path, refreshed = _path(tables, counts, figure, alpha, lv, criterion, kind,
+                                         progress, rebuild if refisher else None,
+                                         refisher_every)
         expanded = len(path)
+        if refreshed is not None:
+            info, tables, counts, figure = refreshed
     out = _to_state(state, tables, counts, node)
     if kind == "bops":
         exact = float(cost.relative_bops(out))
@@ -593,10 +614,12 @@ def search(
 
 
 def _path(tables: list[_SiteTable], counts: np.ndarray, figure: Callable[[tuple], float],
-          alpha: float, lv: np.ndarray, criterion: str, kind: str, progress: bool
-          ) -> tuple[tuple, float, list]:
+          alpha: float, lv: np.ndarray, criterion: str, kind: str, progress: bool,
+          rebuild: Callable | None = None, every: int = 0) -> tuple[tuple, float, list, Any]:
     """The best-first walk of :func:`search` (``criterion`` "fit" or "rate") from the all-first
-    node until ``figure <= alpha``: ``(node, its figure, [(move, figure), ...])``."""
+    node until ``figure <= alpha``: ``(node, its figure, [(move, figure), ...], the last
+    (info, tables, counts, figure) of ``rebuild(node)``, called every ``every`` moves, or
+    None)``."""
     from tqdm.auto import tqdm
 
     def heuristic(node, c):
@@ -609,7 +632,14 @@ def _path(tables: list[_SiteTable], counts: np.ndarray, figure: Callable[[tuple]
     c = figure(node)
     path: list = []
     bar = tqdm(desc=f"fit search ({kind} budget {alpha:.2%})", unit="step", disable=not progress)
+    refreshed = None
     while c > alpha:
+        if rebuild is not None and path and len(path) % every == 0:
+            refreshed = rebuild(node)
+            _, tables, counts, figure = refreshed
+            c = figure(node)  # the level's pruned weights follow the new order
+            if c <= alpha:
+                break
         bi, ai, s = _parts(tables, node)
         moves = []
         for i, t in enumerate(tables):  # one site one bit option lower
@@ -640,7 +670,7 @@ def _path(tables: list[_SiteTable], counts: np.ndarray, figure: Callable[[tuple]
         bar.update(1)
         bar.set_postfix({kind: f"{c:.4f}"})
     bar.close()
-    return node, c, path
+    return node, c, path, refreshed
 
 
 def _figure_fn(state: CompressionState, tables: list[_SiteTable], counts: np.ndarray,

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import optax
 
+from jaxjpq.compress import transform_variables
 from jaxjpq.methods import ajpq, fit
 from jaxjpq.methods.baselines import prune_then_quantize
 from jaxjpq.methods.core import qat
@@ -158,6 +159,10 @@ def _fit_check(state, cfg):
                               cfg.get("size_metric", "export"))
 
 
+def _reduced(info: fit.FisherInfo, reduce: str) -> fit.FisherInfo:
+    return info.layer_mean() if reduce == "layer_mean" else info
+
+
 def _fit_search(apply_fn, state, cfg, inputs: SearchInputs):
     info: dict[str, Any] = {}
     if cfg["name"] == "fit":
@@ -169,13 +174,24 @@ def _fit_search(apply_fn, state, cfg, inputs: SearchInputs):
         if reduce not in ("diag", "layer_mean"):
             raise ValueError(f"method.fisher_reduce must be 'diag' or 'layer_mean', got "
                              f"{reduce!r}.")
-        if reduce == "layer_mean":
-            fisher = fisher.layer_mean()
         info["fisher_seconds"] = time.perf_counter() - t0
-        res = fit.search(fisher, state, inputs.variables, levels=int(cfg["levels"]),
-                         criterion=cfg.get("criterion", "fit"), progress=inputs.progress,
-                         size_metric=cfg.get("size_metric", "export"), **inputs.budget)
-        info.update(nodes_expanded=res.nodes_expanded, fit=res.fit)
+        every = int(cfg.get("refisher_every", 0))
+        refreshes = [0]
+
+        def refisher(st):  # the Fisher of the compressed model at a node of the path
+            refreshes[0] += 1
+            return _reduced(fit.fisher(
+                apply_fn, state.graph, transform_variables(inputs.variables, st),
+                inputs.batches(), chunk=int(cfg["chunk"]),
+                max_samples=int(cfg.get("refisher_samples", 4096)), progress=False), reduce)
+
+        res = fit.search(_reduced(fisher, reduce), state, inputs.variables,
+                         levels=int(cfg["levels"]), criterion=cfg.get("criterion", "fit"),
+                         progress=inputs.progress, size_metric=cfg.get("size_metric", "export"),
+                         refisher=refisher if every else None, refisher_every=every,
+                         **inputs.budget)
+        info.update(nodes_expanded=res.nodes_expanded, fit=res.fit,
+                    fisher_refreshes=refreshes[0])
     else:
         res = fit.uniform_magnitude(state, inputs.variables, bits=float(cfg["uniform_bits"]),
                                     levels=int(cfg["levels"]),
