@@ -139,6 +139,15 @@ def _fwd_parts(x, d, q_m, t, signed):
     return ax, s, m, lm, y, jnp.round(y / d)
 
 
+def clipped_residual(x: jax.Array, d: jax.Array, q_m: jax.Array, t: jax.Array,
+                     signed: bool = True) -> tuple[jax.Array, jax.Array]:
+    """``(x_c, r)`` shaped like ``x``: the clipped, powered value ``x_c = sign(x) · min(|x|,
+    q_m)^t`` and the rounding residual in steps ``r = sign(x) · (round(|x_c| / d) − |x_c| / d)``
+    (the parameters broadcast against ``x``)."""
+    _, s, _, _, y, r = _fwd_parts(x, d, q_m, t, signed)
+    return s * y, s * (r - y / d)
+
+
 def _clip(x, q_m, signed):
     """x clipped to [-q_m, q_m] (signed) or [0, q_m]: sign(x) · min(|x|, q_m) (or its 0 floor)."""
     return jnp.clip(x, -q_m if signed else 0.0, q_m)

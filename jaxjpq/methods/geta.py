@@ -44,6 +44,7 @@ from jaxjpq.quant import (
     bits_from_step,
     broadcast_params,
     clip_sgd_step,
+    clipped_residual,
     step_from_bits,
 )
 from jaxjpq.state import CompressionState, site_quantizer
@@ -233,11 +234,7 @@ def clipped_and_residual(params: Mapping, state: CompressionState) -> tuple[dict
             continue
         w = site.take(leaf(variables, site.weight))
         q = broadcast_params(site_quantizer(state, "weight", site.name), w.ndim, site.out_axes)
-        m = jnp.minimum(jnp.abs(w), q.q_m)
-        y = jnp.where(m > 0, jnp.power(jnp.where(m > 0, m, 1.0), q.t), 0.0)
-        sign = jnp.sign(w)
-        pieces.setdefault(site.weight, []).append((site, sign * y, sign * (jnp.round(y / q.d)
-                                                                             - y / q.d)))
+        pieces.setdefault(site.weight, []).append((site, *clipped_residual(w, q.d, q.q_m, q.t)))
     for key, ps in pieces.items():
         set_leaf(clip_tree, key, put_layers(leaf(variables, key), [(s, a) for s, a, _ in ps], jnp))
         set_leaf(res_tree, key, put_layers(leaf(res_tree, key), [(s, r) for s, _, r in ps], jnp))
