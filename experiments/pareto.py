@@ -133,6 +133,33 @@ def relative_size(result: dict[str, Any]) -> float:
     return float(exp["disk_bytes"]) / (4.0 * comp["dense_params"])
 
 
+def _fp32_bytes(comp: dict[str, Any]) -> float:
+    exp = comp.get("export") or {}
+    return float(exp.get("fp32_bytes") or 4.0 * comp.get("dense_params", float("nan")))
+
+
+def relative_active(result: dict[str, Any]) -> float:
+    """Kept weights at their bits (``cost.active_bytes``) / fp32 bytes (1 for fp32; NaN where
+    the run did not record them)."""
+    comp = result.get("compression") or {}
+    if not comp:
+        return 1.0
+    dep = comp.get("deployed") or {}
+    return float(dep["active_bytes"]) / _fp32_bytes(comp) if "active_bytes" in dep else float("nan")
+
+
+def relative_resident(result: dict[str, Any]) -> float:
+    """The deployed model's bytes in device memory / fp32 bytes (1 for fp32; NaN if unknown)."""
+    comp = result.get("compression") or {}
+    if not comp:
+        return 1.0
+    dep = comp.get("deployed") or {}
+    if "resident_bytes" not in dep:
+        return float("nan")
+    b = dep["resident_bytes"]
+    return float(b["total"] if isinstance(b, dict) else b) / _fp32_bytes(comp)
+
+
 def split_top_level(text: str) -> list[str]:
     """``text`` split at the commas outside brackets: ``"(2.,3.),(2.,4.)"`` → two parts."""
     out, depth, cur = [], 0, ""
@@ -154,23 +181,35 @@ def short_label(label: str) -> str:
     if not sep:
         return label
     items = [i.strip() for i in split_top_level(rest[:-1])]  # the settings
-    return f"{name} ({', '.join(items[:2])})"
+    # and those that tell variants of one method apart
+    keep = items[:2] + [i for i in items[2:] if i.startswith(("quantize at", "channel level",
+                                                              "per-channel"))]
+    return f"{name} ({', '.join(keep)})"
 
 
 def table(runs: dict[str, list[dict[str, Any]]], compact: bool = False) -> str:
     """Markdown rows: mean (min-max over seeds) of test accuracy, relative BOPs and relative
-    size (the export directory's bytes over the fp32 model's), in %; ``compact``: those three
-    columns only, under :func:`short_label` labels."""
+    size (the export directory's bytes over the fp32 model's), in %; ``compact``: test accuracy
+    (mean, min-max), the means of the accuracy at the start of training (a search method's:
+    the searched model's, before fine-tuning), relative BOPs and the active, resident and disk
+    bytes over the fp32 model's, under :func:`short_label` labels."""
+    def mean(values, scale=100.0):
+        values = [v for v in values if v == v]  # NaN: not recorded
+        return f"{scale * sum(values) / len(values):.2f}" if values else "-"
+
     if compact:
-        rows = ["| Method | Seeds | Test acc. % | Rel. BOPs % | Export / fp32 bytes % |",
-                "|---|---|---|---|---|"]
+        rows = ["| Method | Seeds | Test acc. % | Start acc. % | Rel. BOPs % | Bytes % of fp32: "
+                "active / resident / disk |", "|---|---|---|---|---|---|"]
         for label, rs in runs.items():
-            size = [x for r in rs if (x := relative_size(r)) == x]
+            comp = [r.get("compression") or {} for r in rs]
+            start = [c.get("start_test_accuracy", float("nan")) for c in comp]
             rows.append(
                 f"| {short_label(label)} | {len(rs)} | "
                 f"{_stat([r['test_accuracy'] for r in rs], 100)} | "
-                f"{_stat([(r.get('compression') or {}).get('rel_bops', 1.0) for r in rs], 100)} | "
-                f"{_stat(size, 100) if size else '-'} |")
+                f"{mean(start) if comp[0] else '-'} | "
+                f"{mean([c.get('rel_bops', 1.0) for c in comp])} | "
+                f"{mean(map(relative_active, rs))} / {mean(map(relative_resident, rs))} / "
+                f"{mean(map(relative_size, rs))} |")
         return "\n".join(rows)
     rows = [
         "| Method | Seeds | Test acc. % | Rel. BOPs % | Sparsity | Mean bits (w) | Restored % "
