@@ -5,6 +5,7 @@ Pareto chart (test accuracy vs relative BOPs and vs relative size).
         --root runs/compare_mnist_cnn --jobs 2
     python -m experiments.compare --size 0.04 --root runs/compare_mnist_cnn   # same root
     python -m experiments.compare report runs/compare_mnist_cnn [--out chart.png]
+    python -m experiments.compare pairs runs/compare_mnist_cnn djpq_bops0.005:prune_then_quantize
 
 A method runs when ``experiments/configs/<prefix>_<model>.py`` exists (``<model>.py`` for
 fp32). A relative-BOPs budget (``--bops``) is the target of DJPQ, FITCompress, its uniform-bits
@@ -311,8 +312,51 @@ def report(directory: Path, out: Path | None = None) -> tuple[str, Path]:
     return text, chart
 
 
+def paired(directory: Path, a: str, b: str) -> dict[str, Any]:
+    """Test accuracy of the points ``<a>_s<seed>`` against ``<b>_s<seed>`` (point names without
+    the seed, e.g. ``djpq_bops0.01`` and ``prune_then_quantize``) over the seeds both have:
+    per-seed differences (points), their mean, whether ``a``'s worst seed is above ``b``'s best,
+    and the two-sided paired t-test's p-value (NaN below 2 seeds)."""
+    from scipy import stats
+
+    def by_seed(name):
+        out = {}
+        for f in directory.glob(f"{name}_s*/results.json"):
+            seed = f.parent.name[len(name) + 2:]
+            if seed.isdigit():
+                out[int(seed)] = json.loads(f.read_text())["test_accuracy"]
+        return out
+
+    ra, rb = by_seed(a), by_seed(b)
+    seeds = sorted(set(ra) & set(rb))
+    if not seeds:
+        raise SystemExit(f"{directory}: no seed has both {a}_s<seed> and {b}_s<seed>.")
+    da, db = [100 * ra[s] for s in seeds], [100 * rb[s] for s in seeds]
+    diff = [x - y for x, y in zip(da, db, strict=True)]
+    p = float(stats.ttest_rel(da, db).pvalue) if len(seeds) > 1 and len(set(diff)) > 1 \
+        else float("nan")
+    return {"seeds": seeds, "a": da, "b": db, "diff": diff, "mean_diff": sum(diff) / len(diff),
+            "worst_a_above_best_b": min(da) > max(db), "p": p}
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["pairs"]:
+        ap = argparse.ArgumentParser(prog="experiments.compare pairs",
+                                     description="Paired per-seed comparisons of points.")
+        ap.add_argument("directory")
+        ap.add_argument("pairs", nargs="+", help="A:B point names without _s<seed>")
+        a = ap.parse_args(argv[1:])
+        for spec in a.pairs:
+            x, sep, y = spec.partition(":")
+            if not sep:
+                raise SystemExit(f"{spec!r}: give A:B.")
+            r = paired(Path(a.directory), x, y)
+            print(f"{x} - {y}: seeds {r['seeds']}, differences "
+                  f"{', '.join(f'{d:+.2f}' for d in r['diff'])} (mean {r['mean_diff']:+.2f} "
+                  f"points), worst {x} above best {y}: {r['worst_a_above_best_b']}, "
+                  f"paired t-test p = {r['p']:.3g}")
+        return
     if argv[:1] == ["report"]:
         ap = argparse.ArgumentParser(prog="experiments.compare report",
                                      description="Table and chart of a results directory.")

@@ -566,13 +566,38 @@ def test_compare_protocol_puts_every_row_on_one_schedule(tmp_path):
         compare.main(["--methods", "geta@x,nosuch", "--root", str(tmp_path / "x")])
 
 
+def test_compare_pairs_seeds_and_tests_the_differences(tmp_path, capsys):
+    from scipy import stats
+
+    from experiments import compare
+
+    accs = {"djpq_bops0.01": [0.905, 0.91, 0.90, 0.907], "prune_then_quantize": [0.90, 0.899,
+                                                                                0.897, 0.9]}
+    for name, values in accs.items():
+        for seed, acc in enumerate(values):
+            (tmp_path / f"{name}_s{seed}").mkdir()
+            (tmp_path / f"{name}_s{seed}" / "results.json").write_text(
+                json.dumps({"test_accuracy": acc}))
+    (tmp_path / "djpq_bops0.01_s9").mkdir()  # a seed without its pair is left out
+    (tmp_path / "djpq_bops0.01_s9" / "results.json").write_text('{"test_accuracy": 0.1}')
+    r = compare.paired(tmp_path, "djpq_bops0.01", "prune_then_quantize")
+    assert r["seeds"] == [0, 1, 2, 3] and r["worst_a_above_best_b"] is False
+    np.testing.assert_allclose(r["diff"], [0.5, 1.1, 0.3, 0.7], atol=1e-9)
+    want = stats.ttest_rel(accs["djpq_bops0.01"], accs["prune_then_quantize"]).pvalue
+    assert r["p"] == pytest.approx(want, rel=1e-9)
+    compare.main(["pairs", str(tmp_path), "djpq_bops0.01:prune_then_quantize"])
+    assert "+0.50, +1.10, +0.30, +0.70 (mean +0.65 points)" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="no seed has both"):
+        compare.paired(tmp_path, "geta", "prune_then_quantize")
+
+
 def test_readme_comparison_is_rendered_from_the_committed_results(tmp_path):
     import shutil
 
     from experiments import compare
 
     root = Path(__file__).resolve().parents[1]
-    committed = root / "experiments" / "results" / "compare_mnist_cnn"
+    committed = root / "experiments" / "results" / "fashion_mnist" / "protocol"
     shutil.copytree(committed, tmp_path / "c")
     compare.report(tmp_path / "c")
     table = (tmp_path / "c" / "table_compact.md").read_text().strip()
@@ -580,7 +605,7 @@ def test_readme_comparison_is_rendered_from_the_committed_results(tmp_path):
     readme = (root / "README.md").read_text()
     assert f"<!-- compare-table -->\n\n{table}\n" in readme
     methods = {line.split(" ")[1] for line in table.splitlines()[2:]}
-    assert methods == set(compare.METHODS)  # every method is in the comparison
+    assert methods == set(compare.KNOWN)  # every method and random search are in it
 
 
 def test_readme_example_runs(tmp_path):
