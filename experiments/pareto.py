@@ -138,26 +138,26 @@ def _fp32_bytes(comp: dict[str, Any]) -> float:
     return float(exp.get("fp32_bytes") or 4.0 * comp.get("dense_params", float("nan")))
 
 
-def relative_active(result: dict[str, Any]) -> float:
-    """Kept weights at their bits (``cost.active_bytes``) / fp32 bytes (1 for fp32; NaN where
-    the run did not record them)."""
+def _deployed_share(result: dict[str, Any], key: str) -> float:
+    """``compression.deployed[key]`` bytes (a number, or a dict with its ``total``) over the fp32
+    model's: 1 for fp32, NaN where the run did not record it."""
     comp = result.get("compression") or {}
     if not comp:
         return 1.0
-    dep = comp.get("deployed") or {}
-    return float(dep["active_bytes"]) / _fp32_bytes(comp) if "active_bytes" in dep else float("nan")
+    b = (comp.get("deployed") or {}).get(key)
+    if b is None:
+        return float("nan")
+    return float(b["total"] if isinstance(b, dict) else b) / _fp32_bytes(comp)
+
+
+def relative_active(result: dict[str, Any]) -> float:
+    """Kept weights at their bits (``cost.active_bytes``) / fp32 bytes."""
+    return _deployed_share(result, "active_bytes")
 
 
 def relative_resident(result: dict[str, Any]) -> float:
-    """The deployed model's bytes in device memory / fp32 bytes (1 for fp32; NaN if unknown)."""
-    comp = result.get("compression") or {}
-    if not comp:
-        return 1.0
-    dep = comp.get("deployed") or {}
-    if "resident_bytes" not in dep:
-        return float("nan")
-    b = dep["resident_bytes"]
-    return float(b["total"] if isinstance(b, dict) else b) / _fp32_bytes(comp)
+    """The deployed model's bytes in device memory / fp32 bytes."""
+    return _deployed_share(result, "resident_bytes")
 
 
 def split_top_level(text: str) -> list[str]:
