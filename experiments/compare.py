@@ -312,26 +312,38 @@ def report(directory: Path, out: Path | None = None) -> tuple[str, Path]:
     return text, chart
 
 
-def paired(directory: Path, a: str, b: str) -> dict[str, Any]:
-    """Test accuracy of the points ``<a>_s<seed>`` against ``<b>_s<seed>`` (point names without
-    the seed, e.g. ``djpq_bops0.01`` and ``prune_then_quantize``) over the seeds both have:
-    per-seed differences (points), their mean, whether ``a``'s worst seed is above ``b``'s best,
-    and the two-sided paired t-test's p-value (NaN below 2 seeds)."""
+def by_seed(directory: Path, name: str) -> dict[int, dict[str, Any]]:
+    """``{seed: results.json}`` of the points ``<directory>/<name>_s<seed>``."""
+    out = {}
+    for f in directory.glob(f"{name}_s*/results.json"):
+        seed = f.parent.name[len(name) + 2:]
+        if seed.isdigit():
+            out[int(seed)] = json.loads(f.read_text())
+    return out
+
+
+def _field(result: dict[str, Any], dotted: str) -> float:
+    for key in dotted.split("."):
+        result = result[key]
+    return float(result)
+
+
+def paired(directory: Path, a: str, b: str, metric: str = "test_accuracy",
+           scale: float = 100.0) -> dict[str, Any]:
+    """``metric`` (a results.json key, dotted for a nested one, e.g.
+    ``compression.best_reward``; test accuracy in points by default) of the points
+    ``<a>_s<seed>`` against ``<b>_s<seed>`` (point names without the seed, e.g.
+    ``djpq_bops0.01`` and ``prune_then_quantize``) over the seeds both have: per-seed
+    differences (``scale`` x the metric), their mean, whether ``a``'s worst seed is above
+    ``b``'s best, and the two-sided paired t-test's p-value (NaN below 2 seeds)."""
     from scipy import stats
 
-    def by_seed(name):
-        out = {}
-        for f in directory.glob(f"{name}_s*/results.json"):
-            seed = f.parent.name[len(name) + 2:]
-            if seed.isdigit():
-                out[int(seed)] = json.loads(f.read_text())["test_accuracy"]
-        return out
-
-    ra, rb = by_seed(a), by_seed(b)
+    ra, rb = by_seed(directory, a), by_seed(directory, b)
     seeds = sorted(set(ra) & set(rb))
     if not seeds:
         raise SystemExit(f"{directory}: no seed has both {a}_s<seed> and {b}_s<seed>.")
-    da, db = [100 * ra[s] for s in seeds], [100 * rb[s] for s in seeds]
+    da = [scale * _field(ra[s], metric) for s in seeds]
+    db = [scale * _field(rb[s], metric) for s in seeds]
     diff = [x - y for x, y in zip(da, db, strict=True)]
     p = float(stats.ttest_rel(da, db).pvalue) if len(seeds) > 1 and len(set(diff)) > 1 \
         else float("nan")

@@ -591,6 +591,38 @@ def test_compare_pairs_seeds_and_tests_the_differences(tmp_path, capsys):
         compare.paired(tmp_path, "geta", "prune_then_quantize")
 
 
+def test_ajpq_curves_read_the_best_reward_per_evaluation_and_pair_the_seeds(tmp_path, capsys):
+    from experiments import ajpq_curves
+
+    def write(name, seed, best, acc):  # 4 episodes of 2 policies
+        d = tmp_path / f"{name}_s{seed}"
+        d.mkdir()
+        hist = [{"best_reward": b, "mean_reward": b - 1.0} for b in best]
+        d.joinpath("results.json").write_text(json.dumps({
+            "test_accuracy": acc, "compression": {"history": hist, "evaluations": 8,
+                                                  "best_reward": best[-1],
+                                                  "searched_accuracy": acc - 0.01}}))
+
+    for seed in range(3):
+        write("agent", seed, [-0.5, -0.3, -0.2 + 0.01 * seed, -0.1], 0.9 + 0.001 * seed)
+        write("random", seed, [-0.4, -0.4, -0.3, -0.3 + 0.02 * seed], 0.9)
+    evals, best = ajpq_curves.curves(tmp_path, "agent")
+    np.testing.assert_array_equal(evals, [2, 4, 6, 8])
+    np.testing.assert_allclose(best[2], [-0.5, -0.3, -0.18, -0.1])
+    text = ajpq_curves.table(tmp_path, ["agent", "random"], shares=(0.5, 1.0))
+    assert "| 4 | -0.300 (-0.300--0.300) | -0.400 (-0.400--0.400) |" in text
+    assert "| 8 | -0.100 (-0.100--0.100) | -0.280 (-0.300--0.260) |" in text
+    lines = ajpq_curves.comparisons(tmp_path, "agent", "random")
+    assert lines[0].startswith("best reward: agent - random, seeds [0, 1, 2]: +0.200, +0.180, "
+                               "+0.160 (mean +0.180), worst above best: True")
+    assert "+0.000, +0.100, +0.200" in lines[2]
+    assert ajpq_curves.plot(tmp_path, ["agent", "random"], tmp_path / "c.png").stat().st_size
+    write("short", 0, [-0.5, -0.1], 0.9)
+    write("short", 1, [-0.5, -0.2, -0.1, -0.1], 0.9)
+    with pytest.raises(SystemExit, match="another seed"):
+        ajpq_curves.curves(tmp_path, "short")
+
+
 def test_readme_comparison_is_rendered_from_the_committed_results(tmp_path):
     import shutil
 
