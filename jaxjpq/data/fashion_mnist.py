@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxjpq.data.sources import ArraySource
+from jaxjpq.data.tfds import open_tfds, read_all
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 # sha256 of each file's decompressed contents (the gzip layer may differ between packagers)
@@ -62,8 +63,6 @@ def load_fashion_mnist(directory: str | os.PathLike | None = None, *,
     ``data_dir``, from a prepared TFDS ``fashion_mnist`` there.
     """
     if data_dir is not None:
-        from jaxjpq.data.tfds import open_tfds, read_all
-
         parts = {}
         for split in ("train", "test"):
             rows = read_all(open_tfds("fashion_mnist", split, data_dir))
