@@ -115,7 +115,7 @@ def test_a_distributed_experiment_equals_the_single_process_one(tmp_path):
     for key in ("test_accuracy", "val_accuracy"):  # counts of correct predictions: exact
         assert multi[key] == single[key], (key, multi[key], single[key])
     # an evaluation's loss adds per-batch float32 sums in another order across the hosts: a
-    # sum of n positive terms reordered moves by at most (n - 1) ulp relative (n < 100 here)
+    # sum of n positive terms reordered moves by at most (n - 1)·2⁻²⁴ relative (n ≤ 100 here)
     for key in ("test_loss", "val_loss"):
         np.testing.assert_allclose(multi[key], single[key], rtol=100 * 2.0**-23, err_msg=key)
     assert multi["final_train_window"] == single["final_train_window"]
