@@ -2,11 +2,13 @@
 weights dequantized in the forward), same batch, interleaved rounds in one process.
 
     python -m experiments.bench_deploy [--models mnist_cnn,resnet20,vit_tiny_mnist,bert_tiny]
-                                       [--batches 1,128] [--rounds 15]
+                                       [--batches 1,128] [--rounds 15] [--act-t 1.0]
 
 Per model, a fraction of every prunable group is masked (the units of least L2 norm; MNIST CNN
 and ResNet-20 50 %, the ViT's heads and MLP units and BERT-tiny's 30 %) and every site gets 4
-bits (the first and last 8, the spec's default), activations 8 bits, calibrated on the batch.
+bits (the first and last 8, the spec's default), activations 8 bits, calibrated on the batch
+(exponent ``t`` = 1, the deployed quantizer without log / exp; ``--act-t`` sets another, as a
+state that learned its exponents).
 The deployed model runs the default path (``"auto"``: on CPU integer dots, float convs); the
 weight-only and the all-integer paths run as two more entries. Reported per batch size: the
 median over rounds of each model's time ÷ the dense model's (``slim``, ``deployed``), the
@@ -30,6 +32,7 @@ from experiments.bench_setup import random_inputs
 from jaxjpq import cost
 from jaxjpq.methods.core import magnitude
 from jaxjpq.models.registry import get_model
+from jaxjpq.quant import params_bits, step_from_bits
 from jaxjpq.units import unit_index
 
 PRUNE = {"mnist_cnn": 0.5, "resnet20": 0.5, "vit_tiny_mnist": 0.3, "bert_tiny": 0.3}
@@ -49,8 +52,10 @@ def magnitude_masks(state, variables, fraction: float) -> dict[str, np.ndarray]:
     return masks
 
 
-def setup(name: str, calib_batch: int = 8):
-    """``(model, variables, state)``: the model, its variables and the compressed state."""
+def setup(name: str, calib_batch: int = 8, act_t: float = 1.0):
+    """``(model, variables, state)``: the model, its variables and the compressed state;
+    ``act_t`` ≠ 1 gives every activation quantizer that exponent at its calibrated bits (as a
+    state whose exponents were learned)."""
     model = get_model(name)
     x = random_inputs(name, model, calib_batch)
     variables = jax.jit(model.init)(jax.random.key(1), x[:1])
@@ -59,11 +64,16 @@ def setup(name: str, calib_batch: int = 8):
     st = st.replace(masks={k: jnp.asarray(m) for k, m in
                            magnitude_masks(st, variables, PRUNE.get(name, 0.5)).items()})
     st = jaxjpq.calibrate(jaxjpq.compress_apply(model.apply), variables, st, [x])
+    if act_t != 1.0:
+        sm = st.graph.site_map
+        signed = {s.act_key: s.signed_input for s in sm.values()}
+        st = st.replace(act={k: p.replace(t=jnp.full_like(p.t, act_t), d=step_from_bits(
+            params_bits(p, signed[k]), p.q_m, act_t, signed[k])) for k, p in st.act.items()})
     return model, variables, st
 
 
-def bench(name: str, batches: list[int], n_rounds: int, reps: int) -> dict:
-    model, variables, st = setup(name)
+def bench(name: str, batches: list[int], n_rounds: int, reps: int, act_t: float = 1.0) -> dict:
+    model, variables, st = setup(name, act_t=act_t)
     deployed = jaxjpq.deploy(variables, st, warn_budget=False)  # path "auto"
     weight_only = jaxjpq.deploy(variables, st, path="weight_only", warn_budget=False)
     integer = jaxjpq.deploy(variables, st, path="integer", warn_budget=False)
@@ -72,7 +82,7 @@ def bench(name: str, batches: list[int], n_rounds: int, reps: int) -> dict:
     slim_j = jax.jit(slim_fn)
     kw = jaxjpq.export.traced_kwargs(st.graph)
     dense_bytes = sum(int(np.asarray(a).nbytes) for a in jax.tree.leaves(variables))
-    row = dict(model=name, prune=PRUNE.get(name, 0.5), dense_bytes=dense_bytes,
+    row = dict(model=name, prune=PRUNE.get(name, 0.5), act_t=act_t, dense_bytes=dense_bytes,
                resident=deployed.resident_bytes(), predicted=cost.resident_bytes(st),
                theoretical_bytes=cost.model_bits(st) / 8,
                integer_sites=len(deployed.meta["integer_sites"]), sites=len(st.graph.sites),
@@ -103,11 +113,13 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--batches", default="1,128")
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--act-t", type=float, default=1.0,
+                    help="exponent t of every activation quantizer (1: none, no log / exp)")
     a = ap.parse_args(argv)
     batches = [int(b) for b in a.batches.split(",")]
     rows = []
     for name in a.models.split(","):
-        r = bench(name, batches, a.rounds, a.reps)
+        r = bench(name, batches, a.rounds, a.reps, a.act_t)
         rows.append(r)
         res = r["resident"]["total"]
         print(f"{name}: dense {r['dense_bytes']:,} B, deployed resident {res:,} B "

@@ -109,12 +109,16 @@ def act_quantized_apply(apply_fn: Callable, graph: Graph, *, check_finite: bool 
     weights are used as given (already quantized, e.g. dequantized from an export).
     ``act`` is keyed by ``Site.act_key``: a tensor read by several sites is quantized once.
     ``contract``: the hook's contraction (:class:`jaxjpq.hooks.Hook`), e.g. an integer one.
+    ``exponent_free``: act keys quantized without the exponent (``t`` taken as 1: no log / exp
+    per element), for quantizers whose ``t`` is 1 in every entry.
     ``check_finite`` adds a ``checkify`` check of every site input (see :func:`checked_apply`)."""
     run = site_input_runner(apply_fn, graph)
     sm = graph.site_map
 
     def fn(variables, act, *args, power_of_two: bool = False, learn_t: bool = True,
-           contract: Callable | None = None, **kwargs):
+           contract: Callable | None = None, exponent_free: Iterable[str] = (), **kwargs):
+        unit_t = frozenset(exponent_free)
+
         @functools.partial(once_per_tensor, graph)
         def apply(site, p, x):
             if check_finite:
@@ -122,7 +126,8 @@ def act_quantized_apply(apply_fn: Callable, graph: Graph, *, check_finite: bool 
                                f"non-finite input (NaN/inf) at site {site}")
             if p is None:
                 return x, None
-            return quantize_with(x, p, sm[site].signed_input, power_of_two, learn_t), None
+            with_t = learn_t and sm[site].act_key not in unit_t
+            return quantize_with(x, p, sm[site].signed_input, power_of_two, with_t), None
 
         sites = frozenset(n for n, x in sm.items() if check_finite or x.act_key in act)
         hook = Hook(lambda n: act.get(sm[n].act_key), apply, contract)

@@ -409,7 +409,9 @@ def deploy(variables: Any, state: CompressionState | None = None, *, path: str =
         c = pack_codes(np.asarray(x), cost.STORAGE_BITS[kind])  # int8 [shape] or uint8 [n/2]
         arrays[lf.name + ":codes"] = c.reshape(lf.shape) if kind == "int8" else c
         arrays[lf.name + ":scale"] = _scales(state, key, sites_of[key], dense, lf.shape)
-    options = dict(power_of_two=bool(state.power_of_two), learn_t=bool(state.learn_t))
+    options = dict(power_of_two=bool(state.power_of_two), learn_t=bool(state.learn_t),
+                   exponent_free=sorted(k for k, p in state.act.items()
+                                        if state.learn_t and np.all(np.asarray(p.t) == 1.0)))
     kwargs = traced_kwargs(graph)
     act = jax.tree.map(jnp.asarray, dict(state.act))
     sm = graph.site_map

@@ -169,6 +169,36 @@ def _mnist_deployed(tmp_path=None):
     return model, v, x, s, jaxjpq.deploy(v, s, warn_budget=False)
 
 
+def _primitives(fn, *args) -> set[str]:
+    """Names of the primitives in the jaxpr of ``fn(*args)``, sub-jaxprs included."""
+    out: set[str] = set()
+
+    def walk(jaxpr):
+        for e in jaxpr.eqns:
+            out.add(e.primitive.name)
+            for sub in jax.core.jaxprs_in_params(e.params):
+                walk(sub)
+
+    walk(jax.make_jaxpr(fn)(*args).jaxpr)
+    return out
+
+
+def test_activation_quantizers_with_a_unit_exponent_run_without_log_and_exp():
+    model, v, x, s, dm = _mnist_deployed()
+    assert s.learn_t and all(np.all(np.asarray(p.t) == 1.0) for p in s.act.values())
+    assert dm.meta["options"]["exponent_free"] == sorted(s.act)
+    assert not {"log", "exp"} & _primitives(dm._fn, dm.arrays, x)
+    fwd = jaxjpq.compress_apply(model.apply)
+    np.testing.assert_allclose(np.asarray(dm(x)), np.asarray(fwd(v, s, x)), rtol=0, atol=1e-5)
+    # a learned exponent keeps the log / exp of the compressed forward, at that site only
+    key = sorted(s.act)[1]
+    s2 = s.replace(act={**s.act, key: s.act[key].replace(t=s.act[key].t * 1.25)})
+    dm2 = jaxjpq.deploy(v, s2, warn_budget=False)
+    assert dm2.meta["options"]["exponent_free"] == [k for k in sorted(s.act) if k != key]
+    assert {"log", "exp"} <= _primitives(dm2._fn, dm2.arrays, x)
+    np.testing.assert_allclose(np.asarray(dm2(x)), np.asarray(fwd(v, s2, x)), rtol=0, atol=1e-5)
+
+
 def test_storage_follows_the_bits_and_a_wide_site_stays_float():
     _, v, x, s, dm = _mnist_deployed()
     by_name = {lf.name: lf for lf in dm.leaves}

@@ -397,7 +397,9 @@ def test_deploy_bench_holds_the_model_in_the_bytes_the_cost_model_predicts():
     from experiments import bench_deploy
 
     (row,) = bench_deploy.main(["--models", "mnist_cnn", "--batches", "2", "--rounds", "1",
-                                "--reps", "1"])
+                                "--reps", "1", "--act-t", "1.2"])
+    # learned exponents: the deployed model runs the compressed forward's log / exp quantizer
+    assert row["act_t"] == 1.2 and row["batches"][2]["max_abs_diff"] < 1e-5
     # 50 % of the channels at 4 bits (first / last layer 8): codes, scales and biases only
     assert row["resident"] == row["predicted"]
     assert row["resident"]["total"] < row["dense_bytes"] / 7
