@@ -5,8 +5,8 @@ weights dequantized in the forward), same batch, interleaved rounds in one proce
                                        [--batches 1,128] [--rounds 15] [--act-t 1.0]
 
 Per model, a fraction of every prunable group is masked (the units of least L2 norm; MNIST CNN
-and ResNet-20 50 %, the ViT's heads and MLP units and BERT-tiny's 30 %) and every site gets 4
-bits (the first and last 8, the spec's default), activations 8 bits, calibrated on the batch
+and ResNet-20 50 %, the ViT's heads and MLP units and BERT-tiny's 30 %) and every site's weight
+and input get 4 bits (the first and last 8, the spec's default), calibrated on the batch
 (exponent ``t`` = 1, the deployed quantizer without log / exp; ``--act-t`` sets another, as a
 state that learned its exponents).
 The deployed model runs the default path (``"auto"``: on CPU integer dots, float convs); the
