@@ -217,6 +217,23 @@ def integer_sites(state: CompressionState) -> dict[str, str]:
     return out
 
 
+def exponent_free(state: CompressionState) -> list[str]:
+    """The activation quantizer keys whose exponent ``t`` is 1 in every entry (with
+    ``state.learn_t``), which the deployed model evaluates without log / exp. The layers of a
+    stacked weight share one traced quantizer, so they qualify together or not at all."""
+    if not state.learn_t:
+        return []
+    unit = {k for k, p in state.act.items() if np.all(np.asarray(p.t) == 1.0)}
+    stacks: dict = {}
+    for s in state.graph.sites:
+        if s.layer_axes and s.act_key in state.act:
+            stacks.setdefault(s.weight, set()).add(s.act_key)
+    for keys in stacks.values():
+        if not keys <= unit:
+            unit -= keys
+    return sorted(unit)
+
+
 class DeployedModel:
     """A deployed model: ``model(*args)`` runs it (jitted; one compilation per input shape).
 
@@ -412,8 +429,7 @@ def deploy(variables: Any, state: CompressionState | None = None, *, path: str =
         arrays[lf.name + ":codes"] = c.reshape(lf.shape) if kind == "int8" else c
         arrays[lf.name + ":scale"] = _scales(state, key, sites_of[key], dense, lf.shape)
     options = dict(power_of_two=bool(state.power_of_two), learn_t=bool(state.learn_t),
-                   exponent_free=sorted(k for k, p in state.act.items()
-                                        if state.learn_t and np.all(np.asarray(p.t) == 1.0)))
+                   exponent_free=exponent_free(state))
     kwargs = traced_kwargs(graph)
     act = jax.tree.map(jnp.asarray, dict(state.act))
     sm = graph.site_map

@@ -199,6 +199,22 @@ def test_activation_quantizers_with_a_unit_exponent_run_without_log_and_exp():
     np.testing.assert_allclose(np.asarray(dm2(x)), np.asarray(fwd(v, s2, x)), rtol=0, atol=1e-5)
 
 
+def test_a_stack_with_one_learned_exponent_keeps_log_and_exp_for_all_its_layers():
+    m, v, x = build("scan")
+    s = _random_state(m.apply, v, x, np.random.default_rng(7), acts=True)
+    s = jaxjpq.calibrate(jaxjpq.compress_apply(m.apply), v, s, [x])
+    stacked = [st for st in s.graph.sites if st.layer_axes and st.act_key in s.act]
+    assert len({st.act_key for st in stacked}) > 1
+    key = stacked[-1].act_key  # not the first layer's: that one names the stack in the scan
+    s = s.replace(act={**s.act, key: s.act[key].replace(t=s.act[key].t * 1.25)})
+    same_stack = {st.act_key for st in stacked if st.weight == stacked[-1].weight}
+    assert set(deployment.exponent_free(s)) == set(s.act) - same_stack
+    dm = jaxjpq.deploy(v, s, warn_budget=False)
+    ref = jaxjpq.compress_apply(m.apply)(v, s, x)
+    sc = _scale(ref)
+    chex.assert_trees_all_close(dm(x) / sc, ref / sc, atol=ATOL)
+
+
 def test_storage_follows_the_bits_and_a_wide_site_stays_float():
     _, v, x, s, dm = _mnist_deployed()
     by_name = {lf.name: lf for lf in dm.leaves}
