@@ -30,9 +30,11 @@ from jaxjpq import gates as gates_lib
 from jaxjpq.graph import Graph, check_inputs, kept, put_layers, set_leaf
 from jaxjpq.hooks import Hook, once_per_tensor, site_input_runner
 from jaxjpq.quant import (
+    CodeThresholds,
     QuantParams,
     bits_from_step,
     broadcast_params,
+    quantize_by_thresholds,
     quantize_with,
     step_from_bits,
 )
@@ -107,7 +109,8 @@ def act_quantized_apply(apply_fn: Callable, graph: Graph, *, check_finite: bool 
     """``fn(variables, act, *args, power_of_two=False, learn_t=True, **kwargs)``: run ``apply_fn``
     with the input of each site in ``act`` (``{site: QuantParams}``, used as given) fake-quantized;
     weights are used as given (already quantized, e.g. dequantized from an export).
-    ``act`` is keyed by ``Site.act_key``: a tensor read by several sites is quantized once.
+    ``act`` is keyed by ``Site.act_key``: a tensor read by several sites is quantized once; a
+    :class:`~jaxjpq.quant.CodeThresholds` value quantizes by comparisons (a deployed model).
     ``contract``: the hook's contraction (:class:`jaxjpq.hooks.Hook`), e.g. an integer one.
     ``exponent_free``: act keys quantized without the exponent (``t`` taken as 1: no log / exp
     per element), for quantizers whose ``t`` is 1 in every entry.
@@ -126,6 +129,8 @@ def act_quantized_apply(apply_fn: Callable, graph: Graph, *, check_finite: bool 
                                f"non-finite input (NaN/inf) at site {site}")
             if p is None:
                 return x, None
+            if isinstance(p, CodeThresholds):
+                return quantize_by_thresholds(x, p, sm[site].signed_input), None
             with_t = learn_t and sm[site].act_key not in unit_t
             return quantize_with(x, p, sm[site].signed_input, power_of_two, with_t), None
 

@@ -65,7 +65,14 @@ from jaxjpq.graph import (
 )
 from jaxjpq.hooks import Contraction
 from jaxjpq.jaxprs import key_of
-from jaxjpq.quant import broadcast_params, codes, effective_params
+from jaxjpq.quant import (
+    CodeThresholds,
+    broadcast_params,
+    code_thresholds,
+    codes,
+    effective_params,
+    top_code,
+)
 from jaxjpq.slim import apply_masks, slim
 from jaxjpq.state import (
     CompressedParams,
@@ -160,7 +167,8 @@ def _integer_contract(graph, codes: Mapping[str, tuple], options: Mapping) -> Ca
         out = _out_scale(f, c[1], x.ndim)
         if out is None:
             return f(x, w)
-        d = effective_params(p, sm[site].signed_input, options["power_of_two"]).d
+        d = (p.d if isinstance(p, CodeThresholds)
+             else effective_params(p, sm[site].signed_input, options["power_of_two"]).d)
         xc = jnp.round(x / d).astype(jnp.int8)
         y = f(xc, c[0], preferred_element_type=jnp.int32)
         return y.astype(jnp.float32) * (d * out)
@@ -211,27 +219,59 @@ def integer_sites(state: CompressionState) -> dict[str, str]:
         elif p is None:
             out[s.name] = "its input is not quantized"
         else:
-            e = effective_params(p, s.signed_input, state.power_of_two)
-            top = float(np.max(np.round(np.asarray(e.q_m) ** np.asarray(e.t) / np.asarray(e.d))))
+            top = top_code(p, s.signed_input, state.power_of_two)
             out[s.name] = "" if top <= 127 else f"input codes up to {top:g} exceed int8"
     return out
 
 
-def exponent_free(state: CompressionState) -> list[str]:
-    """The activation quantizer keys whose exponent ``t`` is 1 in every entry (with
-    ``state.learn_t``), which the deployed model evaluates without log / exp. The layers of a
-    stacked weight share one traced quantizer, so they qualify together or not at all."""
-    if not state.learn_t:
-        return []
-    unit = {k for k, p in state.act.items() if np.all(np.asarray(p.t) == 1.0)}
+ACT_FORMS = ("exponent_free", "thresholds", "log_exp")
+"""How the deployed model evaluates an activation quantizer, cheapest first: ``t`` = 1 (no
+log / exp), comparisons against :func:`~jaxjpq.quant.code_thresholds` (at most
+:data:`~jaxjpq.quant.THRESHOLD_LEVELS` codes per sign), or the compressed forward's log / exp."""
+
+
+def activation_forms(state: CompressionState) -> dict[str, str]:
+    """``{act key: form}`` (one of :data:`ACT_FORMS`) for the state's activation quantizers. The
+    layers of a stacked weight share one traced quantizer, so they take the costliest form
+    among them."""
+    sm = state.graph.site_map
+    signed = {s.act_key: s.signed_input for s in sm.values()}
+    forms = {}
+    for k, p in state.act.items():
+        if not state.learn_t or np.all(np.asarray(p.t) == 1.0):
+            forms[k] = "exponent_free"
+        elif code_thresholds(p, signed[k], state.power_of_two) is not None:
+            forms[k] = "thresholds"
+        else:
+            forms[k] = "log_exp"
+    for keys in _stacks(state).values():
+        worst = max((forms[k] for k in keys), key=ACT_FORMS.index)
+        forms.update(dict.fromkeys(keys, worst))
+    return forms
+
+
+def _stacks(state: CompressionState) -> dict[tuple, list[str]]:
+    """``{stacked weight leaf: act keys of its layers}``."""
     stacks: dict = {}
     for s in state.graph.sites:
-        if s.layer_axes and s.act_key in state.act:
-            stacks.setdefault(s.weight, set()).add(s.act_key)
-    for keys in stacks.values():
-        if not keys <= unit:
-            unit -= keys
-    return sorted(unit)
+        if s.layer_axes and s.act_key in state.act and s.act_key not in stacks.get(s.weight, []):
+            stacks.setdefault(s.weight, []).append(s.act_key)
+    return stacks
+
+
+def _deployed_act(state: CompressionState, forms: Mapping[str, str]) -> dict[str, Any]:
+    """The activation quantizers as the deployed forward takes them: ``QuantParams`` or, in the
+    thresholds form, :class:`~jaxjpq.quant.CodeThresholds` (a stack's padded to one length)."""
+    signed = {s.act_key: s.signed_input for s in state.graph.sites}
+    p2 = state.power_of_two
+    tops = {k: top_code(p, signed[k], p2) for k, p in state.act.items()
+            if forms[k] == "thresholds"}
+    levels = dict(tops)
+    for keys in _stacks(state).values():
+        if forms[keys[0]] == "thresholds":
+            levels.update(dict.fromkeys(keys, max(tops[k] for k in keys)))
+    return {k: (code_thresholds(p, signed[k], p2, levels[k]) if k in levels
+                else jax.tree.map(jnp.asarray, p)) for k, p in state.act.items()}
 
 
 class DeployedModel:
@@ -290,6 +330,11 @@ class DeployedModel:
         if self.meta.get("integer_sites") is not None and self.meta.get("path") != "weight_only":
             lines.append(f"integer contractions: {', '.join(self.meta['integer_sites']) or '-'}"
                          + "".join(f"; {n}: {w}" for n, w in self.meta["float_sites"].items()))
+        forms = self.meta.get("activation_forms") or {}
+        if forms:
+            lines.append("activation quantizers: " + "; ".join(
+                f"{f.replace('_', ' ')}: {', '.join(k for k, g in forms.items() if g == f)}"
+                for f in ACT_FORMS if f in forms.values()))
         lines.append(f"resident bytes {r['total']:,} (codes {r['codes']:,}, scales "
                      f"{r['scales']:,}, float {r['float']:,}); dense float32 {dense:,} "
                      f"({r['total'] / max(dense, 1):.2%})")
@@ -428,16 +473,18 @@ def deploy(variables: Any, state: CompressionState | None = None, *, path: str =
         c = pack_codes(np.asarray(x), cost.STORAGE_BITS[kind])  # int8 [shape] or uint8 [n/2]
         arrays[lf.name + ":codes"] = c.reshape(lf.shape) if kind == "int8" else c
         arrays[lf.name + ":scale"] = _scales(state, key, sites_of[key], dense, lf.shape)
+    forms = activation_forms(state)
     options = dict(power_of_two=bool(state.power_of_two), learn_t=bool(state.learn_t),
-                   exponent_free=exponent_free(state))
+                   exponent_free=sorted(k for k, f in forms.items() if f == "exponent_free"))
     kwargs = traced_kwargs(graph)
-    act = jax.tree.map(jnp.asarray, dict(state.act))
+    act = _deployed_act(state, forms)
     sm = graph.site_map
     why_not = {n: w or ("" if sm[n].kind in int_kinds else f"a {sm[n].kind} on the {path} path")
                for n, w in integer_sites(state).items()} if int_kinds else {}
     ints = [n for n, why in why_not.items() if not why]
     fn = _forward(graph, slim_fn, infos, act, options, kwargs, ints)
     meta = dict(fingerprint=graph_fingerprint(graph), options=options, path=path,
+                activation_forms=forms,
                 integer_sites=ints, float_sites={n: w for n, w in why_not.items() if w},
                 kwargs={k: v for k, v in kwargs.items() if isinstance(v, bool | int | float | str)})
     return DeployedModel(arrays, infos, meta, fn=fn)
@@ -515,5 +562,5 @@ def load(directory: str | os.PathLike, *, graph_of: Any = None) -> DeployedModel
     leaves = [LeafInfo(tuple(e["path"]), e["kind"], tuple(e["shape"]), tuple(e["dense_shape"]),
                        e["why"]) for e in meta["leaves"]]
     keep = {k: meta.get(k) for k in ("fingerprint", "options", "kwargs", "path",
-                                     "integer_sites", "float_sites")}
+                                     "integer_sites", "float_sites", "activation_forms")}
     return DeployedModel(arrays, leaves, keep, exported=exported)

@@ -305,6 +305,67 @@ def quantize_with(
     return quantize(x, p.d, p.q_m, p.t if learn_t else None, signed, remat)
 
 
+THRESHOLD_LEVELS = 15
+"""Most codes per sign that :func:`code_thresholds` serves (one comparison per code and element;
+beyond about this many, the log and exp of :func:`quantize` cost less)."""
+
+
+@flax.struct.dataclass
+class CodeThresholds:
+    """A fixed quantizer as the magnitudes where its code steps up (see :func:`code_thresholds`).
+
+    Attributes:
+      d: step, shaped like the quantizer's ``d`` (with ``power_of_two`` already applied).
+      thr: ``d``'s shape + ``[L]``: ``thr[..., k-1] = ((k - 1/2) · d)^(1/t)``, the least
+        magnitude of code ``k`` (``+inf`` pads entries beyond a quantizer's own top code).
+    """
+
+    d: jax.Array
+    thr: jax.Array
+
+
+def top_code(p: QuantParams, signed: bool = True, power_of_two: bool = False) -> int:
+    """The largest code magnitude ``round(q_m^t / d)`` of a quantizer with concrete parameters
+    (host values, float64 math; the largest over per-channel entries)."""
+    e = effective_params(p, signed, power_of_two)
+    d, q_m, t = (np.asarray(a, np.float64) for a in (e.d, e.q_m, e.t))
+    return int(np.max(np.round(q_m**t / d)))
+
+
+def code_thresholds(p: QuantParams, signed: bool = True, power_of_two: bool = False,
+                    levels: int | None = None) -> CodeThresholds | None:
+    """The thresholds of a quantizer with concrete parameters (host values, float64 math), or
+    None where its top code ``round(q_m^t / d)`` exceeds :data:`THRESHOLD_LEVELS`.
+
+    ``round(min(m, q_m)^t / d) = #{k : m >= thr_k}`` for a magnitude ``m``: the code counts the
+    thresholds it reaches, without the log and exp per element. ``levels`` pads ``thr`` to that
+    length (layers of a stack share one shape)."""
+    e = effective_params(p, signed, power_of_two)
+    d, q_m, t = (np.asarray(a, np.float64) for a in (e.d, e.q_m, e.t))
+    top = top_code(p, signed, power_of_two)
+    n = levels if levels is not None else top
+    if top > THRESHOLD_LEVELS or n < top:
+        return None
+    k = np.arange(1, n + 1, dtype=np.float64)
+    d_, t_, top_ = d[..., None], t[..., None], np.round(q_m**t / d)[..., None]
+    thr = np.where(k <= top_, ((k - 0.5) * d_) ** (1.0 / t_), np.inf)
+    return CodeThresholds(d=jnp.asarray(e.d, jnp.float32), thr=jnp.asarray(thr, jnp.float32))
+
+
+def quantize_by_thresholds(x: jax.Array, c: CodeThresholds, signed: bool = True) -> jax.Array:
+    """``Q(x)`` of the quantizer ``c`` was made from (:func:`code_thresholds`): ``sign(x) · d ·
+    code`` (unsigned: ``d · code``, 0 below 0), shaped like ``x``; NaN stays NaN. Forward only
+    (no gradient); equal to :func:`quantize` except where ``m^t / d`` lies within float rounding
+    of a half-integer."""
+    x = jnp.asarray(x, jnp.float32)
+    m = jnp.abs(x) if signed else x
+    code = jnp.zeros_like(x)
+    for k in range(c.thr.shape[-1]):  # static: one comparison per code
+        code = code + (m >= c.thr[..., k]).astype(x.dtype)
+    y = (jnp.sign(x) if signed else 1.0) * c.d * code
+    return jnp.where(jnp.isnan(x), x, y)
+
+
 def channel_shape(shape: Sequence[int], axes: Iterable[int]) -> tuple[int, ...]:
     """Shape of per-channel parameters for a tensor of ``shape`` with channel ``axes``."""
     return tuple(int(shape[a]) for a in sorted(axes))

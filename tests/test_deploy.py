@@ -23,7 +23,7 @@ from jaxjpq import cost, deployment
 from jaxjpq.export import CorruptExportError
 from jaxjpq.methods.core import set_bits
 from jaxjpq.models import MnistCNN
-from jaxjpq.quant import QuantParams
+from jaxjpq.quant import QuantParams, step_from_bits
 
 
 def _random_state(apply_fn, v, x, rng, *, acts=False, elementwise=False, per_channel=False,
@@ -190,13 +190,21 @@ def test_activation_quantizers_with_a_unit_exponent_run_without_log_and_exp():
     assert not {"log", "exp"} & _primitives(dm._fn, dm.arrays, x)
     fwd = jaxjpq.compress_apply(model.apply)
     np.testing.assert_allclose(np.asarray(dm(x)), np.asarray(fwd(v, s, x)), rtol=0, atol=1e-5)
-    # a learned exponent keeps the log / exp of the compressed forward, at that site only
+    # a learned exponent: at 8 bits the log / exp of the compressed forward, at that site only;
+    # at 4 bits comparisons against the code thresholds
     key = sorted(s.act)[1]
-    s2 = s.replace(act={**s.act, key: s.act[key].replace(t=s.act[key].t * 1.25)})
-    dm2 = jaxjpq.deploy(v, s2, warn_budget=False)
-    assert dm2.meta["options"]["exponent_free"] == [k for k in sorted(s.act) if k != key]
-    assert {"log", "exp"} <= _primitives(dm2._fn, dm2.arrays, x)
-    np.testing.assert_allclose(np.asarray(dm2(x)), np.asarray(fwd(v, s2, x)), rtol=0, atol=1e-5)
+    p = s.act[key].replace(t=s.act[key].t * 1.25)
+    signed = {st.act_key: st.signed_input for st in s.graph.sites}[key]
+    for bits, form in ((8, "log_exp"), (4, "thresholds")):
+        p = p.replace(d=step_from_bits(bits, p.q_m, p.t, signed))
+        s2 = s.replace(act={**s.act, key: p})
+        dm2 = jaxjpq.deploy(v, s2, warn_budget=False)
+        assert dm2.meta["activation_forms"] == {k: form if k == key else "exponent_free"
+                                                for k in s.act}
+        assert ({"log", "exp"} <= _primitives(dm2._fn, dm2.arrays, x)) == (form == "log_exp")
+        assert f"{form.replace('_', ' ')}: {key}" in dm2.report()
+        np.testing.assert_allclose(np.asarray(dm2(x)), np.asarray(fwd(v, s2, x)), rtol=0,
+                                   atol=1e-5)
 
 
 def test_a_stack_with_one_learned_exponent_keeps_log_and_exp_for_all_its_layers():
@@ -208,7 +216,9 @@ def test_a_stack_with_one_learned_exponent_keeps_log_and_exp_for_all_its_layers(
     key = stacked[-1].act_key  # not the first layer's: that one names the stack in the scan
     s = s.replace(act={**s.act, key: s.act[key].replace(t=s.act[key].t * 1.25)})
     same_stack = {st.act_key for st in stacked if st.weight == stacked[-1].weight}
-    assert set(deployment.exponent_free(s)) == set(s.act) - same_stack
+    forms = deployment.activation_forms(s)
+    assert {k for k, f in forms.items() if f == "exponent_free"} == set(s.act) - same_stack
+    assert {forms[k] for k in same_stack} == {"log_exp"}  # 8-bit inputs: too many codes
     dm = jaxjpq.deploy(v, s, warn_budget=False)
     ref = jaxjpq.compress_apply(m.apply)(v, s, x)
     sc = _scale(ref)

@@ -235,3 +235,38 @@ def test_remat_quantizer_equals_stored_one(seed, signed, per_channel):
     for a, b in zip(g1, g0, strict=True):
         chex.assert_shape(a, b.shape)
         np.testing.assert_array_equal(a, b)
+
+
+@SETTINGS
+@given(seed=st.integers(0, 2**31 - 1), signed=st.booleans(), per_channel=st.booleans(),
+       bits=st.sampled_from([2.0, 3.0, 4.0]))
+def test_code_thresholds_quantize_as_the_log_exp_quantizer(seed, signed, per_channel, bits):
+    rng = np.random.default_rng(seed)
+    c = 3 if per_channel else 1
+    q_m = rng.uniform(0.5, 2.0, c)
+    t = rng.uniform(0.6, 1.6, c)
+    d = np.asarray(quant.step_from_bits(bits, q_m, t, signed))
+    p = quant.QuantParams(d=jnp.asarray(d, jnp.float32), q_m=jnp.asarray(q_m, jnp.float32),
+                          t=jnp.asarray(t, jnp.float32))
+    x = rng.uniform(-1.5, 1.5, (256, c)) * q_m * 1.2
+    ct = quant.code_thresholds(p, signed)
+    assert ct.thr.shape == (c, quant.top_code(p, signed))
+    got = np.asarray(quant.quantize_by_thresholds(jnp.asarray(x, jnp.float32), ct, signed))
+    want = np.asarray(quant.quantize(jnp.asarray(x, jnp.float32), p.d, p.q_m, p.t, signed))
+    # float32 m^t / d within a few ulp of a half-integer may round either way: those aside
+    m = np.minimum(np.abs(x) if signed else np.maximum(x, 0), q_m)
+    v = m**t / d
+    edge = np.abs(v - np.floor(v) - 0.5) < 1e-5 * np.maximum(v, 1.0)
+    assert edge.mean() < 0.01
+    np.testing.assert_array_equal(got[~edge], want[~edge])
+    assert np.isnan(quant.quantize_by_thresholds(jnp.asarray([jnp.nan]), ct, signed)).all()
+
+
+def test_code_thresholds_serve_only_a_few_codes():
+    one = jnp.ones(())
+    p = quant.QuantParams(d=quant.step_from_bits(8.0, one, one), q_m=one, t=one * 1.2)
+    assert quant.top_code(p) == 127 and quant.code_thresholds(p) is None
+    p4 = p.replace(d=quant.step_from_bits(4.0, one, one * 1.2))
+    padded = quant.code_thresholds(p4, levels=9)
+    assert padded.thr.shape == (9,) and np.isinf(np.asarray(padded.thr[7:])).all()
+    assert quant.code_thresholds(p4, levels=5) is None  # shorter than its 7 codes
