@@ -12,14 +12,15 @@ picks from the widest channel's bits:
 Each integer leaf has float32 scales (one per kept output channel, or one per tensor; per layer
 of a stacked weight). The codes are dequantized inside the jitted forward (``codes · scale``,
 the weight-only path) and the site inputs are fake-quantized with the state's activation
-quantizers (one whose exponent ``t`` is 1 in every entry without the log / exp per element), so
-the output equals the compressed forward (masked, fake-quantized) of the state up to float
-rounding; a site input within that rounding of a code boundary may take the neighbouring code.
-On the integer path (``deploy(..., path="integer")``) a site whose input
-codes fit int8 contracts int8 codes with int32 accumulation (``preferred_element_type``) and
-applies both scales to the accumulator (by default the kinds :func:`integer_kinds` names). An
-elementwise-masked site keeps its dense slim codes, the masked entries as code 0 (as fast as
-any other site; :func:`jaxjpq.export.pack` is the compact form on disk).
+quantizers (in the cheapest of :data:`ACT_FORMS`: ``t`` = 1 without the log / exp per element,
+a learned ``t`` with few codes by comparisons against its code thresholds), so the output
+equals the compressed forward (masked, fake-quantized) of the state up to float rounding; a site
+input within that rounding of a code boundary may take the neighbouring code. On the integer
+path (``deploy(..., path="integer")``) a site whose input codes fit int8 contracts int8 codes
+with int32 accumulation (``preferred_element_type``) and applies both scales to the accumulator
+(by default the kinds :func:`integer_kinds` names). An elementwise-masked site keeps its dense
+slim codes, the masked entries as code 0 (as fast as any other site; :func:`jaxjpq.export.pack`
+is the compact form on disk).
 
 ``save`` writes the arrays (one ``.npz``), the forward serialized by ``jax.export`` per batch size
 and a JSON with every file's checksum; :func:`load` reads them back (checked, raising
