@@ -356,13 +356,15 @@ def quantize_by_thresholds(x: jax.Array, c: CodeThresholds, signed: bool = True)
     """``Q(x)`` of the quantizer ``c`` was made from (:func:`code_thresholds`): ``sign(x) · d ·
     code`` (unsigned: ``d · code``, 0 below 0), shaped like ``x``; NaN stays NaN. Forward only
     (no gradient); equal to :func:`quantize` except where ``m^t / d`` lies within float rounding
-    of a half-integer."""
-    x = jnp.asarray(x, jnp.float32)
+    of a half-integer. Output dtype: ``x``'s if floating, else float32."""
+    x = jnp.asarray(x)
+    dt = x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.float32
+    x = x.astype(dt)
     m = jnp.abs(x) if signed else x
-    code = jnp.zeros_like(x)
+    code = jnp.zeros(x.shape, jnp.float32)
     for k in range(c.thr.shape[-1]):  # static: one comparison per code
-        code = code + (m >= c.thr[..., k]).astype(x.dtype)
-    y = (jnp.sign(x) if signed else 1.0) * c.d * code
+        code = code + (m >= c.thr[..., k]).astype(jnp.float32)
+    y = ((jnp.sign(x) if signed else 1.0) * c.d * code).astype(dt)
     return jnp.where(jnp.isnan(x), x, y)
 
 

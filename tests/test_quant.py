@@ -260,6 +260,8 @@ def test_code_thresholds_quantize_as_the_log_exp_quantizer(seed, signed, per_cha
     assert edge.mean() < 0.01
     np.testing.assert_array_equal(got[~edge], want[~edge])
     assert np.isnan(quant.quantize_by_thresholds(jnp.asarray([jnp.nan]), ct, signed)).all()
+    half = quant.quantize_by_thresholds(jnp.asarray(x, jnp.bfloat16), ct, signed)
+    assert half.dtype == jnp.bfloat16 and half.shape == x.shape
 
 
 def test_code_thresholds_serve_only_a_few_codes():
