@@ -4,6 +4,7 @@ corruption."""
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -160,7 +161,9 @@ def test_integer_path_says_which_sites_stay_float():
         jaxjpq.deploy(v, s, path="int8")
 
 
-def _mnist_deployed(tmp_path=None):
+@functools.cache
+def _mnist_deployed():
+    """One small deployed CNN for the tests that only read it (built once per process)."""
     model = MnistCNN(features=(8, 16), hidden=32)
     x = jax.random.uniform(jax.random.key(1), (4, 28, 28, 1))
     v = model.init(jax.random.key(0), x[:1])
