@@ -67,6 +67,7 @@ from jaxjpq.graph import (
 from jaxjpq.hooks import Contraction
 from jaxjpq.jaxprs import key_of
 from jaxjpq.quant import (
+    THRESHOLD_LEVELS,
     CodeThresholds,
     broadcast_params,
     code_thresholds,
@@ -241,7 +242,7 @@ def activation_forms(state: CompressionState) -> dict[str, str]:
     for k, p in state.act.items():
         if not state.learn_t or np.all(np.asarray(p.t) == 1.0):
             forms[k] = "exponent_free"
-        elif code_thresholds(p, signed[k], state.power_of_two) is not None:
+        elif top_code(p, signed[k], state.power_of_two) <= THRESHOLD_LEVELS:
             forms[k] = "thresholds"
         else:
             forms[k] = "log_exp"

@@ -327,9 +327,13 @@ class CodeThresholds:
 def top_code(p: QuantParams, signed: bool = True, power_of_two: bool = False) -> int:
     """The largest code magnitude ``round(q_m^t / d)`` of a quantizer with concrete parameters
     (host values, float64 math; the largest over per-channel entries)."""
-    e = effective_params(p, signed, power_of_two)
+    return int(np.max(_tops(effective_params(p, signed, power_of_two))))
+
+
+def _tops(e: QuantParams) -> np.ndarray:
+    """``round(q_m^t / d)`` per entry of effective parameters ``e``, in float64."""
     d, q_m, t = (np.asarray(a, np.float64) for a in (e.d, e.q_m, e.t))
-    return int(np.max(np.round(q_m**t / d)))
+    return np.round(q_m**t / d)
 
 
 def code_thresholds(p: QuantParams, signed: bool = True, power_of_two: bool = False,
@@ -341,14 +345,14 @@ def code_thresholds(p: QuantParams, signed: bool = True, power_of_two: bool = Fa
     thresholds it reaches, without the log and exp per element. ``levels`` pads ``thr`` to that
     length (layers of a stack share one shape)."""
     e = effective_params(p, signed, power_of_two)
-    d, q_m, t = (np.asarray(a, np.float64) for a in (e.d, e.q_m, e.t))
-    top = top_code(p, signed, power_of_two)
+    tops = _tops(e)
+    top = int(np.max(tops))
     n = levels if levels is not None else top
     if top > THRESHOLD_LEVELS or n < top:
         return None
     k = np.arange(1, n + 1, dtype=np.float64)
-    d_, t_, top_ = d[..., None], t[..., None], np.round(q_m**t / d)[..., None]
-    thr = np.where(k <= top_, ((k - 0.5) * d_) ** (1.0 / t_), np.inf)
+    d, t = (np.asarray(a, np.float64)[..., None] for a in (e.d, e.t))
+    thr = np.where(k <= tops[..., None], ((k - 0.5) * d) ** (1.0 / t), np.inf)
     return CodeThresholds(d=jnp.asarray(e.d, jnp.float32), thr=jnp.asarray(thr, jnp.float32))
 
 
