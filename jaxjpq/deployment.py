@@ -236,8 +236,7 @@ def activation_forms(state: CompressionState) -> dict[str, str]:
     """``{act key: form}`` (one of :data:`ACT_FORMS`) for the state's activation quantizers. The
     layers of a stacked weight share one traced quantizer, so they take the costliest form
     among them."""
-    sm = state.graph.site_map
-    signed = {s.act_key: s.signed_input for s in sm.values()}
+    signed = _signed_inputs(state)
     forms = {}
     for k, p in state.act.items():
         if not state.learn_t or np.all(np.asarray(p.t) == 1.0):
@@ -252,6 +251,11 @@ def activation_forms(state: CompressionState) -> dict[str, str]:
     return forms
 
 
+def _signed_inputs(state: CompressionState) -> dict[str, bool]:
+    """``{act key: whether its input is signed}``."""
+    return {s.act_key: s.signed_input for s in state.graph.sites}
+
+
 def _stacks(state: CompressionState) -> dict[tuple, list[str]]:
     """``{stacked weight leaf: act keys of its layers}``."""
     stacks: dict = {}
@@ -264,15 +268,13 @@ def _stacks(state: CompressionState) -> dict[tuple, list[str]]:
 def _deployed_act(state: CompressionState, forms: Mapping[str, str]) -> dict[str, Any]:
     """The activation quantizers as the deployed forward takes them: ``QuantParams`` or, in the
     thresholds form, :class:`~jaxjpq.quant.CodeThresholds` (a stack's padded to one length)."""
-    signed = {s.act_key: s.signed_input for s in state.graph.sites}
-    p2 = state.power_of_two
-    tops = {k: top_code(p, signed[k], p2) for k, p in state.act.items()
-            if forms[k] == "thresholds"}
-    levels = dict(tops)
+    signed, p2 = _signed_inputs(state), state.power_of_two
+    levels: dict = {}  # a stack's common threshold count (others: their own top code)
     for keys in _stacks(state).values():
         if forms[keys[0]] == "thresholds":
-            levels.update(dict.fromkeys(keys, max(tops[k] for k in keys)))
-    return {k: (code_thresholds(p, signed[k], p2, levels[k]) if k in levels
+            top = max(top_code(state.act[k], signed[k], p2) for k in keys)
+            levels.update(dict.fromkeys(keys, top))
+    return {k: (code_thresholds(p, signed[k], p2, levels.get(k)) if forms[k] == "thresholds"
                 else jax.tree.map(jnp.asarray, p)) for k, p in state.act.items()}
 
 
