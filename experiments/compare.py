@@ -49,7 +49,13 @@ import ml_collections
 from tqdm import tqdm
 
 from experiments import pareto
-from experiments.run import FREE_FIELDS, LEGACY_FRACTIONS, flat_config, recorded_config
+from experiments.run import (
+    FREE_FIELDS,
+    LEGACY_FRACTIONS,
+    flat_config,
+    pretrain_recipe,
+    recorded_config,
+)
 from jaxjpq.methods import registry
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
@@ -235,7 +241,29 @@ def plan(model: str, methods: list[str], seeds: list[int], budget: tuple[str, fl
                         "shared": shares_pretraining(m, protocol),
                         "workdir": root / point_name(m, seed, budget),
                         "config": apply(configs[m], values)})
+    check_shared_pretraining(pts)
     return pts
+
+
+def check_shared_pretraining(pts: list[dict[str, Any]]) -> None:
+    """Raise (before any training) where points that share a seed's pre-training directory
+    would pre-train with different recipes (``run.pretrain_recipe``)."""
+    groups: dict[str, dict[str, list[str]]] = {}
+    for p in pts:
+        if not p["shared"]:
+            continue
+        m = p["config"]["method"]
+        steps = m.get("pretrain_steps") or f"{m.get('pretrain_epochs', 0)} epochs"
+        recipe = json.dumps(pretrain_recipe(p["config"], steps), sort_keys=True)
+        groups.setdefault(m["pretrain_dir"], {}).setdefault(recipe, []).append(p["method"])
+    for directory, recipes in groups.items():
+        if len(recipes) > 1:
+            parsed = [json.loads(r) for r in recipes]
+            fields = sorted(k for k in parsed[0] if len({json.dumps(r[k], sort_keys=True)
+                                                         for r in parsed}) > 1)
+            who = " vs ".join(",".join(ms) for ms in recipes.values())
+            raise SystemExit(f"{directory}: {who} would pre-train with other {fields}; give "
+                             "them one recipe (--set METHOD:method.pretrain_optim.FIELD=...).")
 
 
 def execute(pts: list[dict[str, Any]], reuse: list[Path], jobs: int) -> list[str]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import os
 import re
 import sys
@@ -109,13 +110,22 @@ def build_optimizer(config: ml_collections.ConfigDict, num_steps: int):
     return tx
 
 
+def pretrain_recipe(config, steps: int | str) -> dict[str, Any]:
+    """What a shared fp32 pre-training of ``config`` is trained with (``pretrain.json``): seed,
+    model, data, batch size, ``steps`` and ``config.optim`` updated by
+    ``config.method.pretrain_optim``; ``config`` a ConfigDict or the dict of one."""
+    c = ml_collections.ConfigDict(config if isinstance(config, dict) else config.to_dict())
+    c.optim.update(c.method.get("pretrain_optim", {}))
+    return json.loads(json.dumps({"seed": c.seed, "model": c.model.to_dict(),
+                                  "optim": c.optim.to_dict(), "data": c.data.to_dict(),
+                                  "batch_size": c.batch_size, "steps": steps}))
+
+
 def _pretrain(config, model, variables, train_src, workdir: Path | None) -> dict:
     """fp32 training for ``config.method.pretrain_steps`` with ``method.pretrain_optim`` (the
     fields that differ from ``config.optim``), checkpointed under ``method.pretrain_dir`` (default
     ``<workdir>/pretrain``) so that a rerun resumes it and the runs of one seed can share it
     (``pretrain.json`` there records what it was trained with; another recipe is refused)."""
-    import json
-
     method = config.method
     steps = int(method.pretrain_steps) or int(method.get("pretrain_epochs", 0)) * \
         data_lib.steps_per_epoch(len(train_src), config.batch_size)
@@ -123,8 +133,7 @@ def _pretrain(config, model, variables, train_src, workdir: Path | None) -> dict
         raise ValueError("config.method: set pretrain_steps (or pretrain_epochs) > 0.")
     pc = ml_collections.ConfigDict(config.to_dict())
     pc.optim.update(method.get("pretrain_optim", {}))
-    recipe = {"seed": config.seed, "model": pc.model.to_dict(), "optim": pc.optim.to_dict(),
-              "data": pc.data.to_dict(), "batch_size": pc.batch_size, "steps": steps}
+    recipe = pretrain_recipe(config, steps)
     directory = Path(method.get("pretrain_dir") or (workdir / "pretrain" if workdir else ""))
     manager = None
     if str(directory):
@@ -133,7 +142,7 @@ def _pretrain(config, model, variables, train_src, workdir: Path | None) -> dict
         record = directory / "pretrain.json"
         if record.exists():
             old = json.loads(record.read_text())
-            if old != json.loads(json.dumps(recipe)):
+            if old != recipe:
                 diff = sorted(k for k in recipe if json.dumps(recipe[k]) != json.dumps(old.get(k)))
                 raise ValueError(f"{directory} holds a model pre-trained with other {diff}; "
                                  "point method.pretrain_dir elsewhere.")
@@ -580,7 +589,6 @@ def check_fingerprint(workdir: Path, config: ml_collections.ConfigDict, write: b
                       ) -> None:
     """Raise ``ValueError`` listing every field that differs from the run that started the
     workdir (``<workdir>/fingerprint.json``); with ``write``, record it for a new workdir."""
-    import json
 
     path = workdir / "fingerprint.json"
     new = json.loads(json.dumps(fingerprint(config)))  # tuples as lists, as stored
@@ -604,7 +612,6 @@ def check_fingerprint(workdir: Path, config: ml_collections.ConfigDict, write: b
 def default_workdir(config_path: str, config: ml_collections.ConfigDict) -> Path:
     """``runs/<config file stem>-<8 hex of the fingerprint>``: one workdir per configuration."""
     import hashlib
-    import json
 
     blob = json.dumps(fingerprint(config)["config"], sort_keys=True, default=str).encode()
     stem = Path(config_path.split(":", 1)[0]).stem

@@ -568,6 +568,21 @@ def test_compare_protocol_puts_every_row_on_one_schedule(tmp_path):
         compare.main(["--methods", "geta@x,nosuch", "--root", str(tmp_path / "x")])
 
 
+@pytest.mark.parametrize("model", ["mnist_cnn", "vit_tiny_mnist"])
+def test_compare_refuses_one_pretraining_with_two_recipes_before_training(model, tmp_path):
+    from experiments import compare
+
+    methods = ["fp32", "geta", "prune_then_quantize", "djpq", "fit", "uniform_magnitude", "ajpq"]
+    extra = compare.parse_set(["all:data.name=fashion_mnist"])
+    pts = compare.plan(model, methods, [0, 1], ("bops", 0.01), tmp_path, extra, (1000, 600, 1e-3))
+    assert {p["method"] for p in pts} == set(methods)  # every method has a config for the model
+    extra = compare.parse_set(["all:data.name=fashion_mnist",
+                               "djpq:method.pretrain_optim.learning_rate=5e-3"])
+    msg = r"pretrain_s0: geta,.* vs djpq would pre-train with other \['optim'\]"
+    with pytest.raises(SystemExit, match=msg):
+        compare.plan(model, methods, [0], ("bops", 0.01), tmp_path, extra, (1000, 600, 1e-3))
+
+
 def test_compare_pairs_seeds_and_tests_the_differences(tmp_path, capsys):
     from scipy import stats
 

@@ -15,5 +15,6 @@ def get_config() -> ml_collections.ConfigDict:
     c = djpq_mnist_cnn.get_config()
     c.model = ml_collections.ConfigDict({"name": "vit_tiny_mnist"})
     c.optim.learning_rate = 1e-3
+    c.method.pretrain_optim.learning_rate = 1e-3
     c.method.target_bops = 0.02  # relative to fp32
     return c

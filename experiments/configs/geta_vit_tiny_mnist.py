@@ -15,6 +15,7 @@ def get_config() -> ml_collections.ConfigDict:
     c = geta_mnist_cnn.get_config()
     c.model = ml_collections.ConfigDict({"name": "vit_tiny_mnist"})
     c.optim.learning_rate = 1e-3
+    c.method.pretrain_optim.learning_rate = 1e-3
     c.method.sparsity = 0.3
     c.method.bits = (4.0, 8.0)
     return c

@@ -16,4 +16,5 @@ def get_config() -> ml_collections.ConfigDict:
     c = geta_vit_tiny_mnist.get_config()
     c.method = ptq_mnist_cnn.get_config().method
     c.method.sparsity = 0.3
+    c.method.pretrain_optim.learning_rate = 1e-3
     return c
