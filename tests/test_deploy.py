@@ -210,7 +210,8 @@ def test_activation_quantizers_with_a_unit_exponent_run_without_log_and_exp():
                                    atol=1e-5)
 
 
-def test_a_stack_with_one_learned_exponent_keeps_log_and_exp_for_all_its_layers():
+@pytest.mark.parametrize("bits,form", [(None, "log_exp"), ((3, 4), "thresholds")])
+def test_a_stack_with_one_learned_exponent_gives_all_its_layers_one_form(bits, form):
     m, v, x = build("scan")
     s = _random_state(m.apply, v, x, np.random.default_rng(7), acts=True)
     s = jaxjpq.calibrate(jaxjpq.compress_apply(m.apply), v, s, [x])
@@ -218,10 +219,17 @@ def test_a_stack_with_one_learned_exponent_keeps_log_and_exp_for_all_its_layers(
     assert len({st.act_key for st in stacked}) > 1
     key = stacked[-1].act_key  # not the first layer's: that one names the stack in the scan
     s = s.replace(act={**s.act, key: s.act[key].replace(t=s.act[key].t * 1.25)})
-    same_stack = {st.act_key for st in stacked if st.weight == stacked[-1].weight}
+    same_stack = sorted({st.act_key for st in stacked if st.weight == stacked[-1].weight})
+    if bits is not None:  # the stack's layers at different widths: thresholds of two lengths
+        signed = {st.act_key: st.signed_input for st in s.graph.sites}
+        act = dict(s.act)
+        for i, k in enumerate(same_stack):
+            p = act[k]
+            act[k] = p.replace(d=step_from_bits(bits[i % 2], p.q_m, p.t, signed[k]))
+        s = s.replace(act=act)
     forms = deployment.activation_forms(s)
-    assert {k for k, f in forms.items() if f == "exponent_free"} == set(s.act) - same_stack
-    assert {forms[k] for k in same_stack} == {"log_exp"}  # 8-bit inputs: too many codes
+    assert {k for k, f in forms.items() if f == "exponent_free"} == set(s.act) - set(same_stack)
+    assert {forms[k] for k in same_stack} == {form}  # 8 bits: too many codes to compare
     dm = jaxjpq.deploy(v, s, warn_budget=False)
     ref = jaxjpq.compress_apply(m.apply)(v, s, x)
     sc = _scale(ref)
