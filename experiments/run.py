@@ -110,12 +110,19 @@ def build_optimizer(config: ml_collections.ConfigDict, num_steps: int):
     return tx
 
 
+def _pretrain_config(config) -> ml_collections.ConfigDict:
+    """A copy of ``config`` (a ConfigDict or the dict of one) whose ``optim`` is updated by
+    ``method.pretrain_optim``: the fp32 pre-training's config."""
+    c = ml_collections.ConfigDict(config if isinstance(config, dict) else config.to_dict())
+    c.optim.update(c.method.get("pretrain_optim", {}))
+    return c
+
+
 def pretrain_recipe(config, steps: int | str) -> dict[str, Any]:
     """What a shared fp32 pre-training of ``config`` is trained with (``pretrain.json``): seed,
     model, data, batch size, ``steps`` and ``config.optim`` updated by
     ``config.method.pretrain_optim``; ``config`` a ConfigDict or the dict of one."""
-    c = ml_collections.ConfigDict(config if isinstance(config, dict) else config.to_dict())
-    c.optim.update(c.method.get("pretrain_optim", {}))
+    c = _pretrain_config(config)
     return json.loads(json.dumps({"seed": c.seed, "model": c.model.to_dict(),
                                   "optim": c.optim.to_dict(), "data": c.data.to_dict(),
                                   "batch_size": c.batch_size, "steps": steps}))
@@ -131,8 +138,7 @@ def _pretrain(config, model, variables, train_src, workdir: Path | None) -> dict
         data_lib.steps_per_epoch(len(train_src), config.batch_size)
     if steps <= 0:
         raise ValueError("config.method: set pretrain_steps (or pretrain_epochs) > 0.")
-    pc = ml_collections.ConfigDict(config.to_dict())
-    pc.optim.update(method.get("pretrain_optim", {}))
+    pc = _pretrain_config(config)
     recipe = pretrain_recipe(config, steps)
     directory = Path(method.get("pretrain_dir") or (workdir / "pretrain" if workdir else ""))
     manager = None
@@ -589,7 +595,6 @@ def check_fingerprint(workdir: Path, config: ml_collections.ConfigDict, write: b
                       ) -> None:
     """Raise ``ValueError`` listing every field that differs from the run that started the
     workdir (``<workdir>/fingerprint.json``); with ``write``, record it for a new workdir."""
-
     path = workdir / "fingerprint.json"
     new = json.loads(json.dumps(fingerprint(config)))  # tuples as lists, as stored
     if path.is_file():
