@@ -183,7 +183,7 @@ def short_label(label: str) -> str:
     items = [i.strip() for i in split_top_level(rest[:-1])]  # the settings
     # and those that tell variants of one method apart
     keep = items[:2] + [i for i in items[2:] if i.startswith(("quantize at", "channel level",
-                                                              "per-channel"))]
+                                                              "per-channel", "per_group"))]
     return f"{name} ({', '.join(keep)})"
 
 

@@ -676,6 +676,18 @@ def test_a_committed_comparison_table_is_rendered_from_its_results(name, fp32_fl
         assert float(acc[:5]) >= fp32_floor
 
 
+def test_short_labels_keep_what_tells_variants_of_a_method_apart():
+    from experiments import pareto
+
+    assert pareto.short_label("geta (sparsity 0.3, bits [4, 4], per_group)") == \
+        "geta (sparsity 0.3, bits [4, 4], per_group)"
+    assert pareto.short_label("fit (BOPs 1 %, bits [2, 8], 16384 Fisher samples, 1000 + "
+                              "fine-tune)") == "fit (BOPs 1 %, bits [2, 8])"
+    assert pareto.short_label("prune_then_quantize (sparsity 0.3, bits 4, prune at 0.4, "
+                              "quantize at 0.7)") == \
+        "prune_then_quantize (sparsity 0.3, bits 4, quantize at 0.7)"
+
+
 def test_readme_example_runs(tmp_path):
     import re
 
