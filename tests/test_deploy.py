@@ -197,7 +197,7 @@ def test_activation_quantizers_with_a_unit_exponent_run_without_log_and_exp():
     # at 4 bits comparisons against the code thresholds
     key = sorted(s.act)[1]
     p = s.act[key].replace(t=s.act[key].t * 1.25)
-    signed = {st.act_key: st.signed_input for st in s.graph.sites}[key]
+    signed = deployment._signed_inputs(s)[key]
     for bits, form in ((8, "log_exp"), (4, "thresholds")):
         p = p.replace(d=step_from_bits(bits, p.q_m, p.t, signed))
         s2 = s.replace(act={**s.act, key: p})
@@ -221,7 +221,7 @@ def test_a_stack_with_one_learned_exponent_gives_all_its_layers_one_form(bits, f
     s = s.replace(act={**s.act, key: s.act[key].replace(t=s.act[key].t * 1.25)})
     same_stack = sorted({st.act_key for st in stacked if st.weight == stacked[-1].weight})
     if bits is not None:  # the stack's layers at different widths: thresholds of two lengths
-        signed = {st.act_key: st.signed_input for st in s.graph.sites}
+        signed = deployment._signed_inputs(s)
         act = dict(s.act)
         for i, k in enumerate(same_stack):
             p = act[k]
