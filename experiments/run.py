@@ -330,10 +330,10 @@ def export_and_check(graph, model, state, test_src, batch_size: int, directory: 
         multihost_utils.sync_global_devices(f"export {directory}")
     export.save(directory, export.pack(variables, cstate))
     restored = export.restore(directory)
-    infer = export.inference_fn(restored, model.apply, graph)
+    infer, weights = export.inference_apply(restored, model.apply, graph)
     eval_state = train_lib.create_train_state(
-        lambda params, ms, x, rng, train: (infer(x), ms), {"params": {}}, optax.identity()
-    )
+        lambda params, ms, x, rng, train: (infer(params, x), ms), {"params": weights},
+        optax.identity())
     acc = train_lib.evaluate(
         eval_state,
         data_lib.batches(test_src, batch_size, shuffle=False, drop_remainder=False),
@@ -366,7 +366,8 @@ def deploy_and_time(graph, model, state, inputs: np.ndarray, rounds: int) -> dic
     deployed = jaxjpq.deploy(variables, cstate, warn_budget=False)
     kw = export.traced_kwargs(graph)
     x = jax.numpy.asarray(inputs)
-    ref = jaxjpq.compress_apply(model.apply)(variables, cstate, x, **kw)
+    ref = jax.jit(functools.partial(jaxjpq.compress_apply(model.apply), **kw))(
+        variables, cstate, x)
     out = {"resident_bytes": deployed.resident_bytes(),
            "active_bytes": float(cost.active_bytes(cstate)),
            "predicted_resident_bytes": cost.resident_bytes(cstate)["total"],

@@ -17,6 +17,7 @@ shapes, so the original ``apply_fn`` runs unchanged ("dequantize on load"); the 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 from collections.abc import Callable, Mapping
@@ -398,22 +399,35 @@ def _check_meta(meta: Mapping) -> None:
         raise ValueError(f"not a {FORMAT} packed model (format={meta.get('format')!r}).")
 
 
-def inference_fn(packed: PackedModel, apply_fn: Callable, graph: Graph) -> Callable:
-    """``fn(*args, **kwargs)``: the model with weights dequantized (``codes · d``, on the host)
-    once here, on load, and site inputs fake-quantized with the stored activation quantizers;
-    equals the compressed forward of the state that was packed. Wrap it in ``jax.jit``."""
+def inference_apply(packed: PackedModel, apply_fn: Callable, graph: Graph
+                    ) -> tuple[Callable, dict]:
+    """``(apply, weights)``: the restored model as a pure function of its weights.
+
+    ``weights`` holds the float variables (``codes · d``, dequantized on the host once, here)
+    and the stored activation quantizers; ``apply(weights, *args, **kwargs)`` runs the model
+    with site inputs fake-quantized and equals the compressed forward of the state that was
+    packed. Jit ``apply`` and pass ``weights`` as an argument: closed over, they would be
+    compiled into the executable as constants.
+    """
     if packed.meta["fingerprint"] != graph_fingerprint(graph):
         raise ValueError("this packed model was exported from another graph; pass that graph.")
-    variables = jax.tree.map(jnp.asarray, unpack_variables(packed, np))
-    act = act_params(packed)
+    weights = {"variables": jax.tree.map(jnp.asarray, unpack_variables(packed, np)),
+               "act": act_params(packed)}
     run = act_quantized_apply(apply_fn, graph)
     p2, lt = packed.meta["power_of_two"], packed.meta["learn_t"]
     traced = traced_kwargs(graph)
 
-    def fn(*args, **kwargs):
-        return run(variables, act, *args, power_of_two=p2, learn_t=lt, **{**traced, **kwargs})
+    def apply(w, *args, **kwargs):
+        return run(w["variables"], w["act"], *args, power_of_two=p2, learn_t=lt,
+                   **{**traced, **kwargs})
 
-    return fn
+    return apply, weights
+
+
+def inference_fn(packed: PackedModel, apply_fn: Callable, graph: Graph) -> Callable:
+    """``fn(*args, **kwargs)``: :func:`inference_apply`'s ``apply`` bound to its weights."""
+    apply, weights = inference_apply(packed, apply_fn, graph)
+    return functools.partial(apply, weights)
 
 
 def traced_kwargs(graph: Graph) -> dict:

@@ -80,6 +80,13 @@ def test_mnist_cnn_mixed_bits_half_pruned_disk_size_and_outputs(tmp_path):
     y_fake = jax.jit(fn)(v, st, x)
     y_int = jax.jit(export.inference_fn(restored, model.apply, g))(x)
     np.testing.assert_allclose(y_int, y_fake, rtol=1e-6, atol=1e-6)
+    # the pure form reads its weights from its argument, so jit takes them as inputs
+    apply, weights = export.inference_apply(restored, model.apply, g)
+    served = jax.jit(apply)
+    np.testing.assert_allclose(served(weights, x), y_int, rtol=1e-6, atol=1e-6)
+    zeroed = jax.tree.map(jnp.zeros_like, weights["variables"])
+    np.testing.assert_array_equal(served({**weights, "variables": zeroed}, x),
+                                  jnp.zeros_like(y_int))
 
 
 @pytest.mark.parametrize("per_channel, power_of_two", [(True, False), (False, True)])
