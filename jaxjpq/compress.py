@@ -111,7 +111,8 @@ def act_quantized_apply(apply_fn: Callable, graph: Graph, *, check_finite: bool 
     weights are used as given (already quantized, e.g. dequantized from an export).
     ``act`` is keyed by ``Site.act_key``: a tensor read by several sites is quantized once; a
     :class:`~jaxjpq.quant.CodeThresholds` value quantizes by comparisons (a deployed model).
-    ``contract``: the hook's contraction (:class:`jaxjpq.hooks.Hook`), e.g. an integer one.
+    ``contract``: the hook's contraction (:class:`jaxjpq.hooks.Hook`) at every site, e.g. an
+    integer one.
     ``exponent_free``: act keys quantized without the exponent (``t`` taken as 1: no log / exp
     per element), for quantizers whose ``t`` is 1 in every entry.
     ``check_finite`` adds a ``checkify`` check of every site input (see :func:`checked_apply`)."""
@@ -134,7 +135,8 @@ def act_quantized_apply(apply_fn: Callable, graph: Graph, *, check_finite: bool 
             with_t = learn_t and sm[site].act_key not in unit_t
             return quantize_with(x, p, sm[site].signed_input, power_of_two, with_t), None
 
-        sites = frozenset(n for n, x in sm.items() if check_finite or x.act_key in act)
+        sites = frozenset(n for n, x in sm.items()
+                          if check_finite or contract is not None or x.act_key in act)
         hook = Hook(lambda n: act.get(sm[n].act_key), apply, contract)
         return run(variables, hook, sites, *args, **kwargs)[0]
 

@@ -31,11 +31,13 @@ with ``jax`` and ``numpy`` alone (see :data:`SERVE_SNIPPET`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
 import shutil
 import tempfile
+import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -178,12 +180,47 @@ def _integer_contract(graph, codes: Mapping[str, tuple], options: Mapping) -> Ca
     return contract
 
 
+def _paddable(f: Contraction) -> bool:
+    """A convolution whose output channels can be widened: one feature group, one batch
+    group."""
+    return (f.primitive == "conv_general_dilated" and f.params["feature_group_count"] == 1
+            and f.params["batch_group_count"] == 1)
+
+
+def _padded(f: Contraction, x: jax.Array, w: jax.Array, width: int) -> jax.Array:
+    """``f(x, w)`` computed with ``width`` output channels (zero kernels appended) and the extra
+    channels sliced off: the same outputs, another kernel size (:meth:`DeployedModel.tuned`)."""
+    dn = f.params["dimension_numbers"]
+    o = dn.rhs_spec[0]
+    n = w.shape[o]
+    if width <= n:
+        return f(x, w)
+    pad = [(0, 0)] * w.ndim
+    pad[o] = (0, width - n)
+    return jax.lax.slice_in_dim(f(x, jnp.pad(w, pad)), 0, n, axis=dn.out_spec[1])
+
+
 def _forward(graph, slim_fn: Callable, leaves: Sequence[LeafInfo], act: Mapping,
-             options: Mapping, kwargs: Mapping, integer_sites: Sequence[str]) -> Callable:
+             options: Mapping, kwargs: Mapping, integer_sites: Sequence[str],
+             conv_widths: Mapping[str, int], record: dict | None = None) -> Callable:
     """``fn(arrays, *args)``: dequantize, then the slim model with quantized site inputs;
-    ``integer_sites`` contract on integers (:func:`_integer_contract`)."""
+    ``integer_sites`` contract on integers (:func:`_integer_contract`), the float conv sites of
+    ``conv_widths`` at that many output channels (:func:`_padded`). ``record`` (a dict) receives
+    ``{site: (contraction, input aval, weight aval)}`` of every widenable float conv site."""
     run = act_quantized_apply(slim_fn, graph)
     sm = graph.site_map
+    int_set = frozenset(integer_sites)
+
+    def float_contract(site, p, f, x, w):
+        if not _paddable(f):
+            if site in conv_widths:
+                raise ValueError(f"{site} is a grouped convolution; its output channels cannot "
+                                 "be computed wider (drop it from the conv widths).")
+            return f(x, w)
+        if record is not None:
+            record[site] = (f, jax.ShapeDtypeStruct(x.shape, x.dtype),
+                            jax.ShapeDtypeStruct(w.shape, w.dtype))
+        return _padded(f, x, w, conv_widths[site]) if site in conv_widths else f(x, w)
 
     def fn(arrays, *args):
         variables: dict = {}
@@ -197,9 +234,15 @@ def _forward(graph, slim_fn: Callable, leaves: Sequence[LeafInfo], act: Mapping,
                 v = q.astype(jnp.float32) * ints[lf.path][1]  # codes · scale
             set_leaf(variables, lf.path, v)
         contract = None
-        if integer_sites:
-            contract = _integer_contract(graph, {n: ints[sm[n].weight] for n in integer_sites},
-                                         options)
+        if int_set or conv_widths or record is not None:
+            integer = _integer_contract(graph, {n: ints[sm[n].weight] for n in int_set},
+                                        options)
+
+            def contract(site, p, f, x, w):
+                if site in int_set:
+                    return integer(site, p, f, x, w)
+                return float_contract(site, p, f, x, w)
+
         return run(variables, act, *args, contract=contract, **options, **kwargs)
 
     return fn
@@ -290,12 +333,16 @@ class DeployedModel:
     """
 
     def __init__(self, arrays: Mapping[str, Any], leaves: Sequence[LeafInfo], meta: Mapping,
-                 fn: Callable | None = None, exported: Mapping[int, Any] | None = None):
+                 make: Callable[..., Callable] | None = None,
+                 exported: Mapping[int, Any] | None = None):
+        """``make(conv_widths, record=None) -> fn(arrays, *args)`` builds the forward (a model
+        from :func:`deploy`); a loaded model has ``exported`` forwards per batch size instead."""
         self.arrays = {k: jnp.asarray(v) for k, v in arrays.items()}
         self.leaves = tuple(leaves)
         self.meta = dict(meta)
-        self._fn = fn
-        self._jit = jax.jit(fn) if fn is not None else None
+        self._make = make
+        self._fn = make(self.meta.get("conv_widths", {})) if make is not None else None
+        self._jit = jax.jit(self._fn) if self._fn is not None else None
         self._exported = dict(exported or {})
 
     def __call__(self, *args: Any) -> Any:
@@ -306,6 +353,65 @@ class DeployedModel:
             raise ValueError(f"this model was saved for batch sizes {sorted(self._exported)}; "
                              f"got {n}. Save it again with batch_sizes including {n}.")
         return self._exported[n].call(self.arrays, *args)
+
+    def with_conv_widths(self, widths: Mapping[str, int]) -> DeployedModel:
+        """This model with each conv site of ``widths`` computed at that many output channels
+        (zero kernels appended inside the forward, the extra outputs sliced off): the same
+        outputs and resident bytes, another kernel. Widths lie between the site's slim and dense
+        channel counts (``meta["conv_channels"]``)."""
+        if self._make is None:
+            raise ValueError("a loaded model is already exported; deploy it again to change "
+                             "its conv widths.")
+        chans = self.meta["conv_channels"]
+        out = {}
+        for site, w in widths.items():
+            if site not in chans:
+                raise ValueError(f"{site!r} is not a conv site of this model; conv sites: "
+                                 f"{sorted(chans)}.")
+            lo, hi = chans[site]
+            if not lo <= int(w) <= hi:
+                raise ValueError(f"conv width {w} of {site} is outside [{lo}, {hi}] (its slim "
+                                 "and dense output channels).")
+            if int(w) > lo:
+                out[site] = int(w)
+        return DeployedModel(self.arrays, self.leaves, {**self.meta, "conv_widths": out},
+                             make=self._make)
+
+    def tuned(self, *example_args: Any, rounds: int = 9, min_gain: float = 0.1,
+              step: int = 8, seed: int = 0) -> DeployedModel:
+        """This model with each float conv site's output channel count chosen by measurement on
+        this backend (:meth:`with_conv_widths`): the slim count, its multiples of ``step`` up to
+        the dense count, and the dense count, each conv timed alone on random inputs of the
+        site's shape for ``example_args`` (interleaved ``rounds``, median). A wider kernel is
+        taken only when at least ``min_gain`` (a fraction) faster than the slim one: XLA:CPU's
+        convolutions run some channel counts several times faster than smaller ones."""
+        if self._make is None:
+            raise ValueError("a loaded model is already exported; tune it before saving.")
+        record: dict = {}
+        jax.eval_shape(self._make({}, record), self.arrays, *example_args)
+        rng = np.random.default_rng(seed)
+        widths = {}
+        for site, (f, xa, wa) in record.items():
+            lo, hi = self.meta["conv_channels"][site]
+            cands = sorted({lo, hi, *range(-(-lo // step) * step, hi + 1, step)})
+            if len(cands) == 1:
+                continue
+            x = jnp.asarray(rng.standard_normal(xa.shape), xa.dtype)
+            w = jnp.asarray(rng.standard_normal(wa.shape), wa.dtype)
+            fns = {c: jax.jit(lambda x, w, c=c, f=f: _padded(f, x, w, c)) for c in cands}
+            times: dict[int, list[float]] = {c: [] for c in cands}
+            for c in cands:  # compile and warm up
+                fns[c](x, w).block_until_ready()
+            for _ in range(rounds):
+                for c in cands:
+                    t = time.perf_counter()
+                    fns[c](x, w).block_until_ready()
+                    times[c].append(time.perf_counter() - t)
+            med = {c: float(np.median(v)) for c, v in times.items()}
+            best = min(cands, key=med.__getitem__)
+            if best != lo and med[best] <= (1.0 - min_gain) * med[lo]:
+                widths[site] = best
+        return self.with_conv_widths(widths)
 
     def resident_bytes(self) -> dict[str, int]:
         """Bytes of the arrays held in device memory: ``codes``, ``scales``, ``float``,
@@ -334,6 +440,10 @@ class DeployedModel:
         if self.meta.get("integer_sites") is not None and self.meta.get("path") != "weight_only":
             lines.append(f"integer contractions: {', '.join(self.meta['integer_sites']) or '-'}"
                          + "".join(f"; {n}: {w}" for n, w in self.meta["float_sites"].items()))
+        if self.meta.get("conv_widths"):
+            lines.append("conv output channels computed wider: " + ", ".join(
+                f"{n} {self.meta['conv_channels'][n][0]} -> {w}"
+                for n, w in sorted(self.meta["conv_widths"].items())))
         forms = self.meta.get("activation_forms") or {}
         if forms:
             lines.append("activation quantizers: " + "; ".join(
@@ -486,12 +596,24 @@ def deploy(variables: Any, state: CompressionState | None = None, *, path: str =
     why_not = {n: w or ("" if sm[n].kind in int_kinds else f"a {sm[n].kind} on the {path} path")
                for n, w in integer_sites(state).items()} if int_kinds else {}
     ints = [n for n, why in why_not.items() if not why]
-    fn = _forward(graph, slim_fn, infos, act, options, kwargs, ints)
+    make = functools.partial(_forward, graph, slim_fn, infos, act, options, kwargs, ints)
     meta = dict(fingerprint=graph_fingerprint(graph), options=options, path=path,
-                activation_forms=forms,
+                activation_forms=forms, conv_channels=_conv_channels(state), conv_widths={},
                 integer_sites=ints, float_sites={n: w for n, w in why_not.items() if w},
                 kwargs={k: v for k, v in kwargs.items() if isinstance(v, bool | int | float | str)})
-    return DeployedModel(arrays, infos, meta, fn=fn)
+    return DeployedModel(arrays, infos, meta, make=make)
+
+
+def _conv_channels(state: CompressionState) -> dict[str, list[int]]:
+    """``{site: [slim, dense]}`` output channels of every conv site with one output axis."""
+    out = {}
+    for s in state.graph.sites:
+        if s.kind != "conv" or len(s.out_axes) != 1:
+            continue
+        dense = int(s.weight_shape[s.out_axes[0]])
+        m = state.masks.get(s.out_group) if s.out_group is not None else None
+        out[s.name] = [int(np.sum(kept(np.asarray(m)))) if m is not None else dense, dense]
+    return out
 
 
 def _scales(state: CompressionState, key, sites, dense_shape, slim_shape) -> np.ndarray:
@@ -566,5 +688,6 @@ def load(directory: str | os.PathLike, *, graph_of: Any = None) -> DeployedModel
     leaves = [LeafInfo(tuple(e["path"]), e["kind"], tuple(e["shape"]), tuple(e["dense_shape"]),
                        e["why"]) for e in meta["leaves"]]
     keep = {k: meta.get(k) for k in ("fingerprint", "options", "kwargs", "path",
-                                     "integer_sites", "float_sites", "activation_forms")}
+                                     "integer_sites", "float_sites", "activation_forms",
+                                     "conv_channels", "conv_widths")}
     return DeployedModel(arrays, leaves, keep, exported=exported)

@@ -149,6 +149,62 @@ def test_deployed_with_quantized_inputs_is_bitwise_the_compressed_forward(seed, 
                                   np.asarray(jaxjpq.compress_apply(model.apply)(v, s, x)))
 
 
+@settings(max_examples=6, deadline=None)
+@given(seed=st.integers(0, 2**16), per_channel=st.booleans(), batch=st.sampled_from([1, 5]),
+       path=st.sampled_from(["weight_only", "auto"]), data=st.data())
+def test_convs_computed_wider_are_bitwise_the_deployed_model(seed, per_channel, batch, path,
+                                                             data):
+    model = MnistCNN(features=(4, 8), hidden=16)
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.integers(0, 17, (batch, 28, 28, 1)) / 16.0, jnp.float32)
+    v = model.init(jax.random.key(seed), x[:1])
+    dm = jaxjpq.deploy(v, _dyadic_state(model, v, x[:1], rng, per_channel), path=path,
+                       warn_budget=False)
+    chans = dm.meta["conv_channels"]
+    assert sorted(chans) == ["Conv_0", "Conv_1"]
+    widths = {n: data.draw(st.integers(lo, hi), label=n) for n, (lo, hi) in chans.items()}
+    wide = dm.with_conv_widths(widths)
+    assert wide.meta["conv_widths"] == {n: w for n, w in widths.items() if w > chans[n][0]}
+    assert wide.resident_bytes() == dm.resident_bytes()
+    # exact dyadic sums: another kernel for a wider conv changes no bit
+    np.testing.assert_array_equal(np.asarray(wide(x)), np.asarray(dm(x)))
+
+
+def test_tuned_convs_keep_outputs_and_saved_widths(tmp_path):
+    _, v, x, s, dm = _mnist_deployed()
+    t = dm.tuned(x, rounds=3)
+    chans = dm.meta["conv_channels"]
+    assert all(chans[n][0] < w <= chans[n][1] for n, w in t.meta["conv_widths"].items())
+    y = np.asarray(t(x))
+    sc = _scale(y)
+    chex.assert_trees_all_close(y / sc, np.asarray(dm(x)) / sc, atol=ATOL)
+    # forced wide, saved and loaded: the widths travel with the artifact
+    wide = dm.with_conv_widths({n: hi for n, (lo, hi) in chans.items()})
+    assert "computed wider: Conv_0" in wide.report()
+    wide.save(tmp_path / "m", x, batch_sizes=(4,))
+    back = deployment.load(tmp_path / "m")
+    assert back.meta["conv_widths"] == wide.meta["conv_widths"]
+    np.testing.assert_array_equal(np.asarray(back(x)), np.asarray(wide(x)))
+    with pytest.raises(ValueError, match="already exported"):
+        back.with_conv_widths({})
+
+
+def test_conv_widths_refuse_other_sites_widths_out_of_range_and_grouped_convs():
+    _, v, x, s, dm = _mnist_deployed()
+    (lo, hi) = dm.meta["conv_channels"]["Conv_0"]
+    with pytest.raises(ValueError, match="not a conv site.*Conv_0"):
+        dm.with_conv_widths({"Dense_0": 64})
+    with pytest.raises(ValueError, match=f"outside \\[{lo}, {hi}\\]"):
+        dm.with_conv_widths({"Conv_0": hi + 1})
+    m, v2, x2 = build("depthwise")
+    d2 = jaxjpq.deploy(v2, _random_state(m.apply, v2, x2, np.random.default_rng(3)),
+                       warn_budget=False)
+    lo2, hi2 = d2.meta["conv_channels"]["Conv_2"]  # the depthwise 3x3
+    assert lo2 < hi2 and "Conv_2" not in d2.tuned(x2, rounds=1).meta["conv_widths"]
+    with pytest.raises(ValueError, match="grouped convolution"):
+        d2.with_conv_widths({"Conv_2": hi2})(x2)
+
+
 def test_integer_path_says_which_sites_stay_float():
     _, v, x, s, dm = _mnist_deployed()
     i = jaxjpq.deploy(v, s, path="integer", warn_budget=False)
