@@ -10,7 +10,8 @@ and input get 4 bits (the first and last 8, the spec's default), calibrated on t
 (exponent ``t`` = 1, the deployed quantizer without log / exp; ``--act-t`` sets another, as a
 state that learned its exponents).
 The deployed model runs the default path (``"auto"``: on CPU integer dots, float convs); the
-weight-only and the all-integer paths run as two more entries. Reported per batch size: the
+weight-only and the all-integer paths run as two more entries, and ``tuned``: the deployed model
+with its conv widths measured for the batch (:meth:`jaxjpq.deployment.DeployedModel.tuned`). Reported per batch size: the
 median over rounds of each model's time ÷ the dense model's (``slim``, ``deployed``), the
 deployed ÷ the slim and the integer ÷ the weight-only path, with quartiles; and the resident
 bytes: dense float32, the deployed model's (and the cost model's
@@ -92,16 +93,23 @@ def bench(name: str, batches: list[int], n_rounds: int, reps: int, act_t: float 
         ref = jaxjpq.compress_apply(model.apply)(variables, st, x, **kw)
         err = float(jnp.max(jnp.abs(deployed(x) - ref)))
         err_int = float(jnp.max(jnp.abs(integer(x) - weight_only(x))))
+        tuned = deployed.tuned(x)
+        err_tuned = float(jnp.max(jnp.abs(tuned(x) - deployed(x))))
         t = timing.rounds({"dense": lambda x=x: dense(variables, x, **kw),
                            "slim": lambda x=x: slim_j(slim_vars, x, **kw),
                            "deployed": lambda x=x: deployed(x),
+                           "tuned": lambda x=x, f=tuned: f(x),
                            "weight_only": lambda x=x: weight_only(x),
                            "integer": lambda x=x: integer(x)}, n_rounds, reps)
         row["batches"][b] = dict(ms=timing.median_ms(t), max_abs_diff=err,
                                  integer_vs_weight_only_diff=err_int,
+                                 tuned_vs_deployed_diff=err_tuned,
+                                 conv_widths=tuned.meta["conv_widths"],
                                  slim=timing.ratio(t, "slim", "dense"),
                                  deployed=timing.ratio(t, "deployed", "dense"),
                                  deployed_vs_slim=timing.ratio(t, "deployed", "slim"),
+                                 tuned=timing.ratio(t, "tuned", "dense"),
+                                 tuned_vs_slim=timing.ratio(t, "tuned", "slim"),
                                  integer_vs_weight_only=timing.ratio(t, "integer",
                                                                      "weight_only"))
     return row
@@ -130,9 +138,10 @@ def main(argv=None) -> list[dict]:
                   + " | ".join(f"{k.replace('_', ' ')} {m[k]['median']:.3f} [{m[k]['q1']:.3f}, "
                                f"{m[k]['q3']:.3f}]"
                                for k in ("slim", "deployed", "deployed_vs_slim",
-                                         "integer_vs_weight_only"))
+                                         "integer_vs_weight_only", "tuned", "tuned_vs_slim"))
                   + f" | max |deployed - compressed| {m['max_abs_diff']:.2e}, |integer - "
-                  f"weight-only| {m['integer_vs_weight_only_diff']:.2e}")
+                  f"weight-only| {m['integer_vs_weight_only_diff']:.2e}, |tuned - deployed| "
+                  f"{m['tuned_vs_deployed_diff']:.2e} | conv widths {m['conv_widths'] or '-'}")
     print(json.dumps(rows, default=float))
     return rows
 

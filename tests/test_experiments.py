@@ -400,6 +400,7 @@ def test_deploy_bench_holds_the_model_in_the_bytes_the_cost_model_predicts():
                                 "--reps", "1", "--act-t", "1.2"])
     # learned exponents: the deployed model runs the compressed forward's log / exp quantizer
     assert row["act_t"] == 1.2 and row["batches"][2]["max_abs_diff"] < 1e-5
+    assert row["batches"][2]["tuned_vs_deployed_diff"] < 1e-5
     # 50 % of the channels at 4 bits (first / last layer 8): codes, scales and biases only
     assert row["resident"] == row["predicted"]
     assert row["resident"]["total"] < row["dense_bytes"] / 7
