@@ -382,9 +382,11 @@ class DeployedModel:
         """This model with each float conv site's output channel count chosen by measurement on
         this backend (:meth:`with_conv_widths`): the slim count, its multiples of ``step`` up to
         the dense count, and the dense count, each conv timed alone on random inputs of the
-        site's shape for ``example_args`` (interleaved ``rounds``, median). A wider kernel is
-        taken only when at least ``min_gain`` (a fraction) faster than the slim one: XLA:CPU's
-        convolutions run some channel counts several times faster than smaller ones."""
+        site's shape for ``example_args`` (interleaved ``rounds``, median); a wider kernel is
+        proposed when at least ``min_gain`` (a fraction) faster than the slim one. The proposal
+        is kept only if the whole model on ``example_args`` is then at least ``min_gain`` faster
+        too; otherwise the model comes back unchanged. XLA:CPU's convolutions run some channel
+        counts several times faster than smaller ones."""
         if self._make is None:
             raise ValueError("a loaded model is already exported; tune it before saving.")
         record: dict = {}
@@ -399,19 +401,16 @@ class DeployedModel:
             x = jnp.asarray(rng.standard_normal(xa.shape), xa.dtype)
             w = jnp.asarray(rng.standard_normal(wa.shape), wa.dtype)
             fns = {c: jax.jit(lambda x, w, c=c, f=f: _padded(f, x, w, c)) for c in cands}
-            times: dict[int, list[float]] = {c: [] for c in cands}
-            for c in cands:  # compile and warm up
-                fns[c](x, w).block_until_ready()
-            for _ in range(rounds):
-                for c in cands:
-                    t = time.perf_counter()
-                    fns[c](x, w).block_until_ready()
-                    times[c].append(time.perf_counter() - t)
-            med = {c: float(np.median(v)) for c, v in times.items()}
+            med = _median_times({c: functools.partial(fns[c], x, w) for c in cands}, rounds)
             best = min(cands, key=med.__getitem__)
             if best != lo and med[best] <= (1.0 - min_gain) * med[lo]:
                 widths[site] = best
-        return self.with_conv_widths(widths)
+        if not widths:
+            return self
+        wide = self.with_conv_widths(widths)
+        t = _median_times({"slim": lambda: self(*example_args),
+                           "wide": lambda: wide(*example_args)}, rounds)
+        return wide if t["wide"] <= (1.0 - min_gain) * t["slim"] else self
 
     def resident_bytes(self) -> dict[str, int]:
         """Bytes of the arrays held in device memory: ``codes``, ``scales``, ``float``,
@@ -602,6 +601,20 @@ def deploy(variables: Any, state: CompressionState | None = None, *, path: str =
                 integer_sites=ints, float_sites={n: w for n, w in why_not.items() if w},
                 kwargs={k: v for k, v in kwargs.items() if isinstance(v, bool | int | float | str)})
     return DeployedModel(arrays, infos, meta, make=make)
+
+
+def _median_times(calls: Mapping[Any, Callable[[], Any]], rounds: int) -> dict[Any, float]:
+    """Median seconds of each call over ``rounds`` interleaved rounds, after one warm-up call
+    each (compilation)."""
+    for f in calls.values():
+        jax.block_until_ready(f())
+    times: dict[Any, list[float]] = {k: [] for k in calls}
+    for _ in range(rounds):
+        for k, f in calls.items():
+            t = time.perf_counter()
+            jax.block_until_ready(f())
+            times[k].append(time.perf_counter() - t)
+    return {k: float(np.median(v)) for k, v in times.items()}
 
 
 def _conv_channels(state: CompressionState) -> dict[str, list[int]]:
