@@ -11,9 +11,10 @@ and input get 4 bits (the first and last 8, the spec's default), calibrated on t
 state that learned its exponents).
 The deployed model runs the default path (``"auto"``: on CPU integer dots, float convs); the
 weight-only and the all-integer paths run as two more entries, and ``tuned``: the deployed model
-with its conv widths measured for the batch (:meth:`jaxjpq.deployment.DeployedModel.tuned`). Reported per batch size: the
-median over rounds of each model's time ÷ the dense model's (``slim``, ``deployed``), the
-deployed ÷ the slim and the integer ÷ the weight-only path, with quartiles; and the resident
+with its conv widths measured for the batch (:meth:`jaxjpq.deployment.DeployedModel.tuned`).
+Reported per batch size: the median over rounds of each model's time ÷ the dense model's
+(``slim``, ``deployed``, ``tuned``), the deployed and tuned ÷ the slim and the integer ÷ the
+weight-only path, with quartiles; and the resident
 bytes: dense float32, the deployed model's (and the cost model's
 prediction, :func:`jaxjpq.cost.resident_bytes`) and the export's theoretical bytes.
 """

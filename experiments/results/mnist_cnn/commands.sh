@@ -57,3 +57,6 @@ for S in 0 1 2; do  # the comparison's budgets, random search (pre-training of e
 done
 python -m experiments.bench_ajpq --rounds 3 --population 16 --mode map vmap
 python -m experiments.pareto experiments/results/mnist_cnn/*.json --out runs/pareto.png
+# "DJPQ on the MNIST CNN": T = the relative-BOPs target (0.005, 0.01, 0.02)
+python -m experiments.run --config experiments/configs/djpq_mnist_cnn.py --config.method.target_bops=T --config.seed=S --workdir runs/djpq_tT_sS
+python -m experiments.pareto experiments/results/mnist_cnn/*.json --out runs/pareto.png
