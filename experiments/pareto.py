@@ -80,7 +80,11 @@ def load(workdirs: list[str]) -> dict[str, list[dict[str, Any]]]:
                      ", per-channel" if m.get("per_channel") else "")
             label += f" ({budget}, bits {_bits(m['bits'])}, {n} candidates{level})"
         elif "target_bops" in m:
-            label += f" (target {100 * m['target_bops']:g} % BOPs, bits {_bits(m['bits'])})"
+            knobs = "".join([f", margin {m['margin']:g}" if m.get("margin", 0.1) != 0.1 else "",
+                             f", gate at {m['gate_at']}" if m.get("gate_at", "weights")
+                             != "weights" else ""])
+            label += (f" (target {100 * m['target_bops']:g} % BOPs, bits {_bits(m['bits'])}"
+                      f"{knobs})")
         elif "sparsity" in m:
             label += f" (sparsity {m['sparsity']:g}, bits {_bits(m['bits'])}{cost})"
         runs[label].append(r)
@@ -182,8 +186,8 @@ def short_label(label: str) -> str:
         return label
     items = [i.strip() for i in split_top_level(rest[:-1])]  # the settings
     # and those that tell variants of one method apart
-    keep = items[:2] + [i for i in items[2:] if i.startswith(("quantize at", "channel level",
-                                                              "per-channel", "per_group"))]
+    keep = items[:2] + [i for i in items[2:] if i.startswith((
+        "quantize at", "channel level", "per-channel", "per_group", "margin", "gate at"))]
     return f"{name} ({', '.join(keep)})"
 
 

@@ -689,6 +689,25 @@ def test_short_labels_keep_what_tells_variants_of_a_method_apart():
         "prune_then_quantize (sparsity 0.3, bits 4, quantize at 0.7)"
 
 
+def test_djpq_runs_with_another_margin_or_gate_placement_are_rows_of_their_own(tmp_path):
+    from experiments import pareto
+
+    dirs = []
+    for i, extra in enumerate([{}, {"margin": 0.1}, {"margin": 0.0},
+                               {"margin": 0.1, "gate_at": "output"}]):
+        d = tmp_path / f"r{i}"
+        d.mkdir()
+        m = {"name": "djpq", "target_bops": 0.01, "bits": [2, 8], **extra}
+        (d / "results.json").write_text(json.dumps(
+            {"test_accuracy": 0.9, "compression": {"rel_bops": 0.009}, "config": {"method": m}}))
+        dirs.append(str(d))
+    runs = pareto.load(dirs)
+    base = "djpq (target 1 % BOPs, bits [2, 8]"
+    assert {k: len(v) for k, v in runs.items()} == {
+        base + ")": 2, base + ", margin 0)": 1, base + ", gate at output)": 1}
+    assert [pareto.short_label(k) for k in runs] == list(runs)
+
+
 def test_readme_example_runs(tmp_path):
     import re
 
