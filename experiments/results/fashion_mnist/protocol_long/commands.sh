@@ -5,6 +5,9 @@
 python -m experiments.compare --protocol 4000,1000 --bops 0.01 --seeds 0,1,2 \
  --methods fp32,djpq,prune_then_quantize --set all:data.name=fashion_mnist \
  --set prune_then_quantize:method.sparsity=0.3 --root runs/fm_p2 --jobs 2
+# DJPQ aiming at the target itself (margin 0)
+python -m experiments.compare --protocol 4000,1000 --bops 0.01 --seeds 0,1,2 --methods djpq@m0 \
+ --set all:data.name=fashion_mnist --set djpq@m0:method.margin=0.0 --root runs/fm_p2 --jobs 2
 python -m experiments.compare report runs/fm_p2
 python -m experiments.compare pairs runs/fm_p2 djpq_bops0.01:prune_then_quantize \
- fp32:djpq_bops0.01 fp32:prune_then_quantize
+ fp32:djpq_bops0.01 fp32:prune_then_quantize fp32:djpq-m0_bops0.01 djpq-m0_bops0.01:djpq_bops0.01
