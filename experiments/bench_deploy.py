@@ -92,10 +92,11 @@ def bench(name: str, batches: list[int], n_rounds: int, reps: int, act_t: float 
     for b in batches:
         x = random_inputs(name, model, b)
         ref = jaxjpq.compress_apply(model.apply)(variables, st, x, **kw)
-        err = float(jnp.max(jnp.abs(deployed(x) - ref)))
+        y = deployed(x)
+        err = float(jnp.max(jnp.abs(y - ref)))
         err_int = float(jnp.max(jnp.abs(integer(x) - weight_only(x))))
         tuned = deployed.tuned(x)
-        err_tuned = float(jnp.max(jnp.abs(tuned(x) - deployed(x))))
+        err_tuned = float(jnp.max(jnp.abs(tuned(x) - y)))
         t = timing.rounds({"dense": lambda x=x: dense(variables, x, **kw),
                            "slim": lambda x=x: slim_j(slim_vars, x, **kw),
                            "deployed": lambda x=x: deployed(x),

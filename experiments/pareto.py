@@ -80,9 +80,9 @@ def load(workdirs: list[str]) -> dict[str, list[dict[str, Any]]]:
                      ", per-channel" if m.get("per_channel") else "")
             label += f" ({budget}, bits {_bits(m['bits'])}, {n} candidates{level})"
         elif "target_bops" in m:
-            knobs = "".join([f", margin {m['margin']:g}" if m.get("margin", 0.1) != 0.1 else "",
-                             f", gate at {m['gate_at']}" if m.get("gate_at", "weights")
-                             != "weights" else ""])
+            knobs = f", margin {m['margin']:g}" if m.get("margin", 0.1) != 0.1 else ""
+            if m.get("gate_at", "weights") != "weights":
+                knobs += f", gate at {m['gate_at']}"
             label += (f" (target {100 * m['target_bops']:g} % BOPs, bits {_bits(m['bits'])}"
                       f"{knobs})")
         elif "sparsity" in m:

@@ -122,7 +122,11 @@ def pretrain_recipe(config, steps: int | str) -> dict[str, Any]:
     """What a shared fp32 pre-training of ``config`` is trained with (``pretrain.json``): seed,
     model, data, batch size, ``steps`` and ``config.optim`` updated by
     ``config.method.pretrain_optim``; ``config`` a ConfigDict or the dict of one."""
-    c = _pretrain_config(config)
+    return _recipe(_pretrain_config(config), steps)
+
+
+def _recipe(c: ml_collections.ConfigDict, steps: int | str) -> dict[str, Any]:
+    """:func:`pretrain_recipe` of a config already made by :func:`_pretrain_config`."""
     return json.loads(json.dumps({"seed": c.seed, "model": c.model.to_dict(),
                                   "optim": c.optim.to_dict(), "data": c.data.to_dict(),
                                   "batch_size": c.batch_size, "steps": steps}))
@@ -139,7 +143,7 @@ def _pretrain(config, model, variables, train_src, workdir: Path | None) -> dict
     if steps <= 0:
         raise ValueError("config.method: set pretrain_steps (or pretrain_epochs) > 0.")
     pc = _pretrain_config(config)
-    recipe = pretrain_recipe(config, steps)
+    recipe = _recipe(pc, steps)
     directory = Path(method.get("pretrain_dir") or (workdir / "pretrain" if workdir else ""))
     manager = None
     if str(directory):
