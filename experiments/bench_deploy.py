@@ -107,6 +107,7 @@ def bench(name: str, batches: list[int], n_rounds: int, reps: int, act_t: float 
                                  integer_vs_weight_only_diff=err_int,
                                  tuned_vs_deployed_diff=err_tuned,
                                  conv_widths=tuned.meta["conv_widths"],
+                                 conv_taps=tuned.meta["conv_taps"],
                                  slim=timing.ratio(t, "slim", "dense"),
                                  deployed=timing.ratio(t, "deployed", "dense"),
                                  deployed_vs_slim=timing.ratio(t, "deployed", "slim"),
@@ -143,7 +144,8 @@ def main(argv=None) -> list[dict]:
                                          "integer_vs_weight_only", "tuned", "tuned_vs_slim"))
                   + f" | max |deployed - compressed| {m['max_abs_diff']:.2e}, |integer - "
                   f"weight-only| {m['integer_vs_weight_only_diff']:.2e}, |tuned - deployed| "
-                  f"{m['tuned_vs_deployed_diff']:.2e} | conv widths {m['conv_widths'] or '-'}")
+                  f"{m['tuned_vs_deployed_diff']:.2e} | conv widths {m['conv_widths'] or '-'}, "
+                  f"taps {', '.join(m['conv_taps']) or '-'}")
     print(json.dumps(rows, default=float))
     return rows
 

@@ -200,18 +200,63 @@ def _padded(f: Contraction, x: jax.Array, w: jax.Array, width: int) -> jax.Array
     return jax.lax.slice_in_dim(f(x, jnp.pad(w, pad)), 0, n, axis=dn.out_spec[1])
 
 
+def _taps(f: Contraction, x: jax.Array, w: jax.Array) -> jax.Array:
+    """``f(x, w)`` (a :func:`_paddable` conv without input dilation) as a sum over the kernel's
+    spatial offsets of a strided slice of the padded input contracted with that offset's
+    ``[in, out]`` kernel: the same outputs up to the order of the sums, another kernel
+    (:meth:`DeployedModel.tuned`; XLA:CPU runs a conv with one input channel several times
+    faster this way)."""
+    pr = f.params
+    dn = pr["dimension_numbers"]
+    nsp = x.ndim - 2
+    xs = x.transpose(dn.lhs_spec[0], *dn.lhs_spec[2:], dn.lhs_spec[1])  # [N, *spatial, I]
+    ws = w.transpose(*dn.rhs_spec[2:], dn.rhs_spec[1], dn.rhs_spec[0])  # [*spatial, I, O]
+    xs = jax.lax.pad(xs, jnp.zeros((), xs.dtype),
+                     [(0, 0, 0), *((lo, hi, 0) for lo, hi in pr["padding"]), (0, 0, 0)])
+    k, dil, stride = ws.shape[:nsp], pr["rhs_dilation"], pr["window_strides"]
+    out = [(xs.shape[1 + i] - (k[i] - 1) * dil[i] - 1) // stride[i] + 1 for i in range(nsp)]
+    y = None
+    for off in np.ndindex(*k):
+        start = [0, *(o * d for o, d in zip(off, dil, strict=True)), 0]
+        limit = [xs.shape[0], *(s + (n - 1) * st + 1 for s, n, st in
+                                zip(start[1:-1], out, stride, strict=True)), xs.shape[-1]]
+        part = jax.lax.dot_general(
+            jax.lax.slice(xs, start, limit, [1, *stride, 1]), ws[off],
+            (((nsp + 1,), (0,)), ((), ())), precision=pr["precision"],
+            preferred_element_type=pr["preferred_element_type"])
+        y = part if y is None else y + part
+    perm = [0] * x.ndim  # [N, *spatial, O] -> the conv's output layout
+    perm[dn.out_spec[0]], perm[dn.out_spec[1]] = 0, nsp + 1
+    for i, d in enumerate(dn.out_spec[2:]):
+        perm[d] = 1 + i
+    return y.transpose(perm)
+
+
+def _tappable(f: Contraction) -> bool:
+    """A conv :func:`_taps` computes: one feature group, one batch group, no input dilation,
+    the weight as the kernel operand."""
+    return (_paddable(f) and f.weight_operand == 1
+            and all(d == 1 for d in f.params["lhs_dilation"]))
+
+
 def _forward(graph, slim_fn: Callable, leaves: Sequence[LeafInfo], act: Mapping,
              options: Mapping, kwargs: Mapping, integer_sites: Sequence[str],
-             conv_widths: Mapping[str, int], record: dict | None = None) -> Callable:
+             conv_widths: Mapping[str, int], conv_taps: Sequence[str] = (),
+             record: dict | None = None) -> Callable:
     """``fn(arrays, *args)``: dequantize, then the slim model with quantized site inputs;
     ``integer_sites`` contract on integers (:func:`_integer_contract`), the float conv sites of
-    ``conv_widths`` at that many output channels (:func:`_padded`). ``record`` (a dict) receives
-    ``{site: (contraction, input aval, weight aval)}`` of every widenable float conv site."""
+    ``conv_widths`` at that many output channels (:func:`_padded`), those of ``conv_taps`` as
+    shifted taps (:func:`_taps`). ``record`` (a dict) receives ``{site: (contraction, input
+    aval, weight aval)}`` of every widenable float conv site."""
     run = act_quantized_apply(slim_fn, graph)
     sm = graph.site_map
     int_set = frozenset(integer_sites)
+    taps = frozenset(conv_taps)
 
     def float_contract(site, p, f, x, w):
+        if site in taps and not _tappable(f):
+            raise ValueError(f"{site} is a grouped, input-dilated or transposed convolution; "
+                             "it cannot run as shifted taps (drop it from the conv taps).")
         if not _paddable(f):
             if site in conv_widths:
                 raise ValueError(f"{site} is a grouped convolution; its output channels cannot "
@@ -220,6 +265,8 @@ def _forward(graph, slim_fn: Callable, leaves: Sequence[LeafInfo], act: Mapping,
         if record is not None:
             record[site] = (f, jax.ShapeDtypeStruct(x.shape, x.dtype),
                             jax.ShapeDtypeStruct(w.shape, w.dtype))
+        if site in taps:
+            return _taps(f, x, w)
         return _padded(f, x, w, conv_widths[site]) if site in conv_widths else f(x, w)
 
     def fn(arrays, *args):
@@ -234,7 +281,7 @@ def _forward(graph, slim_fn: Callable, leaves: Sequence[LeafInfo], act: Mapping,
                 v = q.astype(jnp.float32) * ints[lf.path][1]  # codes · scale
             set_leaf(variables, lf.path, v)
         contract = None
-        if int_set or conv_widths or record is not None:
+        if int_set or conv_widths or taps or record is not None:
             integer = _integer_contract(graph, {n: ints[sm[n].weight] for n in int_set},
                                         options)
 
@@ -335,13 +382,15 @@ class DeployedModel:
     def __init__(self, arrays: Mapping[str, Any], leaves: Sequence[LeafInfo], meta: Mapping,
                  make: Callable[..., Callable] | None = None,
                  exported: Mapping[int, Any] | None = None):
-        """``make(conv_widths, record=None) -> fn(arrays, *args)`` builds the forward (a model
-        from :func:`deploy`); a loaded model has ``exported`` forwards per batch size instead."""
+        """``make(conv_widths, conv_taps=(), record=None) -> fn(arrays, *args)`` builds the
+        forward (a model from :func:`deploy`); a loaded model has ``exported`` forwards per batch
+        size instead."""
         self.arrays = {k: jnp.asarray(v) for k, v in arrays.items()}
         self.leaves = tuple(leaves)
         self.meta = dict(meta)
         self._make = make
-        self._fn = make(self.meta.get("conv_widths", {})) if make is not None else None
+        self._fn = (make(self.meta.get("conv_widths", {}), self.meta.get("conv_taps", []))
+                    if make is not None else None)
         self._jit = jax.jit(self._fn) if self._fn is not None else None
         self._exported = dict(exported or {})
 
@@ -374,43 +423,73 @@ class DeployedModel:
                                  "and dense output channels).")
             if int(w) > lo:
                 out[site] = int(w)
-        return DeployedModel(self.arrays, self.leaves, {**self.meta, "conv_widths": out},
+        taps = [n for n in self.meta.get("conv_taps", []) if n not in out]
+        return DeployedModel(self.arrays, self.leaves,
+                             {**self.meta, "conv_widths": out, "conv_taps": taps},
+                             make=self._make)
+
+    def with_conv_taps(self, sites: Sequence[str]) -> DeployedModel:
+        """This model with each conv site of ``sites`` computed as a sum over its kernel's
+        spatial offsets of a shifted input slice times that offset's kernel (one dot each): the
+        same outputs up to float rounding and the same resident bytes, another kernel. These
+        sites leave the conv widths."""
+        if self._make is None:
+            raise ValueError("a loaded model is already exported; deploy it again to change "
+                             "how its convs run.")
+        chans = self.meta["conv_channels"]
+        for site in sites:
+            if site not in chans:
+                raise ValueError(f"{site!r} is not a conv site of this model; conv sites: "
+                                 f"{sorted(chans)}.")
+        taps = sorted(set(sites))
+        widths = {n: w for n, w in self.meta.get("conv_widths", {}).items() if n not in taps}
+        return DeployedModel(self.arrays, self.leaves,
+                             {**self.meta, "conv_widths": widths, "conv_taps": taps},
                              make=self._make)
 
     def tuned(self, *example_args: Any, rounds: int = 9, min_gain: float = 0.1,
               step: int = 8, seed: int = 0) -> DeployedModel:
-        """This model with each float conv site's output channel count chosen by measurement on
-        this backend (:meth:`with_conv_widths`): the slim count, its multiples of ``step`` up to
-        the dense count, and the dense count, each conv timed alone on random inputs of the
-        site's shape for ``example_args`` (interleaved ``rounds``, median); a wider kernel is
-        proposed when at least ``min_gain`` (a fraction) faster than the slim one. The proposal
-        is kept only if the whole model on ``example_args`` is then at least ``min_gain`` faster
-        too; otherwise the model comes back unchanged. XLA:CPU's convolutions run some channel
-        counts several times faster than smaller ones."""
+        """This model with how each float conv site runs chosen afresh by measurement on this
+        backend: at its slim output channel count, at a wider one (:meth:`with_conv_widths`: its
+        multiples of ``step`` up to the dense count, and the dense count) or as shifted taps
+        (:meth:`with_conv_taps`), each conv timed alone on random inputs of the site's shape for
+        ``example_args`` (interleaved ``rounds``, median); another form is proposed when at
+        least ``min_gain`` (a fraction) faster than the plain conv. The proposal is kept only if
+        the whole model on ``example_args`` is then at least ``min_gain`` faster too; otherwise
+        the model comes back with plain convs. XLA:CPU's convolutions run some channel counts,
+        and one input channel, several times slower than the alternatives."""
         if self._make is None:
             raise ValueError("a loaded model is already exported; tune it before saving.")
         record: dict = {}
-        jax.eval_shape(self._make({}, record), self.arrays, *example_args)
+        jax.eval_shape(self._make({}, (), record), self.arrays, *example_args)
         rng = np.random.default_rng(seed)
-        widths = {}
+        widths, taps = {}, []
         for site, (f, xa, wa) in record.items():
+            if site not in self.meta["conv_channels"]:
+                continue
             lo, hi = self.meta["conv_channels"][site]
-            cands = sorted({lo, hi, *range(-(-lo // step) * step, hi + 1, step)})
+            cands: list = sorted({lo, hi, *range(-(-lo // step) * step, hi + 1, step)})
+            cands += ["taps"] if _tappable(f) else []
             if len(cands) == 1:
                 continue
             x = jnp.asarray(rng.standard_normal(xa.shape), xa.dtype)
             w = jnp.asarray(rng.standard_normal(wa.shape), wa.dtype)
-            fns = {c: jax.jit(lambda x, w, c=c, f=f: _padded(f, x, w, c)) for c in cands}
+            fns = {c: jax.jit(lambda x, w, c=c, f=f: _taps(f, x, w) if c == "taps"
+                              else _padded(f, x, w, c)) for c in cands}
             med = _median_times({c: functools.partial(fns[c], x, w) for c in cands}, rounds)
             best = min(cands, key=med.__getitem__)
             if best != lo and med[best] <= (1.0 - min_gain) * med[lo]:
-                widths[site] = best
-        if not widths:
-            return self
-        wide = self.with_conv_widths(widths)
-        t = _median_times({"slim": lambda: self(*example_args),
-                           "wide": lambda: wide(*example_args)}, rounds)
-        return wide if t["wide"] <= (1.0 - min_gain) * t["slim"] else self
+                if best == "taps":
+                    taps.append(site)
+                else:
+                    widths[site] = best
+        base = self.with_conv_widths({}).with_conv_taps([])
+        if not widths and not taps:
+            return base
+        tuned = base.with_conv_widths(widths).with_conv_taps(taps)
+        t = _median_times({"plain": lambda: base(*example_args),
+                           "tuned": lambda: tuned(*example_args)}, rounds)
+        return tuned if t["tuned"] <= (1.0 - min_gain) * t["plain"] else base
 
     def resident_bytes(self) -> dict[str, int]:
         """Bytes of the arrays held in device memory: ``codes``, ``scales``, ``float``,
@@ -443,6 +522,8 @@ class DeployedModel:
             lines.append("conv output channels computed wider: " + ", ".join(
                 f"{n} {self.meta['conv_channels'][n][0]} -> {w}"
                 for n, w in sorted(self.meta["conv_widths"].items())))
+        if self.meta.get("conv_taps"):
+            lines.append("convs computed as shifted taps: " + ", ".join(self.meta["conv_taps"]))
         forms = self.meta.get("activation_forms") or {}
         if forms:
             lines.append("activation quantizers: " + "; ".join(
@@ -598,6 +679,7 @@ def deploy(variables: Any, state: CompressionState | None = None, *, path: str =
     make = functools.partial(_forward, graph, slim_fn, infos, act, options, kwargs, ints)
     meta = dict(fingerprint=graph_fingerprint(graph), options=options, path=path,
                 activation_forms=forms, conv_channels=_conv_channels(state), conv_widths={},
+                conv_taps=[],
                 integer_sites=ints, float_sites={n: w for n, w in why_not.items() if w},
                 kwargs={k: v for k, v in kwargs.items() if isinstance(v, bool | int | float | str)})
     return DeployedModel(arrays, infos, meta, make=make)
@@ -702,5 +784,5 @@ def load(directory: str | os.PathLike, *, graph_of: Any = None) -> DeployedModel
                        e["why"]) for e in meta["leaves"]]
     keep = {k: meta.get(k) for k in ("fingerprint", "options", "kwargs", "path",
                                      "integer_sites", "float_sites", "activation_forms",
-                                     "conv_channels", "conv_widths")}
+                                     "conv_channels", "conv_widths", "conv_taps")}
     return DeployedModel(arrays, leaves, keep, exported=exported)

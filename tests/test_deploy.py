@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 import jaxjpq
 from jaxjpq import cost, deployment
 from jaxjpq.export import CorruptExportError
+from jaxjpq.hooks import Contraction
 from jaxjpq.methods.core import set_bits
 from jaxjpq.models import MnistCNN
 from jaxjpq.quant import QuantParams, step_from_bits
@@ -155,6 +156,50 @@ def test_deployed_with_quantized_inputs_is_bitwise_the_compressed_forward(seed, 
     assert wide.meta["conv_widths"] == {n: w for n, w in widths.items() if w > chans[n][0]}
     assert wide.resident_bytes() == dm.resident_bytes()
     np.testing.assert_array_equal(np.asarray(wide(x)), y)
+    # and as shifted taps: other sums of the same exact products
+    taps = data.draw(st.lists(st.sampled_from(sorted(chans)), min_size=1, unique=True))
+    tapped = wide.with_conv_taps(taps)
+    assert tapped.meta["conv_taps"] == sorted(taps)
+    assert not set(tapped.meta["conv_widths"]) & set(taps)
+    np.testing.assert_array_equal(np.asarray(tapped(x)), y)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**16), nsp=st.integers(1, 3), data=st.data())
+def test_conv_as_shifted_taps_equals_the_conv(seed, nsp, data):
+    # small integers: every product and sum is exact in float32, so the outputs are equal
+    rng = np.random.default_rng(seed)
+    k = [data.draw(st.integers(1, 3)) for _ in range(nsp)]
+    dil = [data.draw(st.integers(1, 2)) for _ in range(nsp)]
+    stride = [data.draw(st.integers(1, 3)) for _ in range(nsp)]
+    pad = [(data.draw(st.integers(-1, 2)), data.draw(st.integers(-1, 2))) for _ in range(nsp)]
+    size = [(kk - 1) * d + 3 + data.draw(st.integers(0, 4)) for kk, d in zip(k, dil, strict=True)]
+    sp = "DHW"[3 - nsp:]
+    lhs = data.draw(st.sampled_from([f"N{sp}C", f"NC{sp}"]))
+    rhs = data.draw(st.sampled_from([f"{sp}IO", f"OI{sp}"]))
+    out = data.draw(st.sampled_from([f"N{sp}C", f"NC{sp}"]))
+    cin, cout = int(rng.integers(1, 4)), int(rng.integers(1, 5))
+    x = rng.integers(-3, 4, [2, *size, cin]).astype(np.float32)
+    w = rng.integers(-3, 4, [*k, cin, cout]).astype(np.float32)
+    x = np.moveaxis(x, -1, 1) if lhs.startswith("NC") else x
+    w = np.moveaxis(w, [-1, -2], [0, 1]) if rhs.startswith("OI") else w
+
+    def conv(x, w):
+        return jax.lax.conv_general_dilated(x, w, stride, pad, rhs_dilation=dil,
+                                            dimension_numbers=(lhs, rhs, out))
+
+    eqn = jax.make_jaxpr(conv)(x, w).jaxpr.eqns[0]
+    f = Contraction("conv_general_dilated", eqn.params, 1, eqn)
+    # the reference pads explicitly: XLA:CPU's conv reads past the input under a negative
+    # low padding (a row that should see only padding comes out nonzero)
+    sp_axes = [lhs.index(c) for c in sp]
+    cfg = [(0, 0, 0)] * x.ndim
+    for a, (lo, hi) in zip(sp_axes, pad, strict=True):
+        cfg[a] = (lo, hi, 0)
+    xp = jax.lax.pad(jnp.asarray(x), 0.0, cfg)
+    ref = jax.lax.conv_general_dilated(xp, w, stride, "VALID", rhs_dilation=dil,
+                                       dimension_numbers=(lhs, rhs, out))
+    np.testing.assert_array_equal(np.asarray(deployment._taps(f, x, w)), np.asarray(ref))
 
 
 def test_tuned_convs_keep_outputs_and_saved_widths(tmp_path):
@@ -171,18 +216,25 @@ def test_tuned_convs_keep_outputs_and_saved_widths(tmp_path):
     y = np.asarray(t(x))
     sc = _scale(y)
     chex.assert_trees_all_close(y / sc, np.asarray(dm(x)) / sc, atol=ATOL)
-    # forced wide, saved and loaded: the widths travel with the artifact
-    wide = dm.with_conv_widths({n: hi for n, (lo, hi) in chans.items()})
-    assert "computed wider: Conv_0" in wide.report()
+    assert all(n not in t.meta["conv_widths"] for n in t.meta["conv_taps"])
+    # forced wide and tapped, saved and loaded: the widths and taps travel with the artifact
+    wide = dm.with_conv_widths({n: hi for n, (lo, hi) in chans.items()}).with_conv_taps(
+        ["Conv_0"])
+    assert wide.meta["conv_widths"] == {"Conv_1": chans["Conv_1"][1]}
+    assert "computed wider: Conv_1" in wide.report()
+    assert "shifted taps: Conv_0" in wide.report()
     wide.save(tmp_path / "m", x, batch_sizes=(4,))
     back = deployment.load(tmp_path / "m")
     assert back.meta["conv_widths"] == wide.meta["conv_widths"]
+    assert back.meta["conv_taps"] == ["Conv_0"]
     np.testing.assert_array_equal(np.asarray(back(x)), np.asarray(wide(x)))
     with pytest.raises(ValueError, match="already exported"):
         back.with_conv_widths({})
+    with pytest.raises(ValueError, match="already exported"):
+        back.with_conv_taps([])
 
 
-def test_conv_widths_refuse_other_sites_widths_out_of_range_and_grouped_convs():
+def test_conv_widths_and_taps_refuse_other_sites_widths_out_of_range_and_grouped_convs():
     _, v, x, s, dm = _mnist_deployed()
     (lo, hi) = dm.meta["conv_channels"]["Conv_0"]
     with pytest.raises(ValueError, match="not a conv site.*Conv_0"):
@@ -193,9 +245,15 @@ def test_conv_widths_refuse_other_sites_widths_out_of_range_and_grouped_convs():
     d2 = jaxjpq.deploy(v2, _random_state(m.apply, v2, x2, np.random.default_rng(3)),
                        warn_budget=False)
     lo2, hi2 = d2.meta["conv_channels"]["Conv_2"]  # the depthwise 3x3
-    assert lo2 < hi2 and "Conv_2" not in d2.tuned(x2, rounds=1).meta["conv_widths"]
+    t2 = d2.tuned(x2, rounds=1)
+    assert lo2 < hi2 and "Conv_2" not in t2.meta["conv_widths"]
     with pytest.raises(ValueError, match="grouped convolution"):
         d2.with_conv_widths({"Conv_2": hi2})(x2)
+    assert "Conv_2" not in t2.meta["conv_taps"]
+    with pytest.raises(ValueError, match="cannot run as shifted taps"):
+        d2.with_conv_taps(["Conv_2"])(x2)
+    with pytest.raises(ValueError, match="not a conv site.*Conv_0"):
+        dm.with_conv_taps(["Dense_0"])
 
 
 def test_integer_path_says_which_sites_stay_float():
