@@ -114,12 +114,14 @@ def test_transform_chained_after_a_pair_method_is_refused():
     model, v, g, x, spec, c = geta_setup()
     fwd = jaxjpq.compress_apply(model.apply)
 
+    grad = jax.jit(jax.grad(lambda p: fwd({"params": p[0]}, p[1], x).sum()))
+
     def steps(tx, n):
         params = (v["params"], c)
         opt = tx.init(params)
+        update = jax.jit(tx.update)
         for _ in range(n):
-            grads = jax.grad(lambda p: fwd({"params": p[0]}, p[1], x).sum())(params)
-            upd, opt = jax.jit(tx.update)(grads, opt, params)
+            upd, opt = update(grad(params), opt, params)
             params = optax.apply_updates(params, upd)
         return params, opt
 

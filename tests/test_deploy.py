@@ -164,7 +164,7 @@ def test_deployed_with_quantized_inputs_is_bitwise_the_compressed_forward(seed, 
     np.testing.assert_array_equal(np.asarray(tapped(x)), y)
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=15, deadline=None)
 @given(seed=st.integers(0, 2**16), nsp=st.integers(1, 3), data=st.data())
 def test_conv_as_shifted_taps_equals_the_conv(seed, nsp, data):
     # small integers: every product and sum is exact in float32, so the outputs are equal
