@@ -407,44 +407,43 @@ class DeployedModel:
         """This model with each conv site of ``widths`` computed at that many output channels
         (zero kernels appended inside the forward, the extra outputs sliced off): the same
         outputs and resident bytes, another kernel. Widths lie between the site's slim and dense
-        channel counts (``meta["conv_channels"]``)."""
-        if self._make is None:
-            raise ValueError("a loaded model is already exported; deploy it again to change "
-                             "its conv widths.")
-        chans = self.meta["conv_channels"]
+        channel counts (``meta["conv_channels"]``); these sites leave the conv taps."""
         out = {}
         for site, w in widths.items():
-            if site not in chans:
-                raise ValueError(f"{site!r} is not a conv site of this model; conv sites: "
-                                 f"{sorted(chans)}.")
-            lo, hi = chans[site]
+            lo, hi = self._conv_channels(site)
             if not lo <= int(w) <= hi:
                 raise ValueError(f"conv width {w} of {site} is outside [{lo}, {hi}] (its slim "
                                  "and dense output channels).")
             if int(w) > lo:
                 out[site] = int(w)
-        taps = [n for n in self.meta.get("conv_taps", []) if n not in out]
-        return DeployedModel(self.arrays, self.leaves,
-                             {**self.meta, "conv_widths": out, "conv_taps": taps},
-                             make=self._make)
+        return self._with_convs(out, [n for n in self.meta.get("conv_taps", []) if n not in out])
 
     def with_conv_taps(self, sites: Sequence[str]) -> DeployedModel:
         """This model with each conv site of ``sites`` computed as a sum over its kernel's
         spatial offsets of a shifted input slice times that offset's kernel (one dot each): the
         same outputs up to float rounding and the same resident bytes, another kernel. These
         sites leave the conv widths."""
+        for site in sites:
+            self._conv_channels(site)  # other names raise
+        taps = sorted(set(sites))
+        return self._with_convs({n: w for n, w in self.meta.get("conv_widths", {}).items()
+                                 if n not in taps}, taps)
+
+    def _conv_channels(self, site: str) -> list[int]:
+        """``[slim, dense]`` output channels of conv site ``site``; other names raise."""
+        chans = self.meta["conv_channels"]
+        if site not in chans:
+            raise ValueError(f"{site!r} is not a conv site of this model; conv sites: "
+                             f"{sorted(chans)}.")
+        return chans[site]
+
+    def _with_convs(self, widths: Mapping[str, int], taps: Sequence[str]) -> DeployedModel:
+        """This model with these conv widths and taps (see :meth:`with_conv_widths`)."""
         if self._make is None:
             raise ValueError("a loaded model is already exported; deploy it again to change "
                              "how its convs run.")
-        chans = self.meta["conv_channels"]
-        for site in sites:
-            if site not in chans:
-                raise ValueError(f"{site!r} is not a conv site of this model; conv sites: "
-                                 f"{sorted(chans)}.")
-        taps = sorted(set(sites))
-        widths = {n: w for n, w in self.meta.get("conv_widths", {}).items() if n not in taps}
         return DeployedModel(self.arrays, self.leaves,
-                             {**self.meta, "conv_widths": widths, "conv_taps": taps},
+                             {**self.meta, "conv_widths": dict(widths), "conv_taps": list(taps)},
                              make=self._make)
 
     def tuned(self, *example_args: Any, rounds: int = 9, min_gain: float = 0.1,
@@ -483,10 +482,10 @@ class DeployedModel:
                     taps.append(site)
                 else:
                     widths[site] = best
-        base = self.with_conv_widths({}).with_conv_taps([])
+        base = self._with_convs({}, [])
         if not widths and not taps:
             return base
-        tuned = base.with_conv_widths(widths).with_conv_taps(taps)
+        tuned = self._with_convs(widths, sorted(taps))
         t = _median_times({"plain": lambda: base(*example_args),
                            "tuned": lambda: tuned(*example_args)}, rounds)
         return tuned if t["tuned"] <= (1.0 - min_gain) * t["plain"] else base
