@@ -410,7 +410,7 @@ class DeployedModel:
         channel counts (``meta["conv_channels"]``); these sites leave the conv taps."""
         out = {}
         for site, w in widths.items():
-            lo, hi = self._conv_channels(site)
+            lo, hi = self._site_channels(site)
             if not lo <= int(w) <= hi:
                 raise ValueError(f"conv width {w} of {site} is outside [{lo}, {hi}] (its slim "
                                  "and dense output channels).")
@@ -424,12 +424,12 @@ class DeployedModel:
         same outputs up to float rounding and the same resident bytes, another kernel. These
         sites leave the conv widths."""
         for site in sites:
-            self._conv_channels(site)  # other names raise
+            self._site_channels(site)  # other names raise
         taps = sorted(set(sites))
         return self._with_convs({n: w for n, w in self.meta.get("conv_widths", {}).items()
                                  if n not in taps}, taps)
 
-    def _conv_channels(self, site: str) -> list[int]:
+    def _site_channels(self, site: str) -> list[int]:
         """``[slim, dense]`` output channels of conv site ``site``; other names raise."""
         chans = self.meta["conv_channels"]
         if site not in chans:
